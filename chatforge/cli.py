@@ -1,0 +1,240 @@
+"""The `chatforge` command line: one sub-command per stage, each a thin shell over a config.
+
+Errors a user can cause are printed as one line (`error: …`) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from chatforge import config as configlib
+from chatforge.errors import ChatforgeError
+from chatforge.train.pretrain import PretrainConfig
+
+BUILTIN = "built-in corpus"
+
+
+def config_options(cls: type):
+    """Add `--config FILE` and one `--leaf-name` flag per config field; pass `cfg` to the command."""
+    leaves = configlib.leaves(cls)
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(config_file: str | None, **kwargs: Any):
+            flags = {}
+            for leaf in leaves:
+                value = kwargs.pop(leaf.name, None)
+                if value is not None:
+                    flags[leaf.path] = value
+            return fn(cfg=configlib.build(cls, config_file, flags), **kwargs)
+
+        for leaf in reversed(leaves):
+            flag = "--" + leaf.name.replace("_", "-")
+            if leaf.type is bool:
+                opt = click.option(f"{flag}/--no-{leaf.name.replace('_', '-')}", leaf.name, default=None,
+                                   help=f"{leaf.help} [default: {leaf.default}]")
+            else:
+                kind = {int: int, float: float}.get(leaf.type, str)
+                opt = click.option(flag, leaf.name, type=kind, default=None,
+                                   help=f"{leaf.help} [default: {leaf.default!r}]")
+            wrapper = opt(wrapper)
+        return click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                            help="YAML or JSON file with config fields (flags override it).")(wrapper)
+
+    return decorate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="chatforge")
+def cli() -> None:
+    """chatforge: train a ChatGPT-style model from scratch and serve it."""
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------
+
+
+@cli.group()
+def tokenizer() -> None:
+    """Train or inspect the byte-level BPE tokenizer."""
+
+
+@tokenizer.command("train")
+@click.argument("sources", nargs=-1)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for tokenizer.json.")
+@click.option("--vocab-size", default=4096, show_default=True)
+@click.option("--text-field", default="text", show_default=True, help="JSONL/Parquet field holding the text.")
+def tokenizer_train(sources: tuple[str, ...], out: str, vocab_size: int, text_field: str) -> None:
+    """Train a tokenizer on SOURCES (files, directories, globs; default: the built-in corpus)."""
+    from chatforge.data.readers import iter_documents
+    from chatforge.tokenizer import Tokenizer
+
+    srcs = list(sources) or [str(builtin_corpus(Path(out).parent / "data"))]
+    tok = Tokenizer.train(iter_documents(srcs, text_field=text_field), vocab_size=vocab_size, show_progress=True)
+    path = tok.save(out)
+    click.echo(f"tokenizer: {tok.vocab_size} tokens -> {path}")
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+
+@cli.group()
+def data() -> None:
+    """Prepare token shards, or write the built-in corpus."""
+
+
+@data.command("prepare")
+@click.argument("sources", nargs=-1)
+@click.option("--tokenizer", "tokenizer_path", required=True, help="tokenizer.json or its directory.")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--val-fraction", default=0.01, show_default=True)
+@click.option("--workers", default=0, help="Tokenizer processes (0: up to 4, one per core).")
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "uint16", "uint32"]), default="auto", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def data_prepare(sources, tokenizer_path, out, val_fraction, workers, text_field, dtype, seed) -> None:
+    """Tokenize SOURCES (default: the built-in corpus) into train/val shards in OUT."""
+    from chatforge.data.shards import prepare_shards
+    from chatforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer_path)
+    srcs = list(sources) or [str(builtin_corpus(Path(out)))]
+    meta = prepare_shards(srcs, tok, out, val_fraction=val_fraction, num_workers=workers or None,
+                          text_field=text_field, dtype=dtype, seed=seed)
+    tok.save(Path(out) / "tokenizer.json")  # so `pretrain --data OUT` finds the tokenizer it needs
+    splits = meta["splits"]
+    click.echo(f"data: {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens "
+               f"({meta['dtype']}) -> {out}")
+
+
+@data.command("world")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
+@click.option("--size-mb", default=2.0, show_default=True)
+@click.option("--world-seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def data_world(out: str, size_mb: float, world_seed: int, seed: int) -> None:
+    """Write the built-in synthetic-world corpus as {"text"} JSONL."""
+    from chatforge.data.world import write_corpus
+
+    path = write_corpus(out, num_bytes=int(size_mb * 1e6), world_seed=world_seed, seed=seed)
+    click.echo(f"corpus: {path.stat().st_size / 1e6:.2f} MB -> {path}")
+
+
+def builtin_corpus(directory: Path, size_mb: float = 2.0) -> Path:
+    """The default data when none is given: the built-in world's corpus, written once."""
+    from chatforge.data.world import write_corpus
+
+    path = directory / "corpus.jsonl"
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        click.echo(f"no data given: writing the {BUILTIN} to {path}")
+        write_corpus(path, num_bytes=int(size_mb * 1e6))
+    return path
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+
+@cli.command()
+@config_options(PretrainConfig)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint exactly where it stopped.")
+@click.option("--overwrite", is_flag=True, help="Start over even if OUT already holds a checkpoint.")
+def pretrain(cfg, resume: bool, overwrite: bool) -> None:
+    """Pretrain a GPT on token shards (data-parallel under torchrun)."""
+    from chatforge.train.distributed import init_distributed, shutdown
+    from chatforge.train.pretrain import run_pretrain
+
+    dist = init_distributed(cfg.train.device)
+    try:
+        result = run_pretrain(cfg, dist, resume=resume, overwrite=overwrite)
+    finally:
+        shutdown()
+    if dist.is_main:
+        last = result.metrics[-1] if result.metrics else {}
+        state = "interrupted at" if result.interrupted else "finished at"
+        losses = "; ".join(f"{k} {last[k]:.4f}" for k in ("train/loss", "val/loss") if k in last)
+        click.echo(f"pretrain: {state} step {result.step}; {losses} -> {cfg.out}/checkpoint")
+
+
+# ---- inference and export ----------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--checkpoint", required=True, help="A checkpoint directory (ours or Hugging Face GPT-2).")
+@click.option("--prompt", default="", help="Text to continue (default: start of a document).")
+@click.option("--max-tokens", default=64, show_default=True)
+@click.option("--temperature", default=1.0, show_default=True, help="0 for greedy decoding.")
+@click.option("--top-k", default=0, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("-n", "num_samples", default=1, show_default=True)
+def sample(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, num_samples) -> None:
+    """Continue a prompt with greedy or temperature sampling, streaming the text."""
+    from chatforge.checkpoint import load_checkpoint
+    from chatforge.generate.sample import SampleConfig, stream_tokens
+
+    ckpt = load_checkpoint(checkpoint)
+    tok = ckpt.tokenizer
+    ids = tok.encode(prompt) if prompt else [tok.eot_id]
+    stops = ckpt.generation_config.get("stop_token_ids", [tok.eot_id])
+    for i in range(num_samples):
+        cfg = SampleConfig(max_tokens, temperature, top_k, top_p, None if seed is None else seed + i, stops)
+        if num_samples > 1:
+            click.echo(f"--- sample {i + 1}")
+        click.echo(prompt, nl=False)
+        stream_text(tok, stream_tokens(ckpt.model, ids, cfg))
+        click.echo()
+
+
+def stream_text(tok, token_iter) -> None:
+    """Print tokens as they come; the incremental decoder holds back an unfinished UTF-8 character."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in token_iter:
+        sys.stdout.write(decoder.decode(tok.token_bytes(token)))
+        sys.stdout.flush()
+    sys.stdout.write(decoder.decode(b"", final=True))
+
+
+@cli.command()
+@click.option("--checkpoint", required=True)
+@click.option("--format", "fmt", type=click.Choice(["hf"]), default="hf", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+def export(checkpoint: str, fmt: str, out: str) -> None:
+    """Export a checkpoint (hf: a transformers GPT2LMHeadModel directory)."""
+    from chatforge.hf import export_checkpoint_hf
+
+    path = export_checkpoint_hf(checkpoint, out)
+    click.echo(f"export: {fmt} -> {path}")
+
+
+# ---- demo --------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--fast", is_flag=True, help="A tiny budget (about a minute): the CI smoke run.")
+@click.option("--overwrite", is_flag=True, help="Start from scratch instead of reusing finished stages.")
+def demo(out: str, fast: bool, overwrite: bool) -> None:
+    """Run the whole pipeline built so far on the built-in data."""
+    from chatforge.demo import run_demo
+
+    run_demo(Path(out), fast=fast, overwrite=overwrite)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="chatforge", standalone_mode=False)
+    except ChatforgeError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)

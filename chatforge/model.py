@@ -1,0 +1,247 @@
+"""The GPT: GPT-2's architecture, readable top to bottom.
+
+Token + learned position embeddings, a stack of pre-LayerNorm blocks (causal self-attention and
+a GELU MLP, each added to the residual stream), a final LayerNorm and a language-model head tied
+to the token embedding. Attention goes through `scaled_dot_product_attention`, which picks the
+fastest kernel available.
+
+The forward pass optionally takes a KV cache and the position of the first new token, so the
+inference engine can prefill a prompt once and then decode one token at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chatforge.errors import ConfigError
+
+IGNORE_INDEX = -100  # label value that contributes no loss (prompt tokens, padding)
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 4096
+    context_length: int = 256  # GPT-2 calls it n_positions
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"model config: unknown field(s) {unknown}; expected some of {sorted(known)}")
+        return cls(**d)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (n_layer, batch, n_head, max_len, head_dim).
+
+    The caller tracks positions: a forward with `pos_offset=p` on T new tokens writes slots
+    p..p+T-1 and attends over slots 0..p+T-1.
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.max_len = max_len or config.context_length
+        shape = (config.n_layer, batch_size, config.n_head, self.max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: position {end} > max_len {self.max_len}")
+        self.k[layer, :, :, pos:end] = k
+        self.v[layer, :, :, pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        layer: int,
+        kv_cache: KVCache | None,
+        pos_offset: int,
+        attn_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v, pos_offset)
+        dropout = self.dropout if self.training else 0.0
+        if attn_mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        elif k.shape[2] == T:  # no cached prefix: plain causal attention (fast fused kernel)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout)
+        else:  # new tokens after a cached prefix: token i sees the prefix and new tokens <= i
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2 uses the tanh approximation of GELU ("gelu_new" in transformers).
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, layer, kv_cache, pos_offset, attn_mask) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), layer, kv_cache, pos_offset, attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.context_length, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied: one matrix reads and writes tokens
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual
+        # stream's variance does not grow with depth (two additions per block).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        *,
+        kv_cache: KVCache | None = None,
+        pos_offset: int = 0,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final (post-LayerNorm) hidden states, (B, T, n_embd); scalar heads read these.
+
+        position_ids (B, T) overrides pos_offset (left-padded batches); attn_mask is a boolean
+        (B, 1, T, S) or (T, S) mask, True where attention is allowed, over cached + new keys.
+        """
+        T = idx.shape[1]
+        if position_ids is None:
+            if pos_offset + T > self.config.context_length:
+                raise ValueError(
+                    f"sequence of {pos_offset + T} tokens exceeds context_length {self.config.context_length}"
+                )
+            position_ids = torch.arange(pos_offset, pos_offset + T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(position_ids))
+        for i, block in enumerate(self.h):
+            x = block(x, i, kv_cache, pos_offset, attn_mask)
+        return self.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Next-token logits (B, T, vocab_size); keyword arguments as in `hidden_states`."""
+        return self.lm_head(self.hidden_states(idx, **kwargs))
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (tied weights once); non_embedding drops the embeddings, as in GPT-2's paper."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel() + self.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward) done by matmuls.
+
+        6 per weight (2 forward, 4 backward) over the non-embedding weights and the LM head, plus
+        attention scores and mixing: PaLM's 12·L·T·C halved, because causal attention only
+        needs the lower triangle (conservative: it never overstates utilization).
+        """
+        c = self.config
+        T = seq_len or c.context_length
+        weights = self.num_params(non_embedding=True) + c.n_embd * c.vocab_size
+        return 6 * weights + 6 * c.n_layer * T * c.n_embd
+
+    def make_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+
+
+def lm_loss(
+    logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy of next-token predictions; targets equal to IGNORE_INDEX count for nothing."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+    )

@@ -1,0 +1,361 @@
+"""The one training loop every gradient-based stage runs on.
+
+A stage (pretraining, SFT, reward model, DPO) supplies an `Objective`: the global batch of a
+step, the summed loss of a slice of it, and an evaluation. The loop owns everything else:
+AdamW with weight-decay groups, warmup + cosine learning rate, gradient accumulation, clipping,
+optional bf16 autocast, data parallelism, periodic evaluation, metrics as JSON lines, a progress
+bar, atomic checkpoints and exact resume.
+
+Why the batch is global: every rank builds the same global batch for a step (from a generator
+seeded by (seed, step)) and takes its own rows. So the batch at step s does not depend on how
+many processes run or where a run was resumed, and the loss normalizer (e.g. the number of
+target tokens in the whole global batch) is known on every rank without communication. Hence
+2 processes with batch B reproduce 1 process with batch 2B, and a resumed run reproduces an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from chatforge.checkpoint import (
+    CHECKPOINT_SUBDIR,
+    TRAINER_FILE,
+    WEIGHTS_FILE,
+    load_state_into,
+    load_training_state,
+    read_json,
+    resolve_checkpoint_dir,
+    save_checkpoint,
+)
+from chatforge.errors import CheckpointError, ConfigError
+from chatforge.train.distributed import DistInfo, all_reduce_sum, barrier
+
+Batch = dict[str, torch.Tensor]
+METRICS_FILE = "metrics.jsonl"
+# Settings that may change between a run and its resumption without changing the trajectory
+# (max_steps may grow to extend a run; the cosine horizon then moves with it).
+RESUMABLE_CHANGES = {"max_steps", "eval_every", "eval_batches", "save_every", "log_every", "device",
+                     "compile", "progress", "resume", "overwrite"}
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 32  # sequences per optimizer step, summed over processes and accumulation
+    micro_batch_size: int = 0  # sequences per forward pass and process; 0: batch_size / processes
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    dtype: str = "float32"  # or "bfloat16": autocast for matmuls, weights and optimizer stay fp32
+    eval_every: int = 100
+    eval_batches: int = 20
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False  # torch.compile the model (faster steps after a warm-up compile)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"train config: dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        for name in ("max_steps", "batch_size", "eval_every", "save_every", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train config: {name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train config: lr must be positive, got {self.lr}")
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at max_steps."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(1, self.max_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        floor = self.lr * self.min_lr_ratio
+        return floor + 0.5 * (self.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+class Objective(Protocol):
+    """What a stage plugs into the loop."""
+
+    def batch(self, step: int) -> Batch:
+        """The global batch of `step` (tensors with the batch on dim 0); identical on every rank."""
+
+    def weight(self, batch: Batch) -> float:
+        """The normalizer of the step's loss, e.g. the number of target tokens in the global batch."""
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Summed loss over a slice of the batch, and summed extra metrics (divided by weight later)."""
+
+    def tokens(self, batch: Batch) -> int:
+        """Tokens processed in the global batch (for throughput)."""
+
+    def evaluate(self, model: nn.Module, max_batches: int) -> dict[str, float]:
+        """Held-out metrics, e.g. {"val/loss": ...}; run on the main process."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    metrics: list[dict] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW where matrices (and embeddings) decay and biases and LayerNorm gains do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
+    return {k: v[start:stop] for k, v in batch.items()}
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step, appended and flushed as we go."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint (they will be logged again)."""
+        if not (self.enabled and self.path.exists()):
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Trainer:
+    """Runs an Objective on a model; writes `out_dir/metrics.jsonl` and `out_dir/checkpoint/`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        cfg: TrainConfig,
+        out_dir: str | Path,
+        dist_info: DistInfo,
+        *,
+        tokenizer: Any | None = None,
+        run_config: dict | None = None,
+        extra_config: dict | None = None,
+        callbacks: list[Callable[[int, dict], None]] | None = None,
+    ) -> None:
+        self.model, self.objective, self.cfg, self.dist = model, objective, cfg, dist_info
+        self.out_dir = Path(out_dir)
+        self.tokenizer = tokenizer
+        self.run_config = run_config or {}  # the stage's config; saved and checked on resume
+        self.extra_config = extra_config or {}  # written into the checkpoint's config.json
+        self.callbacks = callbacks or []
+        self.optimizer = build_optimizer(model, cfg)
+        self.step = 0
+        self.metrics = MetricsLog(self.out_dir / METRICS_FILE, dist_info.is_main)
+        self.forward_model = self._wrap(model)
+        self.world = dist_info.world_size
+        self.micro = cfg.micro_batch_size or cfg.batch_size // self.world
+        if cfg.batch_size % (self.world * self.micro):
+            raise ConfigError(
+                f"train config: batch_size ({cfg.batch_size}) must be a multiple of processes ({self.world}) "
+                f"x micro_batch_size ({self.micro})"
+            )
+        self.accum = cfg.batch_size // (self.world * self.micro)
+        self.autocast = (
+            torch.autocast(dist_info.device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
+        )
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        fwd = torch.compile(model) if self.cfg.compile else model
+        if self.dist.distributed:
+            ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+            fwd = DistributedDataParallel(fwd, device_ids=ids)
+        return fwd
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / CHECKPOINT_SUBDIR
+
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "train_config": asdict(self.cfg), "run_config": self.run_config}
+
+    def save(self) -> None:
+        if self.dist.is_main:
+            save_checkpoint(
+                self.checkpoint_dir,
+                self.model,
+                self.tokenizer,
+                training_state={"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng_state()},
+                trainer_state=self.trainer_state(),
+                extra_config=self.extra_config,
+            )
+        barrier()
+
+    def prepare_start(self, resume: bool, overwrite: bool) -> None:
+        """Resume from out_dir/checkpoint, or refuse to overwrite one unless asked."""
+        exists = (self.checkpoint_dir / TRAINER_FILE).exists()
+        if resume and exists:
+            self.load(self.checkpoint_dir)
+        elif exists and not overwrite:
+            step = read_json(self.checkpoint_dir / TRAINER_FILE, "trainer state").get("step")
+            raise ConfigError(
+                f"{self.checkpoint_dir}: already holds a checkpoint at step {step}; "
+                "pass --resume to continue it or --overwrite to start over"
+            )
+        elif self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                (self.out_dir / METRICS_FILE).unlink(missing_ok=True)
+        if self.dist.is_main:
+            (self.out_dir / "run_config.json").write_text(json.dumps(self.trainer_state(), indent=2) + "\n")
+        barrier()
+
+    def load(self, path: Path) -> None:
+        path = resolve_checkpoint_dir(path)
+        saved = read_json(path / TRAINER_FILE, "trainer state")
+        check_same_config(saved.get("train_config", {}), asdict(self.cfg), path / TRAINER_FILE, "train config")
+        check_same_config(saved.get("run_config", {}), self.run_config, path / TRAINER_FILE, "run config")
+        load_state_into(self.model, path / WEIGHTS_FILE)
+        state = load_training_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.metrics.truncate_after(self.step)
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg, model = self.cfg, self.forward_model
+        lr = cfg.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = self.objective.batch(step)
+        weight = float(self.objective.weight(batch))
+        rows = self.micro * self.accum
+        mine = slice_batch(batch, self.dist.rank * rows, (self.dist.rank + 1) * rows)
+        total = torch.zeros(1, dtype=torch.float64)
+        sums: dict[str, torch.Tensor] = {}
+        model.train()
+        for m in range(self.accum):
+            rows_m = slice_batch(mine, m * self.micro, (m + 1) * self.micro)
+            micro = {k: v.to(self.dist.device) for k, v in rows_m.items()}
+            sync = m == self.accum - 1 or not isinstance(model, DistributedDataParallel)
+            with (nullcontext() if sync else model.no_sync()), self.autocast:
+                loss_sum, extra = self.objective.loss(model, micro)
+            # DDP averages gradients over processes, so scale by world size to get sum / weight.
+            (loss_sum * (self.world / weight)).backward()
+            total += loss_sum.detach().double().cpu()
+            for k, v in extra.items():
+                sums[k] = sums.get(k, 0) + v.detach().double().cpu()
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        reduced = all_reduce_sum(torch.cat([total] + [sums[k].reshape(1) for k in sorted(sums)]))
+        out = {"train/loss": reduced[0].item() / weight, "lr": lr, "grad_norm": float(grad_norm),
+               "tokens": self.objective.tokens(batch)}
+        out.update({f"train/{k}": reduced[i + 1].item() / weight for i, k in enumerate(sorted(sums))})
+        return out
+
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        with torch.no_grad(), self.autocast:
+            metrics = self.objective.evaluate(self.model, self.cfg.eval_batches)
+        self.model.train()
+        return metrics
+
+    def fit(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
+        self.prepare_start(resume, overwrite)
+        cfg, result = self.cfg, TrainResult(step=self.step)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main),
+                   desc=self.out_dir.name, unit="step", dynamic_ncols=True)
+        try:
+            while self.step < cfg.max_steps:
+                result.metrics.append(self._one_step(bar))
+        except KeyboardInterrupt:
+            # Save what was done so `--resume` continues from here, then let the caller know.
+            result.interrupted = True
+            self.save()
+            return self._finish(bar, result)
+        self.save()
+        return self._finish(bar, result)
+
+    def _one_step(self, bar: tqdm) -> dict:
+        t0 = time.perf_counter()
+        record = {"step": self.step + 1, **self.train_step(self.step)}
+        dt = time.perf_counter() - t0
+        record["tokens_per_s"] = record.pop("tokens") / dt
+        record["step_time_s"] = dt
+        self.step += 1
+        last = self.step == self.cfg.max_steps
+        if self.step % self.cfg.eval_every == 0 or last:
+            if self.dist.is_main:
+                record.update(self.evaluate())
+            barrier()
+        if self.step % self.cfg.log_every == 0 or last or any(k.startswith("val/") for k in record):
+            self.metrics.write(record)
+        bar.update(1)
+        bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in record.items()
+                         if k in ("train/loss", "val/loss", "lr", "tokens_per_s")}, refresh=False)
+        if self.step % self.cfg.save_every == 0 and not last:
+            self.save()
+        for callback in self.callbacks:
+            callback(self.step, record)
+        return record
+
+    def _finish(self, bar: tqdm, result: TrainResult) -> TrainResult:
+        bar.close()
+        result.step = self.step
+        return result
+
+
+def check_same_config(saved: dict, current: dict, where: Path, what: str, prefix: str = "") -> None:
+    """Refuse to resume with settings that would change the trajectory."""
+    for key in sorted(set(saved) | set(current)):
+        if key in RESUMABLE_CHANGES:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            check_same_config(a, b, where, what, prefix + key + ".")
+        elif a != b:
+            raise CheckpointError(
+                f"{where}: cannot resume: {what} field '{prefix}{key}' was {a!r} and is now {b!r}; "
+                "use the saved value or start a new run with --overwrite"
+            )
