@@ -52,7 +52,7 @@ _CHAR_TO_BYTE: dict[str, int] = {c: b for b, c in _bytes_to_unicode().items()}
 def _byte_level_backend(model: models.Model) -> tokenizers.Tokenizer:
     """A backend with GPT-2 byte-level pre-tokenizer and decoder and no normalizer (lossless)."""
     backend = tokenizers.Tokenizer(model)
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=True)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
     return backend
 

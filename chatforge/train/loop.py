@@ -308,7 +308,10 @@ class Trainer:
                    desc=self.out_dir.name, unit="step", dynamic_ncols=True)
         try:
             while self.step < cfg.max_steps:
-                result.metrics.append(self._one_step(bar))
+                record = self._one_step(bar)
+                result.metrics.append(record)
+                for callback in self.callbacks:
+                    callback(self.step, record)
         except KeyboardInterrupt:
             # Save what was done so `--resume` continues from here, then let the caller know.
             result.interrupted = True
@@ -336,8 +339,6 @@ class Trainer:
                          if k in ("train/loss", "val/loss", "lr", "tokens_per_s")}, refresh=False)
         if self.step % self.cfg.save_every == 0 and not last:
             self.save()
-        for callback in self.callbacks:
-            callback(self.step, record)
         return record
 
     def _finish(self, bar: tqdm, result: TrainResult) -> TrainResult:

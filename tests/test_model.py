@@ -1,0 +1,75 @@
+"""The GPT: GPT-2's architecture, its initialization, and the KV-cache forward the engine needs."""
+
+import math
+
+import pytest
+import torch
+
+from chatforge.errors import ConfigError
+from chatforge.model import GPT, IGNORE_INDEX, GPTConfig, lm_loss
+
+
+def test_logits_have_one_row_per_position_and_token(tiny_model, tiny_config):
+    x = torch.randint(0, tiny_config.vocab_size, (3, 10))
+    assert tiny_model(x).shape == (3, 10, tiny_config.vocab_size)
+
+
+def test_lm_head_is_tied_to_the_token_embedding(tiny_model):
+    assert tiny_model.lm_head.weight.data_ptr() == tiny_model.wte.weight.data_ptr()
+
+
+def test_parameter_count_matches_gpt2_formula(tiny_model, tiny_config):
+    c = tiny_config
+    per_block = 12 * c.n_embd**2 + 13 * c.n_embd  # attn 4C^2+4C, mlp 8C^2+5C, two LayerNorms 4C
+    expected = c.vocab_size * c.n_embd + c.context_length * c.n_embd + c.n_layer * per_block + 2 * c.n_embd
+    assert tiny_model.num_params() == expected
+    assert tiny_model.num_params(non_embedding=True) == expected - (c.vocab_size + c.context_length) * c.n_embd
+
+
+def test_residual_projections_use_gpt2_scaled_init():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, context_length=16, n_layer=8, n_head=4, n_embd=256))
+    proj = model.h[0].mlp.c_proj.weight.std().item()
+    fc = model.h[0].mlp.c_fc.weight.std().item()
+    assert fc == pytest.approx(0.02, rel=0.05)
+    assert proj == pytest.approx(0.02 / math.sqrt(2 * 8), rel=0.05)
+
+
+def test_future_tokens_cannot_change_past_logits(tiny_model):
+    x = torch.randint(0, 97, (1, 12))
+    y = x.clone()
+    y[0, 8:] = (y[0, 8:] + 1) % 97
+    tiny_model.eval()
+    assert torch.allclose(tiny_model(x)[:, :8], tiny_model(y)[:, :8], atol=1e-6)
+
+
+def test_prefill_then_decode_with_kv_cache_equals_full_forward(tiny_model):
+    tiny_model.eval()
+    x = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        full = tiny_model(x)
+        cache = tiny_model.make_kv_cache(batch_size=2)
+        parts = [tiny_model(x[:, :12], kv_cache=cache)]
+        parts += [tiny_model(x[:, i : i + 1], kv_cache=cache, pos_offset=i) for i in range(12, 16)]
+        parts.append(tiny_model(x[:, 16:], kv_cache=cache, pos_offset=16))  # a chunk after a cached prefix
+    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+
+
+def test_sequence_longer_than_context_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="context_length"):
+        tiny_model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_bad_sizes_are_config_errors_naming_the_field():
+    with pytest.raises(ConfigError, match="n_head"):
+        GPTConfig(n_embd=130, n_head=4)
+    with pytest.raises(ConfigError, match="n_layer"):
+        GPTConfig(n_layer=0)
+
+
+def test_lm_loss_ignores_masked_targets_and_matches_hand_computation():
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    targets = torch.tensor([[0, IGNORE_INDEX]])
+    expected = -torch.log_softmax(logits[0, 0], -1)[0]
+    assert lm_loss(logits, targets).item() == pytest.approx(expected.item())
+    assert lm_loss(logits, targets, reduction="sum").item() == pytest.approx(expected.item())
