@@ -202,46 +202,58 @@ def test_vocabulary_is_small(text: str) -> None:
 # ---- the corpus: facts ---------------------------------------------------------------------
 
 
+def _sentences(text: str) -> list[str]:
+    """Split text into sentences, dropping dialogue speaker prefixes ("Ana: ")."""
+    sentences = re.split(r"(?<=[.?!])[ \n]+|\n+", text)
+    return [re.sub(r"^[A-Z][a-z]+: ", "", s) for s in sentences if s]
+
+
 def _statement_regex(template: str) -> re.Pattern[str]:
     """A regex for one registered statement template, capturing its subject and value."""
-    parts = [r"(?:(?<![^\n])|(?<=[.?!:] ))"]  # statements are whole sentences: "The pet of X is a dog" is not "X is a dog"
+    parts = []
     for literal, name, _, _ in string.Formatter().parse(template):
         parts.append(re.escape(literal))
         if name == "s":
-            parts.append(r"(?<![A-Za-z])(?P<s>[A-Z][a-z]+)(?![a-z])")
+            parts.append(r"(?P<s>[A-Z][a-z]+)")
         elif name == "v":
-            parts.append(r"(?<![A-Za-z0-9])(?P<v>[A-Za-z0-9]+)(?![A-Za-z0-9])")
+            parts.append(r"(?P<v>[A-Za-z0-9]+)")
     return re.compile("".join(parts))
 
 
-def _stated_facts(world: World, text: str) -> list[tuple[Fact, str]]:
-    """Every (stated fact, the true value) the text contains in a registered phrasing."""
+_STATEMENT_REGEXES = [(attr, template, _statement_regex(template))
+                      for attr in ATTRIBUTES.values() for template in attr.statements]
+
+
+@pytest.fixture(scope="module")
+def stated(world: World, text: str) -> list[tuple[Fact, str, str]]:
+    """Every sentence that is a registered fact statement: (stated fact, true value, template).
+
+    Whole sentences only: "The pet of Mira is a dog." must not read as "Mira is a dog."
+    """
+    kinds = {e.name: e.kind for e in world.entities}
     found = []
-    for attr in ATTRIBUTES.values():
-        subjects = {e.name for e in world.entities_of(attr.subject_kind)}
-        for template in attr.statements:
-            for m in _statement_regex(template).finditer(text):
-                if m["s"] in subjects:
-                    found.append((Fact(m["s"], attr.name, m["v"]), world.lookup(m["s"], attr.name)))
+    for sentence in _sentences(text):
+        for attr, template, regex in _STATEMENT_REGEXES:
+            m = regex.fullmatch(sentence)
+            if m and kinds.get(m["s"]) == attr.subject_kind:
+                found.append((Fact(m["s"], attr.name, m["v"]), world.lookup(m["s"], attr.name), template))
     return found
 
 
-def test_every_fact_is_stated_several_times(world: World, text: str) -> None:
-    counts = Counter(fact for fact, _ in _stated_facts(world, text))
+def test_every_fact_is_stated_several_times(world: World, stated) -> None:
+    counts = Counter(fact for fact, _, _ in stated)
     missing = {f: counts[f] for f in world.facts if counts[f] < 3}
     assert not missing, f"{len(missing)} facts stated fewer than 3 times, e.g. {list(missing.items())[:5]}"
 
 
-def test_every_phrasing_is_used(world: World, text: str) -> None:
-    for attr in ATTRIBUTES.values():
-        for template in attr.statements:
-            assert _statement_regex(template).search(text), template
+def test_every_phrasing_is_used(stated) -> None:
+    used = {template for _, _, template in stated}
+    assert used == {template for _, template, _ in _STATEMENT_REGEXES}
 
 
-def test_no_statement_contradicts_the_world(world: World, text: str) -> None:
-    stated = _stated_facts(world, text)
+def test_no_statement_contradicts_the_world(stated) -> None:
     assert len(stated) > 5_000
-    wrong = [(fact, truth) for fact, truth in stated if fact.value != truth]
+    wrong = [(fact, truth) for fact, truth, _ in stated if fact.value != truth]
     assert not wrong, wrong[:5]
 
 
@@ -290,20 +302,20 @@ def test_attribute_registry_is_complete() -> None:
 _NUM = r"(\d+|[a-z]+(?:-[a-z]+)?)"
 _PLUS, _MINUS, _TIMES = (lambda a, b: a + b), (lambda a, b: a - b), (lambda a, b: a * b)
 # (regex, operation, whether the groups are in (b, a, c) order)
-_ARITHMETIC_PATTERNS = [
-    (rf"\b{_NUM} plus {_NUM} (?:is|equals) {_NUM}\.", _PLUS, False),
-    (rf"\bthe sum of {_NUM} and {_NUM} is {_NUM}\.", _PLUS, False),
-    (rf"\badding {_NUM} and {_NUM} gives {_NUM}\.", _PLUS, False),
-    (rf"\b{_NUM} minus {_NUM} (?:is|equals) {_NUM}\.", _MINUS, False),
-    (rf"\bthe difference between {_NUM} and {_NUM} is {_NUM}\.", _MINUS, False),
-    (rf"\btaking {_NUM} away from {_NUM} leaves {_NUM}\.", _MINUS, True),
-    (rf"\b{_NUM} times {_NUM} (?:is|equals) {_NUM}\.", _TIMES, False),
-    (rf"\bthe product of {_NUM} and {_NUM} is {_NUM}\.", _TIMES, False),
-    (rf"\b{_NUM} multiplied by {_NUM} is {_NUM}\.", _TIMES, False),
-    (r"\b(\d+) \+ (\d+) = (\d+)\.", _PLUS, False),
-    (r"\b(\d+) - (\d+) = (\d+)\.", _MINUS, False),
-    (r"\b(\d+) \* (\d+) = (\d+)\.", _TIMES, False),
-]
+_ARITHMETIC_PATTERNS = [(re.compile(p, re.IGNORECASE), op, swapped) for p, op, swapped in [
+    (rf"{_NUM} plus {_NUM} (?:is|equals) {_NUM}\.", _PLUS, False),
+    (rf"the sum of {_NUM} and {_NUM} is {_NUM}\.", _PLUS, False),
+    (rf"adding {_NUM} and {_NUM} gives {_NUM}\.", _PLUS, False),
+    (rf"{_NUM} minus {_NUM} (?:is|equals) {_NUM}\.", _MINUS, False),
+    (rf"the difference between {_NUM} and {_NUM} is {_NUM}\.", _MINUS, False),
+    (rf"taking {_NUM} away from {_NUM} leaves {_NUM}\.", _MINUS, True),
+    (rf"{_NUM} times {_NUM} (?:is|equals) {_NUM}\.", _TIMES, False),
+    (rf"the product of {_NUM} and {_NUM} is {_NUM}\.", _TIMES, False),
+    (rf"{_NUM} multiplied by {_NUM} is {_NUM}\.", _TIMES, False),
+    (r"(\d+) \+ (\d+) = (\d+)\.", _PLUS, False),
+    (r"(\d+) - (\d+) = (\d+)\.", _MINUS, False),
+    (r"(\d+) \* (\d+) = (\d+)\.", _TIMES, False),
+]]
 _WORD_PROBLEMS = [  # (regex, operation); groups: a, noun, b, c, noun
     (r"\b[A-Z][a-z]+ had (\d+) ([a-z]+)\. [A-Z][a-z]+ gave (?:her|him) (\d+) more\. "
      r"Now [A-Z][a-z]+ has (\d+) ([a-z]+)\.", _PLUS),
@@ -314,32 +326,37 @@ _WORD_PROBLEM_TIMES = (r"\b[A-Z][a-z]+ has (\d+) bags with (\d+) ([a-z]+) in eac
                        r"so [A-Z][a-z]+ has (\d+) ([a-z]+) in all\.")
 
 
+_NUMBER_WORDS = {number_to_words(n): n for n in range(100)}  # number_to_words is checked above
+
+
 def _number(token: str) -> int:
-    words = {number_to_words(n): n for n in range(100)}
     token = token.lower()
     if token.isdigit():
         return int(token)
-    assert token in words, f"not a number: {token!r}"
-    return words[token]
+    assert token in _NUMBER_WORDS, f"not a number: {token!r}"
+    return _NUMBER_WORDS[token]
 
 
 def _check_noun(n: int, noun: str) -> None:
     assert noun.endswith("s") == (n != 1), f"{n} {noun}"
 
 
-def _check_arithmetic(text: str) -> tuple[int, str]:
-    """Check every arithmetic statement in ``text``; return how many and the text left unmatched."""
-    checked = 0
+def _check_arithmetic(sentence: str) -> bool:
+    """Check one sentence if it is an arithmetic statement; return whether it was one."""
     for pattern, op, swapped in _ARITHMETIC_PATTERNS:
-        regex = re.compile(pattern, re.IGNORECASE)
-        for m in regex.finditer(text):
+        m = pattern.fullmatch(sentence)
+        if m:
             a, b, c = (_number(g) for g in m.groups())
             if swapped:
                 a, b = b, a
-            assert op(a, b) == c, m[0]
-            assert c >= 0, m[0]
-            checked += 1
-        text = regex.sub(" ", text)
+            assert op(a, b) == c >= 0, sentence
+            return True
+    return False
+
+
+def _check_word_problems(text: str) -> tuple[int, str]:
+    """Check the word problems (several sentences each) in ``text``; return how many and the rest."""
+    checked = 0
     for pattern, op in _WORD_PROBLEMS:
         for m in re.finditer(pattern, text):
             a, noun_a, b, c, noun_c = m.groups()
@@ -358,12 +375,18 @@ def _check_arithmetic(text: str) -> tuple[int, str]:
 
 
 def test_arithmetic_is_correct(docs: list[Document], text: str) -> None:
-    checked, _ = _check_arithmetic(text)  # everywhere, dialogues included
+    # Every arithmetic sentence anywhere (dialogue answers included) is right ...
+    checked = sum(_check_arithmetic(s) for s in _sentences(text))
     assert checked > 3_000
+    # ... and arithmetic documents hold nothing but checked statements and word problems.
+    problems = 0
     for d in docs:
         if d.kind == "arithmetic":
-            _, rest = _check_arithmetic(d.text)
-            assert not rest.strip(), f"unrecognised arithmetic text: {rest.strip()!r}"
+            n, rest = _check_word_problems(d.text)
+            problems += n
+            for sentence in _sentences(rest.strip()):
+                assert _check_arithmetic(sentence.strip()), f"unrecognised arithmetic text: {sentence!r}"
+    assert problems > 100
     # Both digit and word forms occur.
     assert re.search(r"\b\d+ plus \d+ is \d+\.", text)
     assert re.search(r"\b[a-z]+ plus [a-z]+ (?:is|equals) [a-z-]+\.", text, re.IGNORECASE)
@@ -372,36 +395,35 @@ def test_arithmetic_is_correct(docs: list[Document], text: str) -> None:
 # ---- the corpus: word games -------------------------------------------------------------------
 
 _WORD_GAME_PATTERNS = [
-    (r"(?:\bThe word )?\b([A-Za-z]+) is spelled ((?:[a-z] )*[a-z])\.",
-     lambda w, x: x.replace(" ", "") == w),
-    (r"\bThe word ([a-z]+) reversed is ([a-z]+)\.", lambda w, x: x == w[::-1]),
-    (r"\b([A-Za-z]+) spelled backwards is ([a-z]+)\.", lambda w, x: x == w[::-1]),
-    (r"\bThe word ([a-z]+) has (\d+) letters\.", lambda w, x: int(x) == len(w)),
-    (r"\bThere are (\d+) letters in the word ([a-z]+)\.", lambda x, w: int(x) == len(w)),
-    (r"\bThe letter ([a-z]) appears (\d+ times?) in the word ([a-z]+)\.",
+    (r"(?:The word )?([A-Za-z]+) is spelled ((?:[a-z] )*[a-z])\.", lambda w, x: x.replace(" ", "") == w),
+    (r"The word ([a-z]+) reversed is ([a-z]+)\.", lambda w, x: x == w[::-1]),
+    (r"([A-Za-z]+) spelled backwards is ([a-z]+)\.", lambda w, x: x == w[::-1]),
+    (r"The word ([a-z]+) has (\d+) letters\.", lambda w, x: int(x) == len(w)),
+    (r"There are (\d+) letters in the word ([a-z]+)\.", lambda x, w: int(x) == len(w)),
+    (r"The letter ([a-z]) appears (\d+ times?) in the word ([a-z]+)\.",
      lambda c, x, w: x == (f"{w.count(c)} time" if w.count(c) == 1 else f"{w.count(c)} times")),
-    (r"\bIn the word ([a-z]+), the letter ([a-z]) appears (\d+ times?)\.",
+    (r"In the word ([a-z]+), the letter ([a-z]) appears (\d+ times?)\.",
      lambda w, c, x: x == (f"{w.count(c)} time" if w.count(c) == 1 else f"{w.count(c)} times")),
 ]
 
 
-def _check_word_games(text: str) -> tuple[int, str]:
-    checked = 0
+def _check_word_game(sentence: str) -> bool:
+    """Check one sentence if it is a word-game statement; return whether it was one."""
     for pattern, is_right in _WORD_GAME_PATTERNS:
-        for m in re.finditer(pattern, text):
-            assert is_right(*(g.lower() if not g.isdigit() else g for g in m.groups())), m[0]
-            checked += 1
-        text = re.sub(pattern, " ", text)
-    return checked, text
+        m = re.fullmatch(pattern, sentence)
+        if m:
+            assert is_right(*(g.lower() for g in m.groups())), sentence
+            return True
+    return False
 
 
 def test_word_games_are_correct(docs: list[Document], text: str) -> None:
-    checked, _ = _check_word_games(text)
+    checked = sum(_check_word_game(s) for s in _sentences(text))
     assert checked > 2_000
     for d in docs:
         if d.kind == "word_games":
-            _, rest = _check_word_games(d.text)
-            assert not rest.strip(), f"unrecognised word-game text: {rest.strip()!r}"
+            for sentence in _sentences(d.text):
+                assert _check_word_game(sentence), f"unrecognised word-game text: {sentence!r}"
     assert re.search(r"appears 0 times", text)  # letters a word lacks are asked about too
 
 

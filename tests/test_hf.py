@@ -1,0 +1,71 @@
+"""GPT-2 interop with transformers: the same logits both ways, and exported directories that load."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from chatforge.checkpoint import load_checkpoint  # noqa: E402
+from chatforge.errors import CheckpointError  # noqa: E402
+from chatforge.hf import export_hf  # noqa: E402
+from chatforge.model import GPT, GPTConfig  # noqa: E402
+
+
+def random_hf_gpt2(tmp_path, **kw):
+    torch.manual_seed(0)
+    settings = dict(n_layer=3, n_embd=48, n_head=4, vocab_size=300, n_positions=64, bos_token_id=0, eos_token_id=0)
+    settings.update(kw)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**settings)).eval()
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def test_a_transformers_gpt2_directory_loads_with_equal_logits(tmp_path):
+    hf = random_hf_gpt2(tmp_path)
+    ours = load_checkpoint(tmp_path, tokenizer=False).model.eval()
+    x = torch.randint(0, 300, (3, 50))
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max().item() < 1e-4
+
+
+def test_an_exported_checkpoint_loads_in_transformers_with_equal_logits(tmp_path, small_tokenizer):
+    torch.manual_seed(1)
+    ours = GPT(GPTConfig(vocab_size=small_tokenizer.vocab_size, context_length=64, n_layer=2, n_head=2,
+                         n_embd=32)).eval()
+    export_hf(ours, small_tokenizer, tmp_path / "hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, small_tokenizer.vocab_size, (2, 40))
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max().item() < 1e-4
+
+
+def test_exported_tokenizer_encodes_like_ours_in_transformers(tmp_path, small_tokenizer, tiny_model):
+    tiny = GPT(GPTConfig(vocab_size=small_tokenizer.vocab_size, context_length=32, n_layer=1, n_head=2, n_embd=16))
+    export_hf(tiny, small_tokenizer, tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "The capital of Veloria is Kesh. 12 plus 7 is 19 🙂"
+    assert hf_tok.encode(text) == small_tokenizer.encode(text)
+    assert hf_tok.eos_token_id == small_tokenizer.eot_id
+
+
+def test_export_then_import_round_trips_exactly(tmp_path, small_tokenizer):
+    torch.manual_seed(2)
+    ours = GPT(GPTConfig(vocab_size=small_tokenizer.vocab_size, context_length=32, n_layer=2, n_head=2, n_embd=16))
+    export_hf(ours, small_tokenizer, tmp_path / "hf")
+    back = load_checkpoint(tmp_path / "hf")
+    assert back.tokenizer.hash == small_tokenizer.hash
+    for k, v in ours.state_dict().items():
+        assert torch.equal(back.model.state_dict()[k], v), k
+
+
+def test_unsupported_gpt2_variants_are_refused_by_name(tmp_path):
+    random_hf_gpt2(tmp_path, scale_attn_by_inverse_layer_idx=True)
+    with pytest.raises(CheckpointError, match="scale_attn_by_inverse_layer_idx"):
+        load_checkpoint(tmp_path, tokenizer=False)
+
+
+def test_pickled_weights_are_not_loaded(tmp_path):
+    random_hf_gpt2(tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_checkpoint(tmp_path, tokenizer=False)
