@@ -74,7 +74,7 @@ def tokenizer_train(sources: tuple[str, ...], out: str, vocab_size: int, text_fi
     from chatforge.data.readers import iter_documents
     from chatforge.tokenizer import Tokenizer
 
-    srcs = list(sources) or [str(builtin_corpus(Path(out).parent / "data"))]
+    srcs = list(sources) or [str(builtin_corpus(Path(out).parent / "corpus"))]
     tok = Tokenizer.train(iter_documents(srcs, text_field=text_field), vocab_size=vocab_size, show_progress=True)
     path = tok.save(out)
     click.echo(f"tokenizer: {tok.vocab_size} tokens -> {path}")
@@ -103,7 +103,7 @@ def data_prepare(sources, tokenizer_path, out, val_fraction, workers, text_field
     from chatforge.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(tokenizer_path)
-    srcs = list(sources) or [str(builtin_corpus(Path(out)))]
+    srcs = list(sources) or [str(builtin_corpus(Path(out).parent / "corpus"))]
     meta = prepare_shards(srcs, tok, out, val_fraction=val_fraction, num_workers=workers or None,
                           text_field=text_field, dtype=dtype, seed=seed)
     tok.save(Path(out) / "tokenizer.json")  # so `pretrain --data OUT` finds the tokenizer it needs
@@ -235,6 +235,6 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+    except click.ClickException as e:  # bad flags: the same one-line form, naming the option
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(2)

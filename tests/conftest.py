@@ -27,3 +27,20 @@ def small_tokenizer():
 
     texts = [f"The capital of Veloria is Kesh. {i} plus {i} is {2 * i}. Mira walked her dog." for i in range(200)]
     return Tokenizer.train(texts, vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory):
+    """A small built-in-world corpus, its tokenizer and its token shards, made once per session."""
+    from chatforge.data.readers import iter_documents
+    from chatforge.data.shards import prepare_shards
+    from chatforge.data.world import write_corpus
+    from chatforge.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("prepared")
+    corpus = write_corpus(root / "corpus" / "corpus.jsonl", num_bytes=150_000)
+    tok = Tokenizer.train(iter_documents([corpus]), vocab_size=400)
+    tok.save(root / "tokenizer")
+    prepare_shards([corpus], tok, root / "data", val_fraction=0.05, num_workers=1, show_progress=False)
+    tok.save(root / "data" / "tokenizer.json")
+    return root

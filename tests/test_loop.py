@@ -33,7 +33,8 @@ class RandomTokens:
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
 
     def batch(self, step):
-        starts = np.random.default_rng([self.seed, step]).integers(0, len(self.stream) - self.seq_len - 1, self.batch_size)
+        rng = np.random.default_rng([self.seed, step])
+        starts = rng.integers(0, len(self.stream) - self.seq_len - 1, self.batch_size)
         rows = torch.stack([self.stream[s : s + self.seq_len + 1] for s in starts])
         return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
 

@@ -66,7 +66,8 @@ def test_large_text_is_chunked_at_line_boundaries(tmp_path: Path) -> None:
 
 
 def test_jsonl_documents_skip_blank_lines_and_empty_texts(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "first", "id": 1}, {"text": ""}, {"text": "  \n"}, {"text": "ü"}])
+    rows = [{"text": "first", "id": 1}, {"text": ""}, {"text": "  \n"}, {"text": "ü"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
     path.write_text(path.read_text(encoding="utf-8") + "\n   \n", encoding="utf-8")
     assert list(iter_documents(path)) == ["first", "ü"]
 

@@ -14,7 +14,7 @@ from chatforge.data.shards import TokenDataset, prepare_shards, read_meta
 from chatforge.errors import ConfigError, DataError
 from chatforge.tokenizer import Tokenizer
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
 DOCS = [" ".join(WORDS[(i * j) % len(WORDS)] for j in range(3 + i % 7)) + f" #{i}" for i in range(60)]
 DOCS[5] = "a document quoting <|endoftext|> literally stays one document"
 DOCS[7] = "unicode: café 日本語 👍🏽"
@@ -93,6 +93,8 @@ def test_prepare_writes_meta_and_reproduces_documents(tok: Tokenizer, corpus: Pa
     assert sorted(decoded["train"] + decoded["val"]) == sorted(DOCS)
     assert all(is_subsequence(decoded[split], DOCS) for split in decoded)  # document order kept
     assert len(decoded["train"]) == train["documents"] and split_tokens(out, "val").size == val["tokens"]
+    expected = [t for doc in decoded["train"] for t in [*tok.encode(doc), tok.eot_id]]
+    assert split_tokens(out, "train").tolist() == expected  # same ids as Tokenizer.encode
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train_000.bin", "val_000.bin"]
 
 
@@ -119,9 +121,14 @@ def test_multi_worker_output_equals_single_worker(
     tok: Tokenizer, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(shards, "_BATCH_CHARS", 300)  # many small tasks, so the pool really shares them
+    contexts: list[str] = []
+    get_context = shards.mp.get_context
+    monkeypatch.setattr(shards.mp, "get_context", lambda method: contexts.append(method) or get_context(method))
     kwargs = {"val_fraction": 0.1, "shard_tokens": 100, "show_progress": False}
     one = prepare_shards(corpus, tok, tmp_path / "one", num_workers=1, **kwargs)
+    assert contexts == []
     two = prepare_shards(corpus, tok, tmp_path / "two", num_workers=2, **kwargs)
+    assert contexts == ["spawn"]  # a worker pool did the tokenizing
     assert one == two
     assert dir_snapshot(tmp_path / "one") == dir_snapshot(tmp_path / "two")
 
@@ -132,7 +139,7 @@ def test_uint32_when_vocab_does_not_fit_uint16(tok: Tokenizer, corpus: Path, tmp
     assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_000
     total = meta["splits"]["train"]["tokens"]
     assert (tmp_path / "big" / "train_000.bin").stat().st_size == 4 * total
-    small = prepare_shards(corpus, tok, tmp_path / "small", num_workers=1, show_progress=False)
+    prepare_shards(corpus, tok, tmp_path / "small", num_workers=1, show_progress=False)
     assert split_tokens(tmp_path / "big", "train").tolist() == split_tokens(tmp_path / "small", "train").tolist()
     assert TokenDataset(tmp_path / "big").dtype == np.dtype("<u4")
 
@@ -178,9 +185,8 @@ def test_two_documents_always_give_a_val_document(tok: Tokenizer, tmp_path: Path
 
 def test_moving_a_document_across_shard_files(tok: Tokenizer, tmp_path: Path) -> None:
     texts = ["short", "a much longer final document " * 5]
-    meta = prepare_shards(
-        write_jsonl(tmp_path / "d.jsonl", texts), tok, tmp_path / "o", shard_tokens=4, num_workers=1, show_progress=False
-    )
+    path = write_jsonl(tmp_path / "d.jsonl", texts)
+    meta = prepare_shards(path, tok, tmp_path / "o", shard_tokens=4, num_workers=1, show_progress=False)
     val_docs = decode_docs(tok, split_tokens(tmp_path / "o", "val"))
     assert val_docs == [texts[1]]
     train = meta["splits"]["train"]

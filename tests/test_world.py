@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from chatforge.data import world as world_module
+from chatforge.data.readers import iter_documents
 from chatforge.data.world import (
     ATTRIBUTES,
     DOCUMENT_KINDS,
@@ -439,6 +440,8 @@ def test_write_corpus_writes_jsonl(tmp_path: Path) -> None:
     assert all(isinstance(t, str) and t for t in texts)
     assert all(set(json.loads(line)) == {"text"} for line in lines)
     assert texts == list(World.build(seed=1).corpus(100_000, seed=2))
+    # The same reader that reads users' data reads it back unchanged.
+    assert list(iter_documents([path])) == texts
     # Passing a world uses it rather than building one.
     again = write_corpus(tmp_path / "again.jsonl", num_bytes=100_000, world=World.build(seed=1), seed=2)
     assert again.read_bytes() == path.read_bytes()

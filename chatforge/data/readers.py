@@ -235,7 +235,8 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
             f"{path}: no column {text_field!r} (columns: {columns}); expected a string column {text_field!r}"
         )
     column_type = schema.field(text_field).type
-    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+    string_checks = (pa.types.is_string, pa.types.is_large_string, getattr(pa.types, "is_string_view", None))
+    if not any(check(column_type) for check in string_checks if check is not None):
         raise DataError(f"{path}: column {text_field!r} has type {column_type}; expected a string column")
     for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_field]):
         for value in batch.column(0).to_pylist():

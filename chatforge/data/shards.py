@@ -102,7 +102,9 @@ def _build_encoder(spec: EncoderSpec) -> Callable[[list[str]], list[list[int]]]:
     return lambda texts: [e.ids for e in batch(texts, add_special_tokens=False)]
 
 
-def _encode_docs(encode: Callable[[list[str]], list[list[int]]], docs: list[str], eot_id: int):
+def _encode_docs(
+    encode: Callable[[list[str]], list[list[int]]], docs: list[str], eot_id: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Encode documents, each followed by ``eot_id``: (all token ids as int64, tokens per document)."""
     ids = encode(docs) if docs else []
     lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
@@ -113,9 +115,12 @@ def _encode_docs(encode: Callable[[list[str]], list[list[int]]], docs: list[str]
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(spec: EncoderSpec, eot_id: int) -> None:
-    # The pool already uses every core it was given; the tokenizer's own threads would oversubscribe.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+def _init_worker(spec: EncoderSpec, eot_id: int, threads: int) -> None:
+    # Share the cores between workers: each tokenizer's own thread pool would otherwise use all of them.
+    # Set before the tokenizer first runs, since its thread pool reads this once.
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
+    if threads == 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker["encode"] = _build_encoder(spec)
     _worker["eot_id"] = eot_id
 
@@ -151,15 +156,17 @@ def _tokenize(
     batches: Iterator[tuple[list[str], int]], spec: EncoderSpec, eot_id: int, num_workers: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
     """Yield (tokens, lengths, progress bytes) per batch, in input order."""
-    head = list(islice(batches, 2))
+    # Starting processes (each imports the main module again) costs seconds; worth it for big inputs only.
+    head = list(islice(batches, 2 * num_workers)) if num_workers > 1 else []
     batches = chain(head, batches)
-    if num_workers <= 1 or len(head) < 2:  # one task: starting processes would cost more than it saves
+    if len(head) < 2 * num_workers:
         encode = _build_encoder(spec)
         for docs, progress in batches:
             yield (*_encode_docs(encode, docs, eot_id), progress)
         return
     # spawn, not fork: forking after the tokenizer (or torch) started threads can deadlock.
-    with mp.get_context("spawn").Pool(num_workers, _init_worker, (spec, eot_id)) as pool:
+    threads = max(1, (os.cpu_count() or 1) // num_workers)
+    with mp.get_context("spawn").Pool(num_workers, _init_worker, (spec, eot_id, threads)) as pool:
         pending: deque = deque()  # bounded, so a big corpus is never read into memory ahead of the workers
         for docs, progress in batches:
             pending.append((pool.apply_async(_encode_in_worker, (docs,)), progress))
@@ -305,7 +312,9 @@ def prepare_shards(
 
     Everything is written to a temporary folder inside ``out_dir`` first and moved into place only
     when complete, so a failure (a malformed line late in the input, Ctrl-C) leaves a previously
-    prepared ``out_dir`` as it was. ``num_workers`` defaults to min(4, CPU count); 1 tokenizes here.
+    prepared ``out_dir`` as it was. ``num_workers`` defaults to min(4, CPU count); 1 tokenizes in this
+    process. Workers are spawned, so they import the main module again: a script that calls this with
+    several workers needs the usual ``if __name__ == "__main__":`` guard.
     """
     np_dtype = resolve_dtype(dtype, tokenizer.vocab_size)
     _validate_options(val_fraction, shard_tokens)
@@ -367,8 +376,8 @@ def _write_all(
             is_val = _is_val(seed, np.arange(doc_index, doc_index + lengths.size), val_fraction)
             _write_split_tokens(writers, tokens, lengths, is_val)
             doc_index += lengths.size
-            bar.update(progress)
             bar.set_postfix(docs=doc_index, tokens=sum(sum(w.file_tokens) for w in writers.values()), refresh=False)
+            bar.update(progress)
     if doc_index == 0:
         raise DataError(empty_data_message(paths, text_field))
     _balance_splits(writers, describe_paths(paths))

@@ -584,7 +584,9 @@ DOCUMENT_KINDS = tuple(f.name for f in fields(CorpusMix))
 class Document:
     kind: str  # one of DOCUMENT_KINDS
     text: str
-    facts: tuple[Fact, ...] = ()  # world facts the text states (empty for arithmetic and word games)
+    # World facts the text states or relies on (a story may leave the subject implicit: "the river
+    # Sena"); empty for arithmetic and word games. Lets later stages hold facts out or trace them.
+    facts: tuple[Fact, ...] = ()
 
 
 class _DocumentMaker:

@@ -1,0 +1,202 @@
+"""`chatforge demo`: the whole pipeline built so far, on the built-in world, in minutes on a CPU.
+
+Stages run in order, each writing into the run directory; a stage whose output is already
+complete is skipped, so an interrupted demo continues where it stopped.
+
+    corpus/     the built-in world (world.json) and its text (corpus.jsonl)
+    tokenizer/  byte-level BPE trained on the corpus
+    data/       token shards
+    pretrain/   the GPT: checkpoint/ and metrics.jsonl
+    then probes (validation loss, fact completion) and samples
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import torch
+
+from chatforge.checkpoint import TRAINER_FILE, load_checkpoint, read_json
+from chatforge.data.readers import iter_documents
+from chatforge.data.shards import prepare_shards, read_meta
+from chatforge.data.world import ATTRIBUTES, World, write_corpus
+from chatforge.generate.sample import SampleConfig, sample
+from chatforge.model import GPT
+from chatforge.tokenizer import Tokenizer
+from chatforge.train.distributed import DistInfo
+from chatforge.train.loop import TrainConfig
+from chatforge.train.pretrain import LanguageModeling, ModelSize, PretrainConfig, run_pretrain
+
+SAMPLE_PROMPTS = ("The capital of", "Seven plus five is", "Once upon a time,")
+
+
+@dataclass(frozen=True)
+class Budget:
+    corpus_mb: float
+    vocab_size: int
+    model: ModelSize
+    steps: int
+    batch_size: int
+    lr: float
+    eval_every: int
+    probe_facts: int  # facts asked in the fact-completion probe
+
+
+FULL = Budget(corpus_mb=2.0, vocab_size=2048, model=ModelSize(n_layer=4, n_head=4, n_embd=192, context_length=128),
+              steps=700, batch_size=32, lr=2e-3, eval_every=100, probe_facts=400)
+FAST = Budget(corpus_mb=0.3, vocab_size=512, model=ModelSize(n_layer=2, n_head=2, n_embd=64, context_length=64),
+              steps=60, batch_size=16, lr=3e-3, eval_every=30, probe_facts=60)
+
+
+def stage(name: str, timings: dict[str, float]) -> Callable:
+    """Run a stage function, print its banner and wall time, and record the time."""
+
+    def run(fn: Callable, *args, **kwargs):
+        click.secho(f"\n== {name}", bold=True)
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        timings[name] = time.perf_counter() - t0
+        click.echo(f"   {name}: {timings[name]:.1f}s")
+        return out
+
+    return run
+
+
+def make_corpus(run_dir: Path, budget: Budget) -> Path:
+    path = run_dir / "corpus" / "corpus.jsonl"
+    if path.exists():
+        click.echo(f"   reusing {path}")
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    World.build(seed=0).save(run_dir / "corpus" / "world.json")
+    write_corpus(path, num_bytes=int(budget.corpus_mb * 1e6), world_seed=0, seed=0)
+    click.echo(f"   built-in world corpus: {path.stat().st_size / 1e6:.2f} MB -> {path}")
+    return path
+
+
+def make_tokenizer(run_dir: Path, corpus: Path, budget: Budget) -> Tokenizer:
+    path = run_dir / "tokenizer" / "tokenizer.json"
+    if path.exists():
+        click.echo(f"   reusing {path}")
+        return Tokenizer.from_file(path)
+    tok = Tokenizer.train(iter_documents([corpus]), vocab_size=budget.vocab_size)
+    tok.save(path)
+    click.echo(f"   byte-level BPE, {tok.vocab_size} tokens -> {path}")
+    return tok
+
+
+def make_shards(run_dir: Path, corpus: Path, tok: Tokenizer) -> Path:
+    out = run_dir / "data"
+    meta_file = out / "meta.json"
+    if meta_file.exists() and read_meta(out).get("tokenizer_hash") == tok.hash:
+        click.echo(f"   reusing {out}")
+        return out
+    meta = prepare_shards([corpus], tok, out, val_fraction=0.05, show_progress=True)
+    tok.save(out / "tokenizer.json")
+    s = meta["splits"]
+    click.echo(f"   {s['train']['tokens']:,} train / {s['val']['tokens']:,} val tokens ({meta['dtype']})")
+    return out
+
+
+def pretrain(run_dir: Path, data: Path, budget: Budget) -> Path:
+    out = run_dir / "pretrain"
+    cfg = PretrainConfig(
+        data=str(data), out=str(out), model=budget.model,
+        train=TrainConfig(max_steps=budget.steps, batch_size=budget.batch_size, lr=budget.lr,
+                          warmup_steps=max(1, budget.steps // 20), eval_every=budget.eval_every,
+                          eval_batches=10, save_every=budget.eval_every * 2, log_every=10),
+    )
+    done = out / "checkpoint" / TRAINER_FILE
+    if done.exists() and read_json(done, "trainer state").get("step") == budget.steps:
+        click.echo(f"   reusing {out} (finished)")
+        return out
+    run_pretrain(cfg, DistInfo(), resume=True)
+    return out
+
+
+def initial_val_loss(run_dir: Path, budget: Budget) -> float:
+    """Validation loss of the untrained model, with the same batches as the final one."""
+    from chatforge.data.shards import TokenDataset
+
+    ckpt = load_checkpoint(run_dir / "pretrain")
+    torch.manual_seed(0)
+    fresh = GPT(ckpt.model.config).eval()
+    val = TokenDataset(run_dir / "data", "val")
+    objective = LanguageModeling(val, val, budget.batch_size, budget.model.context_length, 0)
+    with torch.no_grad():
+        return objective.evaluate(fresh, 10)["val/loss"]
+
+
+def cloze_prefix(attribute: str, subject: str) -> str | None:
+    """The first statement of an attribute whose value comes last, cut before the value."""
+    for template in ATTRIBUTES[attribute].statements:
+        if template.index("{v}") > template.find("{s}") >= 0:
+            return ATTRIBUTES[attribute].statement(subject, "\0").split("\0")[0].rstrip()
+    return None
+
+
+def fact_completion_accuracy(model: GPT, tok: Tokenizer, world: World, limit: int) -> tuple[float, int]:
+    """Share of facts the model completes correctly by greedy decoding ("The capital of X is" -> Y)."""
+    correct = total = 0
+    for fact in world.facts[:limit]:
+        prefix = cloze_prefix(fact.attribute, fact.subject)
+        if prefix is None:
+            continue
+        n_value = len(tok.encode(" " + fact.value))
+        ids = sample(model, tok.encode(prefix), SampleConfig(max_new_tokens=n_value + 1, temperature=0))
+        correct += tok.decode(ids).strip().startswith(fact.value)
+        total += 1
+    return correct / max(total, 1), total
+
+
+def report(run_dir: Path, budget: Budget, timings: dict[str, float]) -> dict:
+    ckpt = load_checkpoint(run_dir / "pretrain")
+    model, tok = ckpt.model.eval(), ckpt.tokenizer
+    world = World.load(run_dir / "corpus" / "world.json")
+    before = initial_val_loss(run_dir, budget)
+    records = [r for r in map(_json, (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines())
+               if "val/loss" in r]
+    click.echo("   validation loss by step: " + ", ".join(
+        [f"0: {before:.3f}"] + [f"{r['step']}: {r['val/loss']:.3f}" for r in records]))
+    accuracy, asked = fact_completion_accuracy(model, tok, world, budget.probe_facts)
+    torch.manual_seed(0)
+    fresh_accuracy, _ = fact_completion_accuracy(GPT(model.config).eval(), tok, world, budget.probe_facts)
+    click.echo(f"   fact completion (greedy, {asked} facts): trained {accuracy:.1%}, untrained {fresh_accuracy:.1%}")
+    for prompt in SAMPLE_PROMPTS:
+        ids = sample(model, tok.encode(prompt), SampleConfig(max_new_tokens=24, temperature=0.8, top_k=40, seed=0,
+                                                             stop_token_ids=[tok.eot_id]))
+        click.echo(f"   > {prompt}{tok.decode(ids)}")
+    return {"val_loss_before": before, "val_loss_after": records[-1]["val/loss"] if records else None,
+            "fact_accuracy": accuracy, "fact_accuracy_untrained": fresh_accuracy, "timings": timings}
+
+
+def _json(line: str) -> dict:
+    import json
+
+    return json.loads(line)
+
+
+def run_demo(run_dir: Path, fast: bool = False, overwrite: bool = False) -> dict:
+    import shutil
+
+    budget = FAST if fast else FULL
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    corpus = stage("corpus", timings)(make_corpus, run_dir, budget)
+    tok = stage("tokenizer", timings)(make_tokenizer, run_dir, corpus, budget)
+    data = stage("data", timings)(make_shards, run_dir, corpus, tok)
+    stage("pretrain", timings)(pretrain, run_dir, data, budget)
+    summary = stage("probe", timings)(report, run_dir, budget, timings)
+    total = time.perf_counter() - t0
+    click.secho(f"\ndemo finished in {total:.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()),
+                bold=True)
+    click.echo(f"sample from it: chatforge sample --checkpoint {run_dir / 'pretrain'} --prompt 'The capital of'")
+    summary["total_s"] = total
+    return summary

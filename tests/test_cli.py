@@ -1,0 +1,137 @@
+"""The command line, end to end on tiny budgets: the commands a user runs, and the errors they see."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from chatforge.cli import main
+
+TINY_MODEL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--context-length", "32"]
+
+
+def run_cli(*args):
+    """Run `chatforge ARGS` in-process; returns the exit status (0 when it returns normally)."""
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def pretrain_args(data, out, *extra):
+    return ["pretrain", "--data", data / "data", "--out", out, *TINY_MODEL, "--max-steps", "6",
+            "--batch-size", "4", "--eval-every", "3", "--eval-batches", "2", "--log-every", "1",
+            "--no-progress", *extra]
+
+
+def test_tokenizer_train_and_data_prepare_on_user_files(tmp_path, capsys):
+    src = tmp_path / "mine.txt"
+    src.write_text("Hello there, general. " * 200 + "\nSecond line of text 123.\n" * 50)
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": f"doc {i} says hi"}) for i in range(40)))
+    assert run_cli("tokenizer", "train", src, tmp_path / "docs.jsonl", "--out", tmp_path / "tok",
+                   "--vocab-size", "300") == 0
+    assert (tmp_path / "tok" / "tokenizer.json").exists()
+    assert run_cli("data", "prepare", src, tmp_path / "docs.jsonl", "--tokenizer", tmp_path / "tok",
+                   "--out", tmp_path / "data", "--workers", "1", "--val-fraction", "0.1") == 0
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert meta["dtype"] == "uint16" and meta["splits"]["train"]["tokens"] > 0
+    assert "train /" in capsys.readouterr().out
+
+
+def test_pretrain_writes_a_checkpoint_and_metrics_and_sample_continues_it(prepared_data, tmp_path, capsys):
+    assert run_cli(*pretrain_args(prepared_data, tmp_path / "pt")) == 0
+    assert (tmp_path / "pt" / "checkpoint" / "model.safetensors").exists()
+    lines = (tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
+    capsys.readouterr()
+    assert run_cli("sample", "--checkpoint", tmp_path / "pt", "--prompt", "The capital of",
+                   "--temperature", "0", "--max-tokens", "8") == 0
+    greedy = capsys.readouterr().out
+    assert greedy.startswith("The capital of") and len(greedy) > len("The capital of")
+    run_cli("sample", "--checkpoint", tmp_path / "pt", "--prompt", "The capital of", "--temperature", "0",
+            "--max-tokens", "8")
+    assert capsys.readouterr().out == greedy  # greedy is deterministic
+    outs = []
+    for _ in range(2):
+        run_cli("sample", "--checkpoint", tmp_path / "pt", "--temperature", "1.0", "--seed", "3", "-n", "2")
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and "--- sample 2" in outs[0]  # a seed makes sampling reproducible
+
+
+def test_export_hf_writes_a_directory_transformers_loads(prepared_data, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    assert run_cli(*pretrain_args(prepared_data, tmp_path / "pt", "--max-steps", "1")) == 0
+    assert run_cli("export", "--checkpoint", tmp_path / "pt", "--format", "hf", "--out", tmp_path / "hf") == 0
+    model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
+    assert model.config.n_layer == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["data", "prepare", "{tmp}/nothing-*.txt", "--tokenizer", "{data}/tokenizer", "--out", "{tmp}/d"],
+         "nothing-"),
+        (["pretrain", "--data", "{tmp}/missing", "--tokenizer", "{data}/tokenizer", "--out", "{tmp}/o"], "meta.json"),
+        (["sample", "--checkpoint", "{tmp}/no-such-checkpoint"], "does not exist"),
+        (["pretrain", "--data", "{data}/data", "--out", "{tmp}/o", "--lr", "fast"], "lr"),
+        (["pretrain", "--data", "{data}/data", "--out", "{tmp}/o", "--n-embd", "30", "--n-head", "4"], "n_embd"),
+    ],
+)
+def test_user_errors_are_one_line_naming_the_file_or_field(prepared_data, tmp_path, capsys, args, message):
+    filled = [a.format(tmp=tmp_path, data=prepared_data) for a in args]
+    assert run_cli(*filled) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err
+
+
+def test_shards_made_by_another_tokenizer_are_refused(prepared_data, tmp_path, capsys):
+    assert run_cli("tokenizer", "train", prepared_data / "corpus" / "corpus.jsonl", "--out", tmp_path / "other",
+                   "--vocab-size", "350") == 0
+    code = run_cli("pretrain", "--data", prepared_data / "data", "--tokenizer", tmp_path / "other",
+                   "--out", tmp_path / "o", *TINY_MODEL)
+    assert code == 2 and "different tokenizer" in capsys.readouterr().err
+
+
+def test_resume_with_a_changed_model_is_refused_and_the_checkpoint_kept(prepared_data, tmp_path, capsys):
+    assert run_cli(*pretrain_args(prepared_data, tmp_path / "pt", "--max-steps", "2")) == 0
+    before = (tmp_path / "pt" / "checkpoint" / "model.safetensors").read_bytes()
+    args = pretrain_args(prepared_data, tmp_path / "pt", "--max-steps", "4", "--resume")
+    args[args.index("--n-embd") + 1] = "64"
+    assert run_cli(*args) == 2
+    assert "model.n_embd" in capsys.readouterr().err
+    assert (tmp_path / "pt" / "checkpoint" / "model.safetensors").read_bytes() == before
+
+
+def test_a_yaml_config_file_sets_fields_and_flags_override_it(prepared_data, tmp_path):
+    (tmp_path / "cfg.yaml").write_text("model: {n_layer: 1, n_head: 2, n_embd: 16, context_length: 16}\n"
+                                       "train: {max_steps: 3, batch_size: 2, lr: 0.01, progress: false}\n")
+    assert run_cli("pretrain", "--config", tmp_path / "cfg.yaml", "--data", prepared_data / "data",
+                   "--out", tmp_path / "pt", "--max-steps", "2") == 0
+    state = json.loads((tmp_path / "pt" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["train_config"]["lr"] == 0.01
+    assert state["run_config"]["model"]["n_embd"] == 16
+
+
+@pytest.mark.slow
+def test_two_processes_with_batch_b_each_equal_one_process_with_batch_2b(prepared_data, tmp_path):
+    """torchrun data parallelism (gloo on CPU) reproduces the single-process loss curve."""
+    common = ["pretrain", "--data", str(prepared_data / "data"), *TINY_MODEL, "--max-steps", "5",
+              "--batch-size", "8", "--eval-every", "5", "--log-every", "1", "--no-progress", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "chatforge", *common, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "chatforge", *common, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def curve(name):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["train/loss"] for x in lines]
+
+    assert len(curve("two")) == 5
+    assert curve("two") == pytest.approx(curve("one"), abs=1e-5)
