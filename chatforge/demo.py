@@ -47,7 +47,7 @@ class Budget:
 
 
 FULL = Budget(corpus_mb=2.0, vocab_size=2048, model=ModelSize(n_layer=4, n_head=4, n_embd=192, context_length=128),
-              steps=700, batch_size=32, lr=2e-3, eval_every=100, probe_facts=400)
+              steps=350, batch_size=32, lr=3e-3, eval_every=50, probe_facts=432)
 FAST = Budget(corpus_mb=0.3, vocab_size=512, model=ModelSize(n_layer=2, n_head=2, n_embd=64, context_length=64),
               steps=60, batch_size=16, lr=3e-3, eval_every=30, probe_facts=60)
 
@@ -139,18 +139,30 @@ def cloze_prefix(attribute: str, subject: str) -> str | None:
     return None
 
 
+@torch.no_grad()
 def fact_completion_accuracy(model: GPT, tok: Tokenizer, world: World, limit: int) -> tuple[float, int]:
-    """Share of facts the model completes correctly by greedy decoding ("The capital of X is" -> Y)."""
-    correct = total = 0
+    """Share of facts whose value greedy decoding would produce after a cloze prefix.
+
+    "The capital of Veloria is" must be followed by the tokens of " Kesh": scored in one batched
+    teacher-forced pass, where greedy decoding is right iff every value token is the argmax
+    given the tokens before it.
+    """
+    rows = []
     for fact in world.facts[:limit]:
         prefix = cloze_prefix(fact.attribute, fact.subject)
-        if prefix is None:
-            continue
-        n_value = len(tok.encode(" " + fact.value))
-        ids = sample(model, tok.encode(prefix), SampleConfig(max_new_tokens=n_value + 1, temperature=0))
-        correct += tok.decode(ids).strip().startswith(fact.value)
-        total += 1
-    return correct / max(total, 1), total
+        if prefix is not None:
+            rows.append((tok.encode(prefix), tok.encode(" " + fact.value)))
+    if not rows:
+        return 0.0, 0
+    width = max(len(p) + len(v) for p, v in rows)
+    ids = torch.full((len(rows), width), tok.eot_id, dtype=torch.long)
+    for i, (p, v) in enumerate(rows):
+        ids[i, : len(p) + len(v)] = torch.tensor(p + v)
+    predicted = model(ids).argmax(-1)  # right padding cannot affect earlier positions (causal)
+    correct = sum(
+        bool((predicted[i, len(p) - 1 : len(p) + len(v) - 1] == torch.tensor(v)).all()) for i, (p, v) in enumerate(rows)
+    )
+    return correct / len(rows), len(rows)
 
 
 def report(run_dir: Path, budget: Budget, timings: dict[str, float]) -> dict:
