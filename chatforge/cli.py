@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from chatforge import config as configlib
-from chatforge.errors import ChatforgeError
+from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.train.pretrain import PretrainConfig
 
 BUILTIN = "built-in corpus"
@@ -146,9 +146,18 @@ def builtin_corpus(directory: Path, size_mb: float = 2.0) -> Path:
 @click.option("--overwrite", is_flag=True, help="Start over even if OUT already holds a checkpoint.")
 def pretrain(cfg, resume: bool, overwrite: bool) -> None:
     """Pretrain a GPT on token shards (data-parallel under torchrun)."""
+    import os
+
     from chatforge.train.distributed import init_distributed, shutdown
     from chatforge.train.pretrain import run_pretrain
 
+    if not cfg.data:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("pretrain: under torchrun pass --data (prepare it once with `chatforge data prepare`)")
+        from chatforge.demo import prepare_builtin_data
+
+        click.echo(f"no --data given: using the {BUILTIN}")
+        cfg.data = str(prepare_builtin_data(Path(cfg.out).parent))
     dist = init_distributed(cfg.train.device)
     try:
         result = run_pretrain(cfg, dist, resume=resume, overwrite=overwrite)

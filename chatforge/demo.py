@@ -102,6 +102,13 @@ def make_shards(run_dir: Path, corpus: Path, tok: Tokenizer) -> Path:
     return out
 
 
+def prepare_builtin_data(run_dir: Path, budget: Budget | None = None) -> Path:
+    """Corpus, tokenizer and shards of the built-in world under run_dir (reused when present)."""
+    budget = budget or FULL
+    corpus = make_corpus(run_dir, budget)
+    return make_shards(run_dir, corpus, make_tokenizer(run_dir, corpus, budget))
+
+
 def pretrain(run_dir: Path, data: Path, budget: Budget) -> Path:
     out = run_dir / "pretrain"
     cfg = PretrainConfig(

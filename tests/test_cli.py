@@ -135,3 +135,12 @@ def test_two_processes_with_batch_b_each_equal_one_process_with_batch_2b(prepare
 
     assert len(curve("two")) == 5
     assert curve("two") == pytest.approx(curve("one"), abs=1e-5)
+
+
+def test_pretrain_without_data_uses_the_built_in_world(tmp_path, capsys):
+    assert run_cli("pretrain", "--out", tmp_path / "run" / "pretrain", *TINY_MODEL, "--max-steps", "1",
+                   "--batch-size", "2", "--no-progress") == 0
+    assert "built-in corpus" in capsys.readouterr().out
+    assert (tmp_path / "run" / "corpus" / "world.json").exists()
+    assert (tmp_path / "run" / "data" / "meta.json").exists()
+    assert (tmp_path / "run" / "pretrain" / "checkpoint" / "model.safetensors").exists()
