@@ -1,51 +1,85 @@
 """Training throughput of chatforge's GPT against transformers' GPT2LMHeadModel, on the CPU.
 
-    python benchmarks/bench_train.py                      # vocab 4096, ours as the trainer runs it
-    python benchmarks/bench_train.py --vocab 4096 50257   # also at GPT-2's vocabulary
-    python benchmarks/bench_train.py --peer-compile       # also transformers under torch.compile
+    python benchmarks/bench_train.py                          # vocab 4096; ours eager and compiled
+    python benchmarks/bench_train.py --vocab 4096 50257       # also at GPT-2's vocabulary
+    python benchmarks/bench_train.py --peer eager compiled    # also transformers under torch.compile
+    python benchmarks/bench_train.py --peer-malloc glibc trainer   # also the peer with our malloc setting
 
 What is measured. Both models get the same shapes (6 layers, width 384, 6 heads, context 256,
-batch 8, fp32, no dropout) and the same training step: forward, mean cross-entropy over every
-position, backward, AdamW step, zero_grad. The optimizer comes from the trainer's own
-`build_optimizer` for both, so its settings (decay groups, betas, implementation) are identical.
-Ours runs the way `Trainer` runs it: `torch.compile(model)` when `--compile` (the trainer's
-`TrainConfig.compile`), the plain module otherwise. The peer runs as transformers runs by default
-(eager, its default attention implementation); `--peer-compile` adds it under torch.compile too.
+batch 8, fp32, no dropout, 2 threads) and the same training step: forward, mean cross-entropy over
+every position, backward, AdamW step, zero_grad. Both optimizers come from the trainer's own
+`build_optimizer`, so their settings (decay groups, betas, fused kernel) are identical.
 
-Method. The CPU is shared, so nothing is measured once: after warm-up (which includes any
-compilation), each round measures the matmul peak, then every contender for `--steps` steps, in
-the same order (A, B, A, B, ...); figures are medians over all timed steps of all rounds. Tokens/s
-is batch x context / step time. Achieved FLOP/s is tokens/s x `GPT.flops_per_token(context)`
-(6 FLOPs per weight including the LM head, causal attention as half of PaLM's 12·L·T·C), the
-same count for both models. The peak is a square fp32 `torch.mm` (`--peak-size`, 2048) on the
-same threads: the best of a few calls per round, median over rounds. The machine's load average
-is printed at the start and end; other work on the machine lowers every figure, but interleaving
-keeps the ratios comparable.
+Ours runs the way `Trainer` runs it on a CPU: the plain module ("eager", the default) or
+`torch.compile(model)` ("compiled", what `TrainConfig.compile` does), in a process where
+`keep_freed_memory()` has tuned glibc's malloc, as `Trainer` does. The peer runs as transformers
+runs by default: eager, its default attention implementation, default malloc. The ratio column
+is every row against that peer ("transformers eager"). For like-for-like figures, `--peer eager
+compiled` adds the peer under torch.compile and `--peer-malloc glibc trainer` adds it with our
+malloc setting ("trainer malloc"); `--ours-malloc glibc trainer` does the reverse for ours.
+
+Each contender runs in its own process (the malloc setting is process-wide, and separate
+processes keep one model's memory from shaping another's), started and warmed up one at a time;
+warm-up includes any compilation. Then the parent drives them in rounds: it measures the matmul
+peak, then asks each contender in turn for one timed step (A, B, A, B, ...), so all of them see
+the same machine. Figures are medians over rounds.
+
+FLOP/s. Achieved FLOP/s is tokens/s x `GPT.flops_per_token(context)` (6 FLOPs per weight, LM head
+included, plus causal attention counted as half of PaLM's 12·L·T·C), the same count for both
+models. The peak is the best rate of a square fp32 `torch.mm` (`--peak-size`, 2048) on the same
+number of threads, over the rounds; the fraction is the median step's FLOP/s over that peak.
+
+A shared CPU. Other processes slow a 2-thread job far more than their share of CPU time (a
+descheduled thread stalls its partner at every parallel region), so every sample also records,
+from /proc/stat, the share of the machine's CPU time other processes used while it ran. Samples
+where that share is under `--quiet` (5%) are "clean"; the table uses only clean samples when every
+contender has at least 3 and says so, else it uses all of them and says that. The load average is
+printed at the start and end.
 
 Vocabulary: 4096 by default, the size of chatforge's built-in tokenizer, i.e. what this trainer
-actually trains. At GPT-2's 50257 the LM head and the loss dominate the step (the head alone is
-about 2/3 of the FLOPs), which measures one big matmul more than the model; `--vocab 4096 50257`
-prints both.
+actually trains. At GPT-2's 50257 the tied LM head alone is about 60% of the FLOPs and the logits
+take 400 MB a step, so the benchmark then mostly measures one big matmul and the loss;
+`--vocab 4096 50257` prints both.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
+import multiprocessing as mp
 import os
 import platform
 import statistics
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from chatforge.model import GPT, GPTConfig, lm_loss
-from chatforge.train.loop import TrainConfig, build_optimizer
+from chatforge.train.loop import TrainConfig, build_optimizer, keep_freed_memory
 
-Step = Callable[[], None]
 MODES = ("eager", "compiled")
+MALLOCS = ("trainer", "glibc")  # keep_freed_memory() as Trainer does, or glibc's defaults
+PEER = "transformers eager"
+
+
+@dataclass(frozen=True)
+class Contender:
+    model: str  # "chatforge" or "transformers"
+    mode: str  # "eager" or "compiled"
+    malloc: str  # "trainer" or "glibc"
+
+    @property
+    def name(self) -> str:
+        usual = "trainer" if self.model == "chatforge" else "glibc"  # how each one normally runs
+        return f"{self.model} {self.mode}" + ("" if self.malloc == usual else f", {self.malloc} malloc")
+
+
+# ---- the machine ---------------------------------------------------------------------------------
 
 
 def cpu_model() -> str:
@@ -59,26 +93,74 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def load() -> str:
+def load_average() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "n/a"
 
 
-def matmul_peak(size: int, calls: int) -> float:
-    """Best fp32 GFLOP/s of a size x size x size matmul over `calls` calls."""
+def cpu_ticks() -> tuple[int, int]:
+    """(busy ticks of the whole machine, ticks of this process); (0, 0) where /proc is missing."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+        with open("/proc/self/stat") as f:
+            utime, stime = map(int, f.read().rsplit(")", 1)[1].split()[11:13])
+    except (OSError, ValueError):
+        return 0, 0
+    return user + nice + system + irq + softirq + steal, utime + stime
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """Wall seconds of fn(), and the share of the machine's CPU time other processes used meanwhile."""
+    busy0, mine0 = cpu_ticks()
+    t0 = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - t0
+    busy1, mine1 = cpu_ticks()
+    capacity = seconds * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+    return seconds, max(0.0, (busy1 - busy0) - (mine1 - mine0)) / capacity
+
+
+def matmul(size: int, calls: int) -> Callable[[], None]:
     a, b, out = torch.randn(size, size), torch.randn(size, size), torch.empty(size, size)
-    torch.mm(a, b, out=out)
-    best = float("inf")
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best / 1e9
+
+    def run() -> None:
+        for _ in range(calls):
+            torch.mm(a, b, out=out)
+
+    run()
+    return run
 
 
-def training_step(model: torch.nn.Module, forward: Callable, loss: Callable, x, y) -> Step:
+# ---- the contenders, each in its own process -------------------------------------------------------
+
+
+def our_config(args, vocab: int) -> GPTConfig:
+    return GPTConfig(vocab_size=vocab, context_length=args.seq, n_layer=args.layers, n_head=args.heads,
+                     n_embd=args.width, dropout=0.0)
+
+
+def build_step(c: Contender, args, vocab: int) -> Callable[[], None]:
+    torch.manual_seed(0)
+    x = torch.randint(0, vocab, (args.batch, args.seq))
+    y = torch.randint(0, vocab, (args.batch, args.seq))
+    if c.model == "chatforge":
+        model = GPT(our_config(args, vocab)).train()
+        loss = lm_loss
+    else:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=vocab, n_positions=args.seq, n_layer=args.layers, n_head=args.heads, n_embd=args.width,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        )).train()
+
+        def loss(out, targets):
+            return F.cross_entropy(out.logits.reshape(-1, vocab), targets.reshape(-1))
+
+    forward = torch.compile(model) if c.mode == "compiled" else model  # what Trainer._wrap does
     optimizer = build_optimizer(model, TrainConfig())
 
     def step() -> None:
@@ -89,79 +171,97 @@ def training_step(model: torch.nn.Module, forward: Callable, loss: Callable, x, 
     return step
 
 
-def ours(args, vocab: int, x, y, compile: bool) -> tuple[Step, GPT]:
-    config = GPTConfig(vocab_size=vocab, context_length=args.seq, n_layer=args.layers, n_head=args.heads,
-                       n_embd=args.width, dropout=0.0)
-    model = GPT(config).train()
-    forward = torch.compile(model) if compile else model  # exactly what Trainer._wrap does
-    return training_step(model, forward, lm_loss, x, y), model
+def worker(conn, c: Contender, args, vocab: int) -> None:
+    """Build and warm up one contender, send the warm-up time, then run one timed step per request."""
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    if c.malloc == "trainer":
+        keep_freed_memory()
+    step = build_step(c, args, vocab)
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    conn.send(time.perf_counter() - t0)
+    while conn.recv():
+        conn.send(timed(step))
 
 
-def peer(args, vocab: int, x, y, compile: bool) -> Step:
-    from transformers import GPT2Config, GPT2LMHeadModel
+# ---- measuring -----------------------------------------------------------------------------------
 
-    config = GPT2Config(vocab_size=vocab, n_positions=args.seq, n_layer=args.layers, n_head=args.heads,
-                        n_embd=args.width, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=0, eos_token_id=0)
-    model = GPT2LMHeadModel(config).train()
-    forward = torch.compile(model) if compile else model
 
-    def loss(out, targets):
-        return F.cross_entropy(out.logits.reshape(-1, vocab), targets.reshape(-1))
+@dataclass
+class Samples:
+    seconds: list[float] = field(default_factory=list)
+    others: list[float] = field(default_factory=list)  # other processes' share of the CPU meanwhile
 
-    return training_step(model, forward, loss, x, y)
+    def add(self, sample: tuple[float, float]) -> None:
+        self.seconds.append(sample[0])
+        self.others.append(sample[1])
+
+    def clean(self, quiet: float) -> list[float]:
+        return [s for s, o in zip(self.seconds, self.others, strict=True) if o < quiet]
+
+
+def run_rounds(contenders: list[Contender], args, vocab: int) -> tuple[dict[str, Samples], Samples, int]:
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited threads, allocator or caches
+    conns = {}
+    try:
+        for c in contenders:
+            conn, child = ctx.Pipe()
+            ctx.Process(target=worker, args=(child, c, args, vocab), daemon=True).start()
+            conns[c.name] = conn
+            print(f"  warm-up {c.name}: {conn.recv():.1f} s for {args.warmup} steps", flush=True)
+        peak_calls = 4
+        peak_run, peak = matmul(args.peak_size, peak_calls), Samples()
+        samples = {name: Samples() for name in conns}
+        for r in range(args.rounds):
+            peak.add(timed(peak_run))
+            for name, conn in conns.items():
+                conn.send(True)
+                samples[name].add(conn.recv())
+            line = "  ".join(f"{n} {s.seconds[-1]:.2f}s ({s.others[-1]:.0%})" for n, s in samples.items())
+            print(f"  round {r + 1:2d}/{args.rounds}, others' CPU share in brackets: {line}", flush=True)
+    finally:
+        for conn in conns.values():
+            with contextlib.suppress(OSError):  # a worker that died has printed its error already
+                conn.send(False)
+    return samples, peak, peak_calls
 
 
 def bench(args, vocab: int) -> None:
-    torch.manual_seed(0)
-    x = torch.randint(0, vocab, (args.batch, args.seq))
-    y = torch.randint(0, vocab, (args.batch, args.seq))
-    contenders: dict[str, Step] = {}
-    for mode in args.ours:
-        contenders[f"chatforge {mode}"], model = ours(args, vocab, x, y, compile=mode == "compiled")
-    for mode in args.peer:
-        contenders[f"transformers {mode}"] = peer(args, vocab, x, y, compile=mode == "compiled")
+    product = itertools.product
+    contenders = [Contender("chatforge", m, malloc) for m, malloc in product(args.ours, args.ours_malloc)]
+    contenders += [Contender("transformers", m, malloc) for m, malloc in product(args.peer, args.peer_malloc)]
+    samples, peak, peak_calls = run_rounds(contenders, args, vocab)
 
-    for name, step in contenders.items():
-        t0 = time.perf_counter()
-        for _ in range(args.warmup):
-            step()
-        print(f"  warm-up {name}: {time.perf_counter() - t0:.1f} s for {args.warmup} steps", flush=True)
-
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    peaks = []
-    for r in range(args.rounds):
-        peaks.append(matmul_peak(args.peak_size, args.peak_calls))
-        for name, step in contenders.items():
-            for _ in range(args.steps):
-                t0 = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - t0)
-        line = "  ".join(f"{n} {times[n][-1]:.2f}s" for n in contenders)
-        print(f"  round {r + 1}/{args.rounds}: peak {peaks[-1]:.0f} GFLOP/s  {line}", flush=True)
-
+    clean = {name: s.clean(args.quiet) for name, s in samples.items()}
+    use_clean = all(len(c) >= 3 for c in clean.values()) and peak.clean(args.quiet)
+    chosen = clean if use_clean else {name: s.seconds for name, s in samples.items()}
+    peak_flops = 2 * args.peak_size**3 * peak_calls / min(peak.clean(args.quiet) if use_clean else peak.seconds)
+    with torch.device("meta"):
+        flops = GPT(our_config(args, vocab)).flops_per_token(args.seq)
     tokens = args.batch * args.seq
-    flops = model.flops_per_token(args.seq)
-    peak = statistics.median(peaks)
-    base = next((n for n in times if n.startswith("transformers")), None)
-    print(f"\nvocab {vocab}: {flops / 1e6:.1f} MFLOP per token, {flops * tokens / 1e9:.1f} GFLOP per step; "
-          f"matmul peak {peak:.1f} GFLOP/s ({args.peak_size}^3 fp32, median of per-round bests)")
-    print(f"| {'model':<22} | {'step s':>6} | {'tokens/s':>8} | {'vs ' + (base or '-'):>20} | {'GFLOP/s':>7} | "
+    counts = ", ".join(f"{n} {len(c)}" for n, c in clean.items())
+    print(f"\nvocab {vocab}: {flops / 1e6:.1f} MFLOP per token, {flops * tokens / 1e9:.1f} GFLOP per step")
+    print(f"clean samples (others < {args.quiet:.0%} of the CPU) of {args.rounds}: {counts}; the table uses "
+          + ("clean samples only" if use_clean else "ALL samples (too few clean ones: the machine was busy)"))
+    print(f"matmul peak: {peak_flops / 1e9:.1f} GFLOP/s ({args.peak_size}^3 fp32 torch.mm, best round)\n")
+    w = max(len(n) for n in chosen)
+    print(f"| {'model':<{w}} | {'step s':>6} | {'tokens/s':>8} | {'vs ' + PEER:>21} | {'GFLOP/s':>7} | "
           f"{'of peak':>7} |")
-    print(f"|{'-' * 24}|{'-' * 7}:|{'-' * 9}:|{'-' * 21}:|{'-' * 8}:|{'-' * 8}:|")
-    for name, ts in times.items():
-        step_s = statistics.median(ts)
-        ratio = f"{statistics.median(times[base]) / step_s:.2f}x" if base else "-"
-        gflops = tokens / step_s * flops / 1e9
-        print(f"| {name:<22} | {step_s:6.3f} | {tokens / step_s:8.0f} | {ratio:>20} | {gflops:7.1f} | "
-              f"{gflops / peak:6.1%} |")
+    print(f"|{'-' * (w + 2)}|{'-' * 7}:|{'-' * 9}:|{'-' * 22}:|{'-' * 8}:|{'-' * 8}:|")
+    for name, seconds in chosen.items():
+        step_s = statistics.median(seconds)
+        ratio = f"{statistics.median(chosen[PEER]) / step_s:.2f}x" if PEER in chosen else "-"
+        achieved = tokens / step_s * flops
+        print(f"| {name:<{w}} | {step_s:6.3f} | {tokens / step_s:8.0f} | {ratio:>21} | {achieved / 1e9:7.1f} | "
+              f"{achieved / peak_flops:7.1%} |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--vocab", type=int, nargs="+", default=[4096], help="vocabulary size(s) to run")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per contender per round")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    p.add_argument("--rounds", type=int, default=12, help="interleaved rounds (one timed step each)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
@@ -169,26 +269,32 @@ def main() -> None:
     p.add_argument("--width", type=int, default=384)
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--ours", nargs="+", choices=MODES, default=["eager", "compiled"],
-                   help="how to run chatforge's GPT: plain module, or torch.compile as TrainConfig.compile does")
+    p.add_argument("--ours", nargs="+", choices=MODES, default=list(MODES),
+                   help="how to run chatforge's GPT: the module, or torch.compile as TrainConfig.compile does")
     p.add_argument("--peer", nargs="+", choices=MODES, default=["eager"],
                    help="how to run transformers' GPT2LMHeadModel (its default is eager)")
+    p.add_argument("--ours-malloc", nargs="+", choices=MALLOCS, default=["trainer"],
+                   help="malloc setting for ours: the trainer's keep_freed_memory(), or glibc's defaults")
+    p.add_argument("--peer-malloc", nargs="+", choices=MALLOCS, default=["glibc"],
+                   help="malloc setting for the peer (transformers leaves glibc's defaults)")
     p.add_argument("--peak-size", type=int, default=2048)
-    p.add_argument("--peak-calls", type=int, default=5)
+    p.add_argument("--quiet", type=float, default=0.05,
+                   help="a sample is clean when other processes used less than this share of the CPU")
     args = p.parse_args()
+    if "eager" not in args.peer or "glibc" not in args.peer_malloc:
+        p.error("the ratios are against transformers eager with glibc malloc: keep it in --peer/--peer-malloc")
 
     torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
     import transformers
 
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); torch {torch.__version__}, "
-          f"transformers {transformers.__version__}; {torch.get_num_threads()} threads; fp32")
+          f"transformers {transformers.__version__}; {args.threads} threads; fp32")
     print(f"config: {args.layers} layers, width {args.width}, {args.heads} heads, context {args.seq}, "
-          f"batch {args.batch}; {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up")
-    print(f"load average at start: {load()}")
+          f"batch {args.batch}; {args.rounds} rounds after {args.warmup} warm-up steps")
+    print(f"load average at start: {load_average()}")
     for vocab in args.vocab:
         bench(args, vocab)
-    print(f"\nload average at end: {load()}")
+    print(f"\nload average at end: {load_average()}")
 
 
 if __name__ == "__main__":

@@ -20,3 +20,11 @@ class CheckpointError(ChatforgeError):
 
 class ConfigError(ChatforgeError):
     """A configuration value is invalid or does not match what was saved."""
+
+
+class RequestError(ChatforgeError):
+    """A generation request is invalid; `param` names the offending parameter (the API reports it)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.code = param, code

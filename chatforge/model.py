@@ -137,8 +137,22 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # GPT-2 uses the tanh approximation of GELU ("gelu_new" in transformers).
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(gelu_tanh(self.c_fc(x))))
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU, the tanh approximation ("gelu_new" in transformers): 0.5·x·(1 + tanh(u)).
+
+    Under torch.compile it is written as x·sigmoid(2u), the same function: inductor then fuses it
+    into one loop built on exp, about twice as fast on CPU (forward and backward) as its tanh.
+    Eager keeps PyTorch's single fused kernel.
+    """
+    if torch.compiler.is_compiling():
+        return x * torch.sigmoid(_GELU_2U * (x + 0.044715 * x * x * x))
+    return F.gelu(x, approximate="tanh")
+
+
+_GELU_2U = 2 * math.sqrt(2 / math.pi)
 
 
 class Block(nn.Module):

@@ -16,8 +16,10 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -130,6 +132,25 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
 
 
+def keep_freed_memory() -> bool:
+    """Stop glibc's malloc from giving a step's big buffers back to the OS, only to fault them in again.
+
+    glibc serves blocks over 32 MB (a step's logits: 2048 x 4096 floats are 33.5 MB) with mmap and
+    unmaps them when freed, and trims the top of its heap, so every step page-faults the same
+    memory back in, zeroed by the kernel: for a 6-layer, width-384 model on CPU that is ~45k
+    faults and ~0.1 s of system time a step, 5-10% of it. Raising both thresholds to 1 GiB keeps
+    the memory in the process for the next step. Process-wide, Linux only; True if it applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
     return {k: v[start:stop] for k, v in batch.items()}
 
@@ -189,6 +210,8 @@ class Trainer:
         self.extra_config = extra_config or {}  # written into the checkpoint's config.json
         self.callbacks = callbacks or []
         self.optimizer = build_optimizer(model, cfg)
+        if dist_info.device.type == "cpu":
+            keep_freed_memory()
         self.step = 0
         self.metrics = MetricsLog(self.out_dir / METRICS_FILE, dist_info.is_main)
         self.forward_model = self._wrap(model)

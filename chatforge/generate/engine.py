@@ -1,0 +1,424 @@
+"""The inference engine: a KV cache of fixed slots and a step-level scheduler (continuous batching).
+
+Each running sequence owns one row ("slot") of a preallocated KV cache. A `step()`:
+
+1. admits waiting requests while slots are free: the prompt is prefilled once (batch 1) and its
+   keys/values are copied into as many rows as the request needs (n, or best_of);
+2. runs one decode forward for every older row at its own position (one batched forward, rows
+   at different lengths: per-row position ids, per-row writes into the cache, a mask hiding
+   each row's unused slots);
+3. processes the logits row by row with each request's own parameters, samples, records
+   logprobs, detects stop tokens and stop strings, and reports what is new;
+4. frees the rows of finished or cancelled sequences, moving rows from the end into the holes
+   so active rows stay contiguous (rows 0..n-1) and the forward never touches idle slots.
+
+The engine knows nothing of HTTP: the server calls `add_request`, `step` and `cancel` from its
+own loop; `generate` and `stream` are the blocking conveniences for everyone else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import secrets
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from chatforge.generate.params import MAX_LOGPROBS, SamplingParams
+from chatforge.generate.processors import LogitsPipeline, TokenHistory, sample_next, token_logprobs
+from chatforge.generate.text import IncrementalText
+from chatforge.model import GPT, KVCache
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # the k most likely, best first
+
+
+@dataclass
+class SequenceOutput:
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None  # "stop", "length", "cancelled"
+    logprobs: list[TokenLogprob] | None = None
+    cumulative_logprob: float = 0.0
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.cumulative_logprob / max(len(self.token_ids), 1)
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt_ids: list[int]
+    outputs: list[SequenceOutput]
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with echo: None for the first token
+    completion_tokens: int = 0  # every sampled token, stop tokens included
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+
+@dataclass
+class StreamEvent:
+    """What one step produced for one sequence of a request."""
+
+    request_id: str
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None = None
+
+
+class SlotCache(KVCache):
+    """A KV cache whose rows sit at different positions during decode."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.positions: torch.Tensor | None = None  # (rows,) write position of each row, decode only
+        self.end = 0  # attend over slots [0, end)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.positions is None:
+            return super().update(layer, k, v, pos)
+        rows = k.shape[0]
+        index = torch.arange(rows, device=k.device)
+        self.k[layer, index, :, self.positions] = k[:, :, 0]
+        self.v[layer, index, :, self.positions] = v[:, :, 0]
+        return self.k[layer, :rows, :, : self.end], self.v[layer, :rows, :, : self.end]
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+@dataclass
+class _Request:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop_ids: list[int]
+    num_rows: int
+    logprobs_k: int | None
+    outputs: dict[int, SequenceOutput] = field(default_factory=dict)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    completion_tokens: int = 0
+    cancelled: bool = False
+
+    @property
+    def done(self) -> bool:
+        return len(self.outputs) == self.num_rows
+
+
+@dataclass
+class _Row:
+    request: _Request
+    index: int
+    generator: torch.Generator | None
+    position: int  # where this row's next token goes in the cache
+    text: IncrementalText
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    last_token: int = -1
+
+
+def _row_seed(seed: int | None, index: int) -> int:
+    if seed is None:
+        return secrets.randbits(63)
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") >> 1
+
+
+class Engine:
+    """Batched generation over a GPT; requests come and go between decode steps."""
+
+    def __init__(self, model: GPT, tokenizer: Any, max_batch_size: int = 16,
+                 stop_token_ids: Sequence[int] | None = None) -> None:
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.config = model.config
+        self.max_batch_size = max_batch_size
+        p = next(model.parameters())
+        self.device = p.device
+        self.cache = SlotCache(self.config, max_batch_size, device=p.device, dtype=p.dtype)
+        if stop_token_ids is None:
+            specials = getattr(tokenizer, "special_ids", {})
+            stop_token_ids = [specials[k] for k in ("eot", "end_turn") if k in specials]
+        self.eos_ids = list(stop_token_ids)
+        self.rows: list[_Row] = []
+        self.waiting: deque[_Request] = deque()
+        self.requests: dict[str, _Request] = {}
+        self.history: TokenHistory | None = None
+        self.pipeline: LogitsPipeline | None = None
+        self._ids = itertools.count()
+
+    # ---- the scheduler's public face ---------------------------------------------------------
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
+                    logprobs_limit: int = MAX_LOGPROBS) -> str:
+        """Validate and queue a request; it starts at the next step with enough free slots."""
+        prompt = [int(t) for t in prompt_ids]
+        params.validate(self.config.vocab_size, self.config.context_length, len(prompt), logprobs_limit)
+        rows = max(params.best_of or params.n, params.n)
+        if rows > self.max_batch_size and params.num_beams == 1:
+            from chatforge.errors import RequestError
+
+            raise RequestError(f"n/best_of of {rows} exceeds the engine's {self.max_batch_size} slots",
+                               param="best_of" if params.best_of else "n")
+        rid = request_id or f"req-{next(self._ids)}"
+        stop_ids = sorted(set(([] if params.ignore_eos else self.eos_ids) + list(params.stop_token_ids)))
+        logprobs_k = params.logprobs if params.logprobs is not None else (0 if rows > params.n else None)
+        request = _Request(rid, prompt, params, stop_ids, rows, logprobs_k)
+        self.requests[rid] = request
+        self.waiting.append(request)
+        return rid
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request now (a client went away); its slots are free after the next step."""
+        request = self.requests.get(request_id)
+        if request is None or request.done:
+            return False
+        request.cancelled = True
+        if request in self.waiting:
+            self.waiting.remove(request)
+            self.requests.pop(request_id, None)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.rows)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def pop_result(self, request_id: str) -> Completion:
+        """The finished request's completion (n outputs, best first when best_of > n)."""
+        request = self.requests.pop(request_id)
+        outputs = [request.outputs[i] for i in sorted(request.outputs)]
+        if request.num_rows > request.params.n:
+            outputs = sorted(outputs, key=lambda o: o.mean_logprob, reverse=True)[: request.params.n]
+            if request.params.logprobs is None:
+                for o in outputs:
+                    o.logprobs = None
+        for i, o in enumerate(outputs):
+            o.index = i
+        return Completion(request.id, request.prompt_ids, outputs, request.prompt_logprobs,
+                          request.completion_tokens)
+
+    @torch.no_grad()
+    def step(self) -> list[StreamEvent]:
+        """Admit what fits, decode one token for every running row, and report what is new."""
+        events: list[StreamEvent] = []
+        self._drop_cancelled(events)
+        old = len(self.rows)
+        new_logits = self._admit(events)
+        if not self.rows:
+            return events
+        parts = [self._decode_old(old)] if old else []
+        logits = torch.cat(parts + new_logits) if new_logits else parts[0]
+        events += self._sample_and_advance(logits)
+        return events
+
+    # ---- blocking conveniences ---------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+                 logprobs_limit: int = MAX_LOGPROBS) -> list[Completion]:
+        """Generate for a batch of prompts (each with its own params if a list is given)."""
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        ids = [self.add_request(p, sp, logprobs_limit=logprobs_limit) for p, sp in zip(prompts, plist)]
+        while self.has_unfinished():
+            self.step()
+        return [self.pop_result(i) for i in ids]
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[StreamEvent]:
+        """Events of one request as they happen (other queued requests advance alongside)."""
+        rid = self.add_request(prompt_ids, params)
+        while not self.requests[rid].done:
+            for event in self.step():
+                if event.request_id == rid:
+                    yield event
+
+    # ---- admission and prefill ---------------------------------------------------------------
+
+    def _admit(self, events: list[StreamEvent]) -> list[torch.Tensor]:
+        new_logits = []
+        while self.waiting and len(self.rows) + self._rows_needed(self.waiting[0]) <= self.max_batch_size:
+            request = self.waiting.popleft()
+            if request.params.num_beams > 1:
+                self._run_beam_search(request, events)
+                continue
+            last = self._prefill(request)
+            if request.params.max_tokens == 0:  # echo-only scoring: nothing to generate
+                for i in range(request.num_rows):
+                    request.outputs[i] = SequenceOutput(i, [], "", "length", [] if request.logprobs_k is not None
+                                                        else None)
+                    events.append(StreamEvent(request.id, i, "", [], [], "length"))
+                continue
+            new_logits.append(last.expand(request.num_rows, -1))
+        return new_logits
+
+    def _rows_needed(self, request: _Request) -> int:
+        return 0 if request.params.num_beams > 1 or request.params.max_tokens == 0 else request.num_rows
+
+    def _prefill(self, request: _Request) -> torch.Tensor:
+        prompt = request.prompt_ids
+        tmp = KVCache(self.config, 1, len(prompt), device=self.device, dtype=self.cache.k.dtype)
+        logits = self.model(torch.tensor([prompt], device=self.device), kv_cache=tmp)[0].float()
+        if request.params.echo and request.logprobs_k is not None:
+            request.prompt_logprobs = self._prompt_logprobs(logits, prompt, request.logprobs_k)
+        if request.params.max_tokens == 0:
+            return logits[-1:]
+        first = len(self.rows)
+        for i in range(request.num_rows):
+            row = first + i
+            self.cache.k[:, row, :, : len(prompt)] = tmp.k[:, 0]
+            self.cache.v[:, row, :, : len(prompt)] = tmp.v[:, 0]
+            gen = None
+            if request.params.temperature > 0:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(_row_seed(request.params.seed, i))
+            self.rows.append(_Row(request, i, gen, len(prompt), IncrementalText(request.params.stop)))
+        self._extend_state(request)
+        return logits[-1:]
+
+    def _prompt_logprobs(self, logits: torch.Tensor, prompt: list[int], k: int) -> list[TokenLogprob | None]:
+        chosen = torch.tensor(prompt[1:], device=logits.device)
+        lp, top_ids, top_lp = token_logprobs(logits[:-1], chosen, k)
+        out: list[TokenLogprob | None] = [None]
+        for i in range(len(prompt) - 1):
+            out.append(TokenLogprob(prompt[i + 1], float(lp[i]), list(zip(top_ids[i].tolist(), top_lp[i].tolist()))))
+        return out
+
+    def _extend_state(self, request: _Request) -> None:
+        """Add the request's rows to the token history and rebuild the per-row parameters."""
+        added = TokenHistory([request.prompt_ids] * request.num_rows, self.config.vocab_size, self.device)
+        self.history = added if self.history is None else self.history.add_rows(added)
+        self._rebuild_pipeline()
+
+    def _rebuild_pipeline(self) -> None:
+        self.pipeline = LogitsPipeline.from_params([r.request.params for r in self.rows],
+                                                   [r.request.stop_ids for r in self.rows], self.device)
+
+    # ---- decode ------------------------------------------------------------------------------
+
+    def _decode_old(self, count: int) -> torch.Tensor:
+        rows = self.rows[:count]
+        tokens = torch.tensor([[r.last_token] for r in rows], device=self.device)
+        positions = torch.tensor([r.position for r in rows], device=self.device)
+        end = int(positions.max()) + 1
+        mask = (torch.arange(end, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
+        self.cache.positions, self.cache.end = positions, end
+        try:
+            logits = self.model(tokens, kv_cache=self.cache, position_ids=positions[:, None], attn_mask=mask)
+        finally:
+            self.cache.positions = None
+        for r in rows:
+            r.position += 1
+        return logits[:, -1].float()
+
+    def _sample_and_advance(self, raw: torch.Tensor) -> list[StreamEvent]:
+        processed = self.pipeline(raw, self.history)
+        greedy = torch.tensor([r.generator is None for r in self.rows], device=self.device)
+        chosen = sample_next(processed, greedy, [r.generator for r in self.rows])
+        want = [r.request.logprobs_k for r in self.rows if r.request.logprobs_k is not None]
+        lp = top_ids = top_lp = None
+        if want:
+            lp, top_ids, top_lp = token_logprobs(raw, chosen, max(want))
+        self.history.append(chosen)
+        events, finished = [], []
+        for i, (row, token) in enumerate(zip(self.rows, chosen.tolist())):
+            event = self._advance_row(row, token, i, lp, top_ids, top_lp)
+            events.append(event)
+            if event.finish_reason is not None:
+                finished.append(i)
+        if finished:
+            self._remove_rows(finished)
+        return events
+
+    def _advance_row(self, row: _Row, token: int, i: int, lp, top_ids, top_lp) -> StreamEvent:
+        request, params = row.request, row.request.params
+        request.completion_tokens += 1
+        row.last_token = token
+        entry = []
+        if lp is not None and request.logprobs_k is not None:
+            k = request.logprobs_k
+            item = TokenLogprob(token, float(lp[i]), list(zip(top_ids[i, :k].tolist(), top_lp[i, :k].tolist())))
+            row.cumulative_logprob += item.logprob
+        if token in request.stop_ids:
+            return self._finish(row, "stop", [], entry, row.text.finish())
+        if lp is not None and request.logprobs_k is not None:
+            row.logprobs.append(item)
+            entry = [item]
+        row.tokens.append(token)
+        check = len(row.tokens) >= params.min_tokens
+        delta = row.text.push(self.tokenizer.token_bytes(token), check_stops=check)
+        if row.text.stopped:
+            return self._finish(row, "stop", [token], entry, delta)
+        if len(row.tokens) >= params.max_tokens or row.position + 1 > self.config.context_length:
+            return self._finish(row, "length", [token], entry, delta + row.text.finish())
+        return StreamEvent(request.id, row.index, delta, [token], entry)
+
+    def _finish(self, row: _Row, reason: str, tokens: list[int], entry: list, delta: str) -> StreamEvent:
+        request = row.request
+        request.outputs[row.index] = SequenceOutput(
+            row.index, row.tokens, row.text.text, reason,
+            row.logprobs if request.logprobs_k is not None else None, row.cumulative_logprob)
+        return StreamEvent(request.id, row.index, delta, tokens, entry, reason)
+
+    # ---- freeing rows ------------------------------------------------------------------------
+
+    def _drop_cancelled(self, events: list[StreamEvent]) -> None:
+        gone = [i for i, r in enumerate(self.rows) if r.request.cancelled]
+        for i in gone:
+            row = self.rows[i]
+            row.request.outputs[row.index] = SequenceOutput(row.index, row.tokens, row.text.text, "cancelled")
+            events.append(StreamEvent(row.request.id, row.index, "", [], [], "cancelled"))
+        if gone:
+            for rid in {self.rows[i].request.id for i in gone}:
+                self.requests.pop(rid, None)
+            self._remove_rows(gone)
+
+    def _remove_rows(self, removed: list[int]) -> None:
+        """Free rows by moving rows from the end into the holes (only their used slots are copied)."""
+        keep_n = len(self.rows) - len(removed)
+        holes = [i for i in removed if i < keep_n]
+        donors = [i for i in range(keep_n, len(self.rows)) if i not in set(removed)]
+        order = list(range(len(self.rows)))
+        for hole, donor in zip(holes, donors):
+            self.cache.copy_row(donor, hole, self.rows[donor].position)
+            order[hole] = donor
+        order = order[:keep_n]
+        self.rows = [self.rows[i] for i in order]
+        self.history = self.history.select(order) if keep_n else None
+        if keep_n:
+            self._rebuild_pipeline()
+        else:
+            self.pipeline = None
+
+    # ---- beam search -------------------------------------------------------------------------
+
+    def _run_beam_search(self, request: _Request, events: list[StreamEvent]) -> None:
+        from chatforge.generate.beam import beam_search
+
+        hyps = beam_search(self.model, request.prompt_ids, request.params, request.stop_ids)
+        request.num_rows = request.params.n
+        for i, hyp in enumerate(hyps[: request.params.n]):
+            text = IncrementalText(request.params.stop)
+            out = "".join(text.push(self.tokenizer.token_bytes(t)) for t in hyp.tokens) + text.finish()
+            reason = "stop" if text.stopped else hyp.finish_reason
+            request.outputs[i] = SequenceOutput(i, list(hyp.tokens), text.text, reason, None, hyp.sum_logprobs)
+            request.completion_tokens += len(hyp.tokens)
+            events.append(StreamEvent(request.id, i, out, list(hyp.tokens), [], reason))
