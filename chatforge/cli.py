@@ -5,9 +5,11 @@ Errors a user can cause are printed as one line (`error: …`) with exit status 
 
 from __future__ import annotations
 
-import codecs
+import dataclasses
 import functools
+import json
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +17,18 @@ import click
 
 from chatforge import config as configlib
 from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.generate.params import SamplingParams
 from chatforge.train.pretrain import PretrainConfig
 
 BUILTIN = "built-in corpus"
 
 
 def config_options(cls: type):
-    """Add `--config FILE` and one `--leaf-name` flag per config field; pass `cfg` to the command."""
+    """Add `--config FILE` and one `--leaf-name` flag per config field; pass `cfg` to the command.
+
+    List fields become repeatable flags (`--stop a --stop b`); dict fields take KEY=VALUE
+    (`--logit-bias 50256=-100`).
+    """
     leaves = configlib.leaves(cls)
 
     def decorate(fn):
@@ -30,24 +37,47 @@ def config_options(cls: type):
             flags = {}
             for leaf in leaves:
                 value = kwargs.pop(leaf.name, None)
-                if value is not None:
-                    flags[leaf.path] = value
+                if value is not None and value != ():
+                    flags[leaf.path] = parse_pairs(leaf.name, value) if is_dict(leaf.type) else value
             return fn(cfg=configlib.build(cls, config_file, flags), **kwargs)
 
         for leaf in reversed(leaves):
-            flag = "--" + leaf.name.replace("_", "-")
-            if leaf.type is bool:
-                opt = click.option(f"{flag}/--no-{leaf.name.replace('_', '-')}", leaf.name, default=None,
-                                   help=f"{leaf.help} [default: {leaf.default}]")
-            else:
-                kind = {int: int, float: float}.get(leaf.type, str)
-                opt = click.option(flag, leaf.name, type=kind, default=None,
-                                   help=f"{leaf.help} [default: {leaf.default!r}]")
-            wrapper = opt(wrapper)
+            wrapper = leaf_option(leaf)(wrapper)
         return click.option("--config", "config_file", type=click.Path(dir_okay=False),
                             help="YAML or JSON file with config fields (flags override it).")(wrapper)
 
     return decorate
+
+
+def is_dict(tp: Any) -> bool:
+    return typing.get_origin(tp) is dict
+
+
+def leaf_option(leaf: configlib.Leaf):
+    name = leaf.name.replace("_", "-")
+    help_text = f"{leaf.help} [default: {leaf.default!r}]".strip()
+    if leaf.type is bool:
+        return click.option(f"--{name}/--no-{name}", leaf.name, default=None, help=help_text)
+    origin = typing.get_origin(leaf.type)
+    if origin is list:
+        (item,) = typing.get_args(leaf.type)
+        return click.option(f"--{name}", leaf.name, type={int: int, float: float}.get(item, str), multiple=True,
+                            help=f"{help_text} (repeatable)")
+    if origin is dict:
+        return click.option(f"--{name}", leaf.name, multiple=True, metavar="KEY=VALUE",
+                            help=f"{help_text} (repeatable)")
+    kind = {int: int, float: float}.get(leaf.type, str)
+    return click.option(f"--{name}", leaf.name, type=kind, default=None, help=help_text)
+
+
+def parse_pairs(name: str, pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--{name.replace('_', '-')}: expected KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -175,38 +205,37 @@ def pretrain(cfg, resume: bool, overwrite: bool) -> None:
 
 @cli.command()
 @click.option("--checkpoint", required=True, help="A checkpoint directory (ours or Hugging Face GPT-2).")
-@click.option("--prompt", default="", help="Text to continue (default: start of a document).")
-@click.option("--max-tokens", default=64, show_default=True)
-@click.option("--temperature", default=1.0, show_default=True, help="0 for greedy decoding.")
-@click.option("--top-k", default=0, show_default=True)
-@click.option("--top-p", default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None)
-@click.option("-n", "num_samples", default=1, show_default=True)
-def sample(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, num_samples) -> None:
-    """Continue a prompt with greedy or temperature sampling, streaming the text."""
+@click.option("--prompt", "prompts", multiple=True, help="Text to continue (repeatable: a batch). Default: "
+              "the start of a document.")
+@click.option("--json", "as_json", is_flag=True, help="Print the completions (with logprobs) as JSON.")
+@click.option("--max-batch-size", default=16, show_default=True, help="Engine slots (sequences decoded together).")
+@config_options(SamplingParams)
+def generate(checkpoint: str, prompts: tuple[str, ...], as_json: bool, max_batch_size: int, cfg) -> None:
+    """Generate with every decoding option: sampling, penalties, beams, stops, n/best_of, logprobs."""
     from chatforge.checkpoint import load_checkpoint
-    from chatforge.generate.sample import SampleConfig, stream_tokens
+    from chatforge.generate.engine import Engine
 
     ckpt = load_checkpoint(checkpoint)
-    tok = ckpt.tokenizer
-    ids = tok.encode(prompt) if prompt else [tok.eot_id]
-    stops = ckpt.generation_config.get("stop_token_ids", [tok.eot_id])
-    for i in range(num_samples):
-        cfg = SampleConfig(max_tokens, temperature, top_k, top_p, None if seed is None else seed + i, stops)
-        if num_samples > 1:
-            click.echo(f"--- sample {i + 1}")
-        click.echo(prompt, nl=False)
-        stream_text(tok, stream_tokens(ckpt.model, ids, cfg))
+    tok, engine = ckpt.tokenizer, Engine(ckpt.model, ckpt.tokenizer, max_batch_size=max_batch_size)
+    texts = list(prompts) or [""]
+    ids = [tok.encode(t) if t else [tok.eot_id] for t in texts]
+    if len(ids) == 1 and cfg.n == 1 and cfg.num_beams == 1 and not as_json:
+        click.echo(texts[0] if not cfg.echo else "", nl=False)
+        for event in engine.stream(ids[0], cfg):
+            click.echo(event.text, nl=False)
         click.echo()
+        return
+    completions = engine.generate(ids, cfg)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(c) for c in completions], indent=2))
+        return
+    for number, (text, completion) in enumerate(zip(texts, completions), start=1):
+        for out in completion.outputs:
+            click.echo(f"--- prompt {number}, choice {out.index + 1} ({out.finish_reason})")
+            click.echo(text + out.text)
 
 
-def stream_text(tok, token_iter) -> None:
-    """Print tokens as they come; the incremental decoder holds back an unfinished UTF-8 character."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for token in token_iter:
-        sys.stdout.write(decoder.decode(tok.token_bytes(token)))
-        sys.stdout.flush()
-    sys.stdout.write(decoder.decode(b"", final=True))
+cli.add_command(generate, "sample")  # the name issue 2 introduced; same command
 
 
 @cli.command()

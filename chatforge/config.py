@@ -70,6 +70,11 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item,) = typing.get_args(tp)[:1] or (Any,)
         return [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(tp) or (Any, Any)
+        return {coerce(k, key_type, f"{where} key"): coerce(v, value_type, f"{where}[{k}]") for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:

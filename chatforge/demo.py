@@ -24,7 +24,8 @@ from chatforge.checkpoint import TRAINER_FILE, load_checkpoint, read_json
 from chatforge.data.readers import iter_documents
 from chatforge.data.shards import prepare_shards, read_meta
 from chatforge.data.world import ATTRIBUTES, World, write_corpus
-from chatforge.generate.sample import SampleConfig, sample
+from chatforge.generate.engine import Engine
+from chatforge.generate.params import SamplingParams
 from chatforge.model import GPT
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.distributed import DistInfo
@@ -185,10 +186,10 @@ def report(run_dir: Path, budget: Budget, timings: dict[str, float]) -> dict:
     torch.manual_seed(0)
     fresh_accuracy, _ = fact_completion_accuracy(GPT(model.config).eval(), tok, world, budget.probe_facts)
     click.echo(f"   fact completion (greedy, {asked} facts): trained {accuracy:.1%}, untrained {fresh_accuracy:.1%}")
-    for prompt in SAMPLE_PROMPTS:
-        ids = sample(model, tok.encode(prompt), SampleConfig(max_new_tokens=24, temperature=0.8, top_k=40, seed=0,
-                                                             stop_token_ids=[tok.eot_id]))
-        click.echo(f"   > {prompt}{tok.decode(ids)}")
+    params = SamplingParams(max_tokens=24, temperature=0.8, top_k=40, seed=0)
+    completions = Engine(model, tok).generate([tok.encode(p) for p in SAMPLE_PROMPTS], params)
+    for prompt, completion in zip(SAMPLE_PROMPTS, completions):
+        click.echo(f"   > {prompt}{completion.outputs[0].text}")
     return {"val_loss_before": before, "val_loss_after": records[-1]["val/loss"] if records else None,
             "fact_accuracy": accuracy, "fact_accuracy_untrained": fresh_accuracy, "timings": timings}
 

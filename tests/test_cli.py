@@ -56,9 +56,9 @@ def test_pretrain_writes_a_checkpoint_and_metrics_and_sample_continues_it(prepar
     assert capsys.readouterr().out == greedy  # greedy is deterministic
     outs = []
     for _ in range(2):
-        run_cli("sample", "--checkpoint", tmp_path / "pt", "--temperature", "1.0", "--seed", "3", "-n", "2")
+        run_cli("sample", "--checkpoint", tmp_path / "pt", "--temperature", "1.0", "--seed", "3", "--n", "2")
         outs.append(capsys.readouterr().out)
-    assert outs[0] == outs[1] and "--- sample 2" in outs[0]  # a seed makes sampling reproducible
+    assert outs[0] == outs[1] and "choice 2" in outs[0]  # a seed makes sampling reproducible
 
 
 def test_export_hf_writes_a_directory_transformers_loads(prepared_data, tmp_path):
@@ -144,3 +144,26 @@ def test_pretrain_without_data_uses_the_built_in_world(tmp_path, capsys):
     assert (tmp_path / "run" / "corpus" / "world.json").exists()
     assert (tmp_path / "run" / "data" / "meta.json").exists()
     assert (tmp_path / "run" / "pretrain" / "checkpoint" / "model.safetensors").exists()
+
+
+def test_generate_takes_every_decoding_option_and_reports_json(prepared_data, tmp_path, capsys):
+    assert run_cli(*pretrain_args(prepared_data, tmp_path / "pt", "--max-steps", "2")) == 0
+    capsys.readouterr()
+    banned = 7
+    assert run_cli("generate", "--checkpoint", tmp_path / "pt", "--prompt", "The capital of", "--prompt", "Kesh",
+                   "--json", "--max-tokens", "6", "--min-tokens", "2", "--temperature", "0.9", "--top-k", "20",
+                   "--top-p", "0.95", "--min-p", "0.01", "--repetition-penalty", "1.1", "--presence-penalty", "0.5",
+                   "--frequency-penalty", "0.2", "--logit-bias", f"{banned}=-100", "--stop", "zzz", "--n", "2",
+                   "--best-of", "3", "--logprobs", "3", "--seed", "1") == 0
+    completions = json.loads(capsys.readouterr().out)
+    assert len(completions) == 2 and all(len(c["outputs"]) == 2 for c in completions)
+    for out in (o for c in completions for o in c["outputs"]):
+        assert banned not in out["token_ids"] and len(out["token_ids"]) >= 2
+        assert all(len(entry["top"]) == 3 for entry in out["logprobs"])
+    assert run_cli("generate", "--checkpoint", tmp_path / "pt", "--prompt", "The", "--num-beams", "3",
+                   "--length-penalty", "0.5", "--no-repeat-ngram-size", "2", "--max-tokens", "5", "--json") == 0
+    assert json.loads(capsys.readouterr().out)[0]["outputs"][0]["finish_reason"] in ("stop", "length")
+    assert run_cli("generate", "--checkpoint", tmp_path / "pt", "--top-p", "1.5") == 2
+    assert "top_p" in capsys.readouterr().err
+    assert run_cli("generate", "--checkpoint", tmp_path / "pt", "--logit-bias", "oops") == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
