@@ -3,7 +3,7 @@
     python benchmarks/bench_train.py                          # vocab 4096; ours eager and compiled
     python benchmarks/bench_train.py --vocab 4096 50257       # also at GPT-2's vocabulary
     python benchmarks/bench_train.py --peer eager compiled    # also transformers under torch.compile
-    python benchmarks/bench_train.py --peer-malloc glibc trainer   # also the peer with our malloc setting
+    python benchmarks/bench_train.py --peer-malloc glibc      # the peer only as transformers runs it
 
 What is measured. Both models get the same shapes (6 layers, width 384, 6 heads, context 256,
 batch 8, fp32, no dropout, 2 threads) and the same training step: forward, mean cross-entropy over
@@ -14,15 +14,18 @@ Ours runs the way `Trainer` runs it on a CPU: the plain module ("eager", the def
 `torch.compile(model)` ("compiled", what `TrainConfig.compile` does), in a process where
 `keep_freed_memory()` has tuned glibc's malloc, as `Trainer` does. The peer runs as transformers
 runs by default: eager, its default attention implementation, default malloc. The ratio column
-is every row against that peer ("transformers eager"). For like-for-like figures, `--peer eager
-compiled` adds the peer under torch.compile and `--peer-malloc glibc trainer` adds it with our
-malloc setting ("trainer malloc"); `--ours-malloc glibc trainer` does the reverse for ours.
+is every row against that peer ("transformers eager"). For like-for-like figures the peer also
+runs with our malloc setting by default ("trainer malloc"; `--peer-malloc glibc` drops it),
+`--peer eager compiled` adds it under torch.compile, and `--ours-malloc trainer glibc` adds ours
+with glibc's defaults. Below the table, each of our rows is compared with every peer row.
 
 Each contender runs in its own process (the malloc setting is process-wide, and separate
 processes keep one model's memory from shaping another's), started and warmed up one at a time;
 warm-up includes any compilation. Then the parent drives them in rounds: it measures the matmul
-peak, then asks each contender in turn for one timed step (A, B, A, B, ...), so all of them see
-the same machine. Figures are medians over rounds.
+peak, then asks each contender in turn for one timed step (A, B, ..., then the reverse order in
+the next round, so no one always goes first). Step times are medians over rounds; a speed-up is
+the median over rounds of that round's ratio (paired, so a machine that drifts faster or slower
+between rounds does not tilt it).
 
 FLOP/s. Achieved FLOP/s is tokens/s x `GPT.flops_per_token(context)` (6 FLOPs per weight, LM head
 included, plus causal attention counted as half of PaLM's 12·L·T·C), the same count for both
@@ -31,10 +34,12 @@ number of threads, over the rounds; the fraction is the median step's FLOP/s ove
 
 A shared CPU. Other processes slow a 2-thread job far more than their share of CPU time (a
 descheduled thread stalls its partner at every parallel region), so every sample also records,
-from /proc/stat, the share of the machine's CPU time other processes used while it ran. Samples
-where that share is under `--quiet` (5%) are "clean"; the table uses only clean samples when every
-contender has at least 3 and says so, else it uses all of them and says that. The load average is
-printed at the start and end.
+from /proc/stat, the share of the machine's CPU time other processes used while it ran. A round
+is "clean" when that share is under `--quiet` (5%) in all its samples; the table uses only clean
+rounds when there are at least 3 and says so, else all rounds and says that. The load average is
+printed at the start and end. What /proc/stat cannot see (other virtual machines on the same host
+competing for memory bandwidth and cache, clock changes) still moves step times by up to ~15%
+between runs; the paired ratios move much less.
 
 Vocabulary: 4096 by default, the size of chatforge's built-in tokenizer, i.e. what this trainer
 actually trains. At GPT-2's 50257 the tied LM head alone is about 60% of the FLOPs and the logits
@@ -198,8 +203,8 @@ class Samples:
         self.seconds.append(sample[0])
         self.others.append(sample[1])
 
-    def clean(self, quiet: float) -> list[float]:
-        return [s for s, o in zip(self.seconds, self.others, strict=True) if o < quiet]
+    def clean(self, quiet: float) -> list[bool]:
+        return [o < quiet for o in self.others]
 
 
 def run_rounds(contenders: list[Contender], args, vocab: int) -> tuple[dict[str, Samples], Samples, int]:
@@ -216,9 +221,10 @@ def run_rounds(contenders: list[Contender], args, vocab: int) -> tuple[dict[str,
         samples = {name: Samples() for name in conns}
         for r in range(args.rounds):
             peak.add(timed(peak_run))
-            for name, conn in conns.items():
-                conn.send(True)
-                samples[name].add(conn.recv())
+            order = list(conns) if r % 2 == 0 else list(reversed(conns))  # no one is always first
+            for name in order:
+                conns[name].send(True)
+                samples[name].add(conns[name].recv())
             line = "  ".join(f"{n} {s.seconds[-1]:.2f}s ({s.others[-1]:.0%})" for n, s in samples.items())
             print(f"  round {r + 1:2d}/{args.rounds}, others' CPU share in brackets: {line}", flush=True)
     finally:
@@ -234,28 +240,36 @@ def bench(args, vocab: int) -> None:
     contenders += [Contender("transformers", m, malloc) for m, malloc in product(args.peer, args.peer_malloc)]
     samples, peak, peak_calls = run_rounds(contenders, args, vocab)
 
-    clean = {name: s.clean(args.quiet) for name, s in samples.items()}
-    use_clean = all(len(c) >= 3 for c in clean.values()) and peak.clean(args.quiet)
-    chosen = clean if use_clean else {name: s.seconds for name, s in samples.items()}
-    peak_flops = 2 * args.peak_size**3 * peak_calls / min(peak.clean(args.quiet) if use_clean else peak.seconds)
+    # A round counts when every sample in it is clean; without 3 such rounds, all rounds count.
+    clean_rounds = [all(c) for c in zip(peak.clean(args.quiet), *(s.clean(args.quiet) for s in samples.values()))]
+    use_clean = sum(clean_rounds) >= 3
+    rounds = [r for r in range(args.rounds) if clean_rounds[r] or not use_clean]
+    seconds = {name: [s.seconds[r] for r in rounds] for name, s in samples.items()}
+    peak_flops = 2 * args.peak_size**3 * peak_calls / min(peak.seconds[r] for r in rounds)
     with torch.device("meta"):
         flops = GPT(our_config(args, vocab)).flops_per_token(args.seq)
     tokens = args.batch * args.seq
-    counts = ", ".join(f"{n} {len(c)}" for n, c in clean.items())
+
+    def speedup(name: str, over: str) -> float:  # paired: each round's ratio, then the median
+        return statistics.median(b / a for a, b in zip(seconds[name], seconds[over], strict=True))
+
     print(f"\nvocab {vocab}: {flops / 1e6:.1f} MFLOP per token, {flops * tokens / 1e9:.1f} GFLOP per step")
-    print(f"clean samples (others < {args.quiet:.0%} of the CPU) of {args.rounds}: {counts}; the table uses "
-          + ("clean samples only" if use_clean else "ALL samples (too few clean ones: the machine was busy)"))
+    print(f"{sum(clean_rounds)} of {args.rounds} rounds were clean (other processes < {args.quiet:.0%} of the CPU "
+          "in every sample); the table uses "
+          + ("those" if use_clean else "ALL rounds (too few clean ones: the machine was busy)"))
     print(f"matmul peak: {peak_flops / 1e9:.1f} GFLOP/s ({args.peak_size}^3 fp32 torch.mm, best round)\n")
-    w = max(len(n) for n in chosen)
+    w = max(len(n) for n in seconds)
     print(f"| {'model':<{w}} | {'step s':>6} | {'tokens/s':>8} | {'vs ' + PEER:>21} | {'GFLOP/s':>7} | "
           f"{'of peak':>7} |")
     print(f"|{'-' * (w + 2)}|{'-' * 7}:|{'-' * 9}:|{'-' * 22}:|{'-' * 8}:|{'-' * 8}:|")
-    for name, seconds in chosen.items():
-        step_s = statistics.median(seconds)
-        ratio = f"{statistics.median(chosen[PEER]) / step_s:.2f}x" if PEER in chosen else "-"
+    for name, ts in seconds.items():
+        step_s = statistics.median(ts)
         achieved = tokens / step_s * flops
-        print(f"| {name:<{w}} | {step_s:6.3f} | {tokens / step_s:8.0f} | {ratio:>21} | {achieved / 1e9:7.1f} | "
-              f"{achieved / peak_flops:7.1%} |")
+        print(f"| {name:<{w}} | {step_s:6.3f} | {tokens / step_s:8.0f} | {speedup(name, PEER):20.2f}x | "
+              f"{achieved / 1e9:7.1f} | {achieved / peak_flops:7.1%} |")
+    peers = [n for n in seconds if n.startswith("transformers")]
+    for ours in (n for n in seconds if n.startswith("chatforge")):
+        print(f"{ours}: " + ", ".join(f"{speedup(ours, n):.2f}x {n}" for n in peers))
 
 
 def main() -> None:
@@ -275,8 +289,8 @@ def main() -> None:
                    help="how to run transformers' GPT2LMHeadModel (its default is eager)")
     p.add_argument("--ours-malloc", nargs="+", choices=MALLOCS, default=["trainer"],
                    help="malloc setting for ours: the trainer's keep_freed_memory(), or glibc's defaults")
-    p.add_argument("--peer-malloc", nargs="+", choices=MALLOCS, default=["glibc"],
-                   help="malloc setting for the peer (transformers leaves glibc's defaults)")
+    p.add_argument("--peer-malloc", nargs="+", choices=MALLOCS, default=list(reversed(MALLOCS)),
+                   help="malloc setting for the peer: glibc's defaults (as transformers runs), and ours")
     p.add_argument("--peak-size", type=int, default=2048)
     p.add_argument("--quiet", type=float, default=0.05,
                    help="a sample is clean when other processes used less than this share of the CPU")
