@@ -31,7 +31,7 @@ import torch
 from chatforge.generate.params import MAX_LOGPROBS, SamplingParams
 from chatforge.generate.processors import LogitsPipeline, TokenHistory, sample_next, token_logprobs
 from chatforge.generate.text import IncrementalText
-from chatforge.model import GPT, KVCache
+from chatforge.model import GPT, KVCache, linear
 
 
 @dataclass
@@ -246,7 +246,7 @@ class Engine:
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[StreamEvent]:
         """Events of one request as they happen (other queued requests advance alongside)."""
         rid = self.add_request(prompt_ids, params)
-        while not self.requests[rid].done:
+        while rid in self.requests and not self.requests[rid].done:  # a cancelled request is dropped
             for event in self.step():
                 if event.request_id == rid:
                     yield event
@@ -276,9 +276,12 @@ class Engine:
     def _prefill(self, request: _Request) -> torch.Tensor:
         prompt = request.prompt_ids
         tmp = KVCache(self.config, 1, len(prompt), device=self.device, dtype=self.cache.k.dtype)
-        logits = self.model(torch.tensor([prompt], device=self.device), kv_cache=tmp)[0].float()
+        hidden = self.model.hidden_states(torch.tensor([prompt], device=self.device), kv_cache=tmp)[0]
         if request.params.echo and request.logprobs_k is not None:
+            logits = self.model.lm_head(hidden).float()
             request.prompt_logprobs = self._prompt_logprobs(logits, prompt, request.logprobs_k)
+        else:  # only the last position's logits are needed: skip the LM head over the prompt
+            logits = linear(self.model.lm_head, hidden[-1:]).float()
         if request.params.max_tokens == 0:
             return logits[-1:]
         first = len(self.rows)
