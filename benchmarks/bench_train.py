@@ -54,7 +54,6 @@ import contextlib
 import itertools
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import time
 import warnings
@@ -63,6 +62,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_model, cpu_ticks, load_average  # benchmarks/machine.py
 
 from chatforge.model import GPT, GPTConfig, lm_loss
 from chatforge.train.loop import TrainConfig, build_optimizer, keep_freed_memory
@@ -85,36 +85,6 @@ class Contender:
 
 
 # ---- the machine ---------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def cpu_ticks() -> tuple[int, int]:
-    """(busy ticks of the whole machine, ticks of this process); (0, 0) where /proc is missing."""
-    try:
-        with open("/proc/stat") as f:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-        with open("/proc/self/stat") as f:
-            utime, stime = map(int, f.read().rsplit(")", 1)[1].split()[11:13])
-    except (OSError, ValueError):
-        return 0, 0
-    return user + nice + system + irq + softirq + steal, utime + stime
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, float]:
