@@ -220,7 +220,7 @@ def generate(checkpoint: str, prompts: tuple[str, ...], as_json: bool, max_batch
     texts = list(prompts) or [""]
     ids = [tok.encode(t) if t else [tok.eot_id] for t in texts]
     if len(ids) == 1 and cfg.n == 1 and cfg.num_beams == 1 and not as_json:
-        click.echo(texts[0] if not cfg.echo else "", nl=False)
+        click.echo(texts[0], nl=False)  # the prompt is always shown; --echo matters for --json logprobs
         for event in engine.stream(ids[0], cfg):
             click.echo(event.text, nl=False)
         click.echo()
