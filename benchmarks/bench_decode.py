@@ -28,7 +28,10 @@ embedding counted once as the LM head's read, the position table left out: one r
 width x 4 bytes). Bandwidth is measured in the same run, at the same 2 threads, as the best of
 several `torch.sum` over a 1 GiB fp32 tensor (bytes read / time; a sum reads and writes nothing
 else, like decode streaming weights); a `copy_` of the same tensor is printed beside it, counting
-bytes read + written. The fraction is our median batch-1 decode tokens/s over the bound.
+bytes read + written. The fraction is our median batch-1 decode tokens/s over the bound. Beside it,
+"the matmuls alone": 16 passes over every linear layer of the model on one row through the kernel
+decode uses (`chatforge.model.linear`), nothing else, as passes/s — how close the best kernel
+PyTorch offers comes to the bound, and how much of that ceiling the whole engine keeps.
 
 Rounds. Each round measures the bandwidth, then every timed run once, in an order that is
 reversed every other round so nothing always goes first. Figures are medians over rounds;
@@ -53,7 +56,7 @@ from machine import cpu_model, cpu_ticks, load_average  # benchmarks/machine.py
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
 from chatforge.hf import export_hf
-from chatforge.model import GPT, GPTConfig
+from chatforge.model import GPT, GPTConfig, linear
 
 CONFIG = GPTConfig(vocab_size=50257, context_length=1024, n_layer=12, n_head=12, n_embd=768)
 
@@ -139,6 +142,18 @@ def main() -> None:
     if a != b:
         raise SystemExit("the two models disagree on greedy tokens; timings would not be comparable")
 
+    linears = [m for m in ours.modules() if isinstance(m, torch.nn.Linear)]
+    row = {c: torch.randn(1, c) for c in {m.in_features for m in linears}}
+    gemv_passes = 16
+
+    @torch.no_grad()
+    def run_gemv() -> None:
+        # the matmuls of one decode token and nothing else: each weight read once through the
+        # same oneDNN kernel the model uses; its speed is the ceiling for decode through that kernel
+        for _ in range(gemv_passes):
+            for m in linears:
+                linear(m, row[m.in_features])
+
     n = args.new
     runs: dict[str, Callable[[], object]] = {
         "ours b1 N": lambda: run_ours(prompts[:1], n),
@@ -149,6 +164,7 @@ def main() -> None:
         f"ours b{args.batch} 1": lambda: run_ours(prompts, 1),
         "ours prefill": lambda: run_ours(long_prompt, 1),
         "hf prefill": lambda: run_peer(long_prompt[0], 1),
+        "gemv only": run_gemv,
     }
     t0 = time.perf_counter()
     for fn in runs.values():  # warm-up: allocator, thread pool, first-call paths
@@ -192,6 +208,8 @@ def main() -> None:
     bounds = [bw * 1e9 / per_token for bw in bw_read]
     frac_ours = [o / bd for o, bd in zip(ours1, bounds)]
     frac_peer = [p / bd for p, bd in zip(peer1, bounds)]
+    gemv_tps = [gemv_passes / t for t in secs["gemv only"]]
+    frac_gemv = [g / bd for g, bd in zip(gemv_tps, bounds)]
 
     print()
     print(
@@ -216,6 +234,12 @@ def main() -> None:
             f"{med(bounds):.1f}",
             f"ours {med(frac_ours):.0%}, transformers {med(frac_peer):.0%}",
             "goal >= 85%",
+        ),
+        (
+            "    the matmuls alone (ceiling), passes/s",
+            f"{med(gemv_tps):.1f}",
+            f"{med(frac_gemv):.0%} of the bound; ours is {med([o / g for o, g in zip(ours1, gemv_tps)]):.0%} of it",
+            "",
         ),
         (
             f"(c) decode b{B} aggregate tokens/s: ours",

@@ -84,6 +84,12 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k.shape[1]
 
+    def rows(self, count: int) -> KVCache:
+        """A plain cache over the first `count` rows, sharing this one's memory."""
+        view = KVCache.__new__(KVCache)
+        view.max_len, view.k, view.v = self.max_len, self.k[:, :count], self.v[:, :count]
+        return view
+
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,8 +152,8 @@ class CausalSelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if attn_mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
-        elif k.shape[2] == T:  # no cached prefix: plain causal attention (fast fused kernel)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout)
+        elif k.shape[2] == T or T == 1:  # causal over new tokens only, or one token that sees everything
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=k.shape[2] == T > 1, dropout_p=dropout)
         else:  # new tokens after a cached prefix: token i sees the prefix and new tokens <= i
             mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
@@ -233,7 +239,8 @@ class GPT(nn.Module):
         """Final (post-LayerNorm) hidden states, (B, T, n_embd); scalar heads read these.
 
         position_ids (B, T) overrides pos_offset (left-padded batches); attn_mask is a boolean
-        (B, 1, T, S) or (T, S) mask, True where attention is allowed, over cached + new keys.
+        (B, 1, T, S) or (T, S) mask, True where attention is allowed, over cached + new keys, or
+        an additive float mask of the same shape (0 allowed, -inf hidden).
         """
         T = idx.shape[1]
         if position_ids is None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import secrets
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -320,17 +321,27 @@ class Engine:
     def _decode_old(self, count: int) -> torch.Tensor:
         rows = self.rows[:count]
         tokens = torch.tensor([[r.last_token] for r in rows], device=self.device)
-        positions = torch.tensor([r.position for r in rows], device=self.device)
-        end = int(positions.max()) + 1
-        mask = (torch.arange(end, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
-        self.cache.positions, self.cache.end = positions, end
-        try:
-            logits = self.model(tokens, kv_cache=self.cache, position_ids=positions[:, None], attn_mask=mask)
-        finally:
-            self.cache.positions = None
+        if len({r.position for r in rows}) == 1:  # all rows in step (one prompt, or equal lengths): no mask
+            logits = self.model(tokens, kv_cache=self.cache.rows(count), pos_offset=rows[0].position)
+        else:
+            logits = self._decode_ragged(tokens, rows)
         for r in rows:
             r.position += 1
         return logits[:, -1].float()
+
+    def _decode_ragged(self, tokens: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """One decode step for rows at different positions: per-row writes and an additive mask."""
+        positions = torch.tensor([r.position for r in rows], device=self.device)
+        end = int(positions.max()) + 1
+        hidden = torch.arange(end, device=self.device)[None, :] > positions[:, None]
+        # additive (float) mask built once a step: sdpa would convert a boolean one in every layer
+        mask = torch.zeros(hidden.shape, device=self.device, dtype=self.cache.k.dtype).masked_fill_(hidden, -math.inf)
+        self.cache.positions, self.cache.end = positions, end
+        try:
+            mask = mask[:, None, None]
+            return self.model(tokens, kv_cache=self.cache, position_ids=positions[:, None], attn_mask=mask)
+        finally:
+            self.cache.positions = None
 
     def _sample_and_advance(self, raw: torch.Tensor) -> list[StreamEvent]:
         processed = self.pipeline(raw, self.history)
