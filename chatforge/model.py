@@ -258,6 +258,23 @@ class GPT(nn.Module):
         """Next-token logits (B, T, vocab_size); keyword arguments as in `hidden_states`."""
         return linear(self.lm_head, self.hidden_states(idx, **kwargs))
 
+    @torch.no_grad()
+    def resize_token_embeddings(self, vocab_size: int) -> None:
+        """Grow the (tied) token embedding to vocab_size rows; new rows start at the mean embedding.
+
+        The mean keeps new tokens' logits ordinary at first (a random row could dominate the softmax).
+        """
+        old = self.wte.weight
+        if vocab_size < old.shape[0]:
+            raise ValueError(f"cannot shrink the vocabulary from {old.shape[0]} to {vocab_size}")
+        wte = nn.Embedding(vocab_size, old.shape[1], device=old.device, dtype=old.dtype)
+        wte.weight[: old.shape[0]] = old
+        wte.weight[old.shape[0] :] = old.mean(dim=0)
+        self.wte = wte
+        self.lm_head = nn.Linear(old.shape[1], vocab_size, bias=False, device=old.device, dtype=old.dtype)
+        self.lm_head.weight = self.wte.weight
+        self.config.vocab_size = vocab_size
+
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (tied weights once); non_embedding drops the embeddings, as in GPT-2's paper."""
         n = sum(p.numel() for p in self.parameters())

@@ -73,3 +73,14 @@ def test_lm_loss_ignores_masked_targets_and_matches_hand_computation():
     expected = -torch.log_softmax(logits[0, 0], -1)[0]
     assert lm_loss(logits, targets).item() == pytest.approx(expected.item())
     assert lm_loss(logits, targets, reduction="sum").item() == pytest.approx(expected.item())
+
+
+def test_growing_the_vocabulary_keeps_old_rows_ties_the_head_and_starts_new_rows_at_the_mean(tiny_model):
+    old = tiny_model.wte.weight.detach().clone()
+    tiny_model.resize_token_embeddings(old.shape[0] + 3)
+    new = tiny_model.wte.weight
+    assert tiny_model.config.vocab_size == old.shape[0] + 3
+    assert torch.equal(new[: old.shape[0]], old)
+    assert torch.allclose(new[old.shape[0] :], old.mean(0).expand(3, -1))
+    assert tiny_model.lm_head.weight is new
+    assert tiny_model(torch.tensor([[1, 2, old.shape[0] + 2]])).shape[-1] == old.shape[0] + 3

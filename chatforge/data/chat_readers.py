@@ -1,0 +1,456 @@
+"""Readers for the chat data users bring: SFT conversations, preferences and RL prompts.
+
+Every reader takes one or many sources (files, directories, glob patterns; see `expand_paths`) of
+JSON Lines (``.jsonl``) or JSON array (``.json``) files, one record per line or item:
+
+- SFT conversations (`read_conversations`), in any of three formats, detected per record by its
+  keys unless one is named:
+  - ``messages`` (OpenAI): ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content"}]}``;
+  - ``alpaca``: ``{"instruction", "input" (optional), "output", "system" (optional)}``; the user turn
+    is the instruction, followed by a blank line and the input when the input is not empty;
+  - ``sharegpt``: ``{"conversations": [{"from", "value"}], "system" (optional)}``, ``from`` one of
+    `SHAREGPT_ROLES` (``function_call`` is a tool call, ``observation``/``tool`` a tool result).
+- Preferences (`read_preferences`): ``{"prompt", "chosen", "rejected"}`` or ranked
+  ``{"prompt", "responses": [best, ..., worst]}``.
+- RL prompts (`read_prompts`): ``{"prompt"}`` or ``{"messages"}``; a trailing assistant turn (a
+  reference answer) is set aside.
+
+A ``prompt`` is a string (one user turn) or an OpenAI messages list ending with a user turn. Any
+record may carry a string ``"family"`` (the built-in data labels its task families with it).
+
+A bad record raises DataError whose one line starts with ``file:line:`` (``file: item N:`` in a
+JSON array) and says what is wrong and what was expected. With ``skip_invalid=True`` bad records,
+invalid JSON lines included, are counted and skipped instead; a file that cannot be read at all
+still raises. Sources that yield no valid record at all raise DataError naming them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from chatforge.chat import Conversation, Message, _messages_from_openai
+from chatforge.data.readers import (
+    JSONL_SUFFIXES,
+    PARQUET_SUFFIXES,
+    Sources,
+    _json_type,
+    _starts_with_bracket,
+    describe_paths,
+    expand_paths,
+)
+from chatforge.errors import ConfigError, DataError
+
+FORMATS = ("auto", "messages", "alpaca", "sharegpt")
+FORMAT_ALIASES = {"openai": "messages"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "function_call": "tool_call",
+    "observation": "tool_result",
+    "tool": "tool_result",
+}
+#: How many error messages of skipped records a result keeps, to show the user what went wrong.
+MAX_SKIPPED_EXAMPLES = 5
+
+# The keys that mark each conversation format, in the order auto-detection tries them.
+_FORMAT_KEYS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output")}
+_FORMAT_SHAPES = {
+    "messages": 'an OpenAI record {"messages": [{"role", "content"}, ...]}',
+    "alpaca": 'an Alpaca record {"instruction", "input", "output"}',
+    "sharegpt": 'a ShareGPT record {"conversations": [{"from", "value"}, ...]}',
+}
+CONVERSATION_EXPECTED = (
+    'an OpenAI {"messages": [...]}, Alpaca {"instruction", "input", "output"} '
+    'or ShareGPT {"conversations": [...]} record'
+)
+PREFERENCE_EXPECTED = 'a record {"prompt", "chosen", "rejected"} or {"prompt", "responses": [best, ..., worst]}'
+PROMPT_EXPECTED = 'a record {"prompt": "..."} or {"messages": [{"role", "content"}, ...]} ending with a user turn'
+_PROMPT_TYPE = "a string or a list of {'role', 'content'} messages"
+
+T = TypeVar("T")
+
+
+@dataclass
+class ReadResult:
+    """The conversations read, the family of each (None when the record has none) and what was skipped."""
+
+    conversations: list[Conversation]
+    families: list[str | None]
+    formats: Counter[str] = field(default_factory=Counter)  # records read per format
+    skipped: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Preference:
+    """A prompt and its responses ordered best to worst (at least two, all different)."""
+
+    prompt: list[Message]
+    responses: list[str]
+    family: str | None = None
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """Every (better, worse) pair of responses, as a reward model or DPO trains on them."""
+        r = self.responses
+        return [(r[i], r[j]) for i in range(len(r)) for j in range(i + 1, len(r))]
+
+
+@dataclass
+class PreferenceResult:
+    preferences: list[Preference]
+    skipped: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PromptRecord:
+    """A prompt ending with a user turn; `reference` is the assistant turn that followed it, if any."""
+
+    messages: list[Message]
+    family: str | None = None
+    reference: str | None = None
+
+
+@dataclass
+class PromptResult:
+    prompts: list[PromptRecord]
+    skipped: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+
+    @property
+    def messages(self) -> list[list[Message]]:
+        return [p.messages for p in self.prompts]
+
+
+# ---------------------------------------------------------------------------------------------
+# Public readers
+
+
+def read_conversations(sources: Sources, format: str = "auto", skip_invalid: bool = False) -> ReadResult:
+    """Read SFT conversations; `format` is "auto" (per record), "messages" ("openai"), "alpaca" or "sharegpt"."""
+    fmt = _check_format(format)
+    expected = CONVERSATION_EXPECTED if fmt == "auto" else _FORMAT_SHAPES[fmt]
+    parsed, tally = _read(sources, lambda obj, where: _parse_conversation(obj, where, fmt), expected,
+                          "conversations", skip_invalid)
+    return ReadResult(
+        conversations=[conv for conv, _, _ in parsed],
+        families=[family for _, _, family in parsed],
+        formats=Counter(kind for _, kind, _ in parsed),
+        skipped=tally.skipped,
+        skipped_examples=tally.examples,
+    )
+
+
+def read_preferences(sources: Sources, skip_invalid: bool = False) -> PreferenceResult:
+    """Read preference records: a prompt with chosen/rejected or ranked responses (best first)."""
+    parsed, tally = _read(sources, _parse_preference, PREFERENCE_EXPECTED, "preference records", skip_invalid)
+    return PreferenceResult(parsed, tally.skipped, tally.examples)
+
+
+def read_prompts(sources: Sources, skip_invalid: bool = False) -> PromptResult:
+    """Read RL prompts, each ending with a user turn (a trailing assistant turn becomes `reference`)."""
+    parsed, tally = _read(sources, _parse_prompt_record, PROMPT_EXPECTED, "prompts", skip_invalid)
+    return PromptResult(parsed, tally.skipped, tally.examples)
+
+
+def detect_format(record: dict[str, Any]) -> str | None:
+    """The conversation format a record's keys say it is in, or None when they match none."""
+    for fmt, keys in _FORMAT_KEYS.items():
+        if any(k in record for k in keys):
+            return fmt
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and records
+
+
+@dataclass
+class _Tally:
+    skip_invalid: bool
+    skipped: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def reject(self, error: DataError) -> None:
+        if not self.skip_invalid:
+            raise error
+        self.skipped += 1
+        if len(self.examples) < MAX_SKIPPED_EXAMPLES:
+            self.examples.append(str(error))
+
+
+def _read(
+    sources: Sources, parse: Callable[[dict[str, Any], str], T], expected: str, what: str, skip_invalid: bool
+) -> tuple[list[T], _Tally]:
+    """Parse every record of `sources`; bad ones raise or are tallied; nothing valid at all raises."""
+    paths = chat_paths(sources)
+    tally = _Tally(skip_invalid)
+    out: list[T] = []
+    for path in paths:
+        for where, value in _iter_values(path, expected):
+            try:
+                if isinstance(value, DataError):
+                    raise value
+                out.append(parse(_require_object(value, where, expected), where))
+            except DataError as e:
+                tally.reject(e)
+    if not out:
+        skipped = f" ({tally.skipped} invalid skipped; first: {tally.examples[0]})" if tally.skipped else ""
+        raise DataError(f"{describe_paths(paths)}: no valid {what} found{skipped}; expected {expected}")
+    return out, tally
+
+
+def chat_paths(sources: Sources) -> list[Path]:
+    """`expand_paths`, keeping only ``.jsonl``/``.json`` files from directories and globs.
+
+    A directory of chat data often holds a README or a Parquet copy too, which are not records;
+    a file named explicitly is read as JSON Lines whatever its extension, except Parquet.
+    """
+    items = [sources] if isinstance(sources, str | Path) else list(sources)
+    found: dict[Path, None] = {}  # an ordered set
+    if not items:
+        raise DataError("no data sources given; expected files, directories or glob patterns")
+    for item in items:
+        paths = expand_paths(item)
+        if not Path(item).expanduser().is_file():
+            paths = [p for p in paths if p.suffix.lower() in JSONL_SUFFIXES]
+            if not paths:
+                raise DataError(f"{item}: no .jsonl or .json files found; expected JSON Lines or JSON array files")
+        for path in paths:
+            if path.suffix.lower() in PARQUET_SUFFIXES:
+                raise DataError(f"{path}: Parquet is not supported for chat data; expected .jsonl or .json files")
+            found.setdefault(path, None)
+    return list(found)
+
+
+def _iter_values(path: Path, expected: str) -> Iterator[tuple[str, Any]]:
+    """Yield ``(where, value)`` per record; an unparsable line yields its DataError as the value.
+
+    Unlike `iter_jsonl`, a bad line does not end the file, so that `skip_invalid` can go past it.
+    """
+    try:
+        if path.suffix.lower() == ".json" and _starts_with_bracket(path):
+            yield from _iter_array_items(path, expected)
+        else:
+            yield from _iter_lines(path, expected)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read file ({e.strerror or e})") from e
+
+
+def _iter_lines(path: Path, expected: str) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                where = f"{path}:{number}"
+                yield where, _parse_line(line, where, expected)
+
+
+def _parse_line(line: bytes, where: str, expected: str) -> Any:
+    try:
+        return json.loads(line)  # bytes: json detects UTF-8 and skips a byte-order mark
+    except json.JSONDecodeError as e:
+        return DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); expected {expected}")
+    except UnicodeDecodeError:
+        return DataError(f"{where}: invalid UTF-8 byte; expected {expected}")
+
+
+def _iter_array_items(path: Path, expected: str) -> Iterator[tuple[str, Any]]:
+    try:
+        items = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        # The whole file is unreadable, not one record: never skipped.
+        at = f"line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "invalid UTF-8"
+        raise DataError(f"{path}: invalid JSON ({at}); expected a JSON array of {expected}") from e
+    for number, item in enumerate(items, start=1):
+        yield f"{path}: item {number}", item
+
+
+def _require_object(value: Any, where: str, expected: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: got a JSON {_json_type(value)}; expected {expected}")
+    return value
+
+
+def _keys(obj: dict[str, Any]) -> str:
+    keys = list(obj)
+    return f"keys: {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''}" if keys else "no keys"
+
+
+def _optional_str(obj: dict[str, Any], key: str, where: str) -> str | None:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, str):
+        raise DataError(f"{where}: {key!r} must be a string, got a JSON {_json_type(value)}")
+    return value
+
+
+def _required_text(obj: dict[str, Any], key: str, where: str) -> str:
+    value = _optional_str(obj, key, where)
+    if value is None:
+        raise DataError(f"{where}: missing {key!r} ({_keys(obj)})")
+    if not value.strip():
+        raise DataError(f"{where}: {key!r} is empty; expected non-empty text")
+    return value
+
+
+def _system_turn(obj: dict[str, Any], where: str) -> list[Message]:
+    system = _optional_str(obj, "system", where)
+    return [Message("system", system)] if system and system.strip() else []
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversations
+
+
+def _check_format(format: str) -> str:
+    fmt = FORMAT_ALIASES.get(format, format)
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown conversation format {format!r}; expected one of {list(FORMATS)} (or 'openai')")
+    return fmt
+
+
+def _parse_conversation(obj: dict[str, Any], where: str, fmt: str) -> tuple[Conversation, str, str | None]:
+    kind = detect_format(obj) if fmt == "auto" else fmt
+    if kind is None:
+        raise DataError(f"{where}: unrecognised record ({_keys(obj)}); expected {CONVERSATION_EXPECTED}")
+    if not any(k in obj for k in _FORMAT_KEYS[kind]):
+        raise DataError(f"{where}: not {kind} data ({_keys(obj)}); expected {_FORMAT_SHAPES[kind]} (format={fmt!r})")
+    family = _optional_str(obj, "family", where)
+    return _CONVERTERS[kind](obj, where), kind, family
+
+
+def _from_messages(obj: dict[str, Any], where: str) -> Conversation:
+    return Conversation.from_openai(obj["messages"], where)
+
+
+def _from_alpaca(obj: dict[str, Any], where: str) -> Conversation:
+    instruction = _optional_str(obj, "instruction", where)
+    extra = _optional_str(obj, "input", where)
+    output = _required_text(obj, "output", where)
+    # An empty "input" is the common case in Alpaca data: the instruction alone is the user turn.
+    user = "\n\n".join(part for part in (instruction, extra) if part and part.strip())
+    if not user:
+        raise DataError(f"{where}: 'instruction' is missing or empty; expected {_FORMAT_SHAPES['alpaca']}")
+    conv = Conversation([*_system_turn(obj, where), Message("user", user), Message("assistant", output)])
+    conv.check(where)
+    return conv
+
+
+def _from_sharegpt(obj: dict[str, Any], where: str) -> Conversation:
+    turns = obj["conversations"]
+    if not isinstance(turns, list) or not turns:
+        got = "an empty list" if isinstance(turns, list) else f"a JSON {_json_type(turns)}"
+        raise DataError(f"{where}: 'conversations' is {got}; expected a non-empty list of {{'from', 'value'}} objects")
+    messages = [_sharegpt_turn(t, f"{where}: conversations[{i}]") for i, t in enumerate(turns)]
+    conv = Conversation(_system_turn(obj, where) + messages)
+    conv.check(where)
+    return conv
+
+
+def _sharegpt_turn(turn: Any, where: str) -> Message:
+    if not isinstance(turn, dict):
+        raise DataError(f"{where}: got a JSON {_json_type(turn)}; expected an object with 'from' and 'value'")
+    speaker = turn.get("from")
+    if speaker is None:
+        raise DataError(f"{where}: missing 'from'; expected one of {list(SHAREGPT_ROLES)}")
+    role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
+    if role is None:
+        raise DataError(f"{where}: unknown 'from' {speaker!r}; expected one of {list(SHAREGPT_ROLES)}")
+    value = turn.get("value")
+    if not isinstance(value, str):
+        got = "missing" if value is None else f"a JSON {_json_type(value)}"
+        raise DataError(f"{where}: 'value' is {got}; expected a string")
+    if not value.strip():
+        raise DataError(f"{where}: empty 'value' in a {speaker!r} turn")
+    return Message(role, value)
+
+
+_CONVERTERS: dict[str, Callable[[dict[str, Any], str], Conversation]] = {
+    "messages": _from_messages,
+    "alpaca": _from_alpaca,
+    "sharegpt": _from_sharegpt,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and preferences
+
+
+def prompt_messages(value: Any, where: str, key: str = "prompt") -> list[Message]:
+    """A prompt given as a string (one user turn) or an OpenAI messages list, validated, unchecked ending."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: {key!r} is empty; expected non-empty text")
+        return [Message("user", value)]
+    if not isinstance(value, list) or not value:
+        got = "an empty list" if isinstance(value, list) else f"a JSON {_json_type(value)}"
+        raise DataError(f"{where}: {key!r} is {got}; expected {_PROMPT_TYPE}")
+    # Conversation.from_openai insists on an assistant turn, which a prompt lacks, so the
+    # per-message conversion is used directly and the rest checked without that requirement.
+    messages = [m for i, item in enumerate(value) for m in _messages_from_openai(item, f"{where}: {key}[{i}]")]
+    Conversation(messages).check(where, need_assistant=False)
+    return messages
+
+
+def _require_user_last(messages: list[Message], where: str, key: str) -> None:
+    if messages[-1].role != "user":
+        last = messages[-1].role
+        raise DataError(f"{where}: {key!r} ends with a turn of role {last!r}; expected it to end with a user turn")
+
+
+def _parse_prompt_record(obj: dict[str, Any], where: str) -> PromptRecord:
+    key = "prompt" if "prompt" in obj else "messages" if "messages" in obj else None
+    if key is None:
+        raise DataError(f"{where}: no 'prompt' or 'messages' ({_keys(obj)}); expected {PROMPT_EXPECTED}")
+    family = _optional_str(obj, "family", where)
+    messages = prompt_messages(obj[key], where, key)
+    reference = None
+    if len(messages) > 1 and messages[-1].role == "assistant":
+        # Chat data reused as prompts: the answer that followed is kept aside, not shown to the policy.
+        reference = messages.pop().content
+    _require_user_last(messages, where, key)
+    return PromptRecord(messages, family, reference)
+
+
+def _parse_preference(obj: dict[str, Any], where: str) -> Preference:
+    if "prompt" not in obj:
+        raise DataError(f"{where}: missing 'prompt' ({_keys(obj)}); expected {PREFERENCE_EXPECTED}")
+    responses = _responses(obj, where)
+    prompt = prompt_messages(obj["prompt"], where)
+    _require_user_last(prompt, where, "prompt")
+    return Preference(prompt, responses, _optional_str(obj, "family", where))
+
+
+def _responses(obj: dict[str, Any], where: str) -> list[str]:
+    if "responses" in obj:
+        return _ranked_responses(obj["responses"], where)
+    if "chosen" not in obj and "rejected" not in obj:
+        missing = f"no 'chosen'/'rejected' or 'responses' ({_keys(obj)})"
+        raise DataError(f"{where}: {missing}; expected {PREFERENCE_EXPECTED}")
+    chosen, rejected = _required_text(obj, "chosen", where), _required_text(obj, "rejected", where)
+    if chosen == rejected:
+        raise DataError(f"{where}: 'chosen' and 'rejected' are the same text; expected two different responses")
+    return [chosen, rejected]
+
+
+def _ranked_responses(value: Any, where: str) -> list[str]:
+    expected = "a list of at least 2 different non-empty strings, best first"
+    if not isinstance(value, list) or len(value) < 2:
+        got = f"a list of {len(value)}" if isinstance(value, list) else f"a JSON {_json_type(value)}"
+        raise DataError(f"{where}: 'responses' is {got}; expected {expected}")
+    for i, r in enumerate(value):
+        if not isinstance(r, str) or not r.strip():
+            got = "empty" if isinstance(r, str) else f"a JSON {_json_type(r)}"
+            raise DataError(f"{where}: responses[{i}] is {got}; expected {expected}")
+    first = {r: i for i, r in reversed(list(enumerate(value)))}
+    for i, r in enumerate(value):
+        if first[r] != i:
+            raise DataError(f"{where}: responses[{i}] repeats responses[{first[r]}]; expected {expected}")
+    return list(value)
