@@ -17,8 +17,10 @@ import click
 
 from chatforge import config as configlib
 from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.evaluate import EvalConfig
 from chatforge.generate.params import SamplingParams
 from chatforge.train.pretrain import PretrainConfig
+from chatforge.train.sft import SFTConfig
 
 BUILTIN = "built-in corpus"
 
@@ -155,6 +157,22 @@ def data_world(out: str, size_mb: float, world_seed: int, seed: int) -> None:
     click.echo(f"corpus: {path.stat().st_size / 1e6:.2f} MB -> {path}")
 
 
+@data.command("tasks")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the JSONL files.")
+@click.option("--world", "world_file", default="", help="world.json to build on (default: the built-in world).")
+@click.option("--world-seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def data_tasks(out: str, world_file: str, world_seed: int, seed: int) -> None:
+    """Write the built-in task data: SFT conversations, ranked preferences, RL prompts, held-out eval."""
+    from chatforge.data.tasks import write_tasks
+    from chatforge.data.world import World
+
+    world = World.load(world_file) if world_file else World.build(seed=world_seed)
+    paths = write_tasks(out, world, seed=seed)
+    for name, path in paths.items():
+        click.echo(f"{name}: {path}")
+
+
 def builtin_corpus(directory: Path, size_mb: float = 2.0) -> Path:
     """The default data when none is given: the built-in world's corpus, written once."""
     from chatforge.data.world import write_corpus
@@ -194,10 +212,71 @@ def pretrain(cfg, resume: bool, overwrite: bool) -> None:
     finally:
         shutdown()
     if dist.is_main:
-        last = result.metrics[-1] if result.metrics else {}
-        state = "interrupted at" if result.interrupted else "finished at"
-        losses = "; ".join(f"{k} {last[k]:.4f}" for k in ("train/loss", "val/loss") if k in last)
-        click.echo(f"pretrain: {state} step {result.step}; {losses} -> {cfg.out}/checkpoint")
+        click.echo(finish_message("pretrain", result, cfg.out))
+
+
+def finish_message(stage: str, result, out: str) -> str:
+    last = result.metrics[-1] if result.metrics else {}
+    state = "interrupted at" if result.interrupted else "finished at"
+    losses = "; ".join(f"{k} {last[k]:.4f}" for k in ("train/loss", "val/loss") if k in last)
+    return f"{stage}: {state} step {result.step}; {losses} -> {out}/checkpoint"
+
+
+@cli.command()
+@config_options(SFTConfig)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint exactly where it stopped.")
+@click.option("--overwrite", is_flag=True, help="Start over even if OUT already holds a checkpoint.")
+def sft(cfg, resume: bool, overwrite: bool) -> None:
+    """Supervised fine-tuning on conversations (loss on assistant tokens only)."""
+    from chatforge.train.distributed import init_distributed, shutdown
+    from chatforge.train.sft import run_sft
+
+    dist = init_distributed(cfg.train.device)
+    try:
+        result = run_sft(cfg, dist, resume=resume, overwrite=overwrite)
+    finally:
+        shutdown()
+    if dist.is_main:
+        click.echo(finish_message("sft", result, cfg.out))
+
+
+@cli.command("eval")
+@config_options(EvalConfig)
+def eval_command(cfg) -> None:
+    """Score a chat model on held-out prompts (accuracy per family, refusals, length) and held-out loss."""
+    from chatforge.checkpoint import resolve_checkpoint_dir
+    from chatforge.evaluate import evaluate, format_table, write_result
+
+    if not cfg.checkpoint:
+        raise ConfigError("eval: --checkpoint is required")
+    result = evaluate(cfg)
+    click.echo(format_table({cfg.checkpoint: result}))
+    out = cfg.out or resolve_checkpoint_dir(cfg.checkpoint).parent / "eval.json"
+    click.echo(f"eval: -> {write_result(result, out)}")
+
+
+@cli.command()
+@click.option("--checkpoint", required=True, help="A chat model (after `chatforge sft`).")
+@click.option("--system", default="", help="System prompt.")
+@click.option("--temperature", default=0.7, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--max-tokens", default=128, show_default=True)
+@click.option("--seed", default=None, type=int, help="Make sampling reproducible.")
+def chat(checkpoint: str, system: str, temperature: float, top_p: float, max_tokens: int, seed: int | None) -> None:
+    """Chat in the terminal (streamed; /help lists the commands: /clear, /temperature, /top_p, /max_tokens ...)."""
+    from chatforge.checkpoint import load_checkpoint
+    from chatforge.terminal import ChatSession, run_chat
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    session = ChatSession(load_checkpoint(checkpoint), system=system, params=params)
+    session.check(params)
+
+    def write(text: str) -> None:
+        click.echo(text, nl=False)
+        sys.stdout.flush()
+
+    run_chat(session, read=lambda prompt: click.prompt(prompt, prompt_suffix="", default="", show_default=False),
+             write=write)
 
 
 # ---- inference and export ----------------------------------------------------------------------

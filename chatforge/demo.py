@@ -8,6 +8,9 @@ complete is skipped, so an interrupted demo continues where it stopped.
     data/       token shards
     pretrain/   the GPT: checkpoint/ and metrics.jsonl
     then probes (validation loss, fact completion) and samples
+    tasks/      the world's chat data: SFT conversations, preferences, RL prompts, held-out eval prompts
+    sft/        the chat model fine-tuned on the SFT conversations
+    eval.json   base and SFT models on the held-out prompts, judged by the world's scorer
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from pathlib import Path
 import click
 import torch
 
-from chatforge.checkpoint import TRAINER_FILE, load_checkpoint, read_json
+from chatforge.checkpoint import TRAINER_FILE, load_checkpoint, read_json, write_json
 from chatforge.data.readers import iter_documents
 from chatforge.data.shards import prepare_shards, read_meta
+from chatforge.data.tasks import TaskConfig, write_tasks
 from chatforge.data.world import ATTRIBUTES, World, write_corpus
+from chatforge.evaluate import EvalConfig, EvalResult, evaluate, format_table
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
 from chatforge.model import GPT
@@ -31,6 +36,7 @@ from chatforge.tokenizer import Tokenizer
 from chatforge.train.distributed import DistInfo
 from chatforge.train.loop import TrainConfig
 from chatforge.train.pretrain import LanguageModeling, ModelSize, PretrainConfig, run_pretrain
+from chatforge.train.sft import SFTConfig, run_sft
 
 SAMPLE_PROMPTS = ("The capital of", "Seven plus five is", "Once upon a time,")
 
@@ -45,12 +51,18 @@ class Budget:
     lr: float
     eval_every: int
     probe_facts: int  # facts asked in the fact-completion probe
+    sft_steps: int
+    sft_batch_size: int
+    sft_lr: float
+    task_scale: float  # share of the default task-data sizes
 
 
 FULL = Budget(corpus_mb=2.0, vocab_size=2048, model=ModelSize(n_layer=4, n_head=4, n_embd=192, context_length=128),
-              steps=350, batch_size=32, lr=3e-3, eval_every=50, probe_facts=432)
-FAST = Budget(corpus_mb=0.3, vocab_size=512, model=ModelSize(n_layer=2, n_head=2, n_embd=64, context_length=64),
-              steps=60, batch_size=16, lr=3e-3, eval_every=30, probe_facts=60)
+              steps=350, batch_size=32, lr=3e-3, eval_every=50, probe_facts=432,
+              sft_steps=300, sft_batch_size=16, sft_lr=1e-3, task_scale=1.0)
+FAST = Budget(corpus_mb=0.3, vocab_size=512, model=ModelSize(n_layer=2, n_head=2, n_embd=64, context_length=128),
+              steps=60, batch_size=16, lr=3e-3, eval_every=30, probe_facts=60,
+              sft_steps=80, sft_batch_size=8, sft_lr=3e-3, task_scale=0.1)
 
 
 def stage(name: str, timings: dict[str, float]) -> Callable:
@@ -194,6 +206,50 @@ def report(run_dir: Path, budget: Budget, timings: dict[str, float]) -> dict:
             "fact_accuracy": accuracy, "fact_accuracy_untrained": fresh_accuracy, "timings": timings}
 
 
+def make_tasks(run_dir: Path, budget: Budget) -> Path:
+    out = run_dir / "tasks"
+    if (out / "tasks.json").exists():
+        click.echo(f"   reusing {out}")
+        return out
+    world = World.load(run_dir / "corpus" / "world.json")
+    paths = write_tasks(out, world, seed=0, config=TaskConfig().scaled(budget.task_scale))
+    counts = {name: len(path.read_text().splitlines()) for name, path in paths.items() if path.suffix == ".jsonl"}
+    click.echo("   " + ", ".join(f"{name} {n}" for name, n in counts.items()))
+    return out
+
+
+def sft(run_dir: Path, tasks: Path, budget: Budget) -> Path:
+    out = run_dir / "sft"
+    cfg = SFTConfig(
+        data=[str(tasks / "sft_train.jsonl")], val=[str(tasks / "sft_val.jsonl")], init_from=str(run_dir / "pretrain"),
+        out=str(out),
+        train=TrainConfig(max_steps=budget.sft_steps, batch_size=budget.sft_batch_size, lr=budget.sft_lr,
+                          warmup_steps=max(1, budget.sft_steps // 15), weight_decay=0.0,
+                          eval_every=max(10, budget.sft_steps // 3), eval_batches=10,
+                          save_every=budget.sft_steps, log_every=10),
+    )
+    done = out / "checkpoint" / TRAINER_FILE
+    if done.exists() and read_json(done, "trainer state").get("step") == budget.sft_steps:
+        click.echo(f"   reusing {out} (finished)")
+        return out
+    run_sft(cfg, DistInfo(), resume=True)
+    return out
+
+
+def evaluation(run_dir: Path, tasks: Path, stages: list[str]) -> dict[str, EvalResult]:
+    """Every stage's model on the held-out prompts, judged by the scorer; a table and eval.json."""
+    world = World.load(run_dir / "corpus" / "world.json")
+    cfg = EvalConfig(prompts=[str(tasks / "eval.jsonl")], conversations=[str(tasks / "sft_val.jsonl")])
+    names = {"pretrain": "base", "sft": "sft"}
+    results = {names.get(s, s): evaluate(cfg, load_checkpoint(run_dir / s), world) for s in stages}
+    click.echo(format_table(results))
+    write_json(run_dir / "eval.json", {name: r.to_dict() for name, r in results.items()})
+    for fam, samples in results["sft"].samples.items():
+        if samples:
+            click.echo(f"   [{fam}] {samples[0]['prompt']!r} -> {samples[0]['answer']!r}")
+    return results
+
+
 def _json(line: str) -> dict:
     import json
 
@@ -214,9 +270,15 @@ def run_demo(run_dir: Path, fast: bool = False, overwrite: bool = False) -> dict
     data = stage("data", timings)(make_shards, run_dir, corpus, tok)
     stage("pretrain", timings)(pretrain, run_dir, data, budget)
     summary = stage("probe", timings)(report, run_dir, budget, timings)
+    tasks = stage("tasks", timings)(make_tasks, run_dir, budget)
+    stage("sft", timings)(sft, run_dir, tasks, budget)
+    results = stage("eval", timings)(evaluation, run_dir, tasks, ["pretrain", "sft"])
     total = time.perf_counter() - t0
     click.secho(f"\ndemo finished in {total:.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()),
                 bold=True)
-    click.echo(f"sample from it: chatforge sample --checkpoint {run_dir / 'pretrain'} --prompt 'The capital of'")
+    click.echo(f"sample from the base model: chatforge sample --checkpoint {run_dir / 'pretrain'} "
+               f"--prompt 'The capital of'")
+    click.echo(f"chat with the SFT model:   chatforge chat --checkpoint {run_dir / 'sft'}")
+    summary["eval"] = {name: {"families": r.families, "overall": r.overall} for name, r in results.items()}
     summary["total_s"] = total
     return summary

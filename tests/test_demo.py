@@ -1,4 +1,4 @@
-"""`chatforge demo --fast`: the whole pipeline built so far, end to end, on the built-in world."""
+"""`chatforge demo --fast`: the whole pipeline built so far (pretraining, SFT, evaluation) on the built-in world."""
 
 import json
 
@@ -12,14 +12,21 @@ from chatforge.demo import run_demo
 def test_fast_demo_trains_a_model_whose_validation_loss_falls_and_rerun_skips_finished_stages(tmp_path, capsys):
     summary = run_demo(tmp_path / "demo", fast=True)
     out = capsys.readouterr().out
-    for stage in ("corpus", "tokenizer", "data", "pretrain", "probe"):
+    stages = ("corpus", "tokenizer", "data", "pretrain", "probe", "tasks", "sft", "eval")
+    for stage in stages:
         assert f"== {stage}" in out
     assert summary["val_loss_after"] < summary["val_loss_before"] - 1.0
-    assert set(summary["timings"]) == {"corpus", "tokenizer", "data", "pretrain", "probe"}
+    assert set(summary["timings"]) == set(stages)
+    # SFT learned the chat format: its held-out conversation loss is far below the base model's
+    base, sft = summary["eval"]["base"]["overall"], summary["eval"]["sft"]["overall"]
+    assert sft["val_loss"] < base["val_loss"] - 1.0
+    assert set(summary["eval"]["sft"]["families"]) == {"facts", "followup", "arithmetic", "words", "harmful",
+                                                       "harmless"}
+    assert json.loads((tmp_path / "demo" / "eval.json").read_text()).keys() == {"base", "sft"}
     ckpt = load_checkpoint(tmp_path / "demo" / "pretrain")
     assert ckpt.tokenizer.hash == json.loads((tmp_path / "demo" / "data" / "meta.json").read_text())["tokenizer_hash"]
 
     again = run_demo(tmp_path / "demo", fast=True)
     out = capsys.readouterr().out
-    assert out.count("reusing") == 4  # corpus, tokenizer, data, pretrain
+    assert out.count("reusing") == 6  # corpus, tokenizer, data, pretrain, tasks, sft
     assert again["val_loss_after"] == summary["val_loss_after"]

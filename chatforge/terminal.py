@@ -1,0 +1,129 @@
+"""`chatforge chat`: a multi-turn chat in the terminal, streamed token by token.
+
+The session keeps the whole history; when it no longer fits the context (with room for the
+reply), the oldest turns after the system prompt are dropped whole and the user is told.
+Lines starting with "/" are commands (see HELP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from chatforge.chat import ChatTemplate, Message
+from chatforge.checkpoint import Checkpoint
+from chatforge.errors import ChatforgeError, RequestError
+from chatforge.generate.engine import Engine
+from chatforge.generate.params import SamplingParams
+
+HELP = """commands:
+  /clear               forget the conversation (the system prompt stays)
+  /system TEXT         set the system prompt (empty: none) and clear
+  /temperature X       sampling temperature (0: greedy)
+  /top_p X             nucleus sampling mass
+  /max_tokens N        longest reply in tokens
+  /settings            show the current settings
+  /help                this list
+  /quit                leave (Ctrl-D works too)"""
+
+SETTINGS = {"temperature": float, "top_p": float, "max_tokens": int}
+
+
+@dataclass
+class ChatSession:
+    ckpt: Checkpoint
+    system: str = ""
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=128, temperature=0.7))
+    history: list[Message] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.template = ChatTemplate(self.ckpt.tokenizer)
+        self.engine = Engine(self.ckpt.model.eval(), self.ckpt.tokenizer, max_batch_size=1,
+                             stop_token_ids=self.template.stop_ids)
+
+    def check(self, params: SamplingParams) -> None:
+        """Raise RequestError naming the setting the engine cannot honour."""
+        config = self.ckpt.model.config
+        params.validate(config.vocab_size, config.context_length, prompt_len=1)
+
+    def messages(self) -> list[Message]:
+        return ([Message("system", self.system)] if self.system else []) + self.history
+
+    def command(self, line: str) -> tuple[str, bool]:
+        """Run a "/" command: (what to print, whether to quit)."""
+        name, _, arg = line[1:].strip().partition(" ")
+        arg = arg.strip()
+        if name in ("quit", "exit", "q"):
+            return "", True
+        if name == "help":
+            return HELP, False
+        if name == "clear":
+            self.history.clear()
+            return "(conversation cleared)", False
+        if name == "system":
+            self.system = arg
+            self.history.clear()
+            return f"(system prompt {'set' if arg else 'removed'}; conversation cleared)", False
+        if name == "settings":
+            return ", ".join(f"{k} {getattr(self.params, k)}" for k in SETTINGS), False
+        if name in SETTINGS:
+            return self._set(name, arg), False
+        return f"unknown command /{name}; /help lists them", False
+
+    def _set(self, name: str, arg: str) -> str:
+        try:
+            value = SETTINGS[name](arg)
+            params = dataclasses.replace(self.params, **{name: value})
+            self.check(params)
+        except ValueError:
+            return f"/{name} needs a {SETTINGS[name].__name__}, got {arg!r}"
+        except RequestError as e:
+            return f"/{name}: {e}"
+        self.params = params
+        return f"({name} = {value})"
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Stream the assistant's answer to `text`; notices about dropped turns come first, in brackets."""
+        candidate = self.messages() + [Message("user", text)]
+        context = self.ckpt.model.config.context_length
+        reserve = min(self.params.max_tokens, context // 2)
+        ids, dropped = self.template.fit_to_context(candidate, context, reserve=reserve)
+        if dropped:
+            del self.history[:dropped]  # the turns fit_to_context left out: the oldest after the system prompt
+            yield f"[the conversation no longer fits the {context}-token context: the oldest {dropped} turn(s) "
+            yield "were dropped]\n"
+        self.history.append(Message("user", text))
+        params = dataclasses.replace(self.params, max_tokens=min(self.params.max_tokens, context - len(ids)))
+        parts = []
+        for event in self.engine.stream(ids, params):
+            parts.append(event.text)
+            yield event.text
+        self.history.append(Message("assistant", "".join(parts).strip()))
+
+
+def run_chat(session: ChatSession, read: Callable[[str], str], write: Callable[[str], None]) -> None:
+    """The read-reply loop; `read` raises EOFError at end of input."""
+    write(f"chatforge chat with {session.ckpt.path} — /help for commands\n")
+    while True:
+        try:
+            line = read("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            return
+        if not line:
+            continue
+        if line.startswith("/"):
+            out, quit_ = session.command(line)
+            if out:
+                write(out + "\n")
+            if quit_:
+                return
+            continue
+        write("assistant> ")
+        try:
+            for piece in session.reply(line):
+                write(piece)
+        except ChatforgeError as e:
+            write(f"[{e}]")
+        write("\n")

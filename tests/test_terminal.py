@@ -1,0 +1,79 @@
+"""`chatforge chat`: a multi-turn terminal session with commands, streaming and context truncation."""
+
+import pytest
+import torch
+
+from chatforge.chat import Message
+from chatforge.checkpoint import Checkpoint
+from chatforge.generate.params import SamplingParams
+from chatforge.model import GPT, GPTConfig
+from chatforge.terminal import ChatSession, run_chat
+
+
+@pytest.fixture
+def session(small_tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=small_tokenizer.vocab_size, context_length=64, n_layer=1, n_head=2, n_embd=16))
+    ckpt = Checkpoint(path=tmp_path, model=model, tokenizer=small_tokenizer)
+    return ChatSession(ckpt, system="Be brief.", params=SamplingParams(max_tokens=6, temperature=0.0))
+
+
+def drive(session, lines):
+    """Feed lines to the chat loop; return everything it wrote."""
+    feed = iter(lines)
+    written = []
+
+    def read(prompt):
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError from None
+
+    run_chat(session, read, written.append)
+    return "".join(written), written
+
+
+def test_each_turn_streams_a_reply_and_the_history_grows(session):
+    text, pieces = drive(session, ["Hello", "And again"])
+    assert text.count("assistant> ") == 2
+    assert [m.role for m in session.history] == ["user", "assistant", "user", "assistant"]
+    assert session.history[0] == Message("user", "Hello")
+    assert len(pieces) > 6  # streamed piece by piece, not printed at the end
+
+
+def test_the_reply_is_what_the_model_generates_for_the_templated_conversation(session):
+    pieces = list(session.reply("Hello"))
+    prompt = session.template.generation_prompt([Message("system", "Be brief."), Message("user", "Hello")])
+    expected = session.engine.generate([prompt], session.params)[0].outputs[0].text
+    assert "".join(pieces) == expected
+
+
+def test_clear_forgets_the_conversation_but_keeps_the_system_prompt(session):
+    drive(session, ["Hello", "/clear"])
+    assert session.history == [] and session.system == "Be brief."
+    drive(session, ["/system You are a pirate."])
+    assert session.messages() == [Message("system", "You are a pirate.")]
+
+
+def test_commands_change_sampling_settings_and_bad_values_are_explained(session):
+    text, _ = drive(session, ["/temperature 0.3", "/top_p 0.9", "/max_tokens 5", "/settings",
+                              "/temperature hot", "/top_p 2", "/nonsense"])
+    assert (session.params.temperature, session.params.top_p, session.params.max_tokens) == (0.3, 0.9, 5)
+    assert "temperature 0.3, top_p 0.9, max_tokens 5" in text
+    assert "/temperature needs a float, got 'hot'" in text
+    assert "top_p must be in (0, 1]" in text
+    assert "unknown command /nonsense" in text
+
+
+def test_quit_ends_the_session(session):
+    text, _ = drive(session, ["/quit", "never read"])
+    assert "assistant>" not in text
+
+
+def test_a_long_conversation_drops_its_oldest_turns_and_says_so(session):
+    long_question = "Tell me about the capital of Veloria and its river please"
+    text, _ = drive(session, [long_question] * 6)
+    assert "oldest" in text and "dropped" in text
+    total = len(session.template.generation_prompt(session.messages()))
+    assert total <= session.ckpt.model.config.context_length
+    assert session.messages()[0] == Message("system", "Be brief.")
