@@ -45,7 +45,9 @@ class ChatSession:
     def check(self, params: SamplingParams) -> None:
         """Raise RequestError naming the setting the engine cannot honour."""
         config = self.ckpt.model.config
-        params.validate(config.vocab_size, config.context_length, prompt_len=1)
+        # a reply longer than the context is cut to what is left of it at each turn, not refused
+        clamped = dataclasses.replace(params, max_tokens=min(params.max_tokens, config.context_length - 1))
+        clamped.validate(config.vocab_size, config.context_length, prompt_len=1)
 
     def messages(self) -> list[Message]:
         return ([Message("system", self.system)] if self.system else []) + self.history

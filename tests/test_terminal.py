@@ -77,3 +77,18 @@ def test_a_long_conversation_drops_its_oldest_turns_and_says_so(session):
     total = len(session.template.generation_prompt(session.messages()))
     assert total <= session.ckpt.model.config.context_length
     assert session.messages()[0] == Message("system", "Be brief.")
+
+
+def test_chatforge_chat_on_the_command_line(session, tmp_path):
+    from click.testing import CliRunner
+
+    from chatforge.checkpoint import save_checkpoint
+    from chatforge.cli import cli
+
+    save_checkpoint(tmp_path / "chat", session.ckpt.model, tokenizer=session.ckpt.tokenizer)
+    result = CliRunner().invoke(cli, ["chat", "--checkpoint", str(tmp_path / "chat"), "--system", "Be brief.",
+                                      "--temperature", "0", "--max-tokens", "4"], input="Hello\n/clear\n/quit\n")
+    assert result.exit_code == 0, result.output
+    assert "assistant> " in result.output and "(conversation cleared)" in result.output
+    bad = CliRunner().invoke(cli, ["chat", "--checkpoint", str(tmp_path / "chat"), "--top-p", "0"])
+    assert bad.exit_code != 0 and "top_p" in str(bad.exception)
