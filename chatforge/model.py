@@ -309,3 +309,53 @@ def lm_loss(
         ignore_index=IGNORE_INDEX,
         reduction=reduction,
     )
+
+
+class ScalarHeadModel(nn.Module):
+    """A GPT backbone with a scalar head read at each sequence's last real token: a reward or value model.
+
+    `score` gives one number per sequence (the reward model's output), `values` one per position
+    (the PPO value model's). The reward normalization (gain, bias) is part of the model so a saved
+    reward model scores on the scale it was normalized to: score = gain * head(h_last) + bias.
+    """
+
+    def __init__(self, backbone: GPT) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.config = backbone.config
+        self.head = nn.Linear(backbone.config.n_embd, 1)
+        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(backbone.config.n_embd + 1))
+        nn.init.zeros_(self.head.bias)
+        self.register_buffer("gain", torch.ones(()))
+        self.register_buffer("bias", torch.zeros(()))
+
+    def values(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
+        """(B, T) head outputs at every position, normalized; keyword arguments as in GPT.hidden_states."""
+        return self.gain * self.head(self.backbone.hidden_states(idx, **kwargs)).squeeze(-1) + self.bias
+
+    def score(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B,) the value at each row's last real token; rows are right-padded, lengths count real tokens."""
+        per_position = self.values(idx)
+        return per_position.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.score(idx, lengths)
+
+
+def ranking_loss(scores: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
+    """InstructGPT's loss over rankings, summed over groups: each group's mean over its C(K,2) pairs
+    of -log sigmoid(r_better - r_worse).
+
+    `scores` holds each group's responses in rank order (best first), groups one after another.
+    Normalizing by the pair count weighs every prompt equally however many responses it has,
+    and all pairs of one prompt share one forward pass per response (no overfitting from
+    repeating a response across pairs as separate examples).
+    """
+    total = scores.new_zeros(())
+    start = 0
+    for k in group_sizes:
+        r = scores[start : start + k]
+        better, worse = torch.triu_indices(k, k, offset=1, device=scores.device)
+        total = total + (-F.logsigmoid(r[better] - r[worse])).mean()
+        start += k
+    return total
