@@ -2,7 +2,8 @@
 
 A checkpoint is a directory:
 
-    config.json              {"format": "chatforge", "model": GPTConfig fields, ...}
+    config.json              {"format": "chatforge", "model": GPTConfig fields, ...}; "head": "scalar"
+                             marks a reward/value model (a GPT backbone with a scalar head)
     model.safetensors        the weights (tied LM head stored once, as wte.weight)
     tokenizer.json           the tokenizer (when one is given)
     generation_config.json   default decoding settings and stop token ids
@@ -30,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from chatforge.errors import CheckpointError
-from chatforge.model import GPT, GPTConfig
+from chatforge.model import GPT, GPTConfig, ScalarHeadModel
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -45,7 +46,7 @@ TIED_KEYS = ("lm_head.weight",)  # same tensor as wte.weight; stored once
 @dataclass
 class Checkpoint:
     path: Path
-    model: GPT
+    model: GPT | ScalarHeadModel
     tokenizer: Any | None  # chatforge.tokenizer.Tokenizer
     generation_config: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # config.json entries other than the model's
@@ -95,15 +96,16 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def model_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Weights to store: contiguous CPU tensors, tied duplicates dropped."""
+def model_state_dict(model: GPT | ScalarHeadModel) -> dict[str, torch.Tensor]:
+    """Weights to store: contiguous CPU tensors, tied duplicates dropped (also under a backbone prefix)."""
     sd = model.state_dict()
-    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items() if k not in TIED_KEYS}
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()
+            if k.rpartition("backbone.")[2] not in TIED_KEYS}
 
 
 def save_checkpoint(
     path: str | Path,
-    model: GPT,
+    model: GPT | ScalarHeadModel,
     tokenizer: Any | None = None,
     *,
     generation_config: dict | None = None,
@@ -115,6 +117,8 @@ def save_checkpoint(
     path = Path(path)
     with atomic_directory(path) as tmp:
         config = {"format": "chatforge", "architecture": "gpt2", "model": model.config.to_dict()}
+        if isinstance(model, ScalarHeadModel):
+            config["head"] = "scalar"
         config.update(extra_config or {})
         write_json(tmp / CONFIG_FILE, config)
         save_file(model_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -161,7 +165,7 @@ def load_model_config(path: Path) -> tuple[GPTConfig, dict]:
     return GPTConfig.from_dict(config["model"]), extra
 
 
-def load_state_into(model: GPT, weights_file: Path) -> None:
+def load_state_into(model: GPT | ScalarHeadModel, weights_file: Path) -> None:
     if not weights_file.exists():
         raise CheckpointError(f"{weights_file}: missing; expected the model weights (safetensors)")
     state = load_file(str(weights_file))
@@ -187,7 +191,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", tokeni
     if hf.is_hf_gpt2_dir(path):
         return hf.load_hf_gpt2(path, device=device, tokenizer=tokenizer)
     config, extra = load_model_config(path)
-    model = GPT(config)
+    model = ScalarHeadModel(GPT(config)) if extra.get("head") == "scalar" else GPT(config)
     load_state_into(model, path / WEIGHTS_FILE)
     model.to(device)
     tok = load_tokenizer(path) if tokenizer else None

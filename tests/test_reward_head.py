@@ -49,3 +49,20 @@ def test_the_ranking_loss_trains_the_head_and_the_backbone(tiny_model):
     frozen = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert frozen == []
     assert model.backbone is tiny_model and isinstance(model.backbone, GPT)
+
+
+def test_a_scalar_head_model_saves_and_loads_with_its_normalization(tiny_model, tmp_path, small_tokenizer):
+    from chatforge.checkpoint import load_checkpoint, read_json, save_checkpoint
+
+    model = ScalarHeadModel(tiny_model).eval()
+    model.gain.fill_(0.5)
+    model.bias.fill_(0.25)
+    save_checkpoint(tmp_path / "rm", model, tokenizer=small_tokenizer)
+    assert read_json(tmp_path / "rm" / "config.json", "config")["head"] == "scalar"
+    loaded = load_checkpoint(tmp_path / "rm").model.eval()
+    assert isinstance(loaded, ScalarHeadModel)
+    x, n = torch.tensor([[1, 2, 3, 4]]), torch.tensor([4])
+    assert torch.equal(loaded.score(x, n), model.score(x, n))
+    assert loaded.backbone.lm_head.weight is loaded.backbone.wte.weight
+    save_checkpoint(tmp_path / "lm", tiny_model)
+    assert type(load_checkpoint(tmp_path / "lm", tokenizer=False).model) is GPT
