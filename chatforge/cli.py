@@ -20,6 +20,7 @@ from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.evaluate import EvalConfig
 from chatforge.generate.params import SamplingParams
 from chatforge.train.pretrain import PretrainConfig
+from chatforge.train.reward import RewardConfig
 from chatforge.train.sft import SFTConfig
 
 BUILTIN = "built-in corpus"
@@ -238,6 +239,58 @@ def sft(cfg, resume: bool, overwrite: bool) -> None:
         shutdown()
     if dist.is_main:
         click.echo(finish_message("sft", result, cfg.out))
+
+
+@cli.command()
+@config_options(RewardConfig)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint exactly where it stopped.")
+@click.option("--overwrite", is_flag=True, help="Start over even if OUT already holds a checkpoint.")
+def reward(cfg, resume: bool, overwrite: bool) -> None:
+    """Train a reward model on ranked responses (all pairs of a prompt's ranking, InstructGPT's loss)."""
+    from chatforge.train.distributed import init_distributed, shutdown
+    from chatforge.train.reward import run_reward
+
+    dist = init_distributed(cfg.train.device)
+    try:
+        result = run_reward(cfg, dist, resume=resume, overwrite=overwrite)
+    finally:
+        shutdown()
+    if dist.is_main:
+        last = [m for m in result.metrics if "val/accuracy" in m]
+        held_out = f"; held-out pairwise accuracy {last[-1]['val/accuracy']:.1%}" if last else ""
+        click.echo(finish_message("reward", result, cfg.out) + held_out)
+
+
+@cli.command()
+@click.option("--checkpoint", required=True, help="A reward model (after `chatforge reward`).")
+@click.option("--prompt", "prompts", multiple=True, help="A user message (repeatable, paired with --response).")
+@click.option("--response", "responses", multiple=True, help="The answer to score (repeatable).")
+@click.option("--data", "data_file", default=None, help='JSONL of {"prompt": text or messages, "response": text}.')
+def score(checkpoint: str, prompts: tuple[str, ...], responses: tuple[str, ...], data_file: str | None) -> None:
+    """Print the reward of (prompt, response) pairs."""
+    from chatforge.chat import ChatTemplate, Message
+    from chatforge.checkpoint import load_checkpoint
+    from chatforge.data.chat_readers import prompt_messages
+    from chatforge.data.readers import iter_jsonl
+    from chatforge.model import ScalarHeadModel
+    from chatforge.train.reward import score_texts
+
+    ckpt = load_checkpoint(checkpoint)
+    if not isinstance(ckpt.model, ScalarHeadModel):
+        raise ConfigError(f"score: {checkpoint} is a language model; expected a reward model (`chatforge reward`)")
+    if len(prompts) != len(responses):
+        raise ConfigError(f"score: {len(prompts)} --prompt but {len(responses)} --response; give them in pairs")
+    pairs = [([Message("user", p)], r) for p, r in zip(prompts, responses)]
+    if data_file:
+        for line, obj in iter_jsonl(data_file, 'a {"prompt", "response"} object'):
+            if not isinstance(obj.get("response"), str):
+                raise ConfigError(f"{data_file}:{line}: 'response' must be a string")
+            pairs.append((prompt_messages(obj.get("prompt"), f"{data_file}:{line}"), obj["response"]))
+    if not pairs:
+        raise ConfigError("score: nothing to score; give --prompt/--response pairs or --data")
+    rewards = score_texts(ckpt.model.eval(), ChatTemplate(ckpt.tokenizer), [p for p, _ in pairs], [r for _, r in pairs])
+    for (prompt, response), value in zip(pairs, rewards):
+        click.echo(f"{value:+.4f}\t{prompt[-1].content!r} -> {response!r}")
 
 
 @cli.command("eval")

@@ -1,0 +1,136 @@
+"""The reward-model stage: rankings in one batch row per prompt, training, metrics, normalization."""
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from chatforge.chat import ChatTemplate, Message
+from chatforge.checkpoint import load_checkpoint, read_json, save_checkpoint
+from chatforge.errors import ConfigError
+from chatforge.model import GPT, GPTConfig, ScalarHeadModel, ranking_loss
+from chatforge.train.distributed import DistInfo
+from chatforge.train.loop import TrainConfig
+from chatforge.train.reward import (
+    RankingObjective,
+    RewardConfig,
+    collate_groups,
+    pair_metrics,
+    run_reward,
+    score_texts,
+    set_normalization,
+)
+
+QUESTIONS = ["What is the capital of Veloria?", "Where does Mira live?", "What is 3 plus 4?", "Is it sunny?",
+             "Who has a dog?", "What does Kesh sell?"]
+
+
+@pytest.fixture
+def sft_checkpoint(tmp_path, small_tokenizer):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=small_tokenizer.vocab_size, context_length=64, n_layer=1, n_head=2, n_embd=32))
+    save_checkpoint(tmp_path / "sft", model, tokenizer=small_tokenizer)
+    return tmp_path / "sft"
+
+
+def write_prefs(path, questions):
+    records = []
+    for i, q in enumerate(questions):
+        if i % 2:  # ranked, 3 responses
+            records.append({"prompt": q, "responses": ["Kesh.", "Maybe Kesh.", "I do not know, sorry."]})
+        else:  # pairwise, chat-format prompt
+            records.append({"prompt": [{"role": "user", "content": q}], "chosen": "Kesh.",
+                            "rejected": "I do not know, sorry."})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_a_batch_row_holds_all_of_a_prompts_responses_and_every_prompt_weighs_the_same():
+    groups = [[[1, 2, 3], [1, 2]], [[4, 5], [4], [4, 5, 6, 7]]]
+    batch = collate_groups(groups, pad_id=0)
+    assert batch["input_ids"].shape == (2, 3, 4)
+    assert batch["lengths"].tolist() == [[3, 2, 0], [2, 1, 4]]
+    objective = RankingObjective(groups, groups, batch_size=2, pad_id=0, seed=0)
+    assert objective.weight(batch) == 2
+
+
+def test_the_objective_loss_is_the_ranking_loss_of_each_group_scored_one_response_at_a_time(tiny_model):
+    model = ScalarHeadModel(tiny_model).eval()
+    groups = [[[1, 2, 3], [1, 2]], [[4, 5], [4], [4, 5, 6, 7]]]
+    alone = [torch.cat([model(torch.tensor([r]), torch.tensor([len(r)])) for r in g]) for g in groups]
+    expected = ranking_loss(alone[0], [2]) + ranking_loss(alone[1], [3])
+    loss, metrics = RankingObjective(groups, groups, 2, 0, 0).loss(model, collate_groups(groups, pad_id=0))
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert set(metrics) == {"accuracy", "margin"}
+
+
+def test_pair_metrics_by_hand():
+    scores = torch.tensor([3.0, 1.0, 2.0, 0.0, 1.0])  # group 1: [3, 1, 2]; group 2: [0, 1] (wrong order)
+    m = pair_metrics(scores, [3, 2])
+    # group 1 pairs: (3,1) ok, (3,2) ok, (1,2) wrong -> 2/3; margins 2, 1, -1 -> 2/3. group 2: 0/1, margin -1
+    assert m["accuracy"].item() == pytest.approx(2 / 3 + 0)
+    assert m["margin"].item() == pytest.approx(2 / 3 - 1)
+
+
+def test_normalization_makes_the_given_answers_score_mean_0_std_1(tiny_model, small_tokenizer):
+    model = ScalarHeadModel(GPT(GPTConfig(vocab_size=small_tokenizer.vocab_size, context_length=64, n_layer=1,
+                                          n_head=2, n_embd=16)))
+    template = ChatTemplate(small_tokenizer)
+    prompts = [[Message("user", q)] for q in QUESTIONS]
+    answers = ["Kesh.", "Mira lives in Kesh.", "Seven.", "Yes.", "Mira.", "Bread and cheese."]
+    stats = set_normalization(model, template, prompts, answers)
+    scores = score_texts(model, template, prompts, answers)
+    assert statistics.fmean(scores) == pytest.approx(0.0, abs=1e-5)
+    assert statistics.pstdev(scores) == pytest.approx(1.0, abs=1e-4)
+    assert stats["samples"] == 6
+
+
+def reward_config(tmp_path, init_from, **train):
+    settings = dict(max_steps=30, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=30, save_every=30, log_every=5,
+                    progress=False)
+    settings.update(train)
+    return RewardConfig(data=[write_prefs(tmp_path / "prefs.jsonl", QUESTIONS * 3)],
+                        val=[write_prefs(tmp_path / "val.jsonl", QUESTIONS[:4])], init_from=str(init_from),
+                        out=str(tmp_path / "rm"), normalize_samples=8, train=TrainConfig(**settings))
+
+
+def test_reward_training_learns_the_rankings_changes_every_weight_and_saves_a_normalized_model(tmp_path,
+                                                                                           sft_checkpoint):
+    before = load_checkpoint(sft_checkpoint).model.state_dict()
+    result = run_reward(reward_config(tmp_path, sft_checkpoint), DistInfo())
+    final = [m for m in result.metrics if "val/accuracy" in m][-1]
+    assert final["val/accuracy"] == 1.0 and final["val/margin"] > 0.5
+    ckpt = load_checkpoint(tmp_path / "rm")
+    assert isinstance(ckpt.model, ScalarHeadModel)
+    after = ckpt.model.backbone.state_dict()
+    assert [k for k in before if torch.equal(before[k], after[k])] == []
+    config = read_json(ckpt.path / "config.json", "config")
+    assert config["stage"] == "reward" and config["normalization"]["samples"] == 8
+    assert ckpt.model.gain.item() != 1.0 or ckpt.model.bias.item() != 0.0
+
+
+def test_reward_needs_a_starting_checkpoint_and_data():
+    with pytest.raises(ConfigError, match="--init-from"):
+        run_reward(RewardConfig(data=["x.jsonl"]), DistInfo())
+    with pytest.raises(ConfigError, match="--data"):
+        run_reward(RewardConfig(init_from="somewhere"), DistInfo())
+
+
+def test_reward_and_score_on_the_command_line(tmp_path, sft_checkpoint, capsys):
+    from test_cli import run_cli
+
+    cfg = reward_config(tmp_path, sft_checkpoint)
+    status = run_cli("reward", "--init-from", sft_checkpoint, "--data", cfg.data[0], "--val", cfg.val[0],
+                     "--out", tmp_path / "rm", "--max-steps", "30", "--batch-size", "4", "--lr", "3e-3",
+                     "--normalize-samples", "4", "--no-progress")
+    assert status == 0
+    assert "held-out pairwise accuracy" in capsys.readouterr().out
+    status = run_cli("score", "--checkpoint", tmp_path / "rm", "--prompt", QUESTIONS[0], "--response", "Kesh.",
+                     "--prompt", QUESTIONS[0], "--response", "I do not know, sorry.")
+    assert status == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    good, bad = (float(line.split("\t")[0]) for line in lines)
+    assert good > bad
+    assert run_cli("score", "--checkpoint", sft_checkpoint, "--prompt", "q", "--response", "a") == 2
+    assert "expected a reward model" in capsys.readouterr().err
