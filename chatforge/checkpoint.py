@@ -112,8 +112,12 @@ def save_checkpoint(
     training_state: dict | None = None,
     trainer_state: dict | None = None,
     extra_config: dict | None = None,
+    extra_weights: dict[str, torch.nn.Module] | None = None,
 ) -> Path:
-    """Write a complete checkpoint directory atomically; returns its path."""
+    """Write a complete checkpoint directory atomically; returns its path.
+
+    extra_weights: more models saved beside the main one, as NAME.safetensors (PPO's value model).
+    """
     path = Path(path)
     with atomic_directory(path) as tmp:
         config = {"format": "chatforge", "architecture": "gpt2", "model": model.config.to_dict()}
@@ -122,6 +126,8 @@ def save_checkpoint(
         config.update(extra_config or {})
         write_json(tmp / CONFIG_FILE, config)
         save_file(model_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        for name, module in (extra_weights or {}).items():
+            save_file(model_state_dict(module), str(tmp / f"{name}.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER_FILE)
         write_json(tmp / GENERATION_FILE, generation_config or default_generation_config(tokenizer))

@@ -19,6 +19,7 @@ from chatforge import config as configlib
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.evaluate import EvalConfig
 from chatforge.generate.params import SamplingParams
+from chatforge.train.ppo import PPOConfig
 from chatforge.train.pretrain import PretrainConfig
 from chatforge.train.reward import RewardConfig
 from chatforge.train.sft import SFTConfig
@@ -259,6 +260,28 @@ def reward(cfg, resume: bool, overwrite: bool) -> None:
         last = [m for m in result.metrics if "val/accuracy" in m]
         held_out = f"; held-out pairwise accuracy {last[-1]['val/accuracy']:.1%}" if last else ""
         click.echo(finish_message("reward", result, cfg.out) + held_out)
+
+
+@cli.command()
+@config_options(PPOConfig)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint exactly where it stopped.")
+@click.option("--overwrite", is_flag=True, help="Start over even if OUT already holds a checkpoint.")
+def ppo(cfg, resume: bool, overwrite: bool) -> None:
+    """RLHF: PPO on the SFT policy against a reward model, with a KL penalty to the SFT model."""
+    from chatforge.train.distributed import init_distributed, shutdown
+    from chatforge.train.ppo import run_ppo
+
+    dist = init_distributed(cfg.train.device)
+    try:
+        result = run_ppo(cfg, dist, resume=resume, overwrite=overwrite)
+    finally:
+        shutdown()
+    if dist.is_main:
+        last = result.metrics[-1] if result.metrics else {}
+        figures = ", ".join(f"{k.split('/')[-1]} {last[k]:.3f}" for k in ("train/score", "train/kl", "train/beta")
+                            if k in last)
+        state = "interrupted at" if result.interrupted else "finished at"
+        click.echo(f"ppo: {state} step {result.step}; {figures} -> {cfg.out}/checkpoint")
 
 
 @cli.command()

@@ -12,6 +12,8 @@ inference engine can prefill a prompt once and then decode one token at a time.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -107,12 +109,26 @@ class KVCache:
 # token, runs that much faster. Used only where nothing needs gradients.
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 _ONEDNN_MAX_ROWS = 64  # past this it is no faster than F.linear (prefill, training)
+_ONEDNN_ENABLED = True  # see plain_linear
+
+
+@contextmanager
+def plain_linear() -> Iterator[None]:
+    """Inside, `linear` always calls `layer(x)`: no-grad log-probs then equal those a training step
+    computes bit for bit (oneDNN's product differs from F.linear by ~1e-6 relative), as PPO needs."""
+    global _ONEDNN_ENABLED
+    previous, _ONEDNN_ENABLED = _ONEDNN_ENABLED, False
+    try:
+        yield
+    finally:
+        _ONEDNN_ENABLED = previous
 
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`layer(x)`; for a plain nn.Linear on a few fp32 CPU rows under no_grad, the same product through oneDNN."""
     if (
-        _ONEDNN_LINEAR is not None
+        _ONEDNN_ENABLED
+        and _ONEDNN_LINEAR is not None
         and type(layer) is nn.Linear  # a subclass or a hooked layer keeps its own forward
         and not (layer._forward_hooks or layer._forward_pre_hooks)
         and not torch.is_grad_enabled()

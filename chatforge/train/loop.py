@@ -209,6 +209,7 @@ class Trainer:
         self.run_config = run_config or {}  # the stage's config; saved and checked on resume
         self.extra_config = extra_config or {}  # written into the checkpoint's config.json
         self.callbacks = callbacks or []
+        self.bar_keys = ("train/loss", "val/loss", "lr", "tokens_per_s")  # metrics shown on the progress bar
         self.optimizer = build_optimizer(model, cfg)
         if dist_info.device.type == "cpu":
             keep_freed_memory()
@@ -243,15 +244,24 @@ class Trainer:
     def trainer_state(self) -> dict:
         return {"step": self.step, "train_config": asdict(self.cfg), "run_config": self.run_config}
 
+    def saved_models(self) -> tuple[nn.Module, dict[str, nn.Module]]:
+        """The checkpoint's main model and any saved beside it; a stage with several models overrides this."""
+        return self.model, {}
+
+    def restore_weights(self, path: Path) -> None:
+        load_state_into(self.model, path / WEIGHTS_FILE)
+
     def save(self) -> None:
         if self.dist.is_main:
+            main, extra = self.saved_models()
             save_checkpoint(
                 self.checkpoint_dir,
-                self.model,
+                main,
                 self.tokenizer,
                 training_state={"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng_state()},
                 trainer_state=self.trainer_state(),
                 extra_config=self.extra_config,
+                extra_weights=extra,
             )
         barrier()
 
@@ -279,7 +289,7 @@ class Trainer:
         saved = read_json(path / TRAINER_FILE, "trainer state")
         check_same_config(saved.get("train_config", {}), asdict(self.cfg), path / TRAINER_FILE, "train config")
         check_same_config(saved.get("run_config", {}), self.run_config, path / TRAINER_FILE, "run config")
-        load_state_into(self.model, path / WEIGHTS_FILE)
+        self.restore_weights(path)
         state = load_training_state(path)
         self.optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
@@ -361,8 +371,8 @@ class Trainer:
         if self.step % self.cfg.log_every == 0 or last or any(k.startswith("val/") for k in record):
             self.metrics.write(record)
         bar.update(1)
-        bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in record.items()
-                         if k in ("train/loss", "val/loss", "lr", "tokens_per_s")}, refresh=False)
+        bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in record.items() if k in self.bar_keys},
+                        refresh=False)
         if self.step % self.cfg.save_every == 0 and not last:
             self.save()
         return record

@@ -1,0 +1,461 @@
+"""PPO from a reward model with a KL penalty to the frozen SFT model (InstructGPT's RLHF step).
+
+One training step of the shared loop is one PPO iteration:
+
+1. rollout: the policy answers a batch of prompts through the engine, pure sampling at
+   `temperature` (no top-k/top-p, so the sampled distribution is the one whose log-probs PPO uses);
+2. scoring, with the policy in eval mode (no dropout) and logits divided by the same temperature:
+   old log-probs of the policy, log-probs of the frozen reference, values of the value model,
+   the reward model's score at the end of each answer (minus `missing_eos_penalty` when the answer
+   ran out of tokens before `<|end|>`);
+3. per-token rewards r_t = -beta * (log pi(y_t) - log pi_ref(y_t)), plus the score at the last
+   token; optional reward whitening; GAE advantages (gamma, lambda) and returns; advantage whitening;
+4. `ppo_epochs` passes over the rollout in minibatches: clipped policy loss, clipped value loss,
+   optional ptx loss (language modeling on pretraining shards), one optimizer step each;
+5. the adaptive KL controller (Ziegler et al.) moves beta toward `kl_target`.
+
+The policy and the value model train together (one optimizer, one `ActorCritic` module); the
+reference and reward models are frozen and never handed to the optimizer. The checkpoint's
+`model.safetensors` is the policy (every command reads it as a chat model), `value.safetensors`
+the value model, and `config.json` carries beta, so `--resume` continues exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chatforge.chat import ChatTemplate, Message
+from chatforge.checkpoint import WEIGHTS_FILE, load_checkpoint, load_state_into, read_json
+from chatforge.data.chat_readers import read_prompts
+from chatforge.errors import ConfigError, DataError
+from chatforge.generate.engine import Engine
+from chatforge.generate.params import SamplingParams
+from chatforge.model import GPT, ScalarHeadModel, lm_loss, plain_linear
+from chatforge.train.distributed import DistInfo, all_reduce_sum
+from chatforge.train.loop import Batch, TrainConfig, Trainer, TrainResult
+
+VALUE_FILE = "value"  # value.safetensors beside the policy's model.safetensors
+
+
+def _ppo_train_defaults() -> TrainConfig:
+    return TrainConfig(max_steps=40, batch_size=32, lr=1e-5, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,
+                       eval_every=10, eval_batches=2, save_every=20, log_every=1, grad_clip=1.0)
+
+
+@dataclass
+class PPOSettings:
+    rollout_batch: int = 32  # prompts answered per PPO iteration (global)
+    minibatch: int = 8  # answers per optimizer step
+    ppo_epochs: int = 2
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    init_kl_coef: float = 0.1  # beta
+    adaptive_kl: bool = True
+    kl_target: float = 6.0  # nats per answer
+    kl_horizon: int = 10000  # answers
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    whiten_rewards: bool = False
+    missing_eos_penalty: float = 1.0  # subtracted from the score of an answer cut off before <|end|>
+    ptx_coef: float = 0.0  # weight of the pretraining loss (needs ptx_data)
+    ptx_data: str = ""  # token shards (chatforge data prepare) for the ptx loss
+    val_prompts: int = 64  # held-out prompts answered at each evaluation
+
+
+@dataclass
+class PPOConfig:
+    prompts: list[str] = field(default_factory=list)  # {"prompt"} JSONL (RL prompts)
+    val: list[str] = field(default_factory=list)  # held-out prompts for evaluation
+    policy: str = ""  # the SFT checkpoint: the policy starts here and the reference stays here
+    reward_model: str = ""  # the reward model (chatforge reward); the value model starts from it
+    out: str = "runs/default/ppo"
+    ppo: PPOSettings = field(default_factory=PPOSettings)
+    train: TrainConfig = field(default_factory=_ppo_train_defaults)
+
+
+# ---- the mechanics, each checked against a hand computation in tests/test_ppo.py ---------------
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (mean kept when shift_mean is False, as for rewards)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (out if shift_mean else out + mean) * mask
+
+
+def token_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
+                  beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards -beta * kl_t with each row's score added at its last response token; and kl_t."""
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -beta * kl
+    rewards[torch.arange(len(scores)), last_index(mask)] += scores
+    return rewards * mask, kl
+
+
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of each row's last masked position (0 for an empty row)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return (positions * (mask > 0)).argmax(1)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimates and returns over response tokens (rows right-padded by mask)."""
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < T else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate, masked mean over tokens; with clip fraction, approx KL and mean ratio."""
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
+             "approx_kl": 0.5 * masked_mean(log_ratio**2, mask),
+             "ratio": masked_mean(ratio, mask)}
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               cliprange_value: float) -> torch.Tensor:
+    """0.5 * max of the plain and the clipped squared errors, masked mean."""
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+@dataclass
+class AdaptiveKL:
+    """Ziegler et al.'s controller: beta *= 1 + clip(KL/target - 1, ±0.2) * n / horizon."""
+
+    value: float
+    target: float
+    horizon: int
+
+    def update(self, kl: float, n: int) -> None:
+        error = float(np.clip(kl / self.target - 1, -0.2, 0.2))
+        self.value *= 1 + error * n / self.horizon
+
+
+# ---- models --------------------------------------------------------------------------------------
+
+
+class ActorCritic(nn.Module):
+    """The trained pair: the policy (a GPT) and the value model (a scalar head on its own backbone)."""
+
+    def __init__(self, policy: GPT, value: ScalarHeadModel) -> None:
+        super().__init__()
+        self.policy, self.value = policy, value
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.policy(input_ids), self.value.values(input_ids)
+
+
+def response_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log pi(ids[:, t+1] | ids[:, :t+1]) from the logits at t, divided by the sampling temperature."""
+    logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+def entropy_of(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# ---- rollouts ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """A batch of answered prompts, right-padded; per-token tensors are aligned with ids[:, 1:]."""
+
+    ids: torch.Tensor  # (B, T) prompt + response
+    mask: torch.Tensor  # (B, T-1) 1 where the predicted token is a response token
+    lengths: torch.Tensor  # (B,) real tokens per row
+    ended: torch.Tensor  # (B,) the answer closed with <|end|>
+    responses: list[list[int]]
+
+
+def make_rollout(prompts: list[list[int]], responses: list[list[int]], ended: list[bool], pad_id: int) -> Rollout:
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    width = max(lengths)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width - 1))
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        ids[b, : len(p) + len(r)] = torch.tensor(p + r)
+        mask[b, len(p) - 1 : len(p) + len(r) - 1] = 1.0  # positions whose next token is a response token
+    return Rollout(ids, mask, torch.tensor(lengths), torch.tensor(ended), responses)
+
+
+RewardFn = Callable[[Rollout], torch.Tensor]
+
+
+def reward_model_scores(reward_model: ScalarHeadModel) -> RewardFn:
+    """Scores of the reward model read at each answer's last token (its <|end|> when it has one)."""
+
+    @torch.no_grad()
+    def score(rollout: Rollout) -> torch.Tensor:
+        reward_model.eval()
+        device = next(reward_model.parameters()).device
+        with plain_linear():
+            return reward_model(rollout.ids.to(device), rollout.lengths.to(device)).float().cpu()
+
+    return score
+
+
+# ---- the trainer ---------------------------------------------------------------------------------
+
+
+class PPOTrainer(Trainer):
+    """The shared loop with one PPO iteration (rollout + several optimizer steps) per step."""
+
+    def __init__(self, model: ActorCritic, reference: GPT, reward_fn: RewardFn, tokenizer, prompts: list[list[Message]],
+                 val_prompts: list[list[Message]], settings: PPOSettings, cfg: TrainConfig, out_dir: str | Path,
+                 dist: DistInfo, ptx_data=None, **kwargs) -> None:
+        super().__init__(model, self, cfg, out_dir, dist, tokenizer=tokenizer, **kwargs)
+        if not prompts:
+            raise DataError("ppo: no prompts")
+        if settings.rollout_batch % (dist.world_size * settings.minibatch):
+            raise ConfigError(f"ppo: rollout_batch ({settings.rollout_batch}) must be a multiple of processes "
+                              f"({dist.world_size}) x minibatch ({settings.minibatch})")
+        self.reference, self.reward_fn, self.settings = reference.eval(), reward_fn, settings
+        for p in self.reference.parameters():
+            p.requires_grad_(False)
+        self.template = ChatTemplate(tokenizer)
+        self.prompts, self.val_prompts, self.ptx_data = prompts, val_prompts, ptx_data
+        self.kl = AdaptiveKL(settings.init_kl_coef, settings.kl_target, settings.kl_horizon)
+        self.engine = Engine(model.policy, tokenizer, max_batch_size=max(settings.rollout_batch, settings.val_prompts),
+                             stop_token_ids=[self.template.end_id])
+        self.bar_keys = ("train/score", "train/kl", "train/beta", "train/response_length", "val/score")
+
+    # the loop's Objective protocol: PPO makes its own batches in train_step
+    def batch(self, step: int) -> Batch:
+        return {}
+
+    def weight(self, batch: Batch) -> float:
+        return 1.0
+
+    def tokens(self, batch: Batch) -> int:
+        return 0
+
+    def loss(self, model: nn.Module, batch: Batch):
+        raise NotImplementedError("PPO computes its losses in PPOTrainer.train_step")
+
+    # ---- checkpoint: policy as the main model, the value model beside it, beta in config.json ----
+
+    def saved_models(self) -> tuple[nn.Module, dict[str, nn.Module]]:
+        self.extra_config["kl_coef"] = self.kl.value
+        return self.model.policy, {VALUE_FILE: self.model.value}
+
+    def restore_weights(self, path: Path) -> None:
+        load_state_into(self.model.policy, path / WEIGHTS_FILE)
+        load_state_into(self.model.value, path / f"{VALUE_FILE}.safetensors")
+        self.kl.value = float(read_json(path / "config.json", "config")["kl_coef"])
+
+    # ---- one iteration -------------------------------------------------------------------------
+
+    def my_prompts(self, step: int) -> tuple[list[list[Message]], list[int]]:
+        """This rank's share of step's global prompt batch, and each prompt's global index (its seed)."""
+        n, B = len(self.prompts), self.settings.rollout_batch
+        order = np.random.default_rng([self.cfg.seed, step]).permutation(max(n, B))[:B] % n
+        per_rank = B // self.dist.world_size
+        mine = range(self.dist.rank * per_rank, (self.dist.rank + 1) * per_rank)
+        return [self.prompts[order[i]] for i in mine], [step * B + i for i in mine]
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[list[Message]], seeds: list[int], temperature: float,
+                greedy: bool = False) -> Rollout:
+        s, context = self.settings, self.model.policy.config.context_length
+        ids = [self.template.fit_to_context(p, context, reserve=s.max_new_tokens)[0] for p in prompts]
+        params = [SamplingParams(max_tokens=min(s.max_new_tokens, context - len(i)), seed=self.cfg.seed * 1_000_003 + k,
+                                 temperature=0.0 if greedy else temperature) for i, k in zip(ids, seeds)]
+        self.model.policy.eval()
+        responses, ended = [], []
+        for c in self.engine.generate(ids, params):
+            out = c.outputs[0]
+            stopped = out.finish_reason == "stop"
+            responses.append(list(out.token_ids) + ([self.template.end_id] if stopped else []))
+            ended.append(stopped)
+        return make_rollout(ids, responses, ended, self.template.eot_id)
+
+    @torch.no_grad()
+    def score_rollout(self, r: Rollout) -> dict[str, torch.Tensor]:
+        """Old log-probs, reference log-probs, values, scores; the same arithmetic the update uses."""
+        s, device = self.settings, self.dist.device
+        ids = r.ids.to(device)
+        self.model.eval()
+        with plain_linear():
+            logits, values = self.model(ids)
+            ref_logits = self.reference(ids)
+        scores = self.reward_fn(r).to(device) - s.missing_eos_penalty * (~r.ended).float().to(device)
+        return {"logprobs": response_logprobs(logits, ids, s.temperature),
+                "ref_logprobs": response_logprobs(ref_logits, ids, s.temperature),
+                "values": values[:, :-1].float(), "scores": scores,
+                "entropy": entropy_of(logits, s.temperature)}
+
+    def global_whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+        """masked_whiten with the mean and variance of the whole global batch (all processes)."""
+        if not self.dist.distributed:
+            return masked_whiten(x, mask, shift_mean)
+        sums = all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]).double().cpu())
+        mean = (sums[0] / sums[1]).to(x)
+        var = (all_reduce_sum(((x - mean) ** 2 * mask).sum().double().cpu().reshape(1))[0] / sums[1]).to(x)
+        out = (x - mean) * torch.rsqrt(var + 1e-8)
+        return (out if shift_mean else out + mean) * mask
+
+    def train_step(self, step: int) -> dict[str, float]:
+        s, device = self.settings, self.dist.device
+        prompts, seeds = self.my_prompts(step)
+        r = self.rollout(prompts, seeds, s.temperature)
+        scored = self.score_rollout(r)
+        mask = r.mask.to(device)
+        rewards, kl = token_rewards(scored["logprobs"], scored["ref_logprobs"], scored["scores"], mask, self.kl.value)
+        if s.whiten_rewards:
+            rewards = self.global_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, scored["values"], mask, s.gamma, s.lam)
+        advantages = self.global_whiten(advantages, mask)
+        data = {"ids": r.ids.to(device), "mask": mask, "old_logprobs": scored["logprobs"],
+                "old_values": scored["values"], "advantages": advantages, "returns": returns}
+        stats = self.optimize(step, data)
+        kl_per_answer = kl.sum(1)
+        totals = all_reduce_sum(torch.stack([
+            scored["scores"].sum(), kl_per_answer.sum(), masked_mean(scored["entropy"], mask) * len(r.responses),
+            mask.sum(1).sum(), r.ended.float().sum().to(device), torch.tensor(float(len(r.responses)), device=device),
+        ]).double().cpu())
+        n = totals[5].item()
+        mean_kl = totals[1].item() / n
+        beta = self.kl.value
+        if s.adaptive_kl:
+            self.kl.update(mean_kl, int(n))
+        return {"train/score": totals[0].item() / n, "train/kl": mean_kl, "train/beta": beta,
+                "train/entropy": totals[2].item() / n, "train/response_length": totals[3].item() / n,
+                "train/ended": totals[4].item() / n, **stats, "lr": self.cfg.lr_at(step),
+                "tokens": int(r.lengths.sum())}
+
+    def optimize(self, step: int, data: dict[str, torch.Tensor]) -> dict[str, float]:
+        s, lr = self.settings, self.cfg.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        rows = data["ids"].shape[0]
+        sums: dict[str, float] = {}
+        updates = 0
+        self.model.train()
+        self.model.policy.eval()  # dropout off: the log-probs must be those of the sampled distribution
+        self.model.value.eval()
+        for epoch in range(s.ppo_epochs):
+            order = torch.from_numpy(np.random.default_rng([self.cfg.seed, step, epoch, self.dist.rank])
+                                     .permutation(rows))
+            for start in range(0, rows, s.minibatch):
+                idx = order[start : start + s.minibatch]
+                mb = {k: v[idx] for k, v in data.items()}
+                loss, stats = self.minibatch_loss(mb, step, epoch, start)
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                stats["grad_norm"] = float(grad_norm)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                updates += 1
+        reduced = all_reduce_sum(torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64))
+        return {f"train/{k}": reduced[i].item() / (updates * self.dist.world_size) for i, k in enumerate(sorted(sums))}
+
+    def minibatch_loss(self, mb: dict[str, torch.Tensor], step: int, epoch: int, start: int):
+        s = self.settings
+        logits, values = self.forward_model(mb["ids"])
+        logprobs = response_logprobs(logits, mb["ids"], s.temperature)
+        pg, stats = policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"], s.cliprange)
+        vf = value_loss(values[:, :-1].float(), mb["old_values"], mb["returns"], mb["mask"], s.cliprange_value)
+        loss = pg + s.vf_coef * vf
+        out = {"policy_loss": pg.detach(), "value_loss": vf.detach(), **{k: v.detach() for k, v in stats.items()}}
+        if s.ptx_coef and self.ptx_data is not None:
+            x, y = self.ptx_data.sample_batch(np.random.default_rng([self.cfg.seed, step, epoch, start, 7]),
+                                              s.minibatch, min(self.model.policy.config.context_length, 128))
+            ptx = lm_loss(self.model.policy(x.to(self.dist.device)), y.to(self.dist.device))
+            loss = loss + s.ptx_coef * ptx
+            out["ptx_loss"] = ptx.detach()
+        out["loss"] = loss.detach()
+        return loss, out
+
+    # ---- evaluation: greedy answers to held-out prompts, scored by the reward function -----------
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module | None = None, max_batches: int = 0) -> dict[str, float]:
+        if not self.val_prompts:
+            return {}
+        prompts = self.val_prompts[: self.settings.val_prompts]
+        r = self.rollout(prompts, list(range(len(prompts))), self.settings.temperature, greedy=True)
+        scored = self.score_rollout(r)
+        mask = r.mask.to(self.dist.device)
+        kl = ((scored["logprobs"] - scored["ref_logprobs"]) * mask).sum(1)
+        return {"val/score": scored["scores"].mean().item(), "val/kl": kl.mean().item(),
+                "val/response_length": mask.sum(1).mean().item()}
+
+
+def build_models(cfg: PPOConfig, device: torch.device) -> tuple[ActorCritic, GPT, ScalarHeadModel, object]:
+    """Policy and reference from the SFT checkpoint; reward model; value model initialized from it."""
+    sft = load_checkpoint(cfg.policy, device=device)
+    if isinstance(sft.model, ScalarHeadModel):
+        raise ConfigError(f"ppo: --policy {cfg.policy} is a reward model; expected the SFT (chat) model")
+    rm = load_checkpoint(cfg.reward_model, device=device, tokenizer=False).model
+    if not isinstance(rm, ScalarHeadModel):
+        raise ConfigError(f"ppo: --reward-model {cfg.reward_model} is a language model; expected `chatforge reward`'s")
+    reference = copy.deepcopy(sft.model).eval()
+    value = copy.deepcopy(rm)
+    for p in rm.parameters():
+        p.requires_grad_(False)
+    return ActorCritic(sft.model, value), reference, rm.eval(), sft.tokenizer
+
+
+def run_ppo(cfg: PPOConfig, dist: DistInfo, resume: bool = False, overwrite: bool = False,
+            callbacks: list | None = None, reward_fn: RewardFn | None = None) -> TrainResult:
+    if not cfg.policy or not cfg.reward_model:
+        raise ConfigError("ppo: --policy (the SFT checkpoint) and --reward-model are required")
+    if not cfg.prompts:
+        raise ConfigError("ppo: --prompts is required ({\"prompt\"} JSONL)")
+    torch.manual_seed(cfg.train.seed)
+    model, reference, rm, tokenizer = build_models(cfg, dist.device)
+    prompts = read_prompts(cfg.prompts).messages
+    val = read_prompts(cfg.val).messages if cfg.val else []
+    ptx = None
+    if cfg.ppo.ptx_coef:
+        if not cfg.ppo.ptx_data:
+            raise ConfigError("ppo: --ptx-coef needs --ptx-data (token shards from `chatforge data prepare`)")
+        from chatforge.data.shards import TokenDataset
+
+        ptx = TokenDataset(cfg.ppo.ptx_data, "train", expected_tokenizer_hash=tokenizer.hash)
+    run_config = {k: v for k, v in asdict(cfg).items() if k not in ("train", "out")}
+    trainer = PPOTrainer(model, reference, reward_fn or reward_model_scores(rm), tokenizer, prompts, val, cfg.ppo,
+                         cfg.train, cfg.out, dist, ptx_data=ptx, run_config=run_config,
+                         extra_config={"stage": "ppo"}, callbacks=callbacks)
+    if dist.is_main:
+        print(f"ppo: {len(prompts)} prompts, {cfg.ppo.rollout_batch} answers per iteration, "
+              f"{cfg.ppo.ppo_epochs} epochs of minibatches of {cfg.ppo.minibatch}; beta {cfg.ppo.init_kl_coef}"
+              f"{' (adaptive)' if cfg.ppo.adaptive_kl else ''}; {dist.world_size} process(es)")
+    return trainer.fit(resume=resume, overwrite=overwrite)
+

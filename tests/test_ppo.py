@@ -1,0 +1,202 @@
+"""PPO: each piece of the math against a hand computation, then the stage end to end."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from chatforge.checkpoint import load_checkpoint, read_json, save_checkpoint
+from chatforge.errors import ConfigError
+from chatforge.model import GPT, GPTConfig, ScalarHeadModel
+from chatforge.train.distributed import DistInfo
+from chatforge.train.loop import TrainConfig
+from chatforge.train.ppo import (
+    AdaptiveKL,
+    PPOConfig,
+    PPOSettings,
+    gae,
+    make_rollout,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    run_ppo,
+    token_rewards,
+    value_loss,
+)
+
+# ---- the math ------------------------------------------------------------------------------------
+
+
+def test_gae_equals_the_direct_sum_of_discounted_td_errors():
+    gamma, lam = 0.9, 0.8
+    rewards = torch.tensor([[0.0, 0.5, -0.2, 1.0, 0.0]])
+    values = torch.tensor([[9.0, 0.3, 0.1, -0.4, 7.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])  # a prompt position, 3 response tokens, padding
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    ts = [1, 2, 3]
+    v_next = {1: 0.1, 2: -0.4, 3: 0.0}  # the value after the last response token is 0
+    delta = {t: rewards[0, t].item() + gamma * v_next[t] - values[0, t].item() for t in ts}
+    for t in ts:
+        direct = sum((gamma * lam) ** (u - t) * delta[u] for u in ts if u >= t)
+        assert advantages[0, t].item() == pytest.approx(direct, abs=1e-6)
+        assert returns[0, t].item() == pytest.approx(direct + values[0, t].item(), abs=1e-6)
+    assert advantages[0, 0] == 0 and advantages[0, 4] == 0 and returns[0, 4] == 0
+
+
+def test_masked_mean_and_whitening_ignore_masked_entries():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, -50.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    assert masked_mean(x, mask).item() == 2.5
+    w = masked_whiten(x, mask)
+    kept = w[mask > 0]
+    assert kept.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert kept.pow(2).mean().item() == pytest.approx(1.0, abs=1e-4)
+    assert (w[mask == 0] == 0).all()
+    unshifted = masked_whiten(x, mask, shift_mean=False)[mask > 0]
+    assert unshifted.mean().item() == pytest.approx(2.5, abs=1e-5)
+
+
+def test_per_token_rewards_are_the_kl_penalty_plus_the_score_at_the_last_answer_token():
+    logprobs = torch.tensor([[-9.0, -1.0, -2.0, -0.5]])
+    ref = torch.tensor([[-1.0, -1.5, -1.0, -0.5]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    rewards, kl = token_rewards(logprobs, ref, torch.tensor([3.0]), mask, beta=0.1)
+    assert kl.tolist() == [[0.0, 0.5, -1.0, 0.0]]
+    assert rewards[0].tolist() == pytest.approx([0.0, -0.05, 0.1 + 3.0, 0.0])
+
+
+def test_clipped_policy_loss_by_hand():
+    old = torch.tensor([[0.0, 0.0, 0.0]])
+    new = torch.tensor([[math.log(1.5), math.log(0.5), math.log(1.1)]])  # ratios 1.5, 0.5, 1.1
+    adv = torch.tensor([[1.0, -2.0, 0.5]])
+    mask = torch.ones(1, 3)
+    loss, stats = policy_loss(new, old, adv, mask, cliprange=0.2)
+    # per token max(-A r, -A clip(r)): max(-1.5, -1.2) = -1.2; max(1.0, 1.6) = 1.6; max(-0.55, -0.55) = -0.55
+    assert loss.item() == pytest.approx((-1.2 + 1.6 - 0.55) / 3, abs=1e-6)
+    assert stats["clipfrac"].item() == pytest.approx(2 / 3)
+    assert stats["ratio"].item() == pytest.approx((1.5 + 0.5 + 1.1) / 3, abs=1e-6)
+    expected_kl = 0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2 + math.log(1.1) ** 2) / 3
+    assert stats["approx_kl"].item() == pytest.approx(expected_kl, abs=1e-6)
+
+
+def test_clipped_value_loss_by_hand():
+    values, old, returns = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.0]]), torch.tensor([[0.0, 1.0]])
+    loss = value_loss(values, old, returns, torch.ones(1, 2), cliprange_value=0.2)
+    # token 1: plain (1-0)^2 = 1, clipped 0.5+0.2=0.7 -> 0.49, max 1; token 2: (0-1)^2 = 1 both
+    assert loss.item() == pytest.approx(0.5 * (1 + 1) / 2)
+
+
+def test_the_adaptive_kl_controller_follows_its_formula():
+    ctl = AdaptiveKL(0.1, target=6.0, horizon=10000)
+    ctl.update(kl=9.0, n=100)  # error clipped to +0.2
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 100 / 10000))
+    ctl.update(kl=5.4, n=1000)  # error -0.1
+    assert ctl.value == pytest.approx(0.1 * 1.002 * (1 - 0.1 * 0.1))
+
+
+def test_the_rollout_mask_marks_positions_that_predict_answer_tokens():
+    r = make_rollout([[1, 2, 3], [4]], [[7, 8], [9, 9, 9]], [True, False], pad_id=0)
+    assert r.ids.tolist() == [[1, 2, 3, 7, 8], [4, 9, 9, 9, 0]]
+    assert r.mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
+    assert r.lengths.tolist() == [5, 4] and r.ended.tolist() == [True, False]
+
+
+# ---- the stage ---------------------------------------------------------------------------------
+
+
+PROMPTS = ["What is the capital of Veloria?", "Where does Mira live?", "What is 3 plus 4?", "Who has a dog?"]
+
+
+@pytest.fixture
+def models(tmp_path, small_tokenizer):
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=small_tokenizer.vocab_size, context_length=64, n_layer=1, n_head=2, n_embd=32)
+    save_checkpoint(tmp_path / "sft", GPT(config), tokenizer=small_tokenizer)
+    save_checkpoint(tmp_path / "rm", ScalarHeadModel(GPT(config)), tokenizer=small_tokenizer)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return tmp_path
+
+
+def ppo_config(root, out="ppo", steps=2, lr=1e-3, **settings):
+    ppo = dict(rollout_batch=8, minibatch=4, ppo_epochs=2, max_new_tokens=8, val_prompts=4)
+    ppo.update(settings)
+    train = TrainConfig(max_steps=steps, batch_size=1, lr=lr, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,
+                        eval_every=steps, save_every=steps, log_every=1, progress=False)
+    return PPOConfig(prompts=[str(root / "prompts.jsonl")], val=[str(root / "prompts.jsonl")],
+                     policy=str(root / "sft"), reward_model=str(root / "rm"), out=str(root / out),
+                     ppo=PPOSettings(**ppo), train=train)
+
+
+def test_one_ppo_step_changes_policy_and_value_weights_and_leaves_the_reference_and_reward_model(models):
+    sft_before = load_checkpoint(models / "sft").model.state_dict()
+    rm_before = load_checkpoint(models / "rm").model.state_dict()
+    result = run_ppo(ppo_config(models, steps=1), DistInfo())
+    record = result.metrics[0]
+    for key in ("train/score", "train/kl", "train/beta", "train/entropy", "train/clipfrac", "train/approx_kl",
+                "train/value_loss", "train/response_length", "train/ratio", "val/score"):
+        assert key in record and math.isfinite(record[key]), key
+    policy = load_checkpoint(models / "ppo").model.state_dict()
+    assert [k for k in sft_before if torch.equal(sft_before[k], policy[k])] == []
+    from safetensors.torch import load_file
+
+    value = load_file(str(models / "ppo" / "checkpoint" / "value.safetensors"))
+    changed = [k for k in value if k in ("head.weight", "head.bias") or k.startswith("backbone.h.")]
+    assert all(not torch.equal(value[k], rm_before[k]) for k in changed)
+    assert all(torch.equal(v, load_checkpoint(models / "sft").model.state_dict()[k]) for k, v in sft_before.items())
+    assert all(torch.equal(v, load_checkpoint(models / "rm").model.state_dict()[k]) for k, v in rm_before.items())
+
+
+def test_the_first_minibatch_sees_ratio_one_old_and_new_log_probs_are_computed_alike(models):
+    result = run_ppo(ppo_config(models, steps=1, ppo_epochs=1, minibatch=8), DistInfo())
+    assert result.metrics[0]["train/ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert result.metrics[0]["train/approx_kl"] == pytest.approx(0.0, abs=1e-10)
+
+
+def test_ppo_with_a_toy_reward_raises_it_within_a_few_steps(models, small_tokenizer):
+    chosen = set(range(small_tokenizer.vocab_size // 2))  # the reward: how many answer tokens are in this set
+
+    def count_chosen(rollout):
+        return torch.tensor([float(sum(t in chosen for t in r)) for r in rollout.responses])
+
+    cfg = ppo_config(models, steps=8, lr=1e-2, rollout_batch=16, minibatch=8, ppo_epochs=4, init_kl_coef=0.0,
+                     adaptive_kl=False, missing_eos_penalty=0.0)
+    result = run_ppo(cfg, DistInfo(), reward_fn=count_chosen)
+    scores = [m["train/score"] for m in result.metrics]
+    assert sum(scores[-2:]) / 2 > sum(scores[:2]) / 2 + 1.0, scores  # of 8 tokens, about 4 at first
+
+
+def test_an_interrupted_ppo_run_resumes_exactly_with_its_kl_coefficient(models):
+    def stop_at_2(step, record):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    straight = run_ppo(ppo_config(models, "a", steps=4, init_kl_coef=0.2), DistInfo())
+    first = run_ppo(ppo_config(models, "b", steps=4, init_kl_coef=0.2), DistInfo(), callbacks=[stop_at_2])
+    assert first.interrupted
+    assert read_json(models / "b" / "checkpoint" / "config.json", "c")["kl_coef"] != 0.2  # adapted, and saved
+    resumed = run_ppo(ppo_config(models, "b", steps=4, init_kl_coef=0.2), DistInfo(), resume=True)
+    keys = ("train/score", "train/kl", "train/beta", "train/policy_loss")
+    for a, b in zip(straight.metrics[2:], resumed.metrics):
+        assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], abs=1e-6)
+
+
+def test_ppo_refuses_swapped_models_and_missing_inputs(models):
+    with pytest.raises(ConfigError, match="reward model"):
+        run_ppo(PPOConfig(
+            prompts=[str(models / "prompts.jsonl")], policy=str(models / "rm"), reward_model=str(models / "rm")),
+            DistInfo())
+    with pytest.raises(ConfigError, match="--prompts"):
+        run_ppo(PPOConfig(policy="x", reward_model="y"), DistInfo())
+
+
+def test_ppo_on_the_command_line(models, capsys):
+    from test_cli import run_cli
+
+    status = run_cli("ppo", "--prompts", models / "prompts.jsonl", "--policy", models / "sft", "--reward-model",
+                     models / "rm", "--out", models / "cli", "--max-steps", "1", "--rollout-batch", "4",
+                     "--minibatch", "2", "--max-new-tokens", "4", "--no-progress", "--eval-every", "1")
+    assert status == 0
+    assert "ppo: finished at step 1; score" in capsys.readouterr().out
+    assert load_checkpoint(models / "cli").model.config.n_layer == 1
