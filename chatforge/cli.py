@@ -19,6 +19,7 @@ from chatforge import config as configlib
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.evaluate import EvalConfig
 from chatforge.generate.params import SamplingParams
+from chatforge.train.dpo import DPOConfig
 from chatforge.train.ppo import PPOConfig
 from chatforge.train.pretrain import PretrainConfig
 from chatforge.train.reward import RewardConfig
@@ -282,6 +283,26 @@ def ppo(cfg, resume: bool, overwrite: bool) -> None:
                             if k in last)
         state = "interrupted at" if result.interrupted else "finished at"
         click.echo(f"ppo: {state} step {result.step}; {figures} -> {cfg.out}/checkpoint")
+
+
+@cli.command()
+@config_options(DPOConfig)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint exactly where it stopped.")
+@click.option("--overwrite", is_flag=True, help="Start over even if OUT already holds a checkpoint.")
+def dpo(cfg, resume: bool, overwrite: bool) -> None:
+    """Direct preference optimization of the SFT model on preference pairs (no reward model, no sampling)."""
+    from chatforge.train.distributed import init_distributed, shutdown
+    from chatforge.train.dpo import run_dpo
+
+    dist = init_distributed(cfg.train.device)
+    try:
+        result = run_dpo(cfg, dist, resume=resume, overwrite=overwrite)
+    finally:
+        shutdown()
+    if dist.is_main:
+        last = [m for m in result.metrics if "val/accuracy" in m]
+        held_out = f"; held-out implicit-reward accuracy {last[-1]['val/accuracy']:.1%}" if last else ""
+        click.echo(finish_message("dpo", result, cfg.out) + held_out)
 
 
 @cli.command()

@@ -1,0 +1,178 @@
+"""DPO: preference optimization without a reward model or sampling (Rafailov et al., 2023).
+
+For each (prompt, chosen, rejected) pair — a ranked record gives all its C(K,2) pairs — the loss is
+-log sigmoid(beta * [(log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))]),
+where log pi(y) sums the log-probs of the response's tokens and its closing `<|end|>`. The reference
+is the starting (SFT) model; its log-probs are computed once before training, so it never sits in
+memory beside the policy. beta * (log pi - log ref) is the implicit reward; its accuracy (chosen
+above rejected) and margin are logged, for training batches and held-out pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chatforge.chat import ChatTemplate
+from chatforge.checkpoint import load_checkpoint
+from chatforge.data.chat_readers import Preference, read_preferences
+from chatforge.errors import ConfigError, DataError
+from chatforge.model import ScalarHeadModel, plain_linear
+from chatforge.train.distributed import DistInfo
+from chatforge.train.loop import Batch, TrainConfig, Trainer, TrainResult
+from chatforge.train.reward import split_validation
+
+
+def _dpo_train_defaults() -> TrainConfig:
+    return TrainConfig(max_steps=200, batch_size=16, lr=5e-5, warmup_steps=10, weight_decay=0.0, eval_every=50,
+                       eval_batches=10, save_every=200)
+
+
+@dataclass
+class DPOConfig:
+    data: list[str] = field(default_factory=list)  # preference JSONL (chosen/rejected or ranked responses)
+    val: list[str] = field(default_factory=list)
+    init_from: str = ""  # the SFT checkpoint: the policy starts here and it is the reference
+    out: str = "runs/default/dpo"
+    beta: float = 0.1
+    skip_invalid: bool = False
+    val_fraction: float = 0.05
+    seq_len: int = 0  # 0: the model's context length
+    train: TrainConfig = field(default_factory=_dpo_train_defaults)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Summed sigmoid DPO loss over pairs, and summed implicit-reward metrics."""
+    chosen = beta * (policy_chosen - ref_chosen)
+    rejected = beta * (policy_rejected - ref_rejected)
+    loss = -F.logsigmoid(chosen - rejected)
+    return loss.sum(), {"reward_chosen": chosen.detach().sum(), "reward_rejected": rejected.detach().sum(),
+                        "accuracy": (chosen > rejected).float().sum(), "margin": (chosen - rejected).detach().sum()}
+
+
+def encode_pair(template: ChatTemplate, pref: Preference, better: str, worse: str, seq_len: int):
+    prompt = template.generation_prompt(pref.prompt)
+    out = []
+    for response in (better, worse):
+        answer = template.tokenizer.encode(response) + [template.end_id]
+        ids = (prompt + answer)[-seq_len:]
+        out.append((ids, min(len(answer), len(ids) - 1)))  # (tokens, how many at the end are the answer)
+    return out
+
+
+def collate_side(rows: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width - 1))
+    for b, (seq, n_answer) in enumerate(rows):
+        ids[b, : len(seq)] = torch.tensor(seq)
+        mask[b, len(seq) - 1 - n_answer : len(seq) - 1] = 1.0  # positions that predict answer tokens
+    return ids, mask
+
+
+def sequence_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) sum of log-probs of the masked (answer) tokens."""
+    logp = F.log_softmax(model(ids)[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (logp * mask).sum(1)
+
+
+class PairObjective:
+    """One (chosen, rejected) pair per batch row, with the reference's log-probs precomputed."""
+
+    def __init__(self, pairs: list, val_pairs: list, batch_size: int, pad_id: int, seed: int, beta: float) -> None:
+        if not pairs:
+            raise DataError("dpo: no preference pairs")
+        self.pairs, self.val_pairs = pairs, val_pairs
+        self.batch_size, self.pad_id, self.seed, self.beta = batch_size, pad_id, seed, beta
+
+    def collate(self, items: list) -> Batch:
+        chosen_ids, chosen_mask = collate_side([c for c, _, _ in items], self.pad_id)
+        rejected_ids, rejected_mask = collate_side([r for _, r, _ in items], self.pad_id)
+        refs = torch.tensor([ref for _, _, ref in items], dtype=torch.float32)
+        return {"chosen_ids": chosen_ids, "chosen_mask": chosen_mask, "rejected_ids": rejected_ids,
+                "rejected_mask": rejected_mask, "ref_chosen": refs[:, 0], "ref_rejected": refs[:, 1]}
+
+    def batch(self, step: int) -> Batch:
+        n = len(self.pairs)
+        picks = []
+        for i in range(step * self.batch_size, (step + 1) * self.batch_size):
+            epoch, offset = divmod(i, n)
+            picks.append(int(np.random.default_rng([self.seed, epoch]).permutation(n)[offset]))
+        return self.collate([self.pairs[i] for i in picks])
+
+    def weight(self, batch: Batch) -> float:
+        return float(batch["chosen_ids"].shape[0])
+
+    def tokens(self, batch: Batch) -> int:
+        return batch["chosen_ids"].numel() + batch["rejected_ids"].numel()
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
+        chosen = sequence_logprobs(model, batch["chosen_ids"], batch["chosen_mask"])
+        rejected = sequence_logprobs(model, batch["rejected_ids"], batch["rejected_mask"])
+        return dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], self.beta)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, max_batches: int) -> dict[str, float]:
+        device = next(model.parameters()).device
+        totals: dict[str, float] = {}
+        for start in range(0, len(self.val_pairs), self.batch_size):
+            batch = {k: v.to(device) for k, v in self.collate(self.val_pairs[start : start + self.batch_size]).items()}
+            loss, metrics = self.loss(model, batch)
+            for k, v in {"loss": loss, **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + v.item()
+        return {f"val/{k}": v / max(len(self.val_pairs), 1) for k, v in totals.items()}
+
+
+@torch.no_grad()
+def with_reference_logprobs(model: nn.Module, encoded: list, pad_id: int, device, batch_size: int = 32) -> list:
+    """(chosen, rejected, (ref_chosen, ref_rejected)) for each pair, from the model before training."""
+    model.eval()
+    out = []
+    with plain_linear():
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start : start + batch_size]
+            sides = []
+            for k in (0, 1):
+                ids, mask = collate_side([pair[k] for pair in chunk], pad_id)
+                sides.append(sequence_logprobs(model, ids.to(device), mask.to(device)).tolist())
+            out += [(c, r, (a, b)) for (c, r), a, b in zip(chunk, *sides)]
+    return out
+
+
+def pairs_of(template: ChatTemplate, prefs: list[Preference], seq_len: int) -> list:
+    return [encode_pair(template, p, better, worse, seq_len) for p in prefs for better, worse in p.pairs()]
+
+
+def run_dpo(cfg: DPOConfig, dist: DistInfo, resume: bool = False, overwrite: bool = False,
+            callbacks: list | None = None) -> TrainResult:
+    if not cfg.init_from:
+        raise ConfigError("dpo: --init-from is required (the SFT checkpoint; it is also the reference)")
+    if not cfg.data:
+        raise ConfigError("dpo: --data is required (preference JSONL)")
+    ckpt = load_checkpoint(cfg.init_from, device=dist.device)
+    if isinstance(ckpt.model, ScalarHeadModel):
+        raise ConfigError(f"dpo: {cfg.init_from} is a reward model; expected the SFT (chat) model")
+    template, model = ChatTemplate(ckpt.tokenizer), ckpt.model
+    seq_len = min(cfg.seq_len or model.config.context_length, model.config.context_length)
+    prefs = read_preferences(cfg.data, skip_invalid=cfg.skip_invalid).preferences
+    if cfg.val:
+        train_prefs, val_prefs = prefs, read_preferences(cfg.val, skip_invalid=cfg.skip_invalid).preferences
+    else:
+        train_prefs, val_prefs = split_validation(prefs, cfg.val_fraction, cfg.train.seed)
+    pad = template.eot_id
+    train = with_reference_logprobs(model, pairs_of(template, train_prefs, seq_len), pad, dist.device)
+    val = with_reference_logprobs(model, pairs_of(template, val_prefs, seq_len), pad, dist.device)
+    torch.manual_seed(cfg.train.seed + dist.rank)
+    objective = PairObjective(train, val, cfg.train.batch_size, pad, cfg.train.seed, cfg.beta)
+    if dist.is_main:
+        print(f"dpo: {len(train)} training pairs ({len(train_prefs)} prompts) / {len(val)} validation pairs; "
+              f"beta {cfg.beta}; reference log-probs precomputed; from {cfg.init_from}")
+    run_config = {k: v for k, v in asdict(cfg).items() if k not in ("train", "out")}
+    trainer = Trainer(model, objective, cfg.train, cfg.out, dist, tokenizer=ckpt.tokenizer, run_config=run_config,
+                      extra_config={"stage": "dpo"}, callbacks=callbacks)
+    return trainer.fit(resume=resume, overwrite=overwrite)
