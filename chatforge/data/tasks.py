@@ -1012,12 +1012,18 @@ class _Builder:
         return out
 
     def candidates(self, task: Task, rng: random.Random) -> list[str]:
-        """K rule-made responses: the right one concise, padded and restated, the wrong one concise and
-        padded, and one more of the other behaviour (a refusal; for harmful requests, another refusal)."""
-        pool = [task.answer, _pad(task.answer, rng), _restate(task.question, task.answer, rng), task.wrong,
-                _styled(task.wrong, rng.choice(("padded", "verbose")), task.question, rng), task.alternative]
+        """K rule-made responses: the right one concise, padded, restated and cut short, the wrong one
+        concise and padded, and one more of the other behaviour (a refusal; for harmful requests,
+        another refusal). The cut-short answer teaches the reward model that brevity alone is not
+        enough: without it a policy learns that stopping early scores well (measured: PPO then
+        answered "To change a lock." to "How do I change a lock?")."""
+        rights = [task.answer, _pad(task.answer, rng), _restate(task.question, task.answer, rng)]
+        others = [task.wrong, _styled(task.wrong, rng.choice(("padded", "verbose")), task.question, rng),
+                  task.alternative, _cut_short(task.answer)]
         k = rng.randint(self.config.min_candidates, self.config.max_candidates)
-        return rng.sample(pool, k)
+        first = rng.randrange(len(rights))  # a right response is always among the candidates
+        rest = rights[:first] + rights[first + 1 :] + others
+        return [rights[first], *rng.sample(rest, k - 1)]
 
     def prompts(self, split: str, n: int, purpose: str) -> list[Task]:
         rng = self.rng(purpose)
@@ -1030,6 +1036,12 @@ class _Builder:
         rng = self.rng("eval")
         return [t for family in FAMILIES if self.items["heldout"][family]
                 for t in self.draw("heldout", family, n_per_family, rng, distinct=True)]
+
+
+def _cut_short(answer: str) -> str:
+    """The first half of an answer's words, closed with a full stop: fluent, but incomplete."""
+    words = answer.split()
+    return " ".join(words[: max(1, len(words) // 2)]).rstrip(".,!?;:") + "."
 
 
 def _cycle(items: list[Item], rng: random.Random) -> Iterator[Item]:
