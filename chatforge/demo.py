@@ -10,14 +10,17 @@ complete is skipped, so an interrupted demo continues where it stopped.
     then probes (validation loss, fact completion) and samples
     tasks/      the world's chat data: SFT conversations, preferences, RL prompts, held-out eval prompts
     sft/        the chat model fine-tuned on the SFT conversations
-    eval.json   base and SFT models on the held-out prompts, judged by the world's scorer
+    rm/         the reward model trained on the ranked preferences
+    ppo/        the SFT model optimized by PPO against the reward model (KL to the SFT model)
+    dpo/        the SFT model optimized by DPO on the same preferences
+    eval.json   base, SFT, PPO and DPO models on the held-out prompts, judged by the world's scorer
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
@@ -34,8 +37,11 @@ from chatforge.generate.params import SamplingParams
 from chatforge.model import GPT
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.distributed import DistInfo
+from chatforge.train.dpo import DPOConfig, run_dpo
 from chatforge.train.loop import TrainConfig
+from chatforge.train.ppo import PPOConfig, PPOSettings, run_ppo
 from chatforge.train.pretrain import LanguageModeling, ModelSize, PretrainConfig, run_pretrain
+from chatforge.train.reward import RewardConfig, run_reward
 from chatforge.train.sft import SFTConfig, run_sft
 
 SAMPLE_PROMPTS = ("The capital of", "Seven plus five is", "Once upon a time,")
@@ -55,14 +61,20 @@ class Budget:
     sft_batch_size: int
     sft_lr: float
     task_scale: float  # share of the default task-data sizes
+    rm_steps: int
+    ppo_steps: int
+    ppo_rollout: int  # answers per PPO iteration
+    dpo_steps: int
 
 
 FULL = Budget(corpus_mb=2.0, vocab_size=2048, model=ModelSize(n_layer=4, n_head=4, n_embd=192, context_length=128),
               steps=350, batch_size=32, lr=3e-3, eval_every=50, probe_facts=432,
-              sft_steps=300, sft_batch_size=16, sft_lr=1e-3, task_scale=1.0)
+              sft_steps=300, sft_batch_size=16, sft_lr=1e-3, task_scale=1.0,
+              rm_steps=150, ppo_steps=40, ppo_rollout=32, dpo_steps=150)
 FAST = Budget(corpus_mb=0.3, vocab_size=512, model=ModelSize(n_layer=2, n_head=2, n_embd=64, context_length=128),
               steps=60, batch_size=16, lr=3e-3, eval_every=30, probe_facts=60,
-              sft_steps=80, sft_batch_size=8, sft_lr=3e-3, task_scale=0.1)
+              sft_steps=80, sft_batch_size=8, sft_lr=3e-3, task_scale=0.1,
+              rm_steps=10, ppo_steps=2, ppo_rollout=8, dpo_steps=10)
 
 
 def stage(name: str, timings: dict[str, float]) -> Callable:
@@ -236,6 +248,50 @@ def sft(run_dir: Path, tasks: Path, budget: Budget) -> Path:
     return out
 
 
+def finished(out: Path, steps: int) -> bool:
+    done = out / "checkpoint" / TRAINER_FILE
+    if done.exists() and read_json(done, "trainer state").get("step") == steps:
+        click.echo(f"   reusing {out} (finished)")
+        return True
+    return False
+
+
+def short_run(steps: int, batch_size: int, lr: float, warmup: int = 0) -> TrainConfig:
+    return TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup, weight_decay=0.0,
+                       eval_every=max(1, steps // 3), eval_batches=10, save_every=steps, log_every=1)
+
+
+def reward_model(run_dir: Path, tasks: Path, budget: Budget) -> Path:
+    out = run_dir / "rm"
+    if not finished(out, budget.rm_steps):
+        cfg = RewardConfig(data=[str(tasks / "prefs_train.jsonl")], val=[str(tasks / "prefs_val.jsonl")],
+                           init_from=str(run_dir / "sft"), out=str(out),
+                           train=short_run(budget.rm_steps, 16, 1e-4, warmup=max(1, budget.rm_steps // 15)))
+        run_reward(cfg, DistInfo(), resume=True)
+    return out
+
+
+def ppo(run_dir: Path, tasks: Path, budget: Budget) -> Path:
+    out = run_dir / "ppo"
+    if not finished(out, budget.ppo_steps):
+        cfg = PPOConfig(prompts=[str(tasks / "rl_train.jsonl")], val=[str(tasks / "rl_val.jsonl")],
+                        policy=str(run_dir / "sft"), reward_model=str(run_dir / "rm"), out=str(out),
+                        ppo=PPOSettings(rollout_batch=budget.ppo_rollout, minibatch=min(8, budget.ppo_rollout)),
+                        train=replace(short_run(budget.ppo_steps, 1, 3e-5), min_lr_ratio=1.0, eval_every=10))
+        run_ppo(cfg, DistInfo(), resume=True)
+    return out
+
+
+def dpo(run_dir: Path, tasks: Path, budget: Budget) -> Path:
+    out = run_dir / "dpo"
+    if not finished(out, budget.dpo_steps):
+        cfg = DPOConfig(data=[str(tasks / "prefs_train.jsonl")], val=[str(tasks / "prefs_val.jsonl")],
+                        init_from=str(run_dir / "sft"), out=str(out),
+                        train=short_run(budget.dpo_steps, 16, 5e-5, warmup=max(1, budget.dpo_steps // 15)))
+        run_dpo(cfg, DistInfo(), resume=True)
+    return out
+
+
 def evaluation(run_dir: Path, tasks: Path, stages: list[str]) -> dict[str, EvalResult]:
     """Every stage's model on the held-out prompts, judged by the scorer; a table and eval.json."""
     world = World.load(run_dir / "corpus" / "world.json")
@@ -272,7 +328,10 @@ def run_demo(run_dir: Path, fast: bool = False, overwrite: bool = False) -> dict
     summary = stage("probe", timings)(report, run_dir, budget, timings)
     tasks = stage("tasks", timings)(make_tasks, run_dir, budget)
     stage("sft", timings)(sft, run_dir, tasks, budget)
-    results = stage("eval", timings)(evaluation, run_dir, tasks, ["pretrain", "sft"])
+    stage("rm", timings)(reward_model, run_dir, tasks, budget)
+    stage("ppo", timings)(ppo, run_dir, tasks, budget)
+    stage("dpo", timings)(dpo, run_dir, tasks, budget)
+    results = stage("eval", timings)(evaluation, run_dir, tasks, ["pretrain", "sft", "ppo", "dpo"])
     total = time.perf_counter() - t0
     click.secho(f"\ndemo finished in {total:.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()),
                 bold=True)
