@@ -200,3 +200,30 @@ def test_ppo_on_the_command_line(models, capsys):
     assert status == 0
     assert "ppo: finished at step 1; score" in capsys.readouterr().out
     assert load_checkpoint(models / "cli").model.config.n_layer == 1
+
+
+@pytest.mark.slow
+def test_ppo_under_torchrun_splits_the_rollout_over_two_processes(models):
+    """Two processes answer half the prompts each; the first iteration's figures equal one process's."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["ppo", "--prompts", str(models / "prompts.jsonl"), "--policy", str(models / "sft"), "--reward-model",
+              str(models / "rm"), "--max-steps", "2", "--rollout-batch", "8", "--minibatch", "2",
+              "--max-new-tokens", "6", "--no-progress", "--device", "cpu", "--eval-every", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "chatforge", *common, "--out", str(models / "one")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "chatforge", *common, "--out", str(models / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def first(name):
+        return json.loads((models / name / "metrics.jsonl").read_text().splitlines()[0])
+
+    keys = ("train/score", "train/kl", "train/response_length", "train/entropy")
+    assert [first("two")[k] for k in keys] == pytest.approx([first("one")[k] for k in keys], abs=1e-5)
+    assert load_checkpoint(models / "two").model.config.n_layer == 1

@@ -53,7 +53,7 @@ def _ppo_train_defaults() -> TrainConfig:
 @dataclass
 class PPOSettings:
     rollout_batch: int = 32  # prompts answered per PPO iteration (global)
-    minibatch: int = 8  # answers per optimizer step
+    minibatch: int = 8  # answers per optimizer step and process
     ppo_epochs: int = 2
     max_new_tokens: int = 48
     temperature: float = 1.0
@@ -344,7 +344,7 @@ class PPOTrainer(Trainer):
         stats = self.optimize(step, data)
         kl_per_answer = kl.sum(1)
         totals = all_reduce_sum(torch.stack([
-            scored["scores"].sum(), kl_per_answer.sum(), masked_mean(scored["entropy"], mask) * len(r.responses),
+            scored["scores"].sum(), kl_per_answer.sum(), (scored["entropy"] * mask).sum(),
             mask.sum(1).sum(), r.ended.float().sum().to(device), torch.tensor(float(len(r.responses)), device=device),
         ]).double().cpu())
         n = totals[5].item()
@@ -353,7 +353,8 @@ class PPOTrainer(Trainer):
         if s.adaptive_kl:
             self.kl.update(mean_kl, int(n))
         return {"train/score": totals[0].item() / n, "train/kl": mean_kl, "train/beta": beta,
-                "train/entropy": totals[2].item() / n, "train/response_length": totals[3].item() / n,
+                "train/entropy": totals[2].item() / max(totals[3].item(), 1),  # per answer token
+                "train/response_length": totals[3].item() / n,
                 "train/ended": totals[4].item() / n, **stats, "lr": self.cfg.lr_at(step),
                 "tokens": int(r.lengths.sum())}
 
