@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ppo-steps", type=int, default=40)
     ap.add_argument("--dpo-steps", type=int, default=150)
+    ap.add_argument("--methods", nargs="+", default=["ppo", "ppo-beta0", "dpo"], choices=["ppo", "ppo-beta0", "dpo"])
     args = ap.parse_args()
     torch.set_num_threads(2)
 
@@ -90,7 +91,7 @@ def main() -> None:
     rm = load_checkpoint(run / "rm").model.eval()
     figures: dict[str, list[dict]] = {"sft": [judge(run, run / "sft", world, sft, rm)]}
     for seed in args.seeds:
-        for method in ("ppo", "ppo-beta0", "dpo"):
+        for method in args.methods:
             out = run / "seeds" / f"{method}-{seed}"
             if method == "dpo":
                 train_dpo(run, out, seed, args.dpo_steps)
