@@ -218,6 +218,18 @@ def pretrain(cfg, resume: bool, overwrite: bool) -> None:
         click.echo(finish_message("pretrain", result, cfg.out))
 
 
+def load_language_model(path: str, command: str):
+    """A checkpoint whose model writes text; a reward model (scalar head) is refused by name."""
+    from chatforge.checkpoint import load_checkpoint
+    from chatforge.model import ScalarHeadModel
+
+    ckpt = load_checkpoint(path)
+    if isinstance(ckpt.model, ScalarHeadModel):
+        raise ConfigError(f"{command}: {path} is a reward model (a scalar head); expected a language model "
+                          "(pretrain, sft, ppo or dpo output)")
+    return ckpt
+
+
 def finish_message(stage: str, result, out: str) -> str:
     last = result.metrics[-1] if result.metrics else {}
     state = "interrupted at" if result.interrupted else "finished at"
@@ -346,7 +358,7 @@ def eval_command(cfg) -> None:
 
     if not cfg.checkpoint:
         raise ConfigError("eval: --checkpoint is required")
-    result = evaluate(cfg)
+    result = evaluate(cfg, load_language_model(cfg.checkpoint, "eval"))
     click.echo(format_table({cfg.checkpoint: result}))
     out = cfg.out or resolve_checkpoint_dir(cfg.checkpoint).parent / "eval.json"
     click.echo(f"eval: -> {write_result(result, out)}")
@@ -361,11 +373,10 @@ def eval_command(cfg) -> None:
 @click.option("--seed", default=None, type=int, help="Make sampling reproducible.")
 def chat(checkpoint: str, system: str, temperature: float, top_p: float, max_tokens: int, seed: int | None) -> None:
     """Chat in the terminal (streamed; /help lists the commands: /clear, /temperature, /top_p, /max_tokens ...)."""
-    from chatforge.checkpoint import load_checkpoint
     from chatforge.terminal import ChatSession, run_chat
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    session = ChatSession(load_checkpoint(checkpoint), system=system, params=params)
+    session = ChatSession(load_language_model(checkpoint, "chat"), system=system, params=params)
     session.check(params)
 
     def write(text: str) -> None:
@@ -388,10 +399,9 @@ def chat(checkpoint: str, system: str, temperature: float, top_p: float, max_tok
 @config_options(SamplingParams)
 def generate(checkpoint: str, prompts: tuple[str, ...], as_json: bool, max_batch_size: int, cfg) -> None:
     """Generate with every decoding option: sampling, penalties, beams, stops, n/best_of, logprobs."""
-    from chatforge.checkpoint import load_checkpoint
     from chatforge.generate.engine import Engine
 
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_language_model(checkpoint, "generate")
     tok, engine = ckpt.tokenizer, Engine(ckpt.model, ckpt.tokenizer, max_batch_size=max_batch_size)
     texts = list(prompts) or [""]
     ids = [tok.encode(t) if t else [tok.eot_id] for t in texts]

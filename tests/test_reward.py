@@ -134,3 +134,14 @@ def test_reward_and_score_on_the_command_line(tmp_path, sft_checkpoint, capsys):
     assert good > bad
     assert run_cli("score", "--checkpoint", sft_checkpoint, "--prompt", "q", "--response", "a") == 2
     assert "expected a reward model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["eval", "--limit", "1"], ["chat"]])
+def test_commands_that_write_text_refuse_a_reward_model_by_name(tmp_path, small_tokenizer, capsys, command):
+    from test_cli import run_cli
+
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=small_tokenizer.vocab_size, context_length=64, n_layer=1, n_head=2, n_embd=16)
+    save_checkpoint(tmp_path / "rm", ScalarHeadModel(GPT(config)), tokenizer=small_tokenizer)
+    assert run_cli(command[0], "--checkpoint", tmp_path / "rm", *command[1:]) == 2
+    assert "is a reward model" in capsys.readouterr().err
