@@ -46,7 +46,8 @@ class Conversation:
     messages: list[Message] = field(default_factory=list)
 
     @classmethod
-    def from_openai(cls, messages: Any, where: str = "conversation", need_assistant: bool = True) -> Conversation:
+    def from_openai(cls, messages: Any, where: str = "conversation", need_assistant: bool = True,
+                    field: str = "messages") -> Conversation:
         """From OpenAI-style ``[{"role", "content"}, ...]``; `where` names the record in errors.
 
         Role ``tool`` is read as ``tool_result``. An assistant turn with ``tool_calls`` becomes one
@@ -56,7 +57,7 @@ class Conversation:
             raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
         out = []
         for i, m in enumerate(messages):
-            out.extend(_messages_from_openai(m, f"{where}: messages[{i}]"))
+            out.extend(_messages_from_openai(m, f"{where}: {field}[{i}]"))
         conv = cls(out)
         conv.check(where, need_assistant=need_assistant)
         return conv

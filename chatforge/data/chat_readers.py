@@ -33,15 +33,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from chatforge.chat import Conversation, Message, _messages_from_openai
+from chatforge.chat import Conversation, Message
 from chatforge.data.readers import (
     JSONL_SUFFIXES,
     PARQUET_SUFFIXES,
     Sources,
-    _json_type,
-    _starts_with_bracket,
     describe_paths,
     expand_paths,
+    hold_out,
+    is_json_array_file,
+    json_type,
+    read_json_array,
 )
 from chatforge.errors import ConfigError, DataError
 
@@ -155,6 +157,15 @@ def read_preferences(sources: Sources, skip_invalid: bool = False) -> Preference
     return PreferenceResult(parsed, tally.skipped, tally.examples)
 
 
+def read_preference_splits(data: Sources, val: Sources, skip_invalid: bool, val_fraction: float, seed: int,
+                           stage: str) -> tuple[list[Preference], list[Preference]]:
+    """Training and held-out preferences: `val` when given, else a seeded share of `data`."""
+    prefs = read_preferences(data, skip_invalid=skip_invalid).preferences
+    if val:
+        return prefs, read_preferences(val, skip_invalid=skip_invalid).preferences
+    return hold_out(prefs, val_fraction, [seed, 104729], f"{stage}: preference records")
+
+
 def read_prompts(sources: Sources, skip_invalid: bool = False) -> PromptResult:
     """Read RL prompts, each ending with a user turn (a trailing assistant turn becomes `reference`)."""
     parsed, tally = _read(sources, _parse_prompt_record, PROMPT_EXPECTED, "prompts", skip_invalid)
@@ -237,7 +248,7 @@ def _iter_values(path: Path, expected: str) -> Iterator[tuple[str, Any]]:
     Unlike `iter_jsonl`, a bad line does not end the file, so that `skip_invalid` can go past it.
     """
     try:
-        if path.suffix.lower() == ".json" and _starts_with_bracket(path):
+        if path.suffix.lower() == ".json" and is_json_array_file(path):
             yield from _iter_array_items(path, expected)
         else:
             yield from _iter_lines(path, expected)
@@ -263,19 +274,14 @@ def _parse_line(line: bytes, where: str, expected: str) -> Any:
 
 
 def _iter_array_items(path: Path, expected: str) -> Iterator[tuple[str, Any]]:
-    try:
-        items = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        # The whole file is unreadable, not one record: never skipped.
-        at = f"line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "invalid UTF-8"
-        raise DataError(f"{path}: invalid JSON ({at}); expected a JSON array of {expected}") from e
-    for number, item in enumerate(items, start=1):
+    # a file that does not parse is unreadable as a whole, not one record: never skipped
+    for number, item in enumerate(read_json_array(path, expected), start=1):
         yield f"{path}: item {number}", item
 
 
 def _require_object(value: Any, where: str, expected: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise DataError(f"{where}: got a JSON {_json_type(value)}; expected {expected}")
+        raise DataError(f"{where}: got a JSON {json_type(value)}; expected {expected}")
     return value
 
 
@@ -287,7 +293,7 @@ def _keys(obj: dict[str, Any]) -> str:
 def _optional_str(obj: dict[str, Any], key: str, where: str) -> str | None:
     value = obj.get(key)
     if value is not None and not isinstance(value, str):
-        raise DataError(f"{where}: {key!r} must be a string, got a JSON {_json_type(value)}")
+        raise DataError(f"{where}: {key!r} must be a string, got a JSON {json_type(value)}")
     return value
 
 
@@ -346,7 +352,7 @@ def _from_alpaca(obj: dict[str, Any], where: str) -> Conversation:
 def _from_sharegpt(obj: dict[str, Any], where: str) -> Conversation:
     turns = obj["conversations"]
     if not isinstance(turns, list) or not turns:
-        got = "an empty list" if isinstance(turns, list) else f"a JSON {_json_type(turns)}"
+        got = "an empty list" if isinstance(turns, list) else f"a JSON {json_type(turns)}"
         raise DataError(f"{where}: 'conversations' is {got}; expected a non-empty list of {{'from', 'value'}} objects")
     messages = [_sharegpt_turn(t, f"{where}: conversations[{i}]") for i, t in enumerate(turns)]
     conv = Conversation(_system_turn(obj, where) + messages)
@@ -356,7 +362,7 @@ def _from_sharegpt(obj: dict[str, Any], where: str) -> Conversation:
 
 def _sharegpt_turn(turn: Any, where: str) -> Message:
     if not isinstance(turn, dict):
-        raise DataError(f"{where}: got a JSON {_json_type(turn)}; expected an object with 'from' and 'value'")
+        raise DataError(f"{where}: got a JSON {json_type(turn)}; expected an object with 'from' and 'value'")
     speaker = turn.get("from")
     if speaker is None:
         raise DataError(f"{where}: missing 'from'; expected one of {list(SHAREGPT_ROLES)}")
@@ -365,7 +371,7 @@ def _sharegpt_turn(turn: Any, where: str) -> Message:
         raise DataError(f"{where}: unknown 'from' {speaker!r}; expected one of {list(SHAREGPT_ROLES)}")
     value = turn.get("value")
     if not isinstance(value, str):
-        got = "missing" if value is None else f"a JSON {_json_type(value)}"
+        got = "missing" if value is None else f"a JSON {json_type(value)}"
         raise DataError(f"{where}: 'value' is {got}; expected a string")
     if not value.strip():
         raise DataError(f"{where}: empty 'value' in a {speaker!r} turn")
@@ -390,13 +396,9 @@ def prompt_messages(value: Any, where: str, key: str = "prompt") -> list[Message
             raise DataError(f"{where}: {key!r} is empty; expected non-empty text")
         return [Message("user", value)]
     if not isinstance(value, list) or not value:
-        got = "an empty list" if isinstance(value, list) else f"a JSON {_json_type(value)}"
+        got = "an empty list" if isinstance(value, list) else f"a JSON {json_type(value)}"
         raise DataError(f"{where}: {key!r} is {got}; expected {_PROMPT_TYPE}")
-    # Conversation.from_openai insists on an assistant turn, which a prompt lacks, so the
-    # per-message conversion is used directly and the rest checked without that requirement.
-    messages = [m for i, item in enumerate(value) for m in _messages_from_openai(item, f"{where}: {key}[{i}]")]
-    Conversation(messages).check(where, need_assistant=False)
-    return messages
+    return Conversation.from_openai(value, where, need_assistant=False, field=key).messages
 
 
 def _require_user_last(messages: list[Message], where: str, key: str) -> None:
@@ -443,11 +445,11 @@ def _responses(obj: dict[str, Any], where: str) -> list[str]:
 def _ranked_responses(value: Any, where: str) -> list[str]:
     expected = "a list of at least 2 different non-empty strings, best first"
     if not isinstance(value, list) or len(value) < 2:
-        got = f"a list of {len(value)}" if isinstance(value, list) else f"a JSON {_json_type(value)}"
+        got = f"a list of {len(value)}" if isinstance(value, list) else f"a JSON {json_type(value)}"
         raise DataError(f"{where}: 'responses' is {got}; expected {expected}")
     for i, r in enumerate(value):
         if not isinstance(r, str) or not r.strip():
-            got = "empty" if isinstance(r, str) else f"a JSON {_json_type(r)}"
+            got = "empty" if isinstance(r, str) else f"a JSON {json_type(r)}"
             raise DataError(f"{where}: responses[{i}] is {got}; expected {expected}")
     first = {r: i for i, r in reversed(list(enumerate(value)))}
     for i, r in enumerate(value):

@@ -23,9 +23,13 @@ import glob
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import numpy as np
 
 from chatforge.errors import DataError
+
+T = TypeVar("T")
 
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".text"})
 JSONL_SUFFIXES = frozenset({".jsonl", ".json"})
@@ -164,7 +168,7 @@ def iter_jsonl(path: str | Path, expected: str = "a JSON object") -> Iterator[tu
     (or item) and ``expected``, the description of a valid record that callers pass in.
     """
     path = Path(path)
-    if path.suffix.lower() == ".json" and _starts_with_bracket(path):
+    if path.suffix.lower() == ".json" and is_json_array_file(path):
         yield from _iter_json_array(path, expected)
         return
     with open(path, "rb") as f:
@@ -180,29 +184,46 @@ def iter_jsonl(path: str | Path, expected: str = "a JSON object") -> Iterator[tu
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{number}: invalid UTF-8 byte; expected {expected}") from e
             if not isinstance(obj, dict):
-                raise DataError(f"{path}:{number}: got a JSON {_json_type(obj)}; expected {expected}")
+                raise DataError(f"{path}:{number}: got a JSON {json_type(obj)}; expected {expected}")
             yield number, obj
 
 
-def _starts_with_bracket(path: Path) -> bool:
+def hold_out(items: list[T], fraction: float, seed: list[int], what: str) -> tuple[list[T], list[T]]:
+    """Split items into (kept, held out): a seeded `fraction` (at least 1, never all) held out.
+
+    `what` names the records in the error, e.g. "sft: conversations".
+    """
+    stage, _, records = what.partition(": ")
+    if len(items) < 2:
+        raise DataError(f"{stage}: need at least 2 {records} to hold some out for validation (or pass --val)")
+    n_val = min(len(items) - 1, max(1, round(len(items) * fraction)))
+    held = set(np.random.default_rng(seed).permutation(len(items))[:n_val].tolist())
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def is_json_array_file(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     return head.startswith(b"[")
 
 
-def _iter_json_array(path: Path, expected: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_json_array(path: Path, expected: str) -> Any:
+    """The parsed content of a .json file that holds an array; DataError naming the file if it does not parse."""
     try:
-        items = json.loads(path.read_bytes())
+        return json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         where = f"line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "invalid UTF-8"
         raise DataError(f"{path}: invalid JSON ({where}); expected a JSON array of {expected}") from e
-    for number, obj in enumerate(items, start=1):
+
+
+def _iter_json_array(path: Path, expected: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    for number, obj in enumerate(read_json_array(path, expected), start=1):
         if not isinstance(obj, dict):
-            raise DataError(f"{path}: item {number}: got a JSON {_json_type(obj)}; expected {expected}")
+            raise DataError(f"{path}: item {number}: got a JSON {json_type(obj)}; expected {expected}")
         yield number, obj
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
     names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
     return names.get(type(value), "number")
 
@@ -215,7 +236,7 @@ def _iter_jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
             raise DataError(f"{path}:{number}: field {text_field!r} is missing (keys: {keys}); expected {expected}")
         value = obj[text_field]
         if not isinstance(value, str):
-            raise DataError(f"{path}:{number}: field {text_field!r} is a JSON {_json_type(value)}; expected {expected}")
+            raise DataError(f"{path}:{number}: field {text_field!r} is a JSON {json_type(value)}; expected {expected}")
         yield value
 
 

@@ -19,12 +19,11 @@ from torch import nn
 
 from chatforge.chat import ChatTemplate
 from chatforge.checkpoint import load_checkpoint
-from chatforge.data.chat_readers import Preference, read_preferences
+from chatforge.data.chat_readers import Preference, read_preference_splits
 from chatforge.errors import ConfigError, DataError
 from chatforge.model import ScalarHeadModel, plain_linear
 from chatforge.train.distributed import DistInfo
 from chatforge.train.loop import Batch, TrainConfig, Trainer, TrainResult
-from chatforge.train.reward import split_validation
 
 
 def _dpo_train_defaults() -> TrainConfig:
@@ -159,11 +158,8 @@ def run_dpo(cfg: DPOConfig, dist: DistInfo, resume: bool = False, overwrite: boo
         raise ConfigError(f"dpo: {cfg.init_from} is a reward model; expected the SFT (chat) model")
     template, model = ChatTemplate(ckpt.tokenizer), ckpt.model
     seq_len = min(cfg.seq_len or model.config.context_length, model.config.context_length)
-    prefs = read_preferences(cfg.data, skip_invalid=cfg.skip_invalid).preferences
-    if cfg.val:
-        train_prefs, val_prefs = prefs, read_preferences(cfg.val, skip_invalid=cfg.skip_invalid).preferences
-    else:
-        train_prefs, val_prefs = split_validation(prefs, cfg.val_fraction, cfg.train.seed)
+    train_prefs, val_prefs = read_preference_splits(cfg.data, cfg.val, cfg.skip_invalid, cfg.val_fraction,
+                                                    cfg.train.seed, "dpo")
     pad = template.eot_id
     train = with_reference_logprobs(model, pairs_of(template, train_prefs, seq_len), pad, dist.device)
     val = with_reference_logprobs(model, pairs_of(template, val_prefs, seq_len), pad, dist.device)

@@ -21,7 +21,7 @@ from torch import nn
 
 from chatforge.chat import ChatTemplate, Message
 from chatforge.checkpoint import load_checkpoint
-from chatforge.data.chat_readers import Preference, read_preferences
+from chatforge.data.chat_readers import Preference, read_preference_splits
 from chatforge.errors import ConfigError, DataError
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
@@ -184,14 +184,6 @@ def score_texts(model: ScalarHeadModel, template: ChatTemplate, prompts: list[li
     return out
 
 
-def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    if len(items) < 2:
-        raise DataError("reward: need at least 2 preference records to hold some out (or pass --val)")
-    n_val = min(len(items) - 1, max(1, round(len(items) * fraction)))
-    held = set(np.random.default_rng([seed, 104729]).permutation(len(items))[:n_val].tolist())
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
-
-
 def run_reward(cfg: RewardConfig, dist: DistInfo, resume: bool = False, overwrite: bool = False,
                callbacks: list | None = None) -> TrainResult:
     if not cfg.init_from:
@@ -203,11 +195,8 @@ def run_reward(cfg: RewardConfig, dist: DistInfo, resume: bool = False, overwrit
     torch.manual_seed(cfg.train.seed)
     model = ScalarHeadModel(ckpt.model).to(dist.device)
     seq_len = min(cfg.seq_len or model.config.context_length, model.config.context_length)
-    prefs = read_preferences(cfg.data, skip_invalid=cfg.skip_invalid).preferences
-    if cfg.val:
-        train_prefs, val_prefs = prefs, read_preferences(cfg.val, skip_invalid=cfg.skip_invalid).preferences
-    else:
-        train_prefs, val_prefs = split_validation(prefs, cfg.val_fraction, cfg.train.seed)
+    train_prefs, val_prefs = read_preference_splits(cfg.data, cfg.val, cfg.skip_invalid, cfg.val_fraction,
+                                                    cfg.train.seed, "reward")
     objective = RankingObjective(encode_preferences(template, train_prefs, seq_len),
                                  encode_preferences(template, val_prefs, seq_len), cfg.train.batch_size,
                                  template.eot_id, cfg.train.seed)

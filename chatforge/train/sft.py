@@ -30,6 +30,7 @@ from torch import nn
 from chatforge.chat import ChatTemplate, Conversation
 from chatforge.checkpoint import load_checkpoint
 from chatforge.data.chat_readers import read_conversations
+from chatforge.data.readers import hold_out
 from chatforge.errors import ConfigError, DataError
 from chatforge.model import GPT, IGNORE_INDEX, lm_loss
 from chatforge.train.distributed import DistInfo
@@ -209,15 +210,6 @@ def load_examples(sources: list[str], template: ChatTemplate, seq_len: int, fmt:
     return examples, stats
 
 
-def split_validation(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    if len(examples) < 2:
-        raise DataError("sft: need at least 2 conversations to hold some out for validation (or pass --val)")
-    n_val = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
-    order = np.random.default_rng([seed, 7919]).permutation(len(examples))
-    val = set(order[:n_val].tolist())
-    return [e for i, e in enumerate(examples) if i not in val], [e for i, e in enumerate(examples) if i in val]
-
-
 def grow_vocab(model: GPT, vocab_size: int) -> GPT:
     """Grow the embedding when the tokenizer has more tokens than the model (GPT-2 + chat tokens)."""
     if model.config.vocab_size < vocab_size:
@@ -240,7 +232,7 @@ def run_sft(cfg: SFTConfig, dist: DistInfo, resume: bool = False, overwrite: boo
         val, val_stats = load_examples(cfg.val, template, seq_len, cfg.format, cfg.skip_invalid, "val")
         stats |= val_stats
     else:
-        train, val = split_validation(train, cfg.val_fraction, cfg.train.seed)
+        train, val = hold_out(train, cfg.val_fraction, [cfg.train.seed, 7919], "sft: conversations")
     torch.manual_seed(cfg.train.seed + dist.rank)
     objective = SupervisedChat(train, val, cfg.train.batch_size, seq_len, template.eot_id, cfg.train.seed,
                                packing=cfg.packing)
