@@ -191,15 +191,30 @@ def builtin_corpus(directory: Path, size_mb: float = 2.0) -> Path:
 # ---- training ----------------------------------------------------------------------------------
 
 
+def resume_options(fn):
+    """--resume and --overwrite, shared by every training stage."""
+    fn = click.option("--overwrite", is_flag=True, help="Start over even if OUT already holds a checkpoint.")(fn)
+    return click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint exactly where it stopped.")(fn)
+
+
+def run_stage(run, cfg, resume: bool, overwrite: bool):
+    """Run a stage's `run_*(cfg, dist, ...)` inside the process group torchrun set up (or one process)."""
+    from chatforge.train.distributed import init_distributed, shutdown
+
+    dist = init_distributed(cfg.train.device)
+    try:
+        return dist, run(cfg, dist, resume=resume, overwrite=overwrite)
+    finally:
+        shutdown()
+
+
 @cli.command()
 @config_options(PretrainConfig)
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint exactly where it stopped.")
-@click.option("--overwrite", is_flag=True, help="Start over even if OUT already holds a checkpoint.")
+@resume_options
 def pretrain(cfg, resume: bool, overwrite: bool) -> None:
     """Pretrain a GPT on token shards (data-parallel under torchrun)."""
     import os
 
-    from chatforge.train.distributed import init_distributed, shutdown
     from chatforge.train.pretrain import run_pretrain
 
     if not cfg.data:
@@ -209,11 +224,7 @@ def pretrain(cfg, resume: bool, overwrite: bool) -> None:
 
         click.echo(f"no --data given: using the {BUILTIN}")
         cfg.data = str(prepare_builtin_data(Path(cfg.out).parent))
-    dist = init_distributed(cfg.train.device)
-    try:
-        result = run_pretrain(cfg, dist, resume=resume, overwrite=overwrite)
-    finally:
-        shutdown()
+    dist, result = run_stage(run_pretrain, cfg, resume, overwrite)
     if dist.is_main:
         click.echo(finish_message("pretrain", result, cfg.out))
 
@@ -239,36 +250,24 @@ def finish_message(stage: str, result, out: str) -> str:
 
 @cli.command()
 @config_options(SFTConfig)
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint exactly where it stopped.")
-@click.option("--overwrite", is_flag=True, help="Start over even if OUT already holds a checkpoint.")
+@resume_options
 def sft(cfg, resume: bool, overwrite: bool) -> None:
     """Supervised fine-tuning on conversations (loss on assistant tokens only)."""
-    from chatforge.train.distributed import init_distributed, shutdown
     from chatforge.train.sft import run_sft
 
-    dist = init_distributed(cfg.train.device)
-    try:
-        result = run_sft(cfg, dist, resume=resume, overwrite=overwrite)
-    finally:
-        shutdown()
+    dist, result = run_stage(run_sft, cfg, resume, overwrite)
     if dist.is_main:
         click.echo(finish_message("sft", result, cfg.out))
 
 
 @cli.command()
 @config_options(RewardConfig)
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint exactly where it stopped.")
-@click.option("--overwrite", is_flag=True, help="Start over even if OUT already holds a checkpoint.")
+@resume_options
 def reward(cfg, resume: bool, overwrite: bool) -> None:
     """Train a reward model on ranked responses (all pairs of a prompt's ranking, InstructGPT's loss)."""
-    from chatforge.train.distributed import init_distributed, shutdown
     from chatforge.train.reward import run_reward
 
-    dist = init_distributed(cfg.train.device)
-    try:
-        result = run_reward(cfg, dist, resume=resume, overwrite=overwrite)
-    finally:
-        shutdown()
+    dist, result = run_stage(run_reward, cfg, resume, overwrite)
     if dist.is_main:
         last = [m for m in result.metrics if "val/accuracy" in m]
         held_out = f"; held-out pairwise accuracy {last[-1]['val/accuracy']:.1%}" if last else ""
@@ -277,18 +276,12 @@ def reward(cfg, resume: bool, overwrite: bool) -> None:
 
 @cli.command()
 @config_options(PPOConfig)
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint exactly where it stopped.")
-@click.option("--overwrite", is_flag=True, help="Start over even if OUT already holds a checkpoint.")
+@resume_options
 def ppo(cfg, resume: bool, overwrite: bool) -> None:
     """RLHF: PPO on the SFT policy against a reward model, with a KL penalty to the SFT model."""
-    from chatforge.train.distributed import init_distributed, shutdown
     from chatforge.train.ppo import run_ppo
 
-    dist = init_distributed(cfg.train.device)
-    try:
-        result = run_ppo(cfg, dist, resume=resume, overwrite=overwrite)
-    finally:
-        shutdown()
+    dist, result = run_stage(run_ppo, cfg, resume, overwrite)
     if dist.is_main:
         last = result.metrics[-1] if result.metrics else {}
         figures = ", ".join(f"{k.split('/')[-1]} {last[k]:.3f}" for k in ("train/score", "train/kl", "train/beta")
@@ -299,18 +292,12 @@ def ppo(cfg, resume: bool, overwrite: bool) -> None:
 
 @cli.command()
 @config_options(DPOConfig)
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint exactly where it stopped.")
-@click.option("--overwrite", is_flag=True, help="Start over even if OUT already holds a checkpoint.")
+@resume_options
 def dpo(cfg, resume: bool, overwrite: bool) -> None:
     """Direct preference optimization of the SFT model on preference pairs (no reward model, no sampling)."""
-    from chatforge.train.distributed import init_distributed, shutdown
     from chatforge.train.dpo import run_dpo
 
-    dist = init_distributed(cfg.train.device)
-    try:
-        result = run_dpo(cfg, dist, resume=resume, overwrite=overwrite)
-    finally:
-        shutdown()
+    dist, result = run_stage(run_dpo, cfg, resume, overwrite)
     if dist.is_main:
         last = [m for m in result.metrics if "val/accuracy" in m]
         held_out = f"; held-out implicit-reward accuracy {last[-1]['val/accuracy']:.1%}" if last else ""

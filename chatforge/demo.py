@@ -134,6 +134,14 @@ def prepare_builtin_data(run_dir: Path, budget: Budget | None = None) -> Path:
     return make_shards(run_dir, corpus, make_tokenizer(run_dir, corpus, budget))
 
 
+def finished(out: Path, steps: int) -> bool:
+    done = out / "checkpoint" / TRAINER_FILE
+    if done.exists() and read_json(done, "trainer state").get("step") == steps:
+        click.echo(f"   reusing {out} (finished)")
+        return True
+    return False
+
+
 def pretrain(run_dir: Path, data: Path, budget: Budget) -> Path:
     out = run_dir / "pretrain"
     cfg = PretrainConfig(
@@ -142,11 +150,8 @@ def pretrain(run_dir: Path, data: Path, budget: Budget) -> Path:
                           warmup_steps=max(1, budget.steps // 20), eval_every=budget.eval_every,
                           eval_batches=10, save_every=budget.eval_every * 2, log_every=10),
     )
-    done = out / "checkpoint" / TRAINER_FILE
-    if done.exists() and read_json(done, "trainer state").get("step") == budget.steps:
-        click.echo(f"   reusing {out} (finished)")
-        return out
-    run_pretrain(cfg, DistInfo(), resume=True)
+    if not finished(out, budget.steps):
+        run_pretrain(cfg, DistInfo(), resume=True)
     return out
 
 
@@ -240,20 +245,9 @@ def sft(run_dir: Path, tasks: Path, budget: Budget) -> Path:
                           eval_every=max(10, budget.sft_steps // 3), eval_batches=10,
                           save_every=budget.sft_steps, log_every=10),
     )
-    done = out / "checkpoint" / TRAINER_FILE
-    if done.exists() and read_json(done, "trainer state").get("step") == budget.sft_steps:
-        click.echo(f"   reusing {out} (finished)")
-        return out
-    run_sft(cfg, DistInfo(), resume=True)
+    if not finished(out, budget.sft_steps):
+        run_sft(cfg, DistInfo(), resume=True)
     return out
-
-
-def finished(out: Path, steps: int) -> bool:
-    done = out / "checkpoint" / TRAINER_FILE
-    if done.exists() and read_json(done, "trainer state").get("step") == steps:
-        click.echo(f"   reusing {out} (finished)")
-        return True
-    return False
 
 
 def short_run(steps: int, batch_size: int, lr: float, warmup: int = 0) -> TrainConfig:
