@@ -30,6 +30,7 @@ from chatforge.checkpoint import Checkpoint, load_checkpoint
 from chatforge.data.chat_readers import PromptRecord, read_conversations, read_prompts
 from chatforge.data.tasks import Scorer, build_tasks
 from chatforge.data.world import World
+from chatforge.files import atomic_write_text
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
 from chatforge.train.sft import conversation_loss, encode_example
@@ -178,9 +179,4 @@ def _cell(value: float | None, fmt: str) -> str:
 
 
 def write_result(result: EvalResult, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result.to_dict(), indent=2, default=float))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(result.to_dict(), indent=2, default=float))

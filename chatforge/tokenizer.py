@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
 from chatforge.errors import CheckpointError, ConfigError, DataError
+from chatforge.files import atomic_write_text
 
 SPECIAL_TOKENS: dict[str, str] = {
     "eot": "<|endoftext|>",
@@ -115,20 +114,6 @@ def _check_files(files: Sequence[str | Path]) -> list[Path]:
         if not path.is_file():
             raise DataError(f"{path}: training file not found; expected a UTF-8 text file")
     return paths
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory and rename, so a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Tokenizer:
@@ -238,7 +223,7 @@ class Tokenizer:
         path = Path(path)
         file = path if path.suffix == ".json" and not path.is_dir() else path / TOKENIZER_FILE
         file.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(file, self.to_json_str())
+        atomic_write_text(file, self.to_json_str())
         return file
 
     def to_json_str(self) -> str:

@@ -49,7 +49,6 @@ from pathlib import Path
 
 from chatforge.chat import Conversation, Message
 from chatforge.data.world import (
-    _PRONOUNS,
     ARITHMETIC_QUESTIONS,
     ARITHMETIC_STATEMENTS,
     ATTRIBUTES,
@@ -59,15 +58,16 @@ from chatforge.data.world import (
     PETS,
     PRODUCTS,
     PROFESSIONS,
+    PRONOUNS,
     WORD_GAME_QUESTIONS,
     WORD_GAME_STATEMENTS,
     Attribute,
     Entity,
     World,
-    _atomic_write,
     number_to_words,
 )
 from chatforge.errors import ConfigError
+from chatforge.files import atomic_write
 
 # --------------------------------------------------------------------------------------------
 # Registries
@@ -464,7 +464,7 @@ class Scorer:
         texts: dict[str, list[Attribute]] = {}
         for attr in ATTRIBUTES.values():
             for template in attr.followups:
-                for pron, poss, _ in _PRONOUNS.values():
+                for pron, poss, _ in PRONOUNS.values():
                     text = _norm(template.format(pron=pron, poss=poss))
                     for variant in (text, text.removeprefix("and ")):
                         if attr not in texts.setdefault(variant, []):
@@ -808,7 +808,7 @@ class _TaskMaker:
         _, subject, attribute = item.key
         first = ATTRIBUTES[rng.choice(item.partners)]
         entity = self.world.entity(subject)
-        pron, poss, _ = _PRONOUNS[entity.pronoun]
+        pron, poss, _ = PRONOUNS[entity.pronoun]
         prompt = (Message("user", first.question(subject, rng.randrange(len(first.questions)))),
                   Message("assistant", first.answer(subject, entity.attributes[first.name])),
                   Message("user", rng.choice(ATTRIBUTES[attribute].followups).format(pron=pron, poss=poss)))
@@ -1084,7 +1084,7 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 def write_tasks(out_dir: str | Path, world: World, seed: int = 0, config: TaskConfig | None = None,
@@ -1112,5 +1112,5 @@ def write_tasks(out_dir: str | Path, world: World, seed: int = 0, config: TaskCo
         "counts": {name: len(recs) for name, recs in records.items()},
         "items": {s: {f: len(items) for f, items in by_family.items()} for s, by_family in tasks.items.items()},
     }
-    paths["tasks"] = _atomic_write(out / "tasks.json", lambda f: f.write(json.dumps(meta, indent=1) + "\n"))
+    paths["tasks"] = atomic_write(out / "tasks.json", lambda f: f.write(json.dumps(meta, indent=1) + "\n"))
     return paths

@@ -23,16 +23,15 @@ processes and Python versions) and never iterates over a set, so output does not
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import string
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from chatforge.errors import ConfigError, DataError
+from chatforge.files import atomic_write
 
 # --------------------------------------------------------------------------------------------
 # Registries
@@ -289,7 +288,7 @@ class Entity:
     pronoun: str = "it"  # "she"/"he" for people: grammar in stories and follow-ups, not a fact
 
 
-_PRONOUNS = {"she": ("she", "her", "her"), "he": ("he", "his", "him"), "it": ("it", "its", "it")}
+PRONOUNS = {"she": ("she", "her", "her"), "he": ("he", "his", "him"), "it": ("it", "its", "it")}
 
 # Name shapes: consonant-vowel syllables from a small inventory, so a small BPE vocabulary covers
 # every name, plus a suffix per kind (-ria, -land for countries; -ish, -ese for languages) that
@@ -542,7 +541,7 @@ class World:
 
     def save(self, path: str | Path) -> Path:
         """Write the world as JSON (atomically), e.g. beside the corpus or checkpoint that used it."""
-        return _atomic_write(Path(path), lambda f: f.write(self.to_json() + "\n"))
+        return atomic_write(Path(path), lambda f: f.write(self.to_json() + "\n"))
 
     @classmethod
     def load(cls, path: str | Path) -> World:
@@ -673,7 +672,7 @@ class _DocumentMaker:
             "friend_colour": Fact(friend.name, "favourite_colour", friend.attributes["favourite_colour"]),
             "friend_city": Fact(friend.name, "home", friend.attributes["home"]),
         }
-        pron, poss, obj = _PRONOUNS[person.pronoun]
+        pron, poss, obj = PRONOUNS[person.pronoun]
         values = {key: fact.value for key, fact in sources.items()}
         values.update(name=name, friend=friend.name, pron=pron, Pron=_capitalize(pron), poss=poss,
                       Poss=_capitalize(poss), obj=obj, when=self.rng.choice(_WHEN),
@@ -693,7 +692,7 @@ class _DocumentMaker:
         facts: list[Fact] = []
         if topic == "facts":
             entity = self.rng.choice(self.world.entities)
-            pron, poss, _ = _PRONOUNS[entity.pronoun]
+            pron, poss, _ = PRONOUNS[entity.pronoun]
             attrs = self.rng.sample(list(entity.attributes), self.rng.randint(1, min(3, len(entity.attributes))))
             for i, name in enumerate(attrs):
                 attr = ATTRIBUTES[name]
@@ -768,7 +767,7 @@ class _DocumentMaker:
             a, b = r.randint(2, 6), r.randint(1, 6)
         c = ARITHMETIC_OPS[op](a, b)
         return WORD_PROBLEMS[op].format(
-            name=person.name, friend=friend.name, obj=_PRONOUNS[person.pronoun][2], a=a, b=b,
+            name=person.name, friend=friend.name, obj=PRONOUNS[person.pronoun][2], a=a, b=b,
             a_items=_count_noun(a, item), b_items=_count_noun(b, item), c_items=_count_noun(c, item))
 
     # ---- word games ----------------------------------------------------------------------
@@ -803,21 +802,6 @@ class _DocumentMaker:
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable) -> Path:
-    """Write through ``write(file)`` to a temporary file beside ``path``, then rename it into place,
-    so a crash never leaves a half-written file under the real name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_corpus(path: str | Path, num_bytes: int = 2_000_000, world_seed: int = 0, seed: int = 0,
                  world: World | None = None, mix: CorpusMix | None = None) -> Path:
     """Write the built-in corpus as ``{"text": ...}`` JSONL, one document per line, atomically.
@@ -834,4 +818,4 @@ def write_corpus(path: str | Path, num_bytes: int = 2_000_000, world_seed: int =
         for text in world.corpus(num_bytes, seed=seed, mix=mix):
             f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
 
-    return _atomic_write(Path(path), write)
+    return atomic_write(Path(path), write)
