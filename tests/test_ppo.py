@@ -129,9 +129,20 @@ def ppo_config(root, out="ppo", steps=2, lr=1e-3, **settings):
                      ppo=PPOSettings(**ppo), train=train)
 
 
-def test_one_ppo_step_changes_policy_and_value_weights_and_leaves_the_reference_and_reward_model(models):
+def test_one_ppo_step_changes_policy_and_value_weights_and_leaves_the_reference_and_reward_model(models,
+                                                                                              monkeypatch):
+    from chatforge.train import ppo as ppo_module
+
     sft_before = load_checkpoint(models / "sft").model.state_dict()
     rm_before = load_checkpoint(models / "rm").model.state_dict()
+    built = {}
+    real_build = ppo_module.build_models
+
+    def build_and_keep(cfg, device):  # keep the in-memory frozen models the run trains beside
+        built["models"] = real_build(cfg, device)
+        return built["models"]
+
+    monkeypatch.setattr(ppo_module, "build_models", build_and_keep)
     result = run_ppo(ppo_config(models, steps=1), DistInfo())
     record = result.metrics[0]
     for key in ("train/score", "train/kl", "train/beta", "train/entropy", "train/clipfrac", "train/approx_kl",
@@ -143,9 +154,10 @@ def test_one_ppo_step_changes_policy_and_value_weights_and_leaves_the_reference_
 
     value = load_file(str(models / "ppo" / "checkpoint" / "value.safetensors"))
     changed = [k for k in value if k in ("head.weight", "head.bias") or k.startswith("backbone.h.")]
-    assert all(not torch.equal(value[k], rm_before[k]) for k in changed)
-    assert all(torch.equal(v, load_checkpoint(models / "sft").model.state_dict()[k]) for k, v in sft_before.items())
-    assert all(torch.equal(v, load_checkpoint(models / "rm").model.state_dict()[k]) for k, v in rm_before.items())
+    assert changed and all(not torch.equal(value[k], rm_before[k]) for k in changed)
+    _, reference, reward_model, _ = built["models"]
+    assert all(torch.equal(v, sft_before[k]) for k, v in reference.state_dict().items())
+    assert all(torch.equal(v, rm_before[k]) for k, v in reward_model.state_dict().items())
 
 
 def test_the_first_minibatch_sees_ratio_one_old_and_new_log_probs_are_computed_alike(models):
