@@ -278,7 +278,12 @@ def reward(cfg, resume: bool, overwrite: bool) -> None:
 @config_options(PPOConfig)
 @resume_options
 def ppo(cfg, resume: bool, overwrite: bool) -> None:
-    """RLHF: PPO on the SFT policy against a reward model, with a KL penalty to the SFT model."""
+    """RLHF: PPO on the SFT policy against a reward model, with a KL penalty to the SFT model.
+
+    Less memory: --frozen-dtype bfloat16 keeps the frozen reference and reward model in bf16;
+    --shared-value-head puts the value head on the policy's trunk instead of a second model.
+    A run resumes only with the options it started with.
+    """
     from chatforge.train.ppo import run_ppo
 
     dist, result = run_stage(run_ppo, cfg, resume, overwrite)

@@ -5,9 +5,11 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from chatforge.checkpoint import load_checkpoint, read_json, save_checkpoint
-from chatforge.errors import ConfigError
+from chatforge.chat import ChatTemplate, Message
+from chatforge.checkpoint import load_checkpoint, model_state_dict, read_json, save_checkpoint
+from chatforge.errors import CheckpointError, ConfigError, DataError
 from chatforge.model import GPT, GPTConfig, ScalarHeadModel
 from chatforge.train.distributed import DistInfo
 from chatforge.train.loop import TrainConfig
@@ -15,11 +17,15 @@ from chatforge.train.ppo import (
     AdaptiveKL,
     PPOConfig,
     PPOSettings,
+    ValueHead,
+    build_models,
+    fit_prompt,
     gae,
     make_rollout,
     masked_mean,
     masked_whiten,
     policy_loss,
+    response_logprobs,
     run_ppo,
     token_rewards,
     value_loss,
@@ -106,16 +112,28 @@ def test_the_rollout_mask_marks_positions_that_predict_answer_tokens():
 
 
 PROMPTS = ["What is the capital of Veloria?", "Where does Mira live?", "What is 3 plus 4?", "Who has a dog?"]
+CONTEXT = 64
+# The memory options, each alone and together; {} is the default (float32 frozen models, a value backbone).
+OPTIONS = {"default": {}, "bf16-frozen": {"frozen_dtype": "bfloat16"}, "shared-head": {"shared_value_head": True},
+           "both": {"frozen_dtype": "bfloat16", "shared_value_head": True}}
+
+
+def model_config(tokenizer, **changes) -> GPTConfig:
+    return GPTConfig(**{**dict(vocab_size=tokenizer.vocab_size, context_length=CONTEXT, n_layer=1, n_head=2,
+                                n_embd=32), **changes})
+
+
+def write_prompts(path, prompts):
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return path
 
 
 @pytest.fixture
 def models(tmp_path, small_tokenizer):
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=small_tokenizer.vocab_size, context_length=64, n_layer=1, n_head=2, n_embd=32)
-    save_checkpoint(tmp_path / "sft", GPT(config), tokenizer=small_tokenizer)
-    save_checkpoint(tmp_path / "rm", ScalarHeadModel(GPT(config)), tokenizer=small_tokenizer)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    save_checkpoint(tmp_path / "sft", GPT(model_config(small_tokenizer)), tokenizer=small_tokenizer)
+    save_checkpoint(tmp_path / "rm", ScalarHeadModel(GPT(model_config(small_tokenizer))), tokenizer=small_tokenizer)
+    write_prompts(tmp_path / "prompts.jsonl", PROMPTS)
     return tmp_path
 
 
@@ -129,8 +147,9 @@ def ppo_config(root, out="ppo", steps=2, lr=1e-3, **settings):
                      ppo=PPOSettings(**ppo), train=train)
 
 
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
 def test_one_ppo_step_changes_policy_and_value_weights_and_leaves_the_reference_and_reward_model(models,
-                                                                                              monkeypatch):
+                                                                                              monkeypatch, options):
     from chatforge.train import ppo as ppo_module
 
     sft_before = load_checkpoint(models / "sft").model.state_dict()
@@ -140,24 +159,32 @@ def test_one_ppo_step_changes_policy_and_value_weights_and_leaves_the_reference_
 
     def build_and_keep(cfg, device):  # keep the in-memory frozen models the run trains beside
         built["models"] = real_build(cfg, device)
+        built["value"] = {k: v.clone() for k, v in built["models"][0].value.state_dict().items()}
         return built["models"]
 
     monkeypatch.setattr(ppo_module, "build_models", build_and_keep)
-    result = run_ppo(ppo_config(models, steps=1), DistInfo())
+    result = run_ppo(ppo_config(models, steps=1, **options), DistInfo())
     record = result.metrics[0]
     for key in ("train/score", "train/kl", "train/beta", "train/entropy", "train/clipfrac", "train/approx_kl",
                 "train/value_loss", "train/response_length", "train/ratio", "val/score"):
         assert key in record and math.isfinite(record[key]), key
     policy = load_checkpoint(models / "ppo").model.state_dict()
     assert [k for k in sft_before if torch.equal(sft_before[k], policy[k])] == []
-    from safetensors.torch import load_file
 
     value = load_file(str(models / "ppo" / "checkpoint" / "value.safetensors"))
+    shared = options.get("shared_value_head", False)
+    if shared:  # just the head; the trunk it reads is the policy's, saved in model.safetensors
+        assert set(value) == {"head.weight", "head.bias"}
     changed = [k for k in value if k in ("head.weight", "head.bias") or k.startswith("backbone.h.")]
-    assert changed and all(not torch.equal(value[k], rm_before[k]) for k in changed)
+    assert changed and all(not torch.equal(value[k], built["value"][k]) for k in changed)
+    config = read_json(models / "ppo" / "checkpoint" / "config.json", "config")
+    assert config["value_head"] == ("shared" if shared else "separate")
+
     _, reference, reward_model, _ = built["models"]
-    assert all(torch.equal(v, sft_before[k]) for k, v in reference.state_dict().items())
-    assert all(torch.equal(v, rm_before[k]) for k, v in reward_model.state_dict().items())
+    dtype = getattr(torch, options.get("frozen_dtype", "float32"))
+    assert all(v.dtype == dtype and torch.equal(v, sft_before[k].to(dtype)) for k, v in reference.state_dict().items())
+    assert all(v.dtype == dtype and torch.equal(v, rm_before[k].to(dtype))
+               for k, v in reward_model.state_dict().items())
 
 
 def test_the_first_minibatch_sees_ratio_one_old_and_new_log_probs_are_computed_alike(models):
@@ -179,19 +206,156 @@ def test_ppo_with_a_toy_reward_raises_it_within_a_few_steps(models, small_tokeni
     assert sum(scores[-2:]) / 2 > sum(scores[:2]) / 2 + 1.0, scores  # of 8 tokens, about 4 at first
 
 
-def test_an_interrupted_ppo_run_resumes_exactly_with_its_kl_coefficient(models):
+RESUMED = {k: OPTIONS[k] for k in ("default", "shared-head", "both")}
+
+
+@pytest.mark.parametrize("options", RESUMED.values(), ids=RESUMED.keys())
+def test_an_interrupted_ppo_run_resumes_exactly_with_its_kl_coefficient(models, options):
     def stop_at_2(step, record):
         if step == 2:
             raise KeyboardInterrupt
 
-    straight = run_ppo(ppo_config(models, "a", steps=4, init_kl_coef=0.2), DistInfo())
-    first = run_ppo(ppo_config(models, "b", steps=4, init_kl_coef=0.2), DistInfo(), callbacks=[stop_at_2])
+    straight = run_ppo(ppo_config(models, "a", steps=4, init_kl_coef=0.2, **options), DistInfo())
+    first = run_ppo(ppo_config(models, "b", steps=4, init_kl_coef=0.2, **options), DistInfo(), callbacks=[stop_at_2])
     assert first.interrupted
     assert read_json(models / "b" / "checkpoint" / "config.json", "c")["kl_coef"] != 0.2  # adapted, and saved
-    resumed = run_ppo(ppo_config(models, "b", steps=4, init_kl_coef=0.2), DistInfo(), resume=True)
-    keys = ("train/score", "train/kl", "train/beta", "train/policy_loss")
-    for a, b in zip(straight.metrics[2:], resumed.metrics):
+    resumed = run_ppo(ppo_config(models, "b", steps=4, init_kl_coef=0.2, **options), DistInfo(), resume=True)
+    keys = ("train/score", "train/kl", "train/beta", "train/policy_loss", "train/value_loss")
+    for a, b in zip(straight.metrics[2:], resumed.metrics, strict=True):
         assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], abs=1e-6)
+
+
+# ---- the memory options --------------------------------------------------------------------------
+
+
+def test_bf16_frozen_models_take_half_the_bytes_and_score_within_rounding_of_float32(models):
+    _, reference, reward_model, _ = build_models(ppo_config(models, frozen_dtype="bfloat16"), torch.device("cpu"))
+    sft, rm = load_checkpoint(models / "sft").model, load_checkpoint(models / "rm").model
+
+    def nbytes(model):
+        return sum(p.nbytes for p in model.parameters())
+
+    assert nbytes(reference) * 2 == nbytes(sft) and nbytes(reward_model) * 2 == nbytes(rm)
+    torch.manual_seed(0)
+    ids, lengths = torch.randint(0, sft.config.vocab_size, (8, 40)), torch.tensor([40, 35, 30, 25, 20, 15, 10, 5])
+    with torch.no_grad():
+        exact, rounded = response_logprobs(sft(ids), ids, 1.0), response_logprobs(reference(ids), ids, 1.0)
+        exact_scores, rounded_scores = rm(ids, lengths), reward_model(ids, lengths)
+    assert rounded.dtype == torch.float32  # response_logprobs casts bf16 logits; reward_model_scores casts scores
+    # bf16 keeps 8 significant bits (about 0.4% per rounding); measured here: 0.0023 nats and 0.0074. Tolerances:
+    # 0.02 nats per token for log-probs (each about -5.7), 0.05 for scores (on the reward model's unit scale).
+    assert (rounded - exact).abs().max().item() < 0.02
+    assert (rounded_scores.float() - exact_scores).abs().max().item() < 0.05
+
+
+def test_the_shared_value_head_reads_the_policy_trunk_in_the_same_forward_pass(models):
+    model, _, _, _ = build_models(ppo_config(models, shared_value_head=True), torch.device("cpu"))
+    policy = model.policy
+    assert isinstance(model.value, ValueHead)
+    assert sum(p.numel() for p in model.parameters()) == policy.num_params() + policy.config.n_embd + 1
+    ids = torch.randint(0, policy.config.vocab_size, (2, 10))
+    logits, values = model(ids)
+    assert torch.equal(logits, policy(ids))
+    assert torch.allclose(values, model.value.head(policy.hidden_states(ids)).squeeze(-1))
+
+
+def test_the_shared_value_head_starts_as_the_reward_head_when_widths_match_and_at_zero_otherwise(small_tokenizer):
+    torch.manual_seed(0)
+    rm = ScalarHeadModel(GPT(model_config(small_tokenizer)))
+    rm.gain.fill_(2.0)
+    rm.bias.fill_(0.5)
+    ids = torch.randint(0, small_tokenizer.vocab_size, (2, 10))
+    head = ValueHead.from_reward_model(rm, rm.config.n_embd)
+    with torch.no_grad():  # on the reward model's own trunk it gives the reward model's values, normalization included
+        assert torch.allclose(head(rm.backbone.hidden_states(ids)), rm.values(ids), atol=1e-6)
+    other_width = ValueHead.from_reward_model(rm, 48)
+    assert other_width.head.weight.shape == (1, 48)
+    assert not other_width.head.weight.any() and not other_width.head.bias.any()
+
+
+def test_the_memory_options_are_flags_of_chatforge_ppo_and_a_bad_dtype_is_refused(models, capsys):
+    from test_cli import run_cli
+
+    common = ["ppo", "--prompts", models / "prompts.jsonl", "--policy", models / "sft", "--reward-model", models / "rm",
+              "--max-steps", "1", "--rollout-batch", "4", "--minibatch", "2", "--max-new-tokens", "4", "--no-progress"]
+    assert run_cli(*common, "--out", models / "cli", "--frozen-dtype", "bfloat16", "--shared-value-head") == 0
+    assert set(load_file(str(models / "cli" / "checkpoint" / "value.safetensors"))) == {"head.weight", "head.bias"}
+    assert run_cli(*common, "--out", models / "bad", "--frozen-dtype", "float16") == 2
+    assert "--frozen-dtype" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"--frozen-dtype.*'float32', 'bfloat16'.*got 'fp16'"):
+        PPOSettings(frozen_dtype="fp16")
+
+
+# ---- errors that name what is wrong ----------------------------------------------------------------
+
+
+def test_ppo_refuses_a_reward_model_trained_with_another_tokenizer(models):
+    from chatforge.tokenizer import Tokenizer
+
+    other = Tokenizer.train([f"Zorblax {i} quux frobnicate {i * 7} wibble." for i in range(200)], vocab_size=300)
+    assert other.hash != load_checkpoint(models / "sft").tokenizer.hash
+    save_checkpoint(models / "rm_other", ScalarHeadModel(GPT(model_config(other))), tokenizer=other)
+    cfg = ppo_config(models)
+    cfg.reward_model = str(models / "rm_other")
+    with pytest.raises(ConfigError, match=r"--reward-model .*rm_other was trained with another tokenizer than"):
+        run_ppo(cfg, DistInfo())
+
+
+def test_ppo_refuses_a_reward_model_with_another_vocabulary_size(models, small_tokenizer):
+    rm = ScalarHeadModel(GPT(model_config(small_tokenizer, vocab_size=small_tokenizer.vocab_size + 16)))
+    save_checkpoint(models / "rm_wide", rm, tokenizer=small_tokenizer)
+    cfg = ppo_config(models)
+    cfg.reward_model = str(models / "rm_wide")
+    with pytest.raises(ConfigError, match=rf"rm_wide has vocab_size {small_tokenizer.vocab_size + 16} and --policy"):
+        run_ppo(cfg, DistInfo())
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["value-model", "shared-head"])
+def test_resuming_refuses_a_value_file_of_another_size_naming_it_and_the_expected_value_model(models, small_tokenizer,
+                                                                                             shared):
+    run_ppo(ppo_config(models, steps=1, shared_value_head=shared), DistInfo())
+    file = models / "ppo" / "checkpoint" / "value.safetensors"
+    torch.manual_seed(0)
+    wider = ScalarHeadModel(GPT(model_config(small_tokenizer, n_embd=48)))
+    save_file(model_state_dict(ValueHead.from_reward_model(wider, 48) if shared else wider), str(file))
+    expected = "a value head on the policy's 32-wide trunk" if shared else "a value model shaped like --reward-model"
+    with pytest.raises(CheckpointError, match=rf"value.safetensors: .* has shape .*; expected {expected}"):
+        run_ppo(ppo_config(models, steps=2, shared_value_head=shared), DistInfo(), resume=True)
+
+
+def test_resuming_with_the_other_value_head_mode_is_refused(models):
+    run_ppo(ppo_config(models, steps=1), DistInfo())
+    with pytest.raises(CheckpointError, match="ppo.shared_value_head' was False and is now True"):
+        run_ppo(ppo_config(models, steps=2, shared_value_head=True), DistInfo(), resume=True)
+
+
+def test_a_prompt_that_leaves_no_room_for_an_answer_is_an_error_naming_its_file_and_place(models):
+    long = " ".join(["Mira walked her dog to the capital of Veloria."] * 12)  # well over 64 tokens
+    prompts = write_prompts(models / "long.jsonl", [PROMPTS[0], PROMPTS[1], long])
+    cfg = ppo_config(models)
+    cfg.prompts = [str(prompts)]
+    with pytest.raises(DataError, match=rf"long.jsonl: prompt 3 \(--prompts\): needs \d+ .* context is {CONTEXT};"):
+        run_ppo(cfg, DistInfo())
+    cfg = ppo_config(models, val_prompts=8)  # held-out prompts past val_prompts are never answered, nor checked
+    cfg.val = [str(models / "prompts.jsonl"), str(prompts)]  # the 7th prompt read is the 3rd of the second file
+    with pytest.raises(DataError, match=r"long.jsonl: prompt 3 \(--val\)"):
+        run_ppo(cfg, DistInfo())
+
+
+def test_old_turns_are_dropped_and_a_long_last_turn_gets_a_shorter_answer_instead_of_an_error(small_tokenizer):
+    template, max_new = ChatTemplate(small_tokenizer), 8
+    old = [Message("user", "Where does Mira live? " * 15), Message("assistant", "In Kesh. " * 20)]  # each too long
+    last = Message("user", "What is 3 plus 4?")
+    ids = fit_prompt(template, [*old, last], CONTEXT, max_new)
+    assert ids == template.generation_prompt([last]) and len(ids) <= CONTEXT - max_new
+    content = "Mira"
+    while len(template.generation_prompt([Message("user", content)])) <= CONTEXT - max_new:
+        content += " dog"
+    tight = Message("user", content)  # it leaves fewer than max_new tokens, but some
+    assert CONTEXT - max_new < len(template.generation_prompt([tight])) < CONTEXT
+    assert fit_prompt(template, [*old, tight], CONTEXT, max_new) == template.generation_prompt([tight])
+    too_long = Message("user", "Mira walked her dog. " * 20)
+    assert fit_prompt(template, [too_long], CONTEXT, max_new) is None
 
 
 def test_ppo_refuses_swapped_models_and_missing_inputs(models):

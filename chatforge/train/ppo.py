@@ -18,6 +18,17 @@ The policy and the value model train together (one optimizer, one `ActorCritic` 
 reference and reward models are frozen and never handed to the optimizer. The checkpoint's
 `model.safetensors` is the policy (every command reads it as a chat model), `value.safetensors`
 the value model, and `config.json` carries beta, so `--resume` continues exactly.
+
+Two options cut memory (benchmarks/bench_ppo.py measures them):
+
+- `--frozen-dtype bfloat16` keeps the reference and the reward model in bf16: half their memory.
+  Their outputs are cast to float32 before the log-softmax and the rewards, so only their
+  weights and activations are rounded (to bf16's 8 significant bits, about 0.4%). A CPU
+  without bf16 instructions emulates bf16 matmuls: there the scoring passes get slower.
+- `--shared-value-head` puts the value head on the policy's own trunk instead of a second
+  backbone: one forward pass gives logits and values, and the value model's weights, gradients
+  and two AdamW moments (four times a model's size) are gone. The value loss then also trains
+  the policy's trunk (scaled by vf_coef). `value.safetensors` holds just the head.
 """
 
 from __future__ import annotations
@@ -30,19 +41,30 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from chatforge.chat import ChatTemplate, Message
-from chatforge.checkpoint import WEIGHTS_FILE, load_checkpoint, load_state_into, read_json
-from chatforge.data.chat_readers import read_prompts
-from chatforge.errors import ConfigError, DataError
+from chatforge.checkpoint import (
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    Checkpoint,
+    load_checkpoint,
+    load_state_into,
+    load_tokenizer,
+    model_state_dict,
+    read_json,
+)
+from chatforge.data.chat_readers import chat_paths, read_prompts
+from chatforge.errors import CheckpointError, ConfigError, DataError
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
-from chatforge.model import GPT, ScalarHeadModel, lm_loss, plain_linear
+from chatforge.model import GPT, ScalarHeadModel, linear, lm_loss, plain_linear
 from chatforge.train.distributed import DistInfo, all_reduce_sum
 from chatforge.train.loop import Batch, TrainConfig, Trainer, TrainResult
 
 VALUE_FILE = "value"  # value.safetensors beside the policy's model.safetensors
+FROZEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _ppo_train_defaults() -> TrainConfig:
@@ -71,6 +93,16 @@ class PPOSettings:
     ptx_coef: float = 0.0  # weight of the pretraining loss (needs ptx_data)
     ptx_data: str = ""  # token shards (chatforge data prepare) for the ptx loss
     val_prompts: int = 64  # held-out prompts answered at each evaluation
+    frozen_dtype: str = field(default="float32", metadata={
+        "help": "dtype of the frozen reference and reward model: float32, or bfloat16 for half their memory "
+                "(slower on a CPU without bf16 instructions)"})
+    shared_value_head: bool = field(default=False, metadata={
+        "help": "value head on the policy's trunk (one forward for logits and values; no value backbone)"})
+
+    def __post_init__(self) -> None:
+        if self.frozen_dtype not in FROZEN_DTYPES:
+            raise ConfigError(f"ppo config: frozen_dtype (--frozen-dtype) must be one of {list(FROZEN_DTYPES)}, "
+                              f"got {self.frozen_dtype!r}")
 
 
 @dataclass
@@ -165,15 +197,89 @@ class AdaptiveKL:
 # ---- models --------------------------------------------------------------------------------------
 
 
-class ActorCritic(nn.Module):
-    """The trained pair: the policy (a GPT) and the value model (a scalar head on its own backbone)."""
+class ValueHead(nn.Module):
+    """The value model of `--shared-value-head`: a scalar head on the policy's final hidden states."""
 
-    def __init__(self, policy: GPT, value: ScalarHeadModel) -> None:
+    def __init__(self, n_embd: int, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.head = nn.Linear(n_embd, 1, device=device)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden).squeeze(-1)
+
+    @classmethod
+    def from_reward_model(cls, rm: ScalarHeadModel, n_embd: int) -> ValueHead:
+        """The reward model's head (its gain and bias folded in) when it reads vectors of the policy's width.
+
+        Otherwise zeros: every first value is 0, a neutral baseline that GAE starts from, where a random
+        head on a trunk trained for language would give arbitrary values.
+        """
+        value = cls(n_embd, device=rm.head.weight.device)
+        with torch.no_grad():
+            if rm.head.weight.shape == value.head.weight.shape:
+                value.head.weight.copy_(rm.gain * rm.head.weight)  # gain * (w.h + b) + bias
+                value.head.bias.copy_(rm.gain * rm.head.bias + rm.bias)
+            else:
+                nn.init.zeros_(value.head.weight)
+                nn.init.zeros_(value.head.bias)
+        return value
+
+
+class ActorCritic(nn.Module):
+    """The trained pair: the policy (a GPT) and the value model.
+
+    The value model is a scalar head on its own backbone (a ScalarHeadModel started from the reward
+    model) or, with `--shared-value-head`, a `ValueHead` on the policy's trunk, so that one forward
+    pass gives both logits and values.
+    """
+
+    def __init__(self, policy: GPT, value: ScalarHeadModel | ValueHead) -> None:
         super().__init__()
         self.policy, self.value = policy, value
 
+    @property
+    def shared(self) -> bool:
+        return isinstance(self.value, ValueHead)
+
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.shared:
+            hidden = self.policy.hidden_states(input_ids)
+            return linear(self.policy.lm_head, hidden), self.value(hidden)  # what GPT.forward computes
         return self.policy(input_ids), self.value.values(input_ids)
+
+    def describe_value(self) -> str:
+        """The value model in words, for errors about value.safetensors."""
+        if self.shared:
+            return f"a value head on the policy's {self.policy.config.n_embd}-wide trunk (--shared-value-head)"
+        c = self.value.config
+        return f"a value model shaped like --reward-model ({c.n_layer} layers, width {c.n_embd}, vocab {c.vocab_size})"
+
+
+def freeze(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A model that is never trained: eval mode, no gradients, weights in dtype (bf16 halves their memory)."""
+    return model.requires_grad_(False).to(dtype).eval()
+
+
+def load_value_weights(model: ActorCritic, file: Path) -> None:
+    """value.safetensors into the value model, refusing a file whose tensors are not this run's value model's."""
+    expected = {k: tuple(v.shape) for k, v in model_state_dict(model.value).items()}
+    if not file.exists():
+        raise CheckpointError(f"{file}: missing; expected {model.describe_value()}")
+    with safe_open(str(file), "pt") as f:
+        names = f.keys()  # a safe_open handle is not iterable
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in names}  # shapes only: no tensor is read
+    if saved != expected:
+        raise CheckpointError(f"{file}: {shape_difference(saved, expected)}; expected {model.describe_value()}")
+    load_state_into(model.value, file)
+
+
+def shape_difference(saved: dict[str, tuple], expected: dict[str, tuple]) -> str:
+    """The first way two {name: shape} maps differ, in words."""
+    wrong = [k for k in sorted(saved.keys() & expected.keys()) if saved[k] != expected[k]]
+    if wrong:
+        return f"{wrong[0]} has shape {saved[wrong[0]]}, expected {expected[wrong[0]]}"
+    missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+    return f"missing tensors {missing[:3]}" if missing else f"unexpected tensors {unexpected[:3]}"
 
 
 def response_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -212,6 +318,53 @@ def make_rollout(prompts: list[list[int]], responses: list[list[int]], ended: li
     return Rollout(ids, mask, torch.tensor(lengths), torch.tensor(ended), responses)
 
 
+def fit_prompt(template: ChatTemplate, messages: list[Message], context: int, max_new_tokens: int) -> list[int] | None:
+    """The ids the policy continues: old turns dropped until `max_new_tokens` fit after the prompt.
+
+    When the system prompt and the latest turn alone leave less room than that, they are kept alone
+    and the answer gets the room there is (a shorter answer beats no prompt); None when not even one
+    answer token fits.
+    """
+    try:
+        return template.fit_to_context(messages, context, reserve=max_new_tokens)[0]
+    except DataError:
+        ids = template.generation_prompt(latest_turns(messages))
+        return ids if len(ids) < context else None
+
+
+def latest_turns(messages: list[Message]) -> list[Message]:
+    """The system prompt (if any) and the latest turn: what `fit_to_context` never drops."""
+    return [m for m in messages[:1] if m.role == "system"] + messages[-1:]
+
+
+def fit_prompts(prompts: list[list[Message]], sources: list[str], flag: str, template: ChatTemplate, context: int,
+                max_new_tokens: int) -> list[list[int]]:
+    """`fit_prompt` for every prompt up front, so one too long for the context stops the run before it starts."""
+    out = []
+    for index, messages in enumerate(prompts):
+        ids = fit_prompt(template, messages, context, max_new_tokens)
+        if ids is None:
+            need = len(template.generation_prompt(latest_turns(messages)))
+            raise DataError(f"{locate_prompt(sources, index)} ({flag}): needs {need} tokens even with only its "
+                            f"system prompt and latest turn, and the policy's context is {context}; expected at most "
+                            f"{context - 1} so that at least one answer token fits (shorten or remove it)")
+        out.append(ids)
+    return out
+
+
+def locate_prompt(sources: list[str], index: int) -> str:
+    """'FILE: prompt N' (N-th record of that file) for the index-th prompt `read_prompts(sources)` returned."""
+    for path in chat_paths(sources):
+        try:
+            count = len(read_prompts(path).prompts)
+        except DataError:  # a file without prompts contributed none
+            count = 0
+        if index < count:
+            return f"{path}: prompt {index + 1}"
+        index -= count
+    return f"prompt {index + 1}"
+
+
 RewardFn = Callable[[Rollout], torch.Tensor]
 
 
@@ -223,7 +376,7 @@ def reward_model_scores(reward_model: ScalarHeadModel) -> RewardFn:
         reward_model.eval()
         device = next(reward_model.parameters()).device
         with plain_linear():
-            return reward_model(rollout.ids.to(device), rollout.lengths.to(device)).float().cpu()
+            return reward_model(rollout.ids.to(device), rollout.lengths.to(device)).float().cpu()  # bf16 -> fp32
 
     return score
 
@@ -234,9 +387,10 @@ def reward_model_scores(reward_model: ScalarHeadModel) -> RewardFn:
 class PPOTrainer(Trainer):
     """The shared loop with one PPO iteration (rollout + several optimizer steps) per step."""
 
-    def __init__(self, model: ActorCritic, reference: GPT, reward_fn: RewardFn, tokenizer, prompts: list[list[Message]],
-                 val_prompts: list[list[Message]], settings: PPOSettings, cfg: TrainConfig, out_dir: str | Path,
+    def __init__(self, model: ActorCritic, reference: GPT, reward_fn: RewardFn, tokenizer, prompts: list[list[int]],
+                 val_prompts: list[list[int]], settings: PPOSettings, cfg: TrainConfig, out_dir: str | Path,
                  dist: DistInfo, ptx_data=None, **kwargs) -> None:
+        """prompts and val_prompts: token ids of generation prompts that fit the context (`fit_prompts`)."""
         super().__init__(model, self, cfg, out_dir, dist, tokenizer=tokenizer, **kwargs)
         if not prompts:
             raise DataError("ppo: no prompts")
@@ -266,20 +420,21 @@ class PPOTrainer(Trainer):
     def loss(self, model: nn.Module, batch: Batch):
         raise NotImplementedError("PPO computes its losses in PPOTrainer.train_step")
 
-    # ---- checkpoint: policy as the main model, the value model beside it, beta in config.json ----
+    # ---- checkpoint: policy as the main model, the value model (or head) beside it, beta in config.json ----
 
     def saved_models(self) -> tuple[nn.Module, dict[str, nn.Module]]:
         self.extra_config["kl_coef"] = self.kl.value
+        self.extra_config["value_head"] = "shared" if self.model.shared else "separate"  # what value.safetensors is
         return self.model.policy, {VALUE_FILE: self.model.value}
 
     def restore_weights(self, path: Path) -> None:
         load_state_into(self.model.policy, path / WEIGHTS_FILE)
-        load_state_into(self.model.value, path / f"{VALUE_FILE}.safetensors")
+        load_value_weights(self.model, path / f"{VALUE_FILE}.safetensors")
         self.kl.value = float(read_json(path / "config.json", "config")["kl_coef"])
 
     # ---- one iteration -------------------------------------------------------------------------
 
-    def my_prompts(self, step: int) -> tuple[list[list[Message]], list[int]]:
+    def my_prompts(self, step: int) -> tuple[list[list[int]], list[int]]:
         """This rank's share of step's global prompt batch, and each prompt's global index (its seed)."""
         n, B = len(self.prompts), self.settings.rollout_batch
         order = np.random.default_rng([self.cfg.seed, step]).permutation(max(n, B))[:B] % n
@@ -288,10 +443,8 @@ class PPOTrainer(Trainer):
         return [self.prompts[order[i]] for i in mine], [step * B + i for i in mine]
 
     @torch.no_grad()
-    def rollout(self, prompts: list[list[Message]], seeds: list[int], temperature: float,
-                greedy: bool = False) -> Rollout:
+    def rollout(self, ids: list[list[int]], seeds: list[int], temperature: float, greedy: bool = False) -> Rollout:
         s, context = self.settings, self.model.policy.config.context_length
-        ids = [self.template.fit_to_context(p, context, reserve=s.max_new_tokens)[0] for p in prompts]
         params = [SamplingParams(max_tokens=min(s.max_new_tokens, context - len(i)), seed=self.cfg.seed * 1_000_003 + k,
                                  temperature=0.0 if greedy else temperature) for i, k in zip(ids, seeds)]
         self.model.policy.eval()
@@ -311,7 +464,7 @@ class PPOTrainer(Trainer):
         self.model.eval()
         with plain_linear():
             logits, values = self.model(ids)
-            ref_logits = self.reference(ids)
+            ref_logits = self.reference(ids)  # bf16 with --frozen-dtype bfloat16; response_logprobs casts it
         scores = self.reward_fn(r).to(device) - s.missing_eos_penalty * (~r.ended).float().to(device)
         return {"logprobs": response_logprobs(logits, ids, s.temperature),
                 "ref_logprobs": response_logprobs(ref_logits, ids, s.temperature),
@@ -419,18 +572,45 @@ class PPOTrainer(Trainer):
 
 
 def build_models(cfg: PPOConfig, device: torch.device) -> tuple[ActorCritic, GPT, ScalarHeadModel, object]:
-    """Policy and reference from the SFT checkpoint; reward model; value model initialized from it."""
+    """Policy and reference from the SFT checkpoint; reward model; value model (or head) initialized from it."""
     sft = load_checkpoint(cfg.policy, device=device)
     if isinstance(sft.model, ScalarHeadModel):
         raise ConfigError(f"ppo: --policy {cfg.policy} is a reward model; expected the SFT (chat) model")
-    rm = load_checkpoint(cfg.reward_model, device=device, tokenizer=False).model
-    if not isinstance(rm, ScalarHeadModel):
+    rm = load_checkpoint(cfg.reward_model, device=device, tokenizer=False)
+    if not isinstance(rm.model, ScalarHeadModel):
         raise ConfigError(f"ppo: --reward-model {cfg.reward_model} is a language model; expected `chatforge reward`'s")
-    reference = copy.deepcopy(sft.model).eval()
-    value = copy.deepcopy(rm)
-    for p in rm.parameters():
-        p.requires_grad_(False)
-    return ActorCritic(sft.model, value), reference, rm.eval(), sft.tokenizer
+    check_same_tokens(sft, rm, cfg)
+    policy, dtype = sft.model, FROZEN_DTYPES[cfg.ppo.frozen_dtype]
+    if cfg.ppo.shared_value_head:
+        value = ValueHead.from_reward_model(rm.model, policy.config.n_embd)
+    else:
+        value = copy.deepcopy(rm.model)  # the value model starts as the reward model, in float32
+    reference = freeze(copy.deepcopy(policy), dtype)
+    return ActorCritic(policy, value), reference, freeze(rm.model, dtype), sft.tokenizer
+
+
+def check_same_tokens(sft: Checkpoint, rm: Checkpoint, cfg: PPOConfig) -> None:
+    """The reward model must read the policy's token ids: the same tokenizer and vocabulary size."""
+    if (rm.path / TOKENIZER_FILE).exists():  # `chatforge reward` saves it; a hand-made reward model may not
+        theirs, ours = load_tokenizer(rm.path).hash, sft.tokenizer.hash
+        if theirs != ours:
+            raise ConfigError(f"ppo: --reward-model {cfg.reward_model} was trained with another tokenizer than "
+                              f"--policy {cfg.policy} (tokenizer.json hash {theirs[:12]} vs {ours[:12]}); expected a "
+                              "reward model trained on the policy's tokenizer")
+    theirs, ours = rm.model.config.vocab_size, sft.model.config.vocab_size
+    if theirs != ours:
+        raise ConfigError(f"ppo: --reward-model {cfg.reward_model} has vocab_size {theirs} and --policy {cfg.policy} "
+                          f"{ours}; expected the same vocabulary (a reward model trained from the policy's model)")
+
+
+def describe_value_start(model: ActorCritic, rm: ScalarHeadModel) -> str:
+    """Where the value model starts, for the run's opening lines (see ValueHead.from_reward_model)."""
+    width = model.policy.config.n_embd
+    if not model.shared:
+        return "model: a float32 copy of the reward model"
+    if rm.config.n_embd == width:
+        return "head on the policy's trunk, started from the reward model's head"
+    return f"head on the policy's trunk, started at zeros (reward model width {rm.config.n_embd}, policy {width})"
 
 
 def run_ppo(cfg: PPOConfig, dist: DistInfo, resume: bool = False, overwrite: bool = False,
@@ -441,8 +621,11 @@ def run_ppo(cfg: PPOConfig, dist: DistInfo, resume: bool = False, overwrite: boo
         raise ConfigError("ppo: --prompts is required ({\"prompt\"} JSONL)")
     torch.manual_seed(cfg.train.seed)
     model, reference, rm, tokenizer = build_models(cfg, dist.device)
-    prompts = read_prompts(cfg.prompts).messages
-    val = read_prompts(cfg.val).messages if cfg.val else []
+    template, context = ChatTemplate(tokenizer), model.policy.config.context_length
+    prompts = fit_prompts(read_prompts(cfg.prompts).messages, cfg.prompts, "--prompts", template, context,
+                          cfg.ppo.max_new_tokens)
+    val = read_prompts(cfg.val).messages[: cfg.ppo.val_prompts] if cfg.val else []
+    val = fit_prompts(val, cfg.val, "--val", template, context, cfg.ppo.max_new_tokens)
     ptx = None
     if cfg.ppo.ptx_coef:
         if not cfg.ppo.ptx_data:
@@ -458,5 +641,6 @@ def run_ppo(cfg: PPOConfig, dist: DistInfo, resume: bool = False, overwrite: boo
         print(f"ppo: {len(prompts)} prompts, {cfg.ppo.rollout_batch} answers per iteration, "
               f"{cfg.ppo.ppo_epochs} epochs of minibatches of {cfg.ppo.minibatch}; beta {cfg.ppo.init_kl_coef}"
               f"{' (adaptive)' if cfg.ppo.adaptive_kl else ''}; {dist.world_size} process(es)")
+        print(f"ppo: value {describe_value_start(model, rm)}; reference and reward model in {cfg.ppo.frozen_dtype}")
     return trainer.fit(resume=resume, overwrite=overwrite)
 
