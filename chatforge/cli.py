@@ -415,6 +415,10 @@ def generate(checkpoint: str, prompts: tuple[str, ...], as_json: bool, max_batch
 
 cli.add_command(generate, "sample")  # the name issue 2 introduced; same command
 
+from chatforge.serve.feedback import feedback  # noqa: E402  (a click group of its own module)
+
+cli.add_command(feedback)
+
 
 @cli.command()
 @click.option("--checkpoint", required=True)
@@ -426,6 +430,45 @@ def export(checkpoint: str, fmt: str, out: str) -> None:
 
     path = export_checkpoint_hf(checkpoint, out)
     click.echo(f"export: {fmt} -> {path}")
+
+
+# ---- serving -----------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--checkpoint", required=True, help="A chat model (after `chatforge sft`, `ppo` or `dpo`).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--model-name", default="", help="Model id the API serves  [default: the checkpoint directory's name]")
+@click.option("--api-key", envvar="CHATFORGE_API_KEY", default=None, show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on /v1 and /metrics (/health stays open).")
+@click.option("--cors-origin", "cors_origins", multiple=True,
+              help="Allow browser requests from this origin (repeatable; '*' for any). Default: no CORS.")
+@click.option("--max-batch-size", default=16, show_default=True, help="Engine slots (sequences decoded together).")
+@click.option("--max-queue", default=64, show_default=True, help="Requests waiting for a slot before 429.")
+@click.option("--max-body-bytes", default=1_000_000, show_default=True, help="Larger request bodies get 413.")
+@click.option("--db", "db_url", default="", help="SQLAlchemy URL of the web page's conversation/feedback store  "
+              "[default: sqlite:///<stage dir>/chatforge.db beside a <stage>/checkpoint, else ./chatforge.db]")
+@click.option("--no-web", is_flag=True, help="Serve the API only (no web chat page).")
+@click.option("--moderation", default=None, metavar="FILE",
+              help="Moderate inputs and outputs with this config file ('default': the built-in list). Default: off.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@click.option("--shutdown-timeout", default=30.0, show_default=True,
+              help="Seconds running requests get to finish after SIGTERM.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+def serve(checkpoint: str, host: str, port: int, model_name: str, api_key: str | None, cors_origins: tuple[str, ...],
+          max_batch_size: int, max_queue: int, max_body_bytes: int, db_url: str, no_web: bool,
+          moderation: str | None, device: str, shutdown_timeout: float, log_level: str) -> None:
+    """Serve a model with the OpenAI API (/v1/completions, /v1/chat/completions) and the web chat page."""
+    from chatforge.serve.app import ServeConfig
+    from chatforge.serve.server import serve_checkpoint
+
+    serve_checkpoint(ServeConfig(
+        checkpoint=checkpoint, host=host, port=port, model_name=model_name, api_key=api_key or None,
+        cors_origins=list(cors_origins), max_batch_size=max_batch_size, max_queue=max_queue,
+        max_body_bytes=max_body_bytes, web=not no_web, db_url=db_url, moderation=moderation, device=device,
+        shutdown_timeout=shutdown_timeout, log_level=log_level))
 
 
 # ---- demo --------------------------------------------------------------------------------------

@@ -1,0 +1,83 @@
+"""Request bodies of the OpenAI-compatible routes (pydantic, strict types).
+
+Types are strict (``"5"`` is not an integer, ``true`` is not a number) and non-finite numbers are
+refused, so a malformed body is a 422 naming the field; value ranges are checked later, with the
+engine's own rules (`SamplingParams.validate`), as 400s. Unknown fields are ignored, as most
+OpenAI-compatible servers do. The extras beyond OpenAI's parameters (`top_k`, `min_p`,
+`repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids` and beam search) are plain
+body fields: the official client sends them with ``extra_body={...}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool | None = None
+
+
+class SamplingFields(_Body):
+    """What both endpoints share: OpenAI's decoding parameters and the engine's extras."""
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: Union[str, list[str], None] = None  # noqa: UP007 (pydantic reports the union members by name)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    user: str | None = None
+    # extras (vLLM / transformers names)
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    num_beams: int | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | None = None
+    no_repeat_ngram_size: int | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Union[str, list[str], list[int], list[list[int]]]  # noqa: UP007
+    suffix: str | None = None
+    echo: bool | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    role: str
+    content: Union[str, list[ContentPart], None] = None  # noqa: UP007
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None

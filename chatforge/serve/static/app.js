@@ -1,0 +1,596 @@
+// chatforge web chat: plain JavaScript, no build step, no dependencies.
+//
+// Answers stream from the OpenAI-compatible /v1/chat/completions (fetch + ReadableStream over its
+// server-sent events); conversations, thumbs and comparisons are kept through the /api/ routes.
+// Every text that comes from a user or a model is put on the page with textContent, never as markup.
+'use strict';
+
+(() => {
+  const KEY_STORAGE = 'chatforge.apiKey';
+  const SETTINGS_STORAGE = 'chatforge.settings';
+  const DEFAULT_MODEL = 'chatforge';
+
+  const $ = (id) => document.getElementById(id);
+  const state = {
+    conversation: null, // {id, title, ...} once the first message is sent
+    messages: [], // the shown branch, root first: {id, role, content, parent_id, siblings, rating, ...}
+    busy: false,
+    controller: null, // AbortController of the answer(s) being streamed
+    compare: null, // {user, a, b, system, params, model} while a comparison waits for the user's choice
+    view: 0, // counts switches of the shown conversation: work that outlives a switch leaves the page alone
+    compareRun: 0, // counts comparisons started or discarded: a discarded one's answers are dropped
+  };
+
+  // ---- small helpers -------------------------------------------------------------------------
+
+  function el(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text; // text, never markup
+    return node;
+  }
+
+  function button(label, className, onClick, title) {
+    const node = el('button', className, label);
+    node.type = 'button';
+    if (title) {
+      node.title = title;
+      node.setAttribute('aria-label', title);
+    }
+    node.addEventListener('click', onClick);
+    return node;
+  }
+
+  function setStatus(text, isError = false) {
+    const status = $('status');
+    status.textContent = text || '';
+    status.classList.toggle('error', Boolean(isError && text));
+  }
+
+  function apiKey() {
+    return localStorage.getItem(KEY_STORAGE) || '';
+  }
+
+  function headers(json) {
+    const out = {};
+    if (json) out['Content-Type'] = 'application/json';
+    const key = apiKey();
+    if (key) out.Authorization = `Bearer ${key}`;
+    return out;
+  }
+
+  async function errorMessage(response) {
+    let message = response.statusText || 'request failed';
+    try {
+      const body = await response.json();
+      if (body && body.error) message = body.error.message || JSON.stringify(body.error);
+      else if (body && body.detail) message = typeof body.detail === 'string' ? body.detail : JSON.stringify(body.detail);
+    } catch (e) {
+      // not JSON: keep the status text
+    }
+    if (response.status === 401) message += ' (enter the API key under Settings)';
+    return `${response.status}: ${message}`;
+  }
+
+  async function api(method, path, body) {
+    const response = await fetch(path, {
+      method,
+      headers: headers(body !== undefined),
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    if (!response.ok) throw new Error(await errorMessage(response));
+    return response.status === 204 ? null : response.json();
+  }
+
+  // ---- settings ------------------------------------------------------------------------------
+
+  function numberField(id, parse) {
+    const value = parse($(id).value);
+    return Number.isFinite(value) ? value : undefined;
+  }
+
+  function currentSettings() {
+    return {
+      model: $('model').value || DEFAULT_MODEL,
+      temperature: numberField('temperature', parseFloat),
+      top_p: numberField('top-p', parseFloat),
+      max_tokens: numberField('max-tokens', (v) => parseInt(v, 10)),
+    };
+  }
+
+  function samplingParams() {
+    const s = currentSettings();
+    const params = {};
+    for (const key of ['temperature', 'top_p', 'max_tokens']) if (s[key] !== undefined) params[key] = s[key];
+    return params;
+  }
+
+  function saveSettings() {
+    const s = currentSettings();
+    s.system_prompt = $('system-prompt').value;
+    s.compare = $('compare-mode').checked;
+    localStorage.setItem(SETTINGS_STORAGE, JSON.stringify(s));
+  }
+
+  function applySettings(s) {
+    if (!s) return;
+    if (typeof s.system_prompt === 'string') $('system-prompt').value = s.system_prompt;
+    if (s.temperature !== undefined) $('temperature').value = s.temperature;
+    if (s.top_p !== undefined) $('top-p').value = s.top_p;
+    if (s.max_tokens !== undefined) $('max-tokens').value = s.max_tokens;
+    if (typeof s.compare === 'boolean') $('compare-mode').checked = s.compare;
+    if (s.model) selectModel(s.model);
+  }
+
+  function selectModel(id) {
+    const select = $('model');
+    if (![...select.options].some((o) => o.value === id)) select.append(new Option(id, id));
+    select.value = id;
+  }
+
+  async function loadModels() {
+    const select = $('model');
+    const wanted = select.value || (JSON.parse(localStorage.getItem(SETTINGS_STORAGE) || '{}').model);
+    try {
+      const response = await fetch('/v1/models', { headers: headers(false) });
+      if (!response.ok) throw new Error(await errorMessage(response));
+      const ids = ((await response.json()).data || []).map((m) => m.id).filter(Boolean);
+      select.replaceChildren(...ids.map((id) => new Option(id, id)));
+      if (wanted && ids.includes(wanted)) select.value = wanted;
+    } catch (e) {
+      if (!select.options.length) select.append(new Option(DEFAULT_MODEL, DEFAULT_MODEL));
+      setStatus(`models: ${e.message}`, true);
+    }
+  }
+
+  // ---- server-sent events --------------------------------------------------------------------
+
+  // Yield the data of each event of an SSE body (multi-line data joined by newlines).
+  async function* sseData(body) {
+    const reader = body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = '';
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        // line ends may be \r\n, \n or \r; a '\r' that ends the chunk may be half of a '\r\n': it waits
+        buffer = (buffer + decoder.decode(value, { stream: true })).replace(/\r\n/g, '\n').replace(/\r(?!$)/g, '\n');
+        let end;
+        while ((end = buffer.indexOf('\n\n')) >= 0) {
+          const block = buffer.slice(0, end);
+          buffer = buffer.slice(end + 2);
+          const data = block.split('\n').filter((line) => line.startsWith('data:'))
+            .map((line) => line.slice(5).replace(/^ /, '')).join('\n');
+          if (data) yield data;
+        }
+      }
+    } finally {
+      reader.cancel().catch(() => {});
+    }
+  }
+
+  // Stream one chat completion; onText gets the whole answer so far. Never throws: returns
+  // {text, finish, stopped, error}.
+  async function streamChat(messages, onText, signal) {
+    const settings = currentSettings();
+    const body = { model: settings.model, messages, stream: true, ...samplingParams() };
+    let text = '';
+    let finish = null;
+    try {
+      const response = await fetch('/v1/chat/completions', {
+        method: 'POST', headers: headers(true), body: JSON.stringify(body), signal,
+      });
+      if (!response.ok) throw new Error(await errorMessage(response));
+      for await (const data of sseData(response.body)) {
+        if (data === '[DONE]') break;
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message || 'the server reported an error');
+        const choice = (chunk.choices || [])[0];
+        if (!choice) continue;
+        if (choice.delta && typeof choice.delta.content === 'string' && choice.delta.content) {
+          text += choice.delta.content;
+          onText(text);
+        }
+        if (choice.finish_reason) finish = choice.finish_reason;
+      }
+    } catch (e) {
+      if ((signal && signal.aborted) || e.name === 'AbortError') return { text, finish: 'stopped', stopped: true };
+      return { text, finish, error: e };
+    }
+    return { text, finish: finish || 'stop' };
+  }
+
+  // ---- busy state ----------------------------------------------------------------------------
+
+  function startBusy() {
+    state.busy = true;
+    state.controller = new AbortController();
+    $('send').disabled = true;
+    $('stop').disabled = false;
+    document.body.classList.add('busy');
+    return state.controller;
+  }
+
+  function endBusy() {
+    state.busy = false;
+    state.controller = null;
+    $('send').disabled = false;
+    $('stop').disabled = true;
+    document.body.classList.remove('busy');
+  }
+
+  function stop() {
+    if (state.controller) state.controller.abort();
+  }
+
+  // ---- conversations -------------------------------------------------------------------------
+
+  async function loadConversations() {
+    let list;
+    try {
+      list = await api('GET', '/api/conversations');
+    } catch (e) {
+      setStatus(`conversations: ${e.message}`, true);
+      return;
+    }
+    const current = state.conversation && state.conversation.id;
+    $('conversations').replaceChildren(...list.map((c) => {
+      const item = el('li', c.id === current ? 'active' : '');
+      item.dataset.id = c.id;
+      item.append(button(c.title || 'Untitled', 'open', () => openConversation(c.id)));
+      item.append(button('×', 'delete', () => deleteConversation(c.id), 'Delete conversation'));
+      return item;
+    }));
+  }
+
+  function showConversation(conv) {
+    state.conversation = conv;
+    state.messages = conv.messages || [];
+    $('title').textContent = conv.title || 'Untitled';
+    render();
+  }
+
+  async function openConversation(id) {
+    state.view += 1;
+    stop();
+    closeCompare();
+    try {
+      const conv = await api('GET', `/api/conversations/${id}`);
+      $('system-prompt').value = conv.system_prompt || '';
+      applySettings(conv.settings);
+      showConversation(conv);
+      setStatus('');
+    } catch (e) {
+      setStatus(e.message, true);
+    }
+    loadConversations();
+  }
+
+  // Show the stored state of conversation `id`, unless the user went to another one meanwhile.
+  async function reloadConversation(id, view) {
+    const conv = await api('GET', `/api/conversations/${id}`);
+    if (state.view === view) showConversation(conv);
+  }
+
+  async function deleteConversation(id) {
+    try {
+      await api('DELETE', `/api/conversations/${id}`);
+      if (state.conversation && state.conversation.id === id) newChat();
+    } catch (e) {
+      setStatus(e.message, true);
+    }
+    loadConversations();
+  }
+
+  function newChat() {
+    state.view += 1;
+    stop();
+    closeCompare();
+    state.conversation = null;
+    state.messages = [];
+    $('title').textContent = 'New chat';
+    $('input').value = '';
+    setStatus('');
+    render();
+    loadConversations();
+    $('input').focus();
+  }
+
+  // Create the conversation on its first message; later, keep its system prompt and settings current.
+  async function ensureConversation() {
+    const body = { system_prompt: $('system-prompt').value, settings: currentSettings() };
+    if (!state.conversation) {
+      state.conversation = await api('POST', '/api/conversations', body);
+    } else if (state.conversation.system_prompt !== body.system_prompt
+               || JSON.stringify(state.conversation.settings) !== JSON.stringify(body.settings)) {
+      state.conversation = await api('PATCH', `/api/conversations/${state.conversation.id}`, body);
+    }
+    return state.conversation.id;
+  }
+
+  function systemPrompt() {
+    return $('system-prompt').value;
+  }
+
+  // The OpenAI messages an answer to `user` is made from: system turn, then the branch up to `user`.
+  function requestMessages(user) {
+    const index = state.messages.findIndex((m) => m.id === user.id);
+    const turns = state.messages.slice(0, index + 1).map((m) => ({ role: m.role, content: m.content }));
+    const system = systemPrompt();
+    return system.trim() ? [{ role: 'system', content: system }, ...turns] : turns;
+  }
+
+  function truncateAfter(user) {
+    const index = state.messages.findIndex((m) => m.id === user.id);
+    state.messages = state.messages.slice(0, index + 1);
+  }
+
+  // ---- sending and answering -----------------------------------------------------------------
+
+  async function send(event) {
+    if (event) event.preventDefault();
+    const text = $('input').value;
+    if (!text.trim() || state.busy) return;
+    closeCompare();
+    setStatus('');
+    startBusy(); // no second send while this one is stored
+    let user;
+    try {
+      const conversationId = await ensureConversation();
+      // after an unanswered user turn, the new one takes its place (a sibling), as user turns alternate with answers
+      const last = state.messages[state.messages.length - 1];
+      const parentId = !last ? null : last.role === 'user' ? last.parent_id : last.id;
+      user = await api('POST', `/api/conversations/${conversationId}/messages`,
+        { role: 'user', content: text, parent_id: parentId });
+      if (last && last.role === 'user') state.messages.pop();
+    } catch (e) {
+      endBusy();
+      setStatus(e.message, true);
+      return;
+    }
+    $('input').value = '';
+    state.messages.push({ ...user, siblings: [user.id], rating: 0 });
+    if (!state.conversation.title) state.conversation.title = text;
+    $('title').textContent = state.conversation.title || 'Untitled';
+    loadConversations();
+    await respond(user);
+  }
+
+  function respond(user) {
+    return $('compare-mode').checked ? compareAnswers(user) : answer(user);
+  }
+
+  async function answer(user) {
+    const view = state.view;
+    const conversationId = state.conversation.id;
+    const controller = startBusy();
+    truncateAfter(user);
+    render();
+    const bubble = el('div', 'msg assistant streaming');
+    bubble.append(el('div', 'role', 'Assistant'));
+    const content = el('div', 'content', '');
+    bubble.append(content);
+    $('messages').append(bubble);
+    scrollDown();
+    const messages = requestMessages(user);
+    const params = samplingParams();
+    const model = currentSettings().model;
+    const system = systemPrompt();
+    const result = await streamChat(messages, (text) => {
+      content.textContent = text;
+      scrollDown();
+    }, controller.signal);
+    $('stop').disabled = true; // still busy until the answer is stored: the next turn must follow it
+    if (result.error) setStatus(`answer: ${result.error.message}`, true);
+    else if (result.stopped) setStatus('Stopped.');
+    else if (!result.text.trim()) setStatus('The model gave an empty answer.', true);
+    try {
+      // an answer cut by an error is not kept: the user turn stays, to answer again
+      if (result.text.trim() && !result.error) {
+        await api('POST', `/api/conversations/${conversationId}/messages`, {
+          role: 'assistant', content: result.text, parent_id: user.id, system, params, model,
+          finish_reason: result.finish,
+        });
+        await reloadConversation(conversationId, view);
+      }
+    } catch (e) {
+      setStatus(e.message, true);
+    } finally {
+      endBusy();
+      render();
+    }
+  }
+
+  function regenerate(message) {
+    const index = state.messages.findIndex((m) => m.id === message.id);
+    const user = state.messages[index - 1];
+    if (!user || state.busy) return;
+    setStatus('');
+    respond(user);
+  }
+
+  async function selectBranch(messageId) {
+    if (state.busy) return;
+    try {
+      showConversation(await api('POST', `/api/conversations/${state.conversation.id}/branch`,
+        { message_id: messageId }));
+    } catch (e) {
+      setStatus(e.message, true);
+    }
+  }
+
+  async function rate(message, value) {
+    const rating = message.rating === value ? 0 : value;
+    try {
+      await api('PUT', `/api/messages/${message.id}/rating`, { rating });
+      message.rating = rating;
+      render();
+    } catch (e) {
+      setStatus(e.message, true);
+    }
+  }
+
+  // ---- compare mode --------------------------------------------------------------------------
+
+  function choiceButtons() {
+    return [$('prefer-a'), $('prefer-b'), $('prefer-tie')];
+  }
+
+  function closeCompare() {
+    state.compareRun += 1;
+    state.compare = null;
+    $('compare').hidden = true;
+    $('answer-a').textContent = '';
+    $('answer-b').textContent = '';
+    for (const b of choiceButtons()) b.disabled = true;
+  }
+
+  async function compareAnswers(user) {
+    const view = state.view;
+    closeCompare();
+    const run = state.compareRun;
+    const controller = startBusy();
+    truncateAfter(user);
+    render();
+    $('compare').hidden = false;
+    const messages = requestMessages(user);
+    const pending = {
+      user, system: systemPrompt(), params: samplingParams(), model: currentSettings().model,
+    };
+    const show = (id) => (text) => {
+      $(id).textContent = text;
+    };
+    const [a, b] = await Promise.all([
+      streamChat(messages, show('answer-a'), controller.signal),
+      streamChat(messages, show('answer-b'), controller.signal),
+    ]);
+    endBusy();
+    if (state.view !== view || state.compareRun !== run) { // left this conversation, or discarded
+      render();
+      return;
+    }
+    const error = a.error || b.error;
+    if (error) setStatus(`compare: ${error.message}`, true);
+    else if (a.stopped || b.stopped) setStatus('Stopped.');
+    if (!a.text.trim() || !b.text.trim()) {
+      if (!error) setStatus('compare: an answer is empty; discard and try again', true);
+      render();
+      return;
+    }
+    state.compare = { ...pending, a: a.text, b: b.text };
+    for (const btn of choiceButtons()) btn.disabled = false;
+    render();
+  }
+
+  async function choose(choice) {
+    const c = state.compare;
+    if (!c) return;
+    for (const b of choiceButtons()) b.disabled = true;
+    try {
+      const conversationId = state.conversation.id;
+      await api('POST', '/api/comparisons', {
+        conversation_id: conversationId, parent_id: c.user.id, answer_a: c.a, answer_b: c.b, choice,
+        system: c.system, params: c.params, model: c.model,
+      });
+      closeCompare();
+      await reloadConversation(conversationId, state.view);
+      setStatus(choice === 'tie' ? 'Recorded: a tie.' : `Recorded: answer ${choice.toUpperCase()} is better.`);
+    } catch (e) {
+      for (const b of choiceButtons()) b.disabled = false;
+      setStatus(e.message, true);
+    }
+  }
+
+  // ---- rendering -----------------------------------------------------------------------------
+
+  function scrollDown() {
+    const box = $('messages');
+    box.scrollTop = box.scrollHeight;
+  }
+
+  const FINISH_NOTES = { stopped: 'stopped', length: 'cut at max tokens', content_filter: 'filtered' };
+
+  function renderMessage(message, isLast) {
+    const node = el('div', `msg ${message.role}`);
+    node.dataset.id = message.id;
+    node.append(el('div', 'role', message.role === 'user' ? 'You' : 'Assistant'));
+    node.append(el('div', 'content', message.content));
+    const actions = el('div', 'actions');
+    const siblings = message.siblings || [message.id];
+    if (siblings.length > 1) {
+      const at = siblings.indexOf(message.id);
+      const prev = button('‹', 'branch-prev', () => selectBranch(siblings[at - 1]), 'Previous version');
+      const next = button('›', 'branch-next', () => selectBranch(siblings[at + 1]), 'Next version');
+      prev.disabled = at <= 0 || state.busy;
+      next.disabled = at >= siblings.length - 1 || state.busy;
+      actions.append(prev, el('span', 'branch-pos', `${at + 1}/${siblings.length}`), next);
+    }
+    if (message.role === 'assistant') {
+      const up = button('▲ Good', 'thumb up', () => rate(message, 1), 'Thumbs up: good answer');
+      const down = button('▼ Bad', 'thumb down', () => rate(message, -1), 'Thumbs down: bad answer');
+      up.setAttribute('aria-pressed', String(message.rating === 1));
+      down.setAttribute('aria-pressed', String(message.rating === -1));
+      actions.append(up, down);
+      if (isLast && !state.busy && !state.compare) {
+        actions.append(button('↻ Regenerate', 'regenerate', () => regenerate(message), 'Regenerate this answer'));
+      }
+      const note = FINISH_NOTES[message.finish_reason];
+      if (note) actions.append(el('span', 'note', `(${note})`));
+    } else if (isLast && !state.busy && !state.compare) {
+      actions.append(button('↻ Answer', 'retry', () => respond(message), 'Answer this message'));
+    }
+    if (actions.childNodes.length) node.append(actions);
+    return node;
+  }
+
+  function render() {
+    const last = state.messages.length - 1;
+    $('messages').replaceChildren(...state.messages.map((m, i) => renderMessage(m, i === last)));
+    if (!state.messages.length) {
+      $('messages').append(el('p', 'empty', 'Send a message to start a conversation.'));
+    }
+    for (const item of $('conversations').children) {
+      item.classList.toggle('active', Boolean(state.conversation) && item.dataset.id === String(state.conversation.id));
+    }
+    scrollDown();
+  }
+
+  // ---- start ---------------------------------------------------------------------------------
+
+  function init() {
+    $('api-key').value = apiKey();
+    applySettings(JSON.parse(localStorage.getItem(SETTINGS_STORAGE) || 'null'));
+    $('api-key').addEventListener('change', () => {
+      const key = $('api-key').value.trim();
+      if (key) localStorage.setItem(KEY_STORAGE, key);
+      else localStorage.removeItem(KEY_STORAGE);
+      setStatus('');
+      loadModels();
+      loadConversations();
+    });
+    for (const id of ['model', 'system-prompt', 'temperature', 'top-p', 'max-tokens', 'compare-mode']) {
+      $(id).addEventListener('change', saveSettings);
+    }
+    $('composer').addEventListener('submit', send);
+    $('input').addEventListener('keydown', (event) => {
+      if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) send(event);
+    });
+    $('stop').addEventListener('click', stop);
+    $('new-chat').addEventListener('click', newChat);
+    $('prefer-a').addEventListener('click', () => choose('a'));
+    $('prefer-b').addEventListener('click', () => choose('b'));
+    $('prefer-tie').addEventListener('click', () => choose('tie'));
+    $('compare-cancel').addEventListener('click', () => {
+      stop();
+      closeCompare();
+      render();
+    });
+    render();
+    loadModels();
+    loadConversations();
+  }
+
+  if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', init);
+  else init();
+})();

@@ -1,0 +1,540 @@
+"""The conversation and feedback store of the web chat: SQLAlchemy 2.x models and a small repository.
+
+Any SQLAlchemy URL works (``sqlite:///chats.db``, ``postgresql+psycopg://…``); a plain path is a
+SQLite file. Tables are created when a `Store` opens the database.
+
+Schema (ids are integers; times are UTC):
+
+- ``conversations``: ``id``, ``title``, ``system_prompt`` (the one the page shows and sends next),
+  ``settings`` (JSON: model, temperature, top_p, max_tokens), ``active_leaf_id`` (the message the
+  shown branch ends at), ``created_at``, ``updated_at``.
+- ``messages``: a tree per conversation. ``id``, ``conversation_id``, ``parent_id`` (NULL for the
+  first user turn), ``role`` (``user`` | ``assistant``), ``content``, and for answers the
+  ``system`` prompt, sampling ``params`` (JSON), ``model`` and ``finish_reason`` they were made
+  with. Regenerating an answer adds a sibling (same parent); the shown branch is the path from the
+  root to ``active_leaf_id``. A user turn follows an answer (or starts the tree); an answer
+  follows a user turn.
+- ``ratings``: thumbs on answers. ``id``, ``message_id`` (unique), ``value`` (+1 up, -1 down).
+- ``comparisons``: two answers to one prompt and which one the user preferred. ``id``,
+  ``conversation_id`` (NULL for a comparison made outside a conversation), ``prompt`` (JSON: the
+  OpenAI messages the answers were made from, system turn included, ending with the user turn),
+  ``answer_a``, ``answer_b``, ``choice`` (``a`` | ``b`` | ``tie``), ``message_a_id`` and
+  ``message_b_id`` (the answers, stored as sibling messages too), ``params``, ``model``.
+
+Deleting a conversation deletes its messages, their ratings and its comparisons.
+
+The repository returns plain dicts (JSON-ready), never ORM objects that outlive their session.
+Errors a user can cause raise `StoreError` (`NotFoundError` for an unknown id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, create_engine, delete, event, func, select
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from chatforge.errors import ChatforgeError
+
+DEFAULT_DB_URL = "sqlite:///chatforge.db"
+ROLES = ("user", "assistant")
+CHOICES = ("a", "b", "tie")
+TITLE_CHARS = 60
+#: Use as `parent_id` to mean "after the message the shown branch ends at".
+ACTIVE = object()
+
+
+class StoreError(ChatforgeError):
+    """A request the store cannot carry out (bad role, parent, rating, choice …)."""
+
+
+class NotFoundError(StoreError):
+    """No conversation, message or comparison with that id."""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # SQLite keeps no time zone: every time stored is UTC
+        value = value.replace(tzinfo=timezone.utc)
+    return value.isoformat()
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ConversationRow(Base):
+    __tablename__ = "conversations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    title: Mapped[str] = mapped_column(String(200), default="")
+    system_prompt: Mapped[str] = mapped_column(Text, default="")
+    settings: Mapped[dict] = mapped_column(JSON, default=dict)
+    # no foreign key: a conversation and its messages would point at each other
+    active_leaf_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)
+
+
+class MessageRow(Base):
+    __tablename__ = "messages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"), index=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), nullable=True,
+                                                  index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str] = mapped_column(Text)
+    system: Mapped[str | None] = mapped_column(Text, nullable=True)  # answers: the system prompt in effect
+    params: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # answers: temperature, top_p, max_tokens
+    model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    finish_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class RatingRow(Base):
+    __tablename__ = "ratings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), unique=True)
+    value: Mapped[int] = mapped_column(Integer)  # +1 thumbs up, -1 thumbs down
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class ComparisonRow(Base):
+    __tablename__ = "comparisons"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    conversation_id: Mapped[int | None] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"),
+                                                        nullable=True, index=True)
+    prompt: Mapped[list] = mapped_column(JSON)  # OpenAI messages ending with the user turn
+    answer_a: Mapped[str] = mapped_column(Text)
+    answer_b: Mapped[str] = mapped_column(Text)
+    choice: Mapped[str] = mapped_column(String(8))  # "a", "b" or "tie"
+    message_a_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="SET NULL"), nullable=True)
+    message_b_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="SET NULL"), nullable=True)
+    params: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening a database
+
+
+def database_url(value: str | Path) -> str:
+    """A SQLAlchemy URL; a plain path (no ``://``) names a SQLite file."""
+    text = str(value).strip()
+    if not text:
+        raise StoreError("database: empty URL; expected a SQLAlchemy URL such as sqlite:///chats.db or a file path")
+    if "://" not in text:
+        return f"sqlite:///{Path(text).expanduser()}"
+    return text
+
+
+def make_engine(url: str | Path) -> Engine:
+    """An engine for `url`: SQLite gets a connection usable from any thread and enforced foreign keys;
+    an in-memory SQLite database is one connection shared by every session (else each would be empty)."""
+    text = database_url(url)
+    try:
+        parsed = make_url(text)
+    except ArgumentError as e:
+        raise StoreError(f"database: cannot parse URL {text!r}; expected a SQLAlchemy URL such as "
+                         "sqlite:///chats.db") from e
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        kwargs["connect_args"] = {"check_same_thread": False}
+        if parsed.database in (None, "", ":memory:"):
+            kwargs["poolclass"] = StaticPool
+        else:
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    try:
+        engine = create_engine(parsed, **kwargs)
+    except Exception as e:  # a driver that is not installed, a bad option
+        raise StoreError(f"database: cannot open {parsed.render_as_string(hide_password=True)} ({e})") from e
+    if parsed.get_backend_name() == "sqlite":
+        in_file = "poolclass" not in kwargs
+        event.listen(engine, "connect", lambda connection, _record: _sqlite_pragmas(connection, in_file))
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection, in_file: bool) -> None:
+    """Enforced foreign keys; for a file, write-ahead logging: readers never wait for the writer, and a
+    commit is one append (synchronous=NORMAL: a power cut may lose the last commits, never the file)."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    if in_file:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The repository
+
+
+class Store:
+    """Conversations, messages, ratings and comparisons in one database (tables created on open)."""
+
+    def __init__(self, url: str | Path = DEFAULT_DB_URL, create: bool = True) -> None:
+        self.url = database_url(url)
+        self.engine = make_engine(self.url)
+        if create:
+            Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        with self._sessions() as session, session.begin():
+            yield session
+
+    # ---- conversations ----------------------------------------------------------------------
+
+    def create_conversation(self, title: str = "", system_prompt: str = "", settings: dict | None = None) -> dict:
+        with self._session() as s:
+            conv = ConversationRow(title=_title(title), system_prompt=system_prompt or "", settings=settings or {})
+            s.add(conv)
+            s.flush()
+            return _conversation_dict(conv)
+
+    def list_conversations(self, limit: int = 200) -> list[dict]:
+        """The most recently updated conversations first."""
+        with self._session() as s:
+            rows = s.scalars(select(ConversationRow).order_by(ConversationRow.updated_at.desc(),
+                                                              ConversationRow.id.desc()).limit(limit))
+            return [_conversation_dict(c) for c in rows]
+
+    def get_conversation(self, conversation_id: int) -> dict:
+        """The conversation with ``messages``: the shown branch, root first, each with its ``siblings``
+        (ids of the messages sharing its parent, itself included, oldest first) and its ``rating``."""
+        with self._session() as s:
+            conv = _get(s, ConversationRow, conversation_id, "conversation")
+            return self._with_branch(s, conv)
+
+    def update_conversation(self, conversation_id: int, title: str | None = None, system_prompt: str | None = None,
+                            settings: dict | None = None) -> dict:
+        with self._session() as s:
+            conv = _get(s, ConversationRow, conversation_id, "conversation")
+            if title is not None:
+                conv.title = _title(title)
+            if system_prompt is not None:
+                conv.system_prompt = system_prompt
+            if settings is not None:
+                conv.settings = dict(settings)
+            conv.updated_at = _now()
+            return _conversation_dict(conv)
+
+    def delete_conversation(self, conversation_id: int) -> None:
+        with self._session() as s:
+            _get(s, ConversationRow, conversation_id, "conversation")
+            ids = select(MessageRow.id).where(MessageRow.conversation_id == conversation_id)
+            # explicit, children first: correct whether or not the database enforces ON DELETE CASCADE
+            s.execute(delete(RatingRow).where(RatingRow.message_id.in_(ids)))
+            s.execute(delete(ComparisonRow).where(ComparisonRow.conversation_id == conversation_id))
+            s.execute(delete(MessageRow).where(MessageRow.conversation_id == conversation_id)
+                      .execution_options(synchronize_session=False))
+            s.execute(delete(ConversationRow).where(ConversationRow.id == conversation_id))
+
+    def select_branch(self, conversation_id: int, message_id: int) -> dict:
+        """Show the branch through `message_id`: it continues to its newest descendant at each step."""
+        with self._session() as s:
+            conv = _get(s, ConversationRow, conversation_id, "conversation")
+            messages = _messages(s, conversation_id)
+            if message_id not in messages:
+                raise NotFoundError(f"message {message_id} is not in conversation {conversation_id}")
+            children = _children(messages.values())
+            leaf = message_id
+            while children.get(leaf):
+                leaf = children[leaf][-1]
+            conv.active_leaf_id = leaf
+            return self._with_branch(s, conv, messages)
+
+    # ---- messages ---------------------------------------------------------------------------
+
+    def add_message(self, conversation_id: int, role: str, content: str, parent_id: int | None | object = ACTIVE,
+                    system: str | None = None, params: dict | None = None, model: str | None = None,
+                    finish_reason: str | None = None) -> dict:
+        """Add a turn after `parent_id` (default: where the shown branch ends) and show its branch.
+
+        An answer records the system prompt it was made with (`system`; default: the conversation's).
+        The first user turn names an untitled conversation.
+        """
+        if role not in ROLES:
+            raise StoreError(f"message: unknown role {role!r}; expected one of {list(ROLES)}")
+        if not isinstance(content, str) or not content.strip():
+            raise StoreError(f"message: empty content in {_a(role)} turn; expected non-empty text")
+        with self._session() as s:
+            conv = _get(s, ConversationRow, conversation_id, "conversation")
+            parent = conv.active_leaf_id if parent_id is ACTIVE else parent_id
+            self._check_parent(s, conversation_id, role, parent)
+            if role == "assistant" and system is None:
+                system = conv.system_prompt
+            row = MessageRow(conversation_id=conversation_id, parent_id=parent, role=role, content=content,
+                             system=system if role == "assistant" else None,
+                             params=params if role == "assistant" else None, model=model,
+                             finish_reason=finish_reason)
+            s.add(row)
+            s.flush()
+            conv.active_leaf_id = row.id
+            conv.updated_at = _now()
+            if role == "user" and not conv.title:
+                conv.title = _title(content)
+            return _message_dict(row)
+
+    def _check_parent(self, s: Session, conversation_id: int, role: str, parent_id: int | None) -> None:
+        if parent_id is None:
+            if role != "user":
+                raise StoreError("message: an assistant turn needs the user turn it answers (parent_id)")
+            return
+        parent = s.get(MessageRow, parent_id)
+        if parent is None or parent.conversation_id != conversation_id:
+            raise NotFoundError(f"message {parent_id} is not in conversation {conversation_id}")
+        expected = "assistant" if role == "user" else "user"
+        if parent.role != expected:
+            raise StoreError(f"message: {_a(role)} turn must follow {_a(expected)} turn, but message {parent_id} "
+                             f"is {_a(parent.role)} turn")
+
+    def get_message(self, message_id: int) -> dict:
+        with self._session() as s:
+            row = _get(s, MessageRow, message_id, "message")
+            out = _message_dict(row)
+            out["rating"] = _ratings(s, [row.id]).get(row.id, 0)
+            return out
+
+    def context(self, message_id: int, system: str | None = None) -> list[dict[str, str]]:
+        """The OpenAI messages up to and including `message_id`, system turn first (when not blank).
+
+        The system prompt is `system` when given, else the one the path's last answer was made with,
+        else the conversation's."""
+        with self._session() as s:
+            row = _get(s, MessageRow, message_id, "message")
+            return _context(s, row, system)
+
+    # ---- ratings ----------------------------------------------------------------------------
+
+    def rate(self, message_id: int, value: int | None) -> dict:
+        """Thumbs up (+1) or down (-1) on an answer; 0 or None takes the rating back."""
+        if value not in (1, -1, 0, None):
+            raise StoreError(f"rating: got {value!r}; expected 1 (thumbs up), -1 (thumbs down) or 0 (none)")
+        with self._session() as s:
+            message = _get(s, MessageRow, message_id, "message")
+            if message.role != "assistant":
+                raise StoreError(f"rating: message {message_id} is {_a(message.role)} turn; only answers are rated")
+            row = s.scalar(select(RatingRow).where(RatingRow.message_id == message_id))
+            if not value:
+                if row is not None:
+                    s.delete(row)
+            elif row is None:
+                s.add(RatingRow(message_id=message_id, value=value))
+            else:
+                row.value, row.updated_at = value, _now()
+            return {"message_id": message_id, "rating": value or 0}
+
+    def rated_answers(self) -> list[dict]:
+        """Every rated answer: ``message_id``, ``conversation_id``, ``prompt`` (its context, ending with
+        the user turn it answers), ``content`` and ``rating``, oldest first."""
+        with self._session() as s:
+            rated = select(MessageRow.conversation_id).join(RatingRow, RatingRow.message_id == MessageRow.id)
+            # every message of every conversation with a rating, read once: contexts are walked in memory
+            messages = {m.id: m for m in s.scalars(select(MessageRow).where(MessageRow.conversation_id.in_(rated)))}
+            rows = s.execute(select(RatingRow.message_id, RatingRow.value).order_by(RatingRow.message_id)).all()
+            out = []
+            for message_id, value in rows:
+                message = messages[message_id]
+                out.append({"message_id": message.id, "conversation_id": message.conversation_id,
+                            "prompt": _context(s, messages[message.parent_id], message.system, messages),
+                            "content": message.content, "rating": value})
+            return out
+
+    # ---- comparisons ------------------------------------------------------------------------
+
+    def add_comparison(self, answer_a: str, answer_b: str, choice: str, *, conversation_id: int | None = None,
+                       parent_id: int | None = None, prompt: list[dict] | None = None, system: str | None = None,
+                       params: dict | None = None, model: str | None = None, add_messages: bool = True) -> dict:
+        """Record two answers to one prompt and the user's choice ("a", "b" or "tie").
+
+        The prompt is the context of `parent_id` (a user turn of `conversation_id`; the system turn is
+        `system`, default the conversation's) or, outside a conversation, `prompt` (OpenAI messages
+        ending with a user turn). In a conversation both answers are added as sibling answers of the
+        user turn too (`add_messages`), and the preferred one (A on a tie) becomes the shown branch.
+        """
+        if choice not in CHOICES:
+            raise StoreError(f"comparison: choice {choice!r}; expected one of {list(CHOICES)}")
+        for name, answer in (("answer_a", answer_a), ("answer_b", answer_b)):
+            if not isinstance(answer, str) or not answer.strip():
+                raise StoreError(f"comparison: {name} is empty; expected the text of an answer")
+        if (parent_id is None) == (prompt is None):
+            raise StoreError("comparison: give either parent_id (a user turn of a conversation) or prompt "
+                             "(messages ending with a user turn)")
+        if parent_id is not None and conversation_id is None:
+            raise StoreError("comparison: parent_id needs the conversation_id it belongs to")
+        if prompt is not None:
+            prompt = _checked_prompt(prompt)
+        with self._session() as s:
+            if conversation_id is not None:
+                conv = _get(s, ConversationRow, conversation_id, "conversation")
+            message_ids: list[int | None] = [None, None]
+            if parent_id is not None:
+                parent = s.get(MessageRow, parent_id)
+                if parent is None or parent.conversation_id != conversation_id:
+                    raise NotFoundError(f"message {parent_id} is not in conversation {conversation_id}")
+                if parent.role != "user":
+                    raise StoreError(f"comparison: message {parent_id} is {_a(parent.role)} turn; expected the "
+                                     "user turn both answers reply to")
+                if system is None:
+                    system = conv.system_prompt
+                prompt = _context(s, parent, system)
+                if add_messages:
+                    rows = [MessageRow(conversation_id=conversation_id, parent_id=parent_id, role="assistant",
+                                       content=text, system=system, params=params, model=model,
+                                       finish_reason="stop") for text in (answer_a, answer_b)]
+                    s.add_all(rows)
+                    s.flush()
+                    message_ids = [r.id for r in rows]
+                    conv.active_leaf_id = message_ids[1] if choice == "b" else message_ids[0]
+                conv.updated_at = _now()
+            row = ComparisonRow(conversation_id=conversation_id, prompt=prompt, answer_a=answer_a, answer_b=answer_b,
+                                choice=choice, message_a_id=message_ids[0], message_b_id=message_ids[1],
+                                params=params, model=model)
+            s.add(row)
+            s.flush()
+            return _comparison_dict(row)
+
+    def list_comparisons(self, limit: int | None = None) -> list[dict]:
+        """Comparisons, oldest first."""
+        with self._session() as s:
+            query = select(ComparisonRow).order_by(ComparisonRow.id)
+            if limit is not None:
+                query = query.limit(limit)
+            return [_comparison_dict(c) for c in s.scalars(query)]
+
+    def counts(self) -> dict[str, int]:
+        """How many rows each table holds."""
+        with self._session() as s:
+            return {table: s.scalar(select(func.count()).select_from(row)) or 0
+                    for table, row in (("conversations", ConversationRow), ("messages", MessageRow),
+                                       ("ratings", RatingRow), ("comparisons", ComparisonRow))}
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def _with_branch(self, s: Session, conv: ConversationRow, messages: dict[int, MessageRow] | None = None) -> dict:
+        messages = _messages(s, conv.id) if messages is None else messages
+        siblings = _children(messages.values())
+        path: list[MessageRow] = []
+        node = messages.get(conv.active_leaf_id) if conv.active_leaf_id is not None else None
+        while node is not None:
+            path.append(node)
+            node = messages.get(node.parent_id) if node.parent_id is not None else None
+        path.reverse()
+        ratings = _ratings(s, [m.id for m in path])
+        out = _conversation_dict(conv)
+        out["messages"] = [{**_message_dict(m), "siblings": siblings.get(m.parent_id, [m.id]),
+                            "rating": ratings.get(m.id, 0)} for m in path]
+        return out
+
+
+def _get(s: Session, model: type[Base], id_: int, what: str) -> Any:
+    row = s.get(model, id_)
+    if row is None:
+        raise NotFoundError(f"no {what} with id {id_}")
+    return row
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word == 'assistant' else 'a'} {word}"  # the roles: user, assistant, system
+
+
+def _title(text: str) -> str:
+    line = " ".join((text or "").split())
+    return line if len(line) <= TITLE_CHARS else line[:TITLE_CHARS - 1].rstrip() + "…"
+
+
+def _messages(s: Session, conversation_id: int) -> dict[int, MessageRow]:
+    rows = s.scalars(select(MessageRow).where(MessageRow.conversation_id == conversation_id).order_by(MessageRow.id))
+    return {m.id: m for m in rows}
+
+
+def _children(messages) -> dict[int | None, list[int]]:
+    """Parent id -> child ids, oldest first (None: the roots)."""
+    out: dict[int | None, list[int]] = {}
+    for m in sorted(messages, key=lambda m: m.id):
+        out.setdefault(m.parent_id, []).append(m.id)
+    return out
+
+
+def _ratings(s: Session, ids: list[int]) -> dict[int, int]:
+    if not ids:
+        return {}
+    return dict(s.execute(select(RatingRow.message_id, RatingRow.value).where(RatingRow.message_id.in_(ids))).all())
+
+
+def _context(s: Session, row: MessageRow, system: str | None,
+             messages: dict[int, MessageRow] | None = None) -> list[dict[str, str]]:
+    """The OpenAI messages from the root to `row` (parents from `messages` when given, else queried)."""
+    def parent(m: MessageRow) -> MessageRow | None:
+        if m.parent_id is None:
+            return None
+        return messages[m.parent_id] if messages is not None else s.get(MessageRow, m.parent_id)
+
+    path = []
+    node: MessageRow | None = row
+    while node is not None:
+        path.append(node)
+        node = parent(node)
+    path.reverse()
+    if system is None:
+        answers = [m for m in path if m.role == "assistant" and m.system is not None]
+        if answers:
+            system = answers[-1].system
+        else:
+            conv = s.get(ConversationRow, row.conversation_id)
+            system = conv.system_prompt if conv is not None else ""
+    head = [{"role": "system", "content": system}] if system and system.strip() else []
+    return head + [{"role": m.role, "content": m.content} for m in path]
+
+
+def _checked_prompt(prompt: Any) -> list[dict[str, str]]:
+    from chatforge.data.chat_readers import prompt_messages
+    from chatforge.errors import DataError
+
+    try:
+        messages = prompt_messages(prompt, "comparison")
+    except DataError as e:
+        raise StoreError(str(e)) from e
+    if messages[-1].role != "user":
+        raise StoreError(f"comparison: the prompt ends with {_a(messages[-1].role)} turn; expected a user turn")
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def _conversation_dict(c: ConversationRow) -> dict:
+    return {"id": c.id, "title": c.title, "system_prompt": c.system_prompt, "settings": c.settings or {},
+            "active_leaf_id": c.active_leaf_id, "created_at": _iso(c.created_at), "updated_at": _iso(c.updated_at)}
+
+
+def _message_dict(m: MessageRow) -> dict:
+    return {"id": m.id, "conversation_id": m.conversation_id, "parent_id": m.parent_id, "role": m.role,
+            "content": m.content, "system": m.system, "params": m.params, "model": m.model,
+            "finish_reason": m.finish_reason, "created_at": _iso(m.created_at)}
+
+
+def _comparison_dict(c: ComparisonRow) -> dict:
+    return {"id": c.id, "conversation_id": c.conversation_id, "prompt": c.prompt, "answer_a": c.answer_a,
+            "answer_b": c.answer_b, "choice": c.choice, "message_a_id": c.message_a_id,
+            "message_b_id": c.message_b_id, "params": c.params, "model": c.model, "created_at": _iso(c.created_at)}

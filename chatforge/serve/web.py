@@ -1,0 +1,197 @@
+"""The web chat: the page at ``/`` (static files, no build step) and its JSON routes under ``/api/``.
+
+The page talks to the OpenAI-compatible ``/v1/chat/completions`` (streamed) for answers and to
+these routes to keep conversations, thumbs and comparisons in the database (`store.Store`):
+
+=======  =====================================  ==============================================
+GET      /api/conversations                     list, most recently updated first (``?limit=``)
+POST     /api/conversations                     create ``{title?, system_prompt?, settings?}``
+GET      /api/conversations/{id}                one, with ``messages``: the shown branch
+PATCH    /api/conversations/{id}                ``{title?, system_prompt?, settings?}``
+DELETE   /api/conversations/{id}                with its messages, ratings and comparisons
+POST     /api/conversations/{id}/messages       add a turn ``{role, content, parent_id?, system?,
+                                                params?, model?, finish_reason?}``
+POST     /api/conversations/{id}/branch         show the branch through ``{message_id}``
+PUT      /api/messages/{id}/rating              ``{rating: 1 | -1 | 0}`` on an answer
+GET      /api/comparisons                       every comparison, oldest first
+POST     /api/comparisons                       ``{answer_a, answer_b, choice: a|b|tie,
+                                                conversation_id + parent_id | prompt, ...}``
+=======  =====================================  ==============================================
+
+When the server has an API key (``attach_web(..., api_key=)`` or ``app.state.api_key``) the
+``/api/`` routes want it as ``Authorization: Bearer KEY``, like ``/v1/``; the page itself is public
+(it holds no data) and keeps the key the user types in localStorage.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from chatforge.serve.store import ACTIVE, NotFoundError, Store, StoreError
+
+log = logging.getLogger("chatforge.serve")
+STATIC_DIR = Path(__file__).parent / "static"
+MAX_TEXT = 200_000  # characters in one message or answer
+MAX_SHORT = 20_000  # a system prompt
+#: The page loads only its own files and talks only to its own server: even a bug that let model text
+#: become markup could neither run inline script nor load anything from elsewhere.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+Settings = dict[str, Any]
+
+
+class ConversationIn(BaseModel):
+    title: str = Field("", max_length=200)
+    system_prompt: str = Field("", max_length=MAX_SHORT)
+    settings: Settings = Field(default_factory=dict)
+
+
+class ConversationPatch(BaseModel):
+    title: str | None = Field(None, max_length=200)
+    system_prompt: str | None = Field(None, max_length=MAX_SHORT)
+    settings: Settings | None = None
+
+
+class MessageIn(BaseModel):
+    role: Literal["user", "assistant"]
+    content: str = Field(..., max_length=MAX_TEXT)
+    parent_id: int | None = None  # left out: after the message the shown branch ends at
+    system: str | None = Field(None, max_length=MAX_SHORT)
+    params: Settings | None = None
+    model: str | None = Field(None, max_length=200)
+    finish_reason: str | None = Field(None, max_length=32)
+
+
+class BranchIn(BaseModel):
+    message_id: int
+
+
+class RatingIn(BaseModel):
+    rating: Literal[-1, 0, 1] | None
+
+
+class ComparisonIn(BaseModel):
+    answer_a: str = Field(..., max_length=MAX_TEXT)
+    answer_b: str = Field(..., max_length=MAX_TEXT)
+    choice: Literal["a", "b", "tie"]
+    conversation_id: int | None = None
+    parent_id: int | None = None
+    prompt: list[dict[str, Any]] | str | None = None
+    system: str | None = Field(None, max_length=MAX_SHORT)
+    params: Settings | None = None
+    model: str | None = Field(None, max_length=200)
+
+
+def attach_web(app: FastAPI, db_url: str, api_key: str | None = None) -> None:
+    """Serve the chat page at ``/`` and its ``/api/`` routes on `app`, storing into `db_url`.
+
+    The store (tables created now) is left at ``app.state.chat_store``; an empty `db_url` keeps it in
+    memory. `api_key` (default: whatever ``app.state.api_key`` holds when a request comes) protects the
+    ``/api/`` routes.
+    """
+    if not db_url:
+        log.warning("web page: no database URL given; conversations and feedback are kept in memory only")
+        db_url = "sqlite://"
+    store = Store(db_url)
+    app.state.chat_store = store
+
+    def require_key(request: Request) -> None:
+        expected = api_key if api_key is not None else getattr(request.app.state, "api_key", None)
+        if not expected:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), str(expected).encode()):
+            raise HTTPException(status_code=401, detail="invalid or missing API key; send it as "
+                                                        "'Authorization: Bearer KEY'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    router = APIRouter(prefix="/api", dependencies=[Depends(require_key)], tags=["web chat"])
+
+    @router.get("/conversations")
+    def list_conversations(limit: int = Query(200, ge=1, le=1000)) -> list[dict]:
+        return store.list_conversations(limit)
+
+    @router.post("/conversations", status_code=201)
+    def create_conversation(body: ConversationIn) -> dict:
+        with _errors():
+            return store.create_conversation(body.title, body.system_prompt, body.settings)
+
+    @router.get("/conversations/{conversation_id}")
+    def get_conversation(conversation_id: int) -> dict:
+        with _errors():
+            return store.get_conversation(conversation_id)
+
+    @router.patch("/conversations/{conversation_id}")
+    def update_conversation(conversation_id: int, body: ConversationPatch) -> dict:
+        with _errors():
+            return store.update_conversation(conversation_id, body.title, body.system_prompt, body.settings)
+
+    @router.delete("/conversations/{conversation_id}", status_code=204)
+    def delete_conversation(conversation_id: int) -> Response:
+        with _errors():
+            store.delete_conversation(conversation_id)
+        return Response(status_code=204)
+
+    @router.post("/conversations/{conversation_id}/messages", status_code=201)
+    def add_message(conversation_id: int, body: MessageIn) -> dict:
+        parent = body.parent_id if "parent_id" in body.model_fields_set else ACTIVE
+        with _errors():
+            return store.add_message(conversation_id, body.role, body.content, parent, system=body.system,
+                                     params=body.params, model=body.model, finish_reason=body.finish_reason)
+
+    @router.post("/conversations/{conversation_id}/branch")
+    def select_branch(conversation_id: int, body: BranchIn) -> dict:
+        with _errors():
+            return store.select_branch(conversation_id, body.message_id)
+
+    @router.put("/messages/{message_id}/rating")
+    def rate(message_id: int, body: RatingIn) -> dict:
+        with _errors():
+            return store.rate(message_id, body.rating)
+
+    @router.get("/comparisons")
+    def list_comparisons() -> list[dict]:
+        return store.list_comparisons()
+
+    @router.post("/comparisons", status_code=201)
+    def add_comparison(body: ComparisonIn) -> dict:
+        with _errors():
+            return store.add_comparison(body.answer_a, body.answer_b, body.choice,
+                                        conversation_id=body.conversation_id, parent_id=body.parent_id,
+                                        prompt=body.prompt, system=body.system, params=body.params,
+                                        model=body.model)
+
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="web-static")
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=PAGE_HEADERS)
+
+
+class _errors:
+    """Turn the store's errors into HTTP errors: 404 for an unknown id, 400 for the rest."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if isinstance(error, NotFoundError):
+            raise HTTPException(status_code=404, detail=str(error)) from error
+        if isinstance(error, StoreError):
+            raise HTTPException(status_code=400, detail=str(error)) from error
+        return False
