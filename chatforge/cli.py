@@ -478,11 +478,18 @@ def serve(checkpoint: str, host: str, port: int, model_name: str, api_key: str |
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--fast", is_flag=True, help="A tiny budget (about a minute): the CI smoke run.")
 @click.option("--overwrite", is_flag=True, help="Start from scratch instead of reusing finished stages.")
-def demo(out: str, fast: bool, overwrite: bool) -> None:
-    """Run the whole pipeline built so far on the built-in data."""
-    from chatforge.demo import run_demo
+@click.option("--no-serve", is_flag=True, help="Stop after the evaluation instead of serving the chat model.")
+@click.option("--serve-stage", type=click.Choice(["sft", "ppo", "dpo"]), default="ppo", show_default=True,
+              help="Which trained chat model to serve at the end.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def demo(out: str, fast: bool, overwrite: bool, no_serve: bool, serve_stage: str, host: str, port: int) -> None:
+    """Run the whole pipeline on the built-in data, then serve the chat model (web page and API)."""
+    from chatforge.demo import run_demo, serve_demo
 
     run_demo(Path(out), fast=fast, overwrite=overwrite)
+    if not no_serve:
+        serve_demo(Path(out), serve_stage, host, port)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -335,3 +335,17 @@ def run_demo(run_dir: Path, fast: bool = False, overwrite: bool = False) -> dict
     summary["eval"] = {name: {"families": r.families, "overall": r.overall} for name, r in results.items()}
     summary["total_s"] = total
     return summary
+
+
+def serve_demo(run_dir: Path, stage: str, host: str, port: int) -> None:
+    """Serve one trained chat model with the web page, its feedback stored in RUN/chatforge.db (blocks)."""
+    from chatforge.serve.app import ServeConfig
+    from chatforge.serve.server import serve_checkpoint
+
+    db = run_dir / "chatforge.db"
+    click.secho(f"\nserving the {stage} model: open http://{host}:{port}/ to chat (API: http://{host}:{port}/v1); "
+                "Ctrl-C stops", bold=True)
+    click.echo(f"export the page's comparisons for the next reward model: "
+               f"chatforge feedback export --db sqlite:///{db} --out prefs.jsonl")
+    serve_checkpoint(ServeConfig(checkpoint=str(run_dir / stage), host=host, port=port, model_name=stage,
+                                 db_url=f"sqlite:///{db}", log_level="warning"))

@@ -32,3 +32,47 @@ def test_fast_demo_trains_a_model_whose_validation_loss_falls_and_rerun_skips_fi
     out = capsys.readouterr().out
     assert out.count("reusing") == 9  # corpus, tokenizer, data, pretrain, tasks, sft, rm, ppo, dpo
     assert again["val_loss_after"] == summary["val_loss_after"]
+
+    # the command then serves the PPO model: the official client chats with it, and SIGTERM stops it
+    serve_the_finished_demo(tmp_path / "demo")
+
+
+def serve_the_finished_demo(run_dir):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import openai
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "chatforge", "demo", "--fast", "--out", str(run_dir), "--port",
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the demo's server did not start"
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-")
+        assert [m.id for m in client.models.list()] == ["ppo"]
+        reply = client.chat.completions.create(model="ppo", messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=5)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        assert "<html" in httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text.lower()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert f"http://127.0.0.1:{port}/" in out
+    assert (run_dir / "chatforge.db").exists()
