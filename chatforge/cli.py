@@ -441,7 +441,7 @@ def export(checkpoint: str, fmt: str, out: str) -> None:
 @click.option("--port", default=8000, show_default=True)
 @click.option("--model-name", default="", help="Model id the API serves  [default: the checkpoint directory's name]")
 @click.option("--api-key", envvar="CHATFORGE_API_KEY", default=None, show_envvar=True,
-              help="Require 'Authorization: Bearer KEY' on /v1 and /metrics (/health stays open).")
+              help="Require 'Authorization: Bearer KEY' on /v1, /api and /metrics (/health and the page stay open).")
 @click.option("--cors-origin", "cors_origins", multiple=True,
               help="Allow browser requests from this origin (repeatable; '*' for any). Default: no CORS.")
 @click.option("--max-batch-size", default=16, show_default=True, help="Engine slots (sequences decoded together).")

@@ -145,6 +145,22 @@ def test_unknown_route_and_method_are_in_the_same_shape(server):
     assert r.status_code == 405 and shape(r.json())["code"] == "method_not_allowed"
 
 
+def test_no_framework_pages_are_served_and_a_missing_record_keeps_its_own_message(tiny):
+    """/docs, /redoc and /openapi.json would bypass the key and load Swagger UI from a CDN."""
+    from fastapi.testclient import TestClient
+
+    model, tok = tiny
+    app = create_app(Engine(model, tok, max_batch_size=2), ServeConfig(model_name="tiny", db_url="sqlite://"))
+    with TestClient(app) as http:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            r = http.get(path)
+            assert r.status_code == 404 and shape(r.json())["code"] == "unknown_url"
+        r = http.get("/api/conversations/424242")
+        assert r.status_code == 404
+        error = shape(r.json())
+        assert error["code"] == "not_found" and "424242" in error["message"]
+
+
 def test_wrong_types_are_422_naming_the_field(client, server):
     with pytest.raises(openai.UnprocessableEntityError) as info:
         completion(client, max_tokens="ten")

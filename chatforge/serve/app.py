@@ -11,7 +11,7 @@ Routes:
     /  and /api/...              the web chat page, when `chatforge.serve.web` is there and web is on
 
 Middleware, outermost first: metrics (requests by endpoint and status), CORS (only with
-`cors_origins`), the API key (Bearer, constant-time comparison; /v1 and /metrics only), and the
+`cors_origins`), the API key (Bearer, constant-time comparison; /v1, /api and /metrics only), and the
 body limit (413 past `max_body_bytes`). The engine runs in the runner's thread, started and
 stopped with the app's lifespan.
 """
@@ -106,7 +106,7 @@ class MetricsMiddleware:
 
 
 class AuthMiddleware:
-    """Bearer API key on /v1 and /metrics (compared in constant time); /health and the page stay open."""
+    """Bearer API key on /v1, /api and /metrics (compared in constant time); /health and the page stay open."""
 
     def __init__(self, app: Any, api_key: str) -> None:
         self.app, self.key = app, api_key.encode()
@@ -206,7 +206,9 @@ def create_app(engine: Engine, config: ServeConfig | None = None, *, moderator: 
         finally:
             runner.stop()
 
-    app = FastAPI(title="chatforge", description="OpenAI-compatible API of a chatforge model", lifespan=lifespan)
+    # no /docs, /redoc or /openapi.json: they would stay open without the key and load Swagger UI from a CDN
+    app = FastAPI(title="chatforge", description="OpenAI-compatible API of a chatforge model", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
     app.state.chatforge = state  # what the web page's routes may use: runner, template, tokenizer, model name
     app.state.api_key = config.api_key  # the web page's /api routes check the same key
     install_error_handlers(app)

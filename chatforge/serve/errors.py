@@ -132,6 +132,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return validation_error(exc).response()
 
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404 and exc.detail not in (None, "Not Found"):  # a route's own "no such thing"
+            return error_response(404, str(exc.detail), code="not_found")
         if exc.status_code == 404:
             return error_response(404, f"unknown URL: {request.method} {request.url.path}", code="unknown_url")
         if exc.status_code == 405:

@@ -157,7 +157,8 @@ def feedback() -> None:
 @feedback.command("export")
 @click.option("--db", default=DEFAULT_DB_URL, show_default=True,
               help="The server's database: a SQLAlchemy URL or a SQLite file path (`chatforge serve` keeps "
-                   "it beside the checkpoint's stage directory, e.g. runs/NAME/sft/chatforge.db).")
+                   "it in the served stage's directory, e.g. runs/NAME/sft/chatforge.db; "
+                   "the demo's is runs/demo/chatforge.db).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help='JSON Lines file of {"prompt", "chosen", "rejected"} records (for `chatforge reward --data`).')
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")

@@ -92,7 +92,8 @@ def serve_checkpoint(config: ServeConfig) -> None:
     app = build_app(config)
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                         timeout_graceful_shutdown=config.shutdown_timeout, lifespan="on")
-    log.info("serving %s as %r on http://%s:%d", config.checkpoint, config.model_name, config.host, config.port)
+    print(f"serving {config.checkpoint} as {config.model_name!r} on http://{config.host}:{config.port}/ "
+          f"(web chat at /, API at /v1)", flush=True)
     GracefulServer(uv).run()
 
 
