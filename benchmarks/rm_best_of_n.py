@@ -63,14 +63,14 @@ def main() -> None:
 
     names = ["all", *sorted(set(families))]
     print(f"{len(prompts)} held-out prompts of {args.run}; {args.n} samples each at temperature {args.temperature}")
-    print(f"{'pick':<12}" + "".join(f"{n:>11}" for n in names))
+    print(f"{'pick':<14}" + "".join(f"{n:>11}" for n in names))
     sizes = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= args.n]
     for n in sizes:
         best = [max(range(n), key=lambda k, i=i: rewards[k][i]) for i in range(len(prompts))]
         row = by_family([checked[k][i] for i, k in enumerate(best)], families)
-        print(f"{f'RM best of {n}':<12}" + "".join(f"{row[c]:>11.3f}" for c in names))
+        print(f"{f'RM best of {n}':<14}" + "".join(f"{row[c]:>11.3f}" for c in names))
     oracle = by_family([max(checked[k][i] for k in range(args.n)) for i in range(len(prompts))], families)
-    print(f"{'oracle':<12}" + "".join(f"{oracle[c]:>11.3f}" for c in names))
+    print(f"{'oracle':<14}" + "".join(f"{oracle[c]:>11.3f}" for c in names))
 
     agree = total = 0
     for i in range(len(prompts)):
