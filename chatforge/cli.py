@@ -422,13 +422,23 @@ cli.add_command(feedback)
 
 @cli.command()
 @click.option("--checkpoint", required=True)
-@click.option("--format", "fmt", type=click.Choice(["hf"]), default="hf", show_default=True)
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-def export(checkpoint: str, fmt: str, out: str) -> None:
-    """Export a checkpoint (hf: a transformers GPT2LMHeadModel directory)."""
-    from chatforge.hf import export_checkpoint_hf
+@click.option("--format", "fmt", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True)
+@click.option("--out", required=True, type=click.Path(),
+              help="hf: an output directory; gguf: an output FILE.gguf.")
+@click.option("--dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True,
+              help="gguf only: weight precision (f16 keeps norms and biases in f32).")
+def export(checkpoint: str, fmt: str, out: str, dtype: str) -> None:
+    """Export a checkpoint (hf: a transformers GPT2LMHeadModel directory; gguf: one file for llama.cpp)."""
+    if fmt == "gguf":
+        from chatforge.gguf_export import export_checkpoint_gguf
 
-    path = export_checkpoint_hf(checkpoint, out)
+        path = export_checkpoint_gguf(checkpoint, out, dtype=dtype)
+    else:
+        if Path(out).is_file():
+            raise ConfigError(f"{out}: is a file; expected an output directory for --format hf")
+        from chatforge.hf import export_checkpoint_hf
+
+        path = export_checkpoint_hf(checkpoint, out)
     click.echo(f"export: {fmt} -> {path}")
 
 
@@ -490,6 +500,18 @@ def demo(out: str, fast: bool, overwrite: bool, no_serve: bool, serve_stage: str
     run_demo(Path(out), fast=fast, overwrite=overwrite)
     if not no_serve:
         serve_demo(Path(out), serve_stage, host, port)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Where to write (default: RUN_DIR).")
+@click.option("--samples", default=1, show_default=True, help="Sample prompts shown per task family.")
+def report(run_dir: str, out: str | None, samples: int) -> None:
+    """Write report.md and a self-contained report.html (plots, configs, eval table, samples) for a run."""
+    from chatforge.report import write_report
+
+    md, page, written = write_report(run_dir, out, samples=samples)
+    click.echo(f"report: {md}, {page} ({len(written.images)} plots in {md.parent / 'report'})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""`chatforge demo`: the whole pipeline built so far, on the built-in world, in minutes on a CPU.
+"""`chatforge demo`: the whole pipeline, on the built-in world, in minutes on a CPU.
 
 Stages run in order, each writing into the run directory; a stage whose output is already
 complete is skipped, so an interrupted demo continues where it stopped.
@@ -14,6 +14,9 @@ complete is skipped, so an interrupted demo continues where it stopped.
     ppo/        the SFT model optimized by PPO against the reward model (KL to the SFT model)
     dpo/        the SFT model optimized by DPO on the same preferences
     eval.json   base, SFT, PPO and DPO models on the held-out prompts, judged by the world's scorer
+    timings.json  each stage's wall time
+    report.md, report.html, report/   the run report (`chatforge report`): configs, curves, eval, samples
+    chatforge.db  the web chat's conversations and feedback, once `chatforge demo` serves (serve_demo)
 """
 
 from __future__ import annotations
@@ -326,6 +329,8 @@ def run_demo(run_dir: Path, fast: bool = False, overwrite: bool = False) -> dict
     stage("ppo", timings)(ppo, run_dir, tasks, budget)
     stage("dpo", timings)(dpo, run_dir, tasks, budget)
     results = stage("eval", timings)(evaluation, run_dir, tasks, ["pretrain", "sft", "ppo", "dpo"])
+    save_timings(run_dir, timings)
+    stage("report", timings)(write_run_report, run_dir)
     total = time.perf_counter() - t0
     click.secho(f"\ndemo finished in {total:.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()),
                 bold=True)
@@ -335,6 +340,21 @@ def run_demo(run_dir: Path, fast: bool = False, overwrite: bool = False) -> dict
     summary["eval"] = {name: {"families": r.families, "overall": r.overall} for name, r in results.items()}
     summary["total_s"] = total
     return summary
+
+
+def save_timings(run_dir: Path, timings: dict[str, float]) -> None:
+    """Each stage's wall time in RUN/timings.json, for the report. A reused stage takes about no time,
+    so the longer of this run's and an earlier run's figure is the one that did the work."""
+    path = run_dir / "timings.json"
+    earlier = _json(path.read_text()) if path.exists() else {}
+    write_json(path, {name: max(t, float(earlier.get(name, 0.0))) for name, t in timings.items()})
+
+
+def write_run_report(run_dir: Path) -> None:
+    from chatforge.report import write_report
+
+    md, page, _ = write_report(run_dir)
+    click.echo(f"   {md}\n   {page} (self-contained, plots embedded)")
 
 
 def serve_demo(run_dir: Path, stage: str, host: str, port: int) -> None:

@@ -12,7 +12,8 @@ from chatforge.demo import run_demo
 def test_fast_demo_trains_a_model_whose_validation_loss_falls_and_rerun_skips_finished_stages(tmp_path, capsys):
     summary = run_demo(tmp_path / "demo", fast=True)
     out = capsys.readouterr().out
-    stages = ("corpus", "tokenizer", "data", "pretrain", "probe", "tasks", "sft", "rm", "ppo", "dpo", "eval")
+    stages = ("corpus", "tokenizer", "data", "pretrain", "probe", "tasks", "sft", "rm", "ppo", "dpo", "eval",
+              "report")
     for stage in stages:
         assert f"== {stage}" in out
     assert summary["val_loss_after"] < summary["val_loss_before"] - 1.0
@@ -25,6 +26,10 @@ def test_fast_demo_trains_a_model_whose_validation_loss_falls_and_rerun_skips_fi
     assert json.loads((tmp_path / "demo" / "eval.json").read_text()).keys() == {"base", "sft", "ppo", "dpo"}
     for stage in ("rm", "ppo", "dpo"):
         assert (tmp_path / "demo" / stage / "checkpoint" / "model.safetensors").exists()
+    timings = json.loads((tmp_path / "demo" / "timings.json").read_text())
+    assert set(timings) == set(stages) - {"report"} and timings["pretrain"] > 0
+    assert "| facts |" in (tmp_path / "demo" / "report.md").read_text()
+    assert (tmp_path / "demo" / "report" / "ppo.png").read_bytes().startswith(b"\x89PNG")
     ckpt = load_checkpoint(tmp_path / "demo" / "pretrain")
     assert ckpt.tokenizer.hash == json.loads((tmp_path / "demo" / "data" / "meta.json").read_text())["tokenizer_hash"]
 
