@@ -24,7 +24,7 @@ from chatforge.checkpoint import (
     read_json,
     write_json,
 )
-from chatforge.errors import CheckpointError
+from chatforge.errors import CheckpointError, ConfigError
 from chatforge.model import GPT, GPTConfig
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -155,5 +155,9 @@ def hf_tokenizer_config(tokenizer: Any) -> dict:
 
 
 def export_checkpoint_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+    from chatforge.model import ScalarHeadModel
+
     ckpt = load_checkpoint(checkpoint_dir)
+    if isinstance(ckpt.model, ScalarHeadModel):  # GPT2LMHeadModel has no place for a scalar head
+        raise ConfigError(f"export: {checkpoint_dir} is a reward model (a scalar head); expected a language model")
     return export_hf(ckpt.model, ckpt.tokenizer, out_dir)

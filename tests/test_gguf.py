@@ -134,6 +134,10 @@ def test_reward_model_checkpoint_is_refused(small_tokenizer, tmp_path, capsys):
     assert run_cli("export", "--checkpoint", tmp_path / "rm", "--format", "gguf", "--out", tmp_path / "rm.gguf") == 2
     assert "reward/value model" in capsys.readouterr().err
     assert not (tmp_path / "rm.gguf").exists()
+    # nor can a GPT2LMHeadModel directory hold its scalar head
+    assert run_cli("export", "--checkpoint", tmp_path / "rm", "--format", "hf", "--out", tmp_path / "rm-hf") == 2
+    assert "is a reward model" in capsys.readouterr().err
+    assert not (tmp_path / "rm-hf").exists()
 
 
 @pytest.mark.parametrize(
