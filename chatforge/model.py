@@ -103,13 +103,32 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-# oneDNN's fp32 linear, the op inductor itself calls on CPU. For a few rows (decode) it reads the
-# weights at about 1.7x the rate of F.linear's gemv on 2 threads (21 against 13 GB/s for GPT-2's LM
-# head, x@W.T with W stored (out, in)), so decode, which is bound by reading every weight once a
-# token, runs that much faster. Used only where nothing needs gradients.
+# Decode reads every weight once a token with a few rows of activations, so it is bound by how fast
+# the matrix-vector kernel streams the weights, and the fastest kernel PyTorch offers depends on the
+# CPU (measured with benchmarks/bench_decode.py and per shape of GPT-2 small, 2 threads):
+# - AMD EPYC: oneDNN's fp32 linear (the op inductor itself calls on CPU) reads the weights at about
+#   1.7x the rate of F.linear's MKL gemv (21 against 13 GB/s for the LM head);
+# - Intel Xeon (Sapphire Rapids): MKL's gemv streams at the machine's measured bandwidth for 1 and 2
+#   rows, 10-50% faster than oneDNN there; from 4 rows oneDNN is faster (up to 1.3x on the LM head).
+# The choice is fixed per machine, not timed at run time, so the same machine always computes the
+# same numbers. Used only where nothing needs gradients.
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 _ONEDNN_MAX_ROWS = 64  # past this it is no faster than F.linear (prefill, training)
 _ONEDNN_ENABLED = True  # see plain_linear
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+_ONEDNN_MIN_ROWS = 3 if _cpu_vendor() == "GenuineIntel" else 1  # fewer rows: MKL's gemv (see above)
 
 
 @contextmanager
@@ -125,7 +144,8 @@ def plain_linear() -> Iterator[None]:
 
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)`; for a plain nn.Linear on a few fp32 CPU rows under no_grad, the same product through oneDNN."""
+    """`layer(x)`; for a plain nn.Linear on a few fp32 CPU rows under no_grad, the same product through
+    whichever of oneDNN and MKL reads the weights faster for that many rows on this CPU (see above)."""
     if (
         _ONEDNN_ENABLED
         and _ONEDNN_LINEAR is not None
@@ -135,7 +155,7 @@ def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and layer.weight.dtype == torch.float32
-        and x.numel() <= _ONEDNN_MAX_ROWS * x.shape[-1]
+        and _ONEDNN_MIN_ROWS * x.shape[-1] <= x.numel() <= _ONEDNN_MAX_ROWS * x.shape[-1]
         and torch.backends.mkldnn.is_available()
         and not torch.compiler.is_compiling()
     ):
