@@ -33,6 +33,13 @@ bytes read + written. The fraction is our median batch-1 decode tokens/s over th
 decode uses (`chatforge.model.linear`), nothing else, as passes/s — how close the best kernel
 PyTorch offers comes to the bound, and how much of that ceiling the whole engine keeps.
 
+llama.cpp, when llama-cpp-python is installed (`--no-llama-cpp` skips it): the same weights exported
+with `chatforge export --format gguf`'s writer (f32, a tokenizer trained on the built-in world;
+its ids past the tokenizer's are unused), `llama_cpp.Llama(n_threads=2, n_threads_batch=2)`,
+greedy by argmax over its logits after each single-token `llama_decode`, timed like ours: the
+tokens/s of decode excluding prefill, and its share of the bound. Its greedy tokens are checked
+against ours first.
+
 Rounds. Each round measures the bandwidth, then every timed run once, in an order that is
 reversed every other round so nothing always goes first. Figures are medians over rounds;
 ratios are medians over rounds of that round's ratio (paired). The share of the machine's CPU
@@ -84,6 +91,36 @@ def bandwidth(tensor: torch.Tensor, out: torch.Tensor, reps: int) -> tuple[float
     return nbytes / best_sum / 1e9, 2 * nbytes / best_copy / 1e9
 
 
+def llama_cpp_decoder(model: GPT, threads: int, tmp: str) -> Callable[[list[int], int], list[int]] | None:
+    """Greedy decode through llama.cpp on `model`'s weights (f32 GGUF), or None without llama-cpp-python."""
+    try:
+        import llama_cpp
+        import numpy as np
+    except ImportError:
+        return None
+    from chatforge.data.world import World
+    from chatforge.gguf_export import export_gguf
+    from chatforge.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train(texts=World.build(0).corpus(200_000), vocab_size=512)
+    path = export_gguf(model, tokenizer, f"{tmp}/model.gguf")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=model.config.context_length, n_batch=512,
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    vocab = llm.n_vocab()
+
+    def run(prompt: list[int], n: int) -> list[int]:
+        llm.reset()
+        llm.eval(prompt)
+        out = []
+        for _ in range(n):
+            out.append(int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,)).argmax()))
+            if len(out) < n:
+                llm.eval(out[-1:])
+        return out
+
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens for the decode runs")
@@ -94,6 +131,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bw-gib", type=float, default=1.0, help="size of the bandwidth tensor")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when it is installed")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -109,6 +147,8 @@ def main() -> None:
         export_hf(ours, None, tmp)
         peer = GPT2LMHeadModel.from_pretrained(tmp).eval()
     engine = Engine(ours, StubTokenizer(), max_batch_size=args.batch, stop_token_ids=[])
+    gguf_dir = tempfile.TemporaryDirectory()
+    run_llama = None if args.no_llama_cpp else llama_cpp_decoder(ours, args.threads, gguf_dir.name)
 
     g = torch.Generator().manual_seed(args.seed + 1)
     prompts = torch.randint(0, CONFIG.vocab_size, (args.batch, args.prompt), generator=g).tolist()
@@ -141,6 +181,13 @@ def main() -> None:
     print(f"                               hf   {b}  -> {'MATCH' if a == b else 'MISMATCH'}")
     if a != b:
         raise SystemExit("the two models disagree on greedy tokens; timings would not be comparable")
+    if run_llama is not None:
+        c = run_llama(prompts[0], check)
+        print(f"                               llama.cpp {c}  -> {'MATCH' if a == c else 'MISMATCH'}")
+        if a != c:
+            raise SystemExit("llama.cpp disagrees on greedy tokens; timings would not be comparable")
+    else:
+        print("llama.cpp: not measured (pip install llama-cpp-python to add it)")
 
     linears = [m for m in ours.modules() if isinstance(m, torch.nn.Linear)]
     row = {c: torch.randn(1, c) for c in {m.in_features for m in linears}}
@@ -166,6 +213,9 @@ def main() -> None:
         "hf prefill": lambda: run_peer(long_prompt[0], 1),
         "gemv only": run_gemv,
     }
+    if run_llama is not None:
+        runs["llama b1 N"] = lambda: run_llama(prompts[0], n)
+        runs["llama b1 1"] = lambda: run_llama(prompts[0], 1)
     t0 = time.perf_counter()
     for fn in runs.values():  # warm-up: allocator, thread pool, first-call paths
         fn()
@@ -229,6 +279,18 @@ def main() -> None:
             "goal >= 1.35x",
         ),
         ("    decode b1 tokens/s: transformers", f"{med(peer1):.1f}", "", ""),
+    ]
+    if run_llama is not None:
+        llama1 = decode_tps("llama b1", 1)
+        rows.append((
+            "    decode b1 tokens/s: llama.cpp",
+            f"{med(llama1):.1f}",
+            f"ours {med([o / q for o, q in zip(ours1, llama1)]):.2f}x of it; it is "
+            f"{med([q / p for q, p in zip(llama1, peer1)]):.2f}x transformers, "
+            f"{med([q / bd for q, bd in zip(llama1, bounds)]):.0%} of the bound",
+            "",
+        ))
+    rows += [
         (
             "(b) bandwidth bound tokens/s",
             f"{med(bounds):.1f}",
