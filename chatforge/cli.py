@@ -32,9 +32,10 @@ def config_options(cls: type):
     """Add `--config FILE` and one `--leaf-name` flag per config field; pass `cfg` to the command.
 
     List fields become repeatable flags (`--stop a --stop b`); dict fields take KEY=VALUE
-    (`--logit-bias 50256=-100`).
+    (`--logit-bias 50256=-100`). Each flag's `[default: …]` is the value an omitted flag takes: the
+    field of `cls()`, so `reward`, `ppo` and `dpo` show their own training defaults.
     """
-    leaves = configlib.leaves(cls)
+    leaves = stage_leaves(cls)
 
     def decorate(fn):
         @functools.wraps(fn)
@@ -52,6 +53,14 @@ def config_options(cls: type):
                             help="YAML or JSON file with config fields (flags override it).")(wrapper)
 
     return decorate
+
+
+def stage_leaves(cls: type) -> list[configlib.Leaf]:
+    """The config's leaves with the defaults of `cls()` itself: a nested field's own default (a stage's
+    `train: TrainConfig = field(default_factory=_ppo_train_defaults)`) wins over the nested class's."""
+    defaults = cls()
+    return [dataclasses.replace(leaf, default=functools.reduce(getattr, leaf.path, defaults))
+            for leaf in configlib.leaves(cls)]
 
 
 def is_dict(tp: Any) -> bool:
@@ -350,7 +359,7 @@ def eval_command(cfg) -> None:
 
     if not cfg.checkpoint:
         raise ConfigError("eval: --checkpoint is required")
-    result = evaluate(cfg, load_language_model(cfg.checkpoint, "eval"))
+    result = evaluate(cfg, load_language_model(cfg.checkpoint, "eval"), progress="eval")
     click.echo(format_table({cfg.checkpoint: result}))
     out = cfg.out or resolve_checkpoint_dir(cfg.checkpoint).parent / "eval.json"
     click.echo(f"eval: -> {write_result(result, out)}")

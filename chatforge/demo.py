@@ -29,7 +29,7 @@ from pathlib import Path
 import click
 import torch
 
-from chatforge.checkpoint import TRAINER_FILE, load_checkpoint, read_json, write_json
+from chatforge.checkpoint import TRAINER_FILE, load_checkpoint, read_json, resolve_checkpoint_dir, write_json
 from chatforge.data.readers import iter_documents
 from chatforge.data.shards import prepare_shards, read_meta
 from chatforge.data.tasks import TaskConfig, write_tasks
@@ -294,13 +294,35 @@ def evaluation(run_dir: Path, tasks: Path, stages: list[str]) -> dict[str, EvalR
     world = World.load(run_dir / "corpus" / "world.json")
     cfg = EvalConfig(prompts=[str(tasks / "eval.jsonl")], conversations=[str(tasks / "sft_val.jsonl")])
     names = {"pretrain": "base", "sft": "sft"}
-    results = {names.get(s, s): evaluate(cfg, load_checkpoint(run_dir / s), world) for s in stages}
+    saved = _saved_evals(run_dir, {s: names.get(s, s) for s in stages})
+    results = {}
+    for s in stages:
+        name = names.get(s, s)
+        if name in saved:
+            click.echo(f"   reusing the evaluation of {run_dir / s} (eval.json is newer than its weights)")
+            results[name] = saved[name]
+        else:
+            results[name] = evaluate(cfg, load_checkpoint(run_dir / s), world, progress=f"eval {name}")
     click.echo(format_table(results))
     write_json(run_dir / "eval.json", {name: r.to_dict() for name, r in results.items()})
     for fam, samples in results["sft"].samples.items():
         if samples:
             click.echo(f"   [{fam}] {samples[0]['prompt']!r} -> {samples[0]['answer']!r}")
     return results
+
+
+def _saved_evals(run_dir: Path, names: dict[str, str]) -> dict[str, EvalResult]:
+    """The results in eval.json of the stages whose weights are older than the file (a rerun skips them)."""
+    path = run_dir / "eval.json"
+    if not path.exists():
+        return {}
+    saved, made = read_json(path, "demo evaluation"), path.stat().st_mtime
+    out = {}
+    for stage, name in names.items():
+        weights = resolve_checkpoint_dir(run_dir / stage) / "model.safetensors"
+        if name in saved and weights.exists() and weights.stat().st_mtime < made:
+            out[name] = EvalResult(**saved[name])
+    return out
 
 
 def _json(line: str) -> dict:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from chatforge.chat import ChatTemplate
 from chatforge.checkpoint import Checkpoint, load_checkpoint
@@ -60,19 +61,21 @@ class EvalResult:
         return asdict(self)
 
 
-def generate_answers(ckpt: Checkpoint, prompts: list[list], max_tokens: int, batch_size: int) -> list[tuple[str, int]]:
-    """Greedy answers (text, token count) to conversations that end with a user turn."""
+def generate_answers(ckpt: Checkpoint, prompts: list[list], max_tokens: int, batch_size: int,
+                     progress: str | None = None) -> list[tuple[str, int]]:
+    """Greedy answers (text, token count) to conversations that end with a user turn; with
+    `progress`, a progress bar of that name counts the finished answers."""
     template = ChatTemplate(ckpt.tokenizer)
     engine = Engine(ckpt.model.eval(), ckpt.tokenizer, max_batch_size=batch_size, stop_token_ids=template.stop_ids)
     context = ckpt.model.config.context_length
     ids = [template.fit_to_context(p, context, reserve=min(max_tokens, context // 2))[0] for p in prompts]
     params = [SamplingParams(max_tokens=min(max_tokens, context - len(i)), temperature=0.0) for i in ids]
-    out = []
-    with torch.no_grad():
-        for c in engine.generate(ids, params):
-            seq = c.outputs[0]
-            out.append((seq.text.strip(), len(seq.token_ids)))
-    return out
+    with torch.no_grad(), tqdm(total=len(ids), desc=progress, unit="answer", disable=progress is None) as bar:
+        requests = [engine.add_request(i, p) for i, p in zip(ids, params)]
+        while engine.has_unfinished():
+            bar.update(sum(e.finish_reason is not None for e in engine.step()))
+        outputs = [engine.pop_result(r).outputs[0] for r in requests]
+    return [(seq.text.strip(), len(seq.token_ids)) for seq in outputs]
 
 
 def summarize(scores: list, lengths: list[int], families: list[str]) -> tuple[dict, dict]:
@@ -107,14 +110,15 @@ def _figures(scores: list, lengths: list[int]) -> dict[str, float]:
     }
 
 
-def evaluate(cfg: EvalConfig, ckpt: Checkpoint | None = None, world: World | None = None) -> EvalResult:
+def evaluate(cfg: EvalConfig, ckpt: Checkpoint | None = None, world: World | None = None,
+             progress: str | None = None) -> EvalResult:
     ckpt = ckpt or load_checkpoint(cfg.checkpoint)
     world = world or (World.load(cfg.world) if cfg.world else World.build(seed=0))
     records = read_prompts(cfg.prompts).prompts if cfg.prompts else builtin_eval_prompts(world)
     if cfg.limit:
         records = records[: cfg.limit]
     prompts = [r.messages for r in records]
-    answers = generate_answers(ckpt, prompts, cfg.max_tokens, cfg.batch_size)
+    answers = generate_answers(ckpt, prompts, cfg.max_tokens, cfg.batch_size, progress)
     scorer = Scorer(world)
     scores = [scorer.score(p, text) for p, (text, _) in zip(prompts, answers)]
     families = [r.family or s.family for r, s in zip(records, scores)]

@@ -105,16 +105,18 @@ class KVCache:
 
 # Decode reads every weight once a token with a few rows of activations, so it is bound by how fast
 # the matrix-vector kernel streams the weights, and the fastest kernel PyTorch offers depends on the
-# CPU (measured with benchmarks/bench_decode.py and per shape of GPT-2 small, 2 threads):
-# - AMD EPYC: oneDNN's fp32 linear (the op inductor itself calls on CPU) reads the weights at about
-#   1.7x the rate of F.linear's MKL gemv (21 against 13 GB/s for the LM head);
-# - Intel Xeon (Sapphire Rapids): MKL's gemv streams at the machine's measured bandwidth for 1 and 2
-#   rows, 10-50% faster than oneDNN there; from 4 rows oneDNN is faster (up to 1.3x on the LM head).
+# CPU (measured with benchmarks/bench_decode.py and bench_serve.py, 1 and 2 threads):
+# - AMD EPYC: oneDNN's fp32 linear (the op inductor itself calls on CPU) reads GPT-2 small's weights
+#   at about 1.7x the rate of F.linear's MKL gemv (21 against 13 GB/s for the LM head);
+# - Intel Xeon (Sapphire Rapids): MKL streams GPT-2 small's weights at the measured bandwidth for one
+#   or two rows, 10-50% faster than oneDNN, and oneDNN is 15-30% faster from four rows; but on weights
+#   that fit in cache (a small model serving 1 to 16 rows) oneDNN's fixed cost of 25-40 us a call
+#   makes it 1.1-4x slower than MKL at every row count. So there oneDNN takes only 3+ rows of a
+#   weight of 4 MiB or more.
 # The choice is fixed per machine, not timed at run time, so the same machine always computes the
 # same numbers. Used only where nothing needs gradients.
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-_ONEDNN_MAX_ROWS = 64  # past this it is no faster than F.linear (prefill, training)
-_ONEDNN_ENABLED = True  # see plain_linear
+_ONEDNN_MAX_ROWS = 64
 
 
 def _cpu_vendor() -> str:
@@ -128,7 +130,15 @@ def _cpu_vendor() -> str:
     return ""
 
 
-_ONEDNN_MIN_ROWS = 3 if _cpu_vendor() == "GenuineIntel" else 1  # fewer rows: MKL's gemv (see above)
+_ONEDNN_ENABLED = True  # see plain_linear
+_ONEDNN_INTEL = _cpu_vendor() == "GenuineIntel"
+_ONEDNN_INTEL_MIN_ROWS, _ONEDNN_INTEL_MIN_WEIGHT = 3, 1 << 20  # 1 Mi fp32 elements = 4 MiB (see above)
+
+
+def _onednn_is_faster(rows: int, weight: torch.Tensor) -> bool:
+    if rows > _ONEDNN_MAX_ROWS:  # no faster than F.linear past this (prefill, training)
+        return False
+    return not _ONEDNN_INTEL or (rows >= _ONEDNN_INTEL_MIN_ROWS and weight.numel() >= _ONEDNN_INTEL_MIN_WEIGHT)
 
 
 @contextmanager
@@ -144,8 +154,8 @@ def plain_linear() -> Iterator[None]:
 
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)`; for a plain nn.Linear on a few fp32 CPU rows under no_grad, the same product through
-    whichever of oneDNN and MKL reads the weights faster for that many rows on this CPU (see above)."""
+    """`layer(x)`; for a plain nn.Linear on a few fp32 CPU rows under no_grad, on CPUs where it is
+    faster (see above), the same product through oneDNN."""
     if (
         _ONEDNN_ENABLED
         and _ONEDNN_LINEAR is not None
@@ -155,7 +165,7 @@ def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and layer.weight.dtype == torch.float32
-        and _ONEDNN_MIN_ROWS * x.shape[-1] <= x.numel() <= _ONEDNN_MAX_ROWS * x.shape[-1]
+        and _onednn_is_faster(x.numel() // x.shape[-1], layer.weight)
         and torch.backends.mkldnn.is_available()
         and not torch.compiler.is_compiling()
     ):

@@ -1,13 +1,20 @@
 """The command line, end to end on tiny budgets: the commands a user runs, and the errors they see."""
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 from chatforge.cli import main
+from chatforge.train.dpo import DPOConfig
+from chatforge.train.loop import TrainConfig
+from chatforge.train.ppo import PPOConfig
+from chatforge.train.reward import RewardConfig
 
 TINY_MODEL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--context-length", "32"]
 
@@ -167,3 +174,68 @@ def test_generate_takes_every_decoding_option_and_reports_json(prepared_data, tm
     assert "top_p" in capsys.readouterr().err
     assert run_cli("generate", "--checkpoint", tmp_path / "pt", "--logit-bias", "oops") == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+# ---- each stage's --help shows the defaults it runs with ------------------------------------------
+
+STAGE_CONFIGS = {"reward": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig}
+
+
+def option_help(help_text: str, flag: str, metavar: str) -> str:
+    """The help of `--flag METAVAR` in a rendered --help page (whitespace and wrapping normalised)."""
+    flat = " ".join(help_text.split())
+    found = re.search(rf"(?<!\S)--{flag} {metavar} (.*?)(?= --[a-z]|$)", flat)
+    assert found, f"--{flag} is not in the help text"
+    return found.group(1)
+
+
+@pytest.mark.parametrize("command", sorted(STAGE_CONFIGS))
+def test_stage_help_shows_the_stage_defaults_that_an_omitted_flag_takes(command, tmp_path, capsys, monkeypatch):
+    import chatforge.cli as cli_module
+
+    own, generic = STAGE_CONFIGS[command]().train, TrainConfig()
+    # the stage's own training defaults differ from the generic ones, so the help must show the right set
+    assert own.max_steps != generic.max_steps and own.lr != generic.lr
+
+    assert run_cli(command, "--help") == 0
+    help_text = capsys.readouterr().out
+    assert option_help(help_text, "max-steps", "INTEGER") == f"[default: {own.max_steps!r}]"
+    assert option_help(help_text, "lr", "FLOAT") == f"[default: {own.lr!r}]"
+    params = {p.name: p for p in cli_module.cli.commands[command].params}
+    for field in dataclasses.fields(TrainConfig):  # every training flag, not only those two
+        assert params[field.name].help.endswith(f"[default: {getattr(own, field.name)!r}]"), field.name
+
+    seen = []
+
+    def record(run, cfg, resume, overwrite):  # the config the command builds, without training anything
+        seen.append(cfg)
+        return SimpleNamespace(is_main=False), None
+
+    monkeypatch.setattr(cli_module, "run_stage", record)
+    assert run_cli(command, "--out", tmp_path / command) == 0
+    assert seen[-1].train == own  # omitted flags: the stage's defaults, the ones the help shows
+    assert run_cli(command, "--out", tmp_path / command, "--lr", "0.5", "--max-steps", "7") == 0
+    assert seen[-1].train == dataclasses.replace(own, lr=0.5, max_steps=7)
+
+
+# ---- serve ----------------------------------------------------------------------------------------
+
+
+def test_serve_binds_localhost_port_8000_by_default(tmp_path, capsys, monkeypatch):
+    import chatforge.serve.server as server
+    from chatforge.cli import cli
+    from chatforge.serve.app import ServeConfig
+
+    seen = []
+    monkeypatch.setattr(server, "serve_checkpoint", seen.append)  # the config it would serve; nothing binds
+    assert run_cli("serve", "--checkpoint", tmp_path / "chat") == 0
+    assert (seen[-1].host, seen[-1].port) == ("127.0.0.1", 8000)
+    params = {p.name: p.default for p in cli.commands["serve"].params}
+    assert (params["host"], params["port"]) == ("127.0.0.1", 8000)
+    assert (ServeConfig().host, ServeConfig().port) == ("127.0.0.1", 8000)
+    assert run_cli("serve", "--help") == 0
+    help_text = capsys.readouterr().out
+    assert option_help(help_text, "host", "TEXT").endswith("[default: 127.0.0.1]")
+    assert option_help(help_text, "port", "INTEGER") == "[default: 8000]"
+    assert run_cli("serve", "--checkpoint", tmp_path / "chat", "--host", "0.0.0.0", "--port", "9001") == 0
+    assert (seen[-1].host, seen[-1].port) == ("0.0.0.0", 9001)

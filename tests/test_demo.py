@@ -1,15 +1,21 @@
 """`chatforge demo --fast`: the whole pipeline built so far (pretraining, SFT, RM, PPO, DPO, evaluation)."""
 
 import json
+import re
 
 import pytest
 
+import chatforge.demo
+import chatforge.serve.server
 from chatforge.checkpoint import load_checkpoint
+from chatforge.cli import main
 from chatforge.demo import run_demo
+from chatforge.report import PNG_SIGNATURE, STAGES
 
 
 @pytest.mark.slow
-def test_fast_demo_trains_a_model_whose_validation_loss_falls_and_rerun_skips_finished_stages(tmp_path, capsys):
+def test_fast_demo_trains_a_model_whose_validation_loss_falls_and_rerun_skips_finished_stages(tmp_path, capsys,
+                                                                                              monkeypatch):
     summary = run_demo(tmp_path / "demo", fast=True)
     out = capsys.readouterr().out
     stages = ("corpus", "tokenizer", "data", "pretrain", "probe", "tasks", "sft", "rm", "ppo", "dpo", "eval",
@@ -28,14 +34,45 @@ def test_fast_demo_trains_a_model_whose_validation_loss_falls_and_rerun_skips_fi
         assert (tmp_path / "demo" / stage / "checkpoint" / "model.safetensors").exists()
     timings = json.loads((tmp_path / "demo" / "timings.json").read_text())
     assert set(timings) == set(stages) - {"report"} and timings["pretrain"] > 0
-    assert "| facts |" in (tmp_path / "demo" / "report.md").read_text()
-    assert (tmp_path / "demo" / "report" / "ppo.png").read_bytes().startswith(b"\x89PNG")
+    # each stage's wall time is printed as it ends, and all of them in the closing line, in order
+    for stage in stages:
+        assert re.search(rf"^   {stage}: \d+\.\ds$", out, re.MULTILINE), stage
+    closing = re.search(r"^demo finished in \d+s: (.*)$", out, re.MULTILINE)
+    assert closing, "no 'demo finished in ...s' line"
+    assert re.fullmatch(", ".join(rf"{stage} \d+s" for stage in stages), closing.group(1)), closing.group(1)
+    report_md = (tmp_path / "demo" / "report.md").read_text()
+    assert "| facts |" in report_md
+    # every plot the report writes: one per training stage (all ran) and the evaluation's, each a valid PNG
+    plots = [f"{stage}.png" for stage, _ in STAGES] + ["eval.png"]
+    assert sorted(p.name for p in (tmp_path / "demo" / "report").glob("*.png")) == sorted(plots)
+    for name in plots:
+        png = (tmp_path / "demo" / "report" / name).read_bytes()
+        assert png.startswith(PNG_SIGNATURE) and png[12:16] == b"IHDR", name
+        assert png.endswith(b"IEND\xaeB`\x82"), name  # the closing chunk: the file is complete
+        assert f"(report/{name})" in report_md, name  # linked from report.md
     ckpt = load_checkpoint(tmp_path / "demo" / "pretrain")
     assert ckpt.tokenizer.hash == json.loads((tmp_path / "demo" / "data" / "meta.json").read_text())["tokenizer_hash"]
 
-    again = run_demo(tmp_path / "demo", fast=True)
+    # the rerun is `chatforge demo --fast --no-serve`: it reuses every stage, finishes, and serves nothing
+    results, served = [], []
+
+    def recording_run_demo(*args, **kwargs):
+        results.append(run_demo(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(chatforge.demo, "run_demo", recording_run_demo)
+    monkeypatch.setattr(chatforge.demo, "serve_demo", lambda *args, **kwargs: served.append(args))
+    monkeypatch.setattr(chatforge.serve.server, "serve_checkpoint", lambda *args, **kwargs: served.append(args))
+    main(["demo", "--fast", "--no-serve", "--out", str(tmp_path / "demo")])  # returns: it does not block serving
+    assert served == []
+    (again,) = results
     out = capsys.readouterr().out
-    assert out.count("reusing") == 9  # corpus, tokenizer, data, pretrain, tasks, sft, rm, ppo, dpo
+    sections = dict(re.findall(r"^== (\w+)\n(.*?)(?=^== |\Z)", out, re.MULTILINE | re.DOTALL))
+    assert list(sections) == list(stages)
+    reused = {name for name, text in sections.items() if "   reusing " in text}
+    assert reused == {"corpus", "tokenizer", "data", "pretrain", "tasks", "sft", "rm", "ppo", "dpo", "eval"}
+    assert sections["eval"].count("reusing the evaluation of") == 4  # base, sft, ppo, dpo: none answered again
+    assert "demo finished in" in out and "serving the" not in out
     assert again["val_loss_after"] == summary["val_loss_after"]
 
     # the command then serves the PPO model: the official client chats with it, and SIGTERM stops it
@@ -81,3 +118,27 @@ def serve_the_finished_demo(run_dir):
         out, _ = proc.communicate(timeout=60)
     assert f"http://127.0.0.1:{port}/" in out
     assert (run_dir / "chatforge.db").exists()
+
+
+def test_a_rerun_reuses_an_evaluation_only_while_it_is_newer_than_the_stages_weights(tmp_path):
+    import os
+
+    from chatforge.demo import _saved_evals
+    from chatforge.evaluate import EvalResult
+
+    for stage in ("sft", "ppo"):
+        ckpt = tmp_path / stage / "checkpoint"
+        ckpt.mkdir(parents=True)
+        (ckpt / "config.json").write_text("{}")
+        (ckpt / "model.safetensors").write_bytes(b"")
+        os.utime(ckpt / "model.safetensors", (1000, 1000))
+    saved = {name: EvalResult(f"/runs/{name}", {"facts": {"score": 0.5}}, {"score": 0.5}).to_dict()
+             for name in ("sft", "ppo")}
+    (tmp_path / "eval.json").write_text(json.dumps(saved))
+    os.utime(tmp_path / "eval.json", (2000, 2000))
+    assert set(_saved_evals(tmp_path, {"sft": "sft", "ppo": "ppo"})) == {"sft", "ppo"}
+    assert _saved_evals(tmp_path, {"sft": "sft"})["sft"].overall == {"score": 0.5}
+    os.utime(tmp_path / "ppo" / "checkpoint" / "model.safetensors", (3000, 3000))  # ppo retrained since
+    assert set(_saved_evals(tmp_path, {"sft": "sft", "ppo": "ppo"})) == {"sft"}
+    (tmp_path / "eval.json").unlink()
+    assert _saved_evals(tmp_path, {"sft": "sft"}) == {}

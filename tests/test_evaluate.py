@@ -57,7 +57,7 @@ def test_a_model_that_gives_the_reference_answers_scores_perfectly(world, checkp
     scorer = Scorer(world)
     tasks = build_tasks(world, seed=0, config=TaskConfig().scaled(0.05))
 
-    def perfect(ckpt, prompts, max_tokens, batch_size):
+    def perfect(ckpt, prompts, max_tokens, batch_size, progress=None):
         return [(scorer.reference(p), 3) for p in prompts]
 
     monkeypatch.setattr(evaluation, "generate_answers", perfect)

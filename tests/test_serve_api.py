@@ -264,6 +264,44 @@ def test_extras_top_k_min_p_repetition_penalty_and_beams(client, no_end):
     assert chat.usage.completion_tokens == 4
 
 
+def test_a_small_top_p_keeps_only_the_most_likely_token(client, no_end):
+    # the tiny random model's next-token distribution is nearly flat over 300 tokens: sampled at a high
+    # temperature it almost never picks the most likely token, so a nucleus of one token is easy to see
+    kw = dict(model="tiny", prompt=PROMPT, max_tokens=12, logit_bias=no_end)
+    greedy = client.completions.create(temperature=0, **kw).choices[0].text
+    for seed in (1, 2, 3):
+        nucleus = client.completions.create(temperature=1.5, top_p=1e-6, seed=seed, n=2, **kw)
+        assert [c.text for c in nucleus.choices] == [greedy, greedy]  # the greedy token at every step
+    chat_kw = dict(model="tiny", messages=[{"role": "user", "content": "Where is Kesh?"}], max_tokens=8,
+                   logit_bias=no_end)
+    chat_greedy = client.chat.completions.create(temperature=0, **chat_kw).choices[0].message.content
+    chat = client.chat.completions.create(temperature=1.5, top_p=1e-6, seed=4, **chat_kw)
+    assert chat.choices[0].message.content == chat_greedy
+    # the same seeds without the nucleus (top_p=1) sample other tokens
+    for seed in (1, 2, 3):
+        full = client.completions.create(temperature=1.5, top_p=1.0, seed=seed, n=2, **kw)
+        assert all(c.text != greedy for c in full.choices)
+    assert client.chat.completions.create(temperature=1.5, top_p=1.0, seed=4, **chat_kw
+                                          ).choices[0].message.content != chat_greedy
+
+
+def test_the_user_field_is_accepted_and_answered_normally(client, no_end):
+    user = "user-1234@example.org"
+    kw = dict(model="tiny", max_tokens=6, temperature=0, logit_bias=no_end)
+    plain = client.completions.create(prompt=PROMPT, **kw).choices[0]
+    tagged = client.completions.create(prompt=PROMPT, user=user, **kw).choices[0]
+    assert tagged.text == plain.text and tagged.finish_reason == "length"
+    messages = [{"role": "user", "content": "hi"}]
+    chat_plain = client.chat.completions.create(messages=messages, **kw)
+    chat = client.chat.completions.create(messages=messages, user=user, **kw)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].finish_reason == "length"
+    assert chat.choices[0].message.content == chat_plain.choices[0].message.content
+    assert chat.usage.completion_tokens == 6
+    streamed = list(client.chat.completions.create(messages=messages, user=user, stream=True, **kw))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == chat.choices[0].message.content
+    assert streamed[-1].choices[0].finish_reason == "length"
+
+
 def test_concurrent_requests_all_answer_like_alone(client, no_end):
     prompts = ["Mira", "The dog", "Kesh", "Veloria is", "2 plus", "walked"]
     kw = dict(model="tiny", max_tokens=10, temperature=0, logit_bias=no_end)

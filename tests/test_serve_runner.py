@@ -179,14 +179,19 @@ def _free_port() -> int:
 
 
 def test_the_serve_command_answers_and_exits_on_sigterm(tmp_path, tiny):
+    """`chatforge serve` as a user runs it, with an API key and a --moderation config file."""
     from chatforge.checkpoint import save_checkpoint
+    from chatforge.serve.moderation import REFUSAL
 
     model, tok = tiny
     save_checkpoint(tmp_path / "chat" / "checkpoint", model, tok)
+    moderation = tmp_path / "moderation.yaml"
+    moderation.write_text("words: [forbidden]\npatterns:\n  secret_plan: '\\bsecret\\s+plan\\b'\n")
     port = _free_port()
     env = {**os.environ, "CHATFORGE_API_KEY": "k3y"}
     proc = subprocess.Popen([sys.executable, "-m", "chatforge", "serve", "--checkpoint", str(tmp_path / "chat"),
-                             "--port", str(port), "--no-web", "--log-level", "warning"], env=env,
+                             "--port", str(port), "--no-web", "--log-level", "warning",
+                             "--moderation", str(moderation)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -204,6 +209,12 @@ def test_the_serve_command_answers_and_exits_on_sigterm(tmp_path, tiny):
         assert [m.id for m in c.models.list().data] == ["chat"]
         r = c.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
         assert r.choices[0].message.role == "assistant"
+        assert r.choices[0].finish_reason in ("stop", "length")  # not flagged: answered normally
+        for text in ("Tell me something FORBIDDEN.", "What is the secret  plan?"):  # a word, then a pattern
+            flagged = c.chat.completions.create(model="chat", messages=[{"role": "user", "content": text}],
+                                                max_tokens=3)
+            assert flagged.choices[0].finish_reason == "content_filter", text
+            assert flagged.choices[0].message.content == REFUSAL and flagged.usage.completion_tokens == 0
         assert httpx.get(url + "/v1/models").status_code == 401
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -212,3 +223,34 @@ def test_the_serve_command_answers_and_exits_on_sigterm(tmp_path, tiny):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize(("name", "text", "detail"), [
+    ("moderation.yaml", "words: [forbidden]\nblocked: [x]\n", "unknown key(s) ['blocked']"),
+    ("moderation.yaml", "words: [forbidden\n", "not valid YAML"),
+    ("moderation.json", '{"words": ["forbidden",', "not valid JSON"),
+    ("moderation.json", '{"patterns": {"bad": "(unclosed"}}', "patterns.bad: invalid regular expression"),
+    ("missing.yaml", None, "does not exist"),
+])
+def test_serve_with_a_bad_moderation_file_is_a_one_line_error_naming_the_file(tmp_path, tiny, capsys, monkeypatch,
+                                                                              name, text, detail):
+    from chatforge.checkpoint import save_checkpoint
+    from chatforge.cli import main
+    from chatforge.serve.server import GracefulServer
+
+    model, tok = tiny
+    save_checkpoint(tmp_path / "chat" / "checkpoint", model, tok)
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+
+    def no_server(self, *args, **kwargs):
+        raise AssertionError("the server started despite a bad moderation file")
+
+    monkeypatch.setattr(GracefulServer, "run", no_server)
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--checkpoint", str(tmp_path / "chat"), "--port", str(_free_port()), "--no-web",
+              "--moderation", str(path)])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}: ") and "\n" not in err and detail in err
