@@ -197,6 +197,8 @@ def test_beam_search_through_the_engine_equals_beam_search(pair, engine):
         ([1], SamplingParams(stop=["a", "b", "c", "d", "e"]), "stop"),
         ([1], SamplingParams(logit_bias={3: 101}), "logit_bias"),
         ([1], SamplingParams(logit_bias={VOCAB: 1}), "logit_bias"),
+        ([1, VOCAB], SamplingParams(), "prompt"),  # a token the model has no row for
+        ([-1], SamplingParams(), "prompt"),
     ],
 )
 def test_bad_requests_are_refused_naming_the_parameter(engine, prompt, params, param):
@@ -204,3 +206,12 @@ def test_bad_requests_are_refused_naming_the_parameter(engine, prompt, params, p
         engine.add_request(prompt, params)
     assert info.value.param == param
     assert not engine.has_unfinished()
+
+
+def test_stop_ids_past_the_models_rows_are_dropped_not_crashed_on(pair):
+    # a GPT-2 directory's tokenizer carries chat tokens (ids past the model's rows): they can never be
+    # sampled, so they stop nothing, and min_tokens must not ban them out of range
+    engine = Engine(pair[1], LetterTokenizer(), max_batch_size=2, stop_token_ids=[VOCAB + 3])
+    assert engine.eos_ids == []
+    out = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=4, min_tokens=2, temperature=0))[0].outputs[0]
+    assert len(out.token_ids) == 4 and out.finish_reason == "length"

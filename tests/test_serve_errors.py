@@ -335,3 +335,20 @@ def test_an_error_after_the_stream_began_is_an_error_event_and_the_server_recove
         # and the engine serves on
         r = c.completions.create(model="tiny", prompt="a", max_tokens=5, extra_body={"ignore_eos": True})
         assert r.usage.completion_tokens == 5 and engine.num_running == 0
+
+
+def test_text_the_tokenizer_maps_past_the_models_rows_is_a_400_not_a_crash(tiny):
+    # a GPT-2 directory's tokenizer carries chat tokens the model has no rows for; any prompt whose
+    # ids fall past the model's vocabulary is refused up front, on both endpoints, and the server lives on
+    _, tok = tiny
+    torch.manual_seed(0)
+    small = GPT(GPTConfig(vocab_size=8, context_length=CONTEXT, n_layer=1, n_head=2, n_embd=16)).eval()
+    app = create_app(Engine(small, tok, max_batch_size=2), ServeConfig(model_name="tiny", web=False))
+    with ServerThread(app) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        for call, param in ((chat, "messages"), (completion, "prompt")):
+            with pytest.raises(openai.BadRequestError) as info:
+                call(client)
+            error = shape(info.value.response.json())
+            assert error["param"] == param and "no rows" in error["message"], error
+        assert httpx.get(s.url + "/health").status_code == 200

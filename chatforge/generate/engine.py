@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from chatforge.errors import RequestError
 from chatforge.generate.params import MAX_LOGPROBS, SamplingParams
 from chatforge.generate.processors import LogitsPipeline, TokenHistory, sample_next, token_logprobs
 from chatforge.generate.text import IncrementalText
@@ -154,7 +155,9 @@ class Engine:
         if stop_token_ids is None:
             specials = getattr(tokenizer, "special_ids", {})
             stop_token_ids = [specials[k] for k in ("eot", "end_turn") if k in specials]
-        self.eos_ids = list(stop_token_ids)
+        # an id past the model's rows (a GPT-2 directory's tokenizer carries chat tokens the model
+        # lacks) can never be sampled, so it can never stop anything
+        self.eos_ids = [t for t in stop_token_ids if 0 <= t < self.config.vocab_size]
         self.rows: list[_Row] = []
         self.waiting: deque[_Request] = deque()
         self.requests: dict[str, _Request] = {}
@@ -169,10 +172,14 @@ class Engine:
         """Validate and queue a request; it starts at the next step with enough free slots."""
         prompt = [int(t) for t in prompt_ids]
         params.validate(self.config.vocab_size, self.config.context_length, len(prompt), logprobs_limit)
+        outside = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+        if outside:
+            raise RequestError(
+                f"prompt: token id {outside[0]} is outside the model's vocabulary (0..{self.config.vocab_size - 1}); "
+                "the tokenizer has more tokens than the model has rows (a GPT-2 directory has none for the chat "
+                "tokens: fine-tune it with `chatforge sft` first)", param="prompt")
         rows = max(params.best_of or params.n, params.n)
         if rows > self.max_batch_size and params.num_beams == 1:
-            from chatforge.errors import RequestError
-
             raise RequestError(f"n/best_of of {rows} exceeds the engine's {self.max_batch_size} slots",
                                param="best_of" if params.best_of else "n")
         rid = request_id or f"req-{next(self._ids)}"
