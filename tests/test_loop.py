@@ -173,3 +173,13 @@ def test_batch_must_split_evenly_into_micro_batches(tmp_path):
 def test_bfloat16_autocast_trains(tmp_path):
     result = make_trainer(tmp_path, max_steps=3, dtype="bfloat16").fit()
     assert all(np.isfinite(losses(result)))
+
+
+def test_processes_that_would_resume_from_different_steps_are_refused(tmp_path):
+    from chatforge.errors import ConfigError
+    from chatforge.train.loop import check_same_start
+
+    check_same_start([40, 40, 40], tmp_path)  # agreement: nothing to say
+    check_same_start([0], tmp_path)
+    with pytest.raises(ConfigError, match=r"rank 0: step 40, rank 1: step 0.*shares"):
+        check_same_start([40, 0], tmp_path)  # a second machine that cannot see the first one's checkpoint

@@ -57,6 +57,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_ints(value: int, device: torch.device) -> list[int]:
+    """Every process's `value`, in rank order ([value] in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out = [torch.zeros((), dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, torch.tensor(value, dtype=torch.long, device=device))
+    return [int(t) for t in out]
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

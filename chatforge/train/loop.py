@@ -43,7 +43,7 @@ from chatforge.checkpoint import (
     save_checkpoint,
 )
 from chatforge.errors import CheckpointError, ConfigError
-from chatforge.train.distributed import DistInfo, all_reduce_sum, barrier
+from chatforge.train.distributed import DistInfo, all_gather_ints, all_reduce_sum, barrier
 
 Batch = dict[str, torch.Tensor]
 METRICS_FILE = "metrics.jsonl"
@@ -283,6 +283,7 @@ class Trainer:
         if self.dist.is_main:
             (self.out_dir / "run_config.json").write_text(json.dumps(self.trainer_state(), indent=2) + "\n")
         barrier()
+        check_same_start(all_gather_ints(self.step, self.dist.device), self.checkpoint_dir)
 
     def load(self, path: Path) -> None:
         path = resolve_checkpoint_dir(path)
@@ -381,6 +382,18 @@ class Trainer:
         bar.close()
         result.step = self.step
         return result
+
+
+def check_same_start(steps: list[int], checkpoint_dir: Path) -> None:
+    """Refuse to train when the processes start at different steps: under torchrun on several machines
+    only the first process writes checkpoints, so `--resume` on a machine that cannot see them would
+    otherwise start that machine's processes from step 0 and the processes would train apart."""
+    if len(set(steps)) > 1:
+        by_rank = ", ".join(f"rank {r}: step {s}" for r, s in enumerate(steps))
+        raise ConfigError(
+            f"{checkpoint_dir}: the processes found different checkpoints to resume ({by_rank}); expected the "
+            "same one everywhere: put --out on a filesystem every machine shares, or copy the checkpoint to "
+            "each machine at the same path, then resume")
 
 
 def check_same_config(saved: dict, current: dict, where: Path, what: str, prefix: str = "") -> None:
