@@ -111,7 +111,7 @@ def make_tokenizer(run_dir: Path, corpus: Path, budget: Budget) -> Tokenizer:
     if path.exists():
         click.echo(f"   reusing {path}")
         return Tokenizer.from_file(path)
-    tok = Tokenizer.train(iter_documents([corpus]), vocab_size=budget.vocab_size)
+    tok = Tokenizer.train(iter_documents([corpus]), vocab_size=budget.vocab_size, show_progress=True)
     tok.save(path)
     click.echo(f"   byte-level BPE, {tok.vocab_size} tokens -> {path}")
     return tok
