@@ -86,6 +86,8 @@ def main() -> None:
     ap.add_argument("--dpo-steps", type=int, default=150)
     ap.add_argument("--temperature", type=float, default=PPOSettings.temperature,
                     help="PPO's rollout temperature (also the one its log-probs are recomputed at)")
+    ap.add_argument("--beta", type=float, default=PPOSettings.init_kl_coef,
+                    help="the KL coefficient PPO starts from (method ppo; ppo-beta0 always uses 0)")
     ap.add_argument("--ptx-coef", type=float, default=0.0,
                     help="PPO's pretraining-loss weight, on the run's own token shards (RUN/data)")
     ap.add_argument("--methods", nargs="+", default=["ppo", "ppo-beta0", "dpo"], choices=["ppo", "ppo-beta0", "dpo"])
@@ -100,11 +102,12 @@ def main() -> None:
         for method in args.methods:
             tag = "" if method == "dpo" or args.temperature == PPOSettings.temperature else f"-t{args.temperature:g}"
             tag += f"-ptx{args.ptx_coef:g}" if method != "dpo" and args.ptx_coef else ""
+            tag += f"-beta{args.beta:g}" if method == "ppo" and args.beta != PPOSettings.init_kl_coef else ""
             out = run / "seeds" / f"{method}{tag}-{seed}"
             if method == "dpo":
                 train_dpo(run, out, seed, args.dpo_steps)
             else:
-                train_ppo(run, out, seed, args.ppo_steps, beta=0.1 if method == "ppo" else 0.0,
+                train_ppo(run, out, seed, args.ppo_steps, beta=args.beta if method == "ppo" else 0.0,
                           temperature=args.temperature, ptx_coef=args.ptx_coef)
             figures.setdefault(method, []).append(judge(run, out, world, sft, rm))
             print(f"{method} seed {seed}: {figures[method][-1]}", flush=True)
