@@ -5,16 +5,11 @@ from __future__ import annotations
 import os
 import platform
 
+from chatforge.model import cpuinfo_field
+
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return cpuinfo_field("model name") or platform.processor() or "unknown"
 
 
 def load_average() -> str:

@@ -119,11 +119,12 @@ _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise"
 _ONEDNN_MAX_ROWS = 64
 
 
-def _cpu_vendor() -> str:
+def cpuinfo_field(name: str) -> str:
+    """A field of /proc/cpuinfo's first CPU ("vendor_id", "model name"), or "" where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(name):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
@@ -131,7 +132,7 @@ def _cpu_vendor() -> str:
 
 
 _ONEDNN_ENABLED = True  # see plain_linear
-_ONEDNN_INTEL = _cpu_vendor() == "GenuineIntel"
+_ONEDNN_INTEL = cpuinfo_field("vendor_id") == "GenuineIntel"
 _ONEDNN_INTEL_MIN_ROWS, _ONEDNN_INTEL_MIN_WEIGHT = 3, 1 << 20  # 1 Mi fp32 elements = 4 MiB (see above)
 
 

@@ -172,12 +172,7 @@ class Engine:
         """Validate and queue a request; it starts at the next step with enough free slots."""
         prompt = [int(t) for t in prompt_ids]
         params.validate(self.config.vocab_size, self.config.context_length, len(prompt), logprobs_limit)
-        outside = [t for t in prompt if not 0 <= t < self.config.vocab_size]
-        if outside:
-            raise RequestError(
-                f"prompt: token id {outside[0]} is outside the model's vocabulary (0..{self.config.vocab_size - 1}); "
-                "the tokenizer has more tokens than the model has rows (a GPT-2 directory has none for the chat "
-                "tokens: fine-tune it with `chatforge sft` first)", param="prompt")
+        self.check_prompt(prompt)
         rows = max(params.best_of or params.n, params.n)
         if rows > self.max_batch_size and params.num_beams == 1:
             raise RequestError(f"n/best_of of {rows} exceeds the engine's {self.max_batch_size} slots",
@@ -189,6 +184,16 @@ class Engine:
         self.requests[rid] = request
         self.waiting.append(request)
         return rid
+
+    def check_prompt(self, prompt: Sequence[int]) -> None:
+        """Raise RequestError for a token id the model has no row for (a GPT-2 directory's tokenizer
+        carries chat tokens the model lacks), before it reaches the embedding."""
+        outside = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+        if outside:
+            raise RequestError(
+                f"token id {outside[0]} is outside the model's vocabulary (0..{self.config.vocab_size - 1}): "
+                "the tokenizer has more tokens than the model has rows (a GPT-2 directory has no rows for the "
+                "chat tokens: fine-tune it with `chatforge sft` first)", param="prompt")
 
     def cancel(self, request_id: str) -> bool:
         """Stop a request now (a client went away); its slots are free after the next step."""

@@ -229,13 +229,10 @@ def check_params(state: ServerState, params: SamplingParams, prompts: list[Promp
             raise _context_error(state, len(p.ids), params.max_tokens, prompt_param)
         try:
             params.validate(state.vocab_size, state.context_length, len(p.ids), logprobs_limit)
+            state.engine.check_prompt(p.ids)  # here, not in the engine thread, so the error names our field
         except RequestError as e:
             param = {"prompt": prompt_param, "logprobs": logprobs_param}.get(e.param or "", e.param)
             raise APIError(400, str(e), param=param, code=e.code) from None
-        if any(not 0 <= t < state.vocab_size for t in p.ids):  # text the tokenizer maps past the model's rows
-            raise APIError(400, f"{prompt_param}: the tokenizer gives token ids the model has no rows for (its "
-                           f"vocabulary is 0..{state.vocab_size - 1}); a GPT-2 directory has no chat tokens: "
-                           "fine-tune it with `chatforge sft` first", param=prompt_param)
 
 
 def check_stream_options(body: SamplingFields) -> bool:
