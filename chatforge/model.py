@@ -12,6 +12,7 @@ inference engine can prefill a prompt once and then decode one token at a time.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from chatforge.errors import ConfigError
 
@@ -105,18 +107,33 @@ class KVCache:
 
 # Decode reads every weight once a token with a few rows of activations, so it is bound by how fast
 # the matrix-vector kernel streams the weights, and the fastest kernel PyTorch offers depends on the
-# CPU (measured with benchmarks/bench_decode.py and bench_serve.py, 1 and 2 threads):
+# CPU and the row count (measured with benchmarks/bench_decode.py and bench_serve.py, 1 and 2 threads):
 # - AMD EPYC: oneDNN's fp32 linear (the op inductor itself calls on CPU) reads GPT-2 small's weights
 #   at about 1.7x the rate of F.linear's MKL gemv (21 against 13 GB/s for the LM head);
-# - Intel Xeon (Sapphire Rapids): MKL streams GPT-2 small's weights at the measured bandwidth for one
-#   or two rows, 10-50% faster than oneDNN, and oneDNN is 15-30% faster from four rows; but on weights
-#   that fit in cache (a small model serving 1 to 16 rows) oneDNN's fixed cost of 25-40 us a call
-#   makes it 1.1-4x slower than MKL at every row count. So there oneDNN takes only 3+ rows of a
-#   weight of 4 MiB or more.
+# - Intel Xeon (Sapphire Rapids): MKL streams the weights at the measured bandwidth for one or two
+#   rows; from three rows MKL's gemm on a weight packed once in its own panel layout
+#   (cblas_sgemm_pack, the op inductor's freezing pass uses) is 18-31% faster than F.linear, which
+#   packs the weight again on every call (GPT-2 small at 4 and 16 rows; 28% for a 4-layer width-256
+#   model at 16 rows on one thread), and oneDNN is slower than both at every row count.
 # The choice is fixed per machine, not timed at run time, so the same machine always computes the
 # same numbers. Used only where nothing needs gradients.
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-_ONEDNN_MAX_ROWS = 64
+_ONEDNN_MAX_ROWS = 64  # no faster than F.linear past this (prefill, training)
+_MKL_OPS = getattr(torch.ops, "mkl", None)
+_MKL_PACKED = torch._C.has_mkl and hasattr(_MKL_OPS, "_mkl_linear") and hasattr(_MKL_OPS, "_mkl_reorder_linear_weight")
+_MKL_PACKED_MIN_ROWS, _MKL_PACKED_MAX_ROWS = 3, 64
+# layer -> (what the weight was when packed, packed weight); weak, so a dropped model frees its packs,
+# and kept off the module, so state_dict and deepcopy never see them
+_MKL_PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_OPTIMIZER_STEPS = 0  # every optimizer step anywhere: fused AdamW changes weights without bumping their version
+
+
+def _count_optimizer_step(*_: object) -> None:
+    global _OPTIMIZER_STEPS
+    _OPTIMIZER_STEPS += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def cpuinfo_field(name: str) -> str:
@@ -131,45 +148,64 @@ def cpuinfo_field(name: str) -> str:
     return ""
 
 
-_ONEDNN_ENABLED = True  # see plain_linear
-_ONEDNN_INTEL = cpuinfo_field("vendor_id") == "GenuineIntel"
-_ONEDNN_INTEL_MIN_ROWS, _ONEDNN_INTEL_MIN_WEIGHT = 3, 1 << 20  # 1 Mi fp32 elements = 4 MiB (see above)
+_FAST_LINEAR_ENABLED = True  # see plain_linear
+_INTEL = cpuinfo_field("vendor_id") == "GenuineIntel"
 
 
-def _onednn_is_faster(rows: int, weight: torch.Tensor) -> bool:
-    if rows > _ONEDNN_MAX_ROWS:  # no faster than F.linear past this (prefill, training)
-        return False
-    return not _ONEDNN_INTEL or (rows >= _ONEDNN_INTEL_MIN_ROWS and weight.numel() >= _ONEDNN_INTEL_MIN_WEIGHT)
+def fast_kernel(rows: int) -> str:
+    """Which product `linear` uses for `rows` rows here: "mkl_packed", "onednn" or "linear"."""
+    if _INTEL:
+        ok = _MKL_PACKED and _MKL_PACKED_MIN_ROWS <= rows <= _MKL_PACKED_MAX_ROWS
+        return "mkl_packed" if ok else "linear"
+    ok = _ONEDNN_LINEAR is not None and rows <= _ONEDNN_MAX_ROWS and torch.backends.mkldnn.is_available()
+    return "onednn" if ok else "linear"
+
+
+def _mkl_packed_weight(layer: nn.Linear) -> torch.Tensor:
+    """The layer's weight in MKL's packed layout, packed again whenever the weight may have changed:
+    it was replaced, changed in place (a load bumps its version) or any optimizer stepped. (A write
+    through `.data` bypasses all three.) The layout does not depend on the row count."""
+    w = layer.weight
+    key = (w.data_ptr(), w._version, tuple(w.shape), _OPTIMIZER_STEPS)
+    entry = _MKL_PACKS.get(layer)
+    if entry is None or entry[0] != key:
+        entry = (key, _MKL_OPS._mkl_reorder_linear_weight(w, _MKL_PACKED_MAX_ROWS))
+        _MKL_PACKS[layer] = entry
+    return entry[1]
 
 
 @contextmanager
 def plain_linear() -> Iterator[None]:
     """Inside, `linear` always calls `layer(x)`: no-grad log-probs then equal those a training step
-    computes bit for bit (oneDNN's product differs from F.linear by ~1e-6 relative), as PPO needs."""
-    global _ONEDNN_ENABLED
-    previous, _ONEDNN_ENABLED = _ONEDNN_ENABLED, False
+    computes bit for bit (oneDNN's and packed MKL's products differ from F.linear by ~1e-6
+    relative), as PPO needs."""
+    global _FAST_LINEAR_ENABLED
+    previous, _FAST_LINEAR_ENABLED = _FAST_LINEAR_ENABLED, False
     try:
         yield
     finally:
-        _ONEDNN_ENABLED = previous
+        _FAST_LINEAR_ENABLED = previous
 
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)`; for a plain nn.Linear on a few fp32 CPU rows under no_grad, on CPUs where it is
-    faster (see above), the same product through oneDNN."""
-    if (
-        _ONEDNN_ENABLED
-        and _ONEDNN_LINEAR is not None
+    """`layer(x)`; for a plain nn.Linear on a few fp32 CPU rows under no_grad, the same product
+    through the kernel that is faster on this CPU (see above)."""
+    if not (
+        _FAST_LINEAR_ENABLED
         and type(layer) is nn.Linear  # a subclass or a hooked layer keeps its own forward
         and not (layer._forward_hooks or layer._forward_pre_hooks)
         and not torch.is_grad_enabled()
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and layer.weight.dtype == torch.float32
-        and _onednn_is_faster(x.numel() // x.shape[-1], layer.weight)
-        and torch.backends.mkldnn.is_available()
         and not torch.compiler.is_compiling()
     ):
+        return layer(x)
+    rows = x.numel() // x.shape[-1]
+    kernel = fast_kernel(rows)
+    if kernel == "mkl_packed":
+        return _MKL_OPS._mkl_linear(x, _mkl_packed_weight(layer), layer.weight, layer.bias, rows)
+    if kernel == "onednn":
         return _ONEDNN_LINEAR(x, layer.weight, layer.bias, "none", [], "")
     return layer(x)
 
@@ -199,8 +235,10 @@ class CausalSelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if attn_mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
-        elif k.shape[2] == T or T == 1:  # causal over new tokens only, or one token that sees everything
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=k.shape[2] == T > 1, dropout_p=dropout)
+        elif T == 1:  # one new token sees everything cached
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        elif k.shape[2] == T:  # causal over new tokens only
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:  # new tokens after a cached prefix: token i sees the prefix and new tokens <= i
             mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)

@@ -1,12 +1,13 @@
 """The GPT: GPT-2's architecture, its initialization, and the KV-cache forward the engine needs."""
 
+import copy as copy_module
 import math
 
 import pytest
 import torch
 
 from chatforge.errors import ConfigError
-from chatforge.model import GPT, IGNORE_INDEX, GPTConfig, lm_loss
+from chatforge.model import GPT, IGNORE_INDEX, GPTConfig, fast_kernel, linear, lm_loss, plain_linear
 
 
 def test_logits_have_one_row_per_position_and_token(tiny_model, tiny_config):
@@ -84,3 +85,67 @@ def test_growing_the_vocabulary_keeps_old_rows_ties_the_head_and_starts_new_rows
     assert torch.allclose(new[old.shape[0] :], old.mean(0).expand(3, -1))
     assert tiny_model.lm_head.weight is new
     assert tiny_model(torch.tensor([[1, 2, old.shape[0] + 2]])).shape[-1] == old.shape[0] + 3
+
+
+# ---- the decode kernel (model.linear) ----------------------------------------------------------
+
+ROW_COUNTS = [1, 2, 3, 4, 7, 16, 17, 64, 65]
+
+
+@pytest.mark.parametrize("rows", ROW_COUNTS)
+def test_fast_linear_computes_the_layers_product_at_every_row_count(rows):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(96, 300)
+    x = torch.randn(rows, 96)
+    with torch.no_grad():
+        expected, got = layer(x), linear(layer, x)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), fast_kernel(rows)
+
+
+def test_fast_linear_takes_batched_three_dimensional_input_and_a_layer_without_bias():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 50, bias=False)
+    x = torch.randn(4, 3, 64)
+    with torch.no_grad():
+        assert torch.allclose(linear(layer, x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fast_linear_follows_a_weight_changed_in_place_after_it_was_used():
+    """A packed copy of the weight (MKL's layout) must be rebuilt when training changes the weight."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 40)
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        linear(layer, x)  # packs (where packing is the fast kernel)
+    for optimizer in (torch.optim.SGD(layer.parameters(), lr=1.0),
+                      torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)):  # fused: no version bump
+        layer(x).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            assert torch.allclose(linear(layer, x), layer(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        layer.load_state_dict({"weight": torch.randn(40, 32), "bias": torch.zeros(40)})
+        assert torch.allclose(linear(layer, x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_plain_linear_and_autograd_get_the_layers_own_product_bit_for_bit():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 80)
+    x = torch.randn(16, 48)
+    with torch.no_grad(), plain_linear():
+        assert torch.equal(linear(layer, x), layer(x))
+    y = linear(layer, x)
+    assert y.requires_grad and torch.equal(y, layer(x))
+
+
+def test_a_model_used_for_decoding_still_saves_and_copies_only_its_parameters(tiny_model):
+    before = set(tiny_model.state_dict())
+    x = torch.randint(0, tiny_model.config.vocab_size, (8, 1))
+    with torch.no_grad():
+        tiny_model(x)
+    assert set(tiny_model.state_dict()) == before
+    copy = copy_module.deepcopy(tiny_model)
+    with torch.no_grad():
+        assert torch.allclose(copy(x), tiny_model(x), rtol=1e-5, atol=1e-5)

@@ -88,15 +88,15 @@ class SlotCache(KVCache):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.positions: torch.Tensor | None = None  # (rows,) write position of each row, decode only
+        self.row_index: torch.Tensor | None = None  # (rows,) 0..rows-1, made once a step, not per layer
         self.end = 0  # attend over slots [0, end)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.positions is None:
             return super().update(layer, k, v, pos)
         rows = k.shape[0]
-        index = torch.arange(rows, device=k.device)
-        self.k[layer, index, :, self.positions] = k[:, :, 0]
-        self.v[layer, index, :, self.positions] = v[:, :, 0]
+        self.k[layer, self.row_index, :, self.positions] = k[:, :, 0]
+        self.v[layer, self.row_index, :, self.positions] = v[:, :, 0]
         return self.k[layer, :rows, :, : self.end], self.v[layer, :rows, :, : self.end]
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
@@ -349,6 +349,7 @@ class Engine:
         # additive (float) mask built once a step: sdpa would convert a boolean one in every layer
         mask = torch.zeros(hidden.shape, device=self.device, dtype=self.cache.k.dtype).masked_fill_(hidden, -math.inf)
         self.cache.positions, self.cache.end = positions, end
+        self.cache.row_index = torch.arange(len(rows), device=self.device)
         try:
             mask = mask[:, None, None]
             return self.model(tokens, kv_cache=self.cache, position_ids=positions[:, None], attn_mask=mask)
