@@ -10,7 +10,8 @@ complete is skipped, so an interrupted demo continues where it stopped.
     then probes (validation loss, fact completion) and samples
     tasks/      the world's chat data: SFT conversations, preferences, RL prompts, held-out eval prompts
     sft/        the chat model fine-tuned on the SFT conversations
-    rm/         the reward model trained on the ranked preferences
+    rm_data/    the preference prompts' rankings with the SFT model's own samples added (the labeler ranks them)
+    rm/         the reward model trained on those rankings
     ppo/        the SFT model optimized by PPO against the reward model (KL to the SFT model)
     dpo/        the SFT model optimized by DPO on the same preferences
     eval.json   base, SFT, PPO and DPO models on the held-out prompts, judged by the world's scorer
@@ -21,6 +22,7 @@ complete is skipped, so an interrupted demo continues where it stopped.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -29,12 +31,14 @@ from pathlib import Path
 import click
 import torch
 
+from chatforge.chat import Message
 from chatforge.checkpoint import TRAINER_FILE, load_checkpoint, read_json, resolve_checkpoint_dir, write_json
 from chatforge.data.readers import iter_documents
 from chatforge.data.shards import prepare_shards, read_meta
-from chatforge.data.tasks import TaskConfig, write_tasks
+from chatforge.data.tasks import Labeler, Scorer, TaskConfig, write_tasks
 from chatforge.data.world import ATTRIBUTES, World, write_corpus
 from chatforge.evaluate import EvalConfig, EvalResult, evaluate, format_table
+from chatforge.files import atomic_write
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
 from chatforge.model import GPT
@@ -44,7 +48,7 @@ from chatforge.train.dpo import DPOConfig, run_dpo
 from chatforge.train.loop import TrainConfig
 from chatforge.train.ppo import PPOConfig, PPOSettings, run_ppo
 from chatforge.train.pretrain import LanguageModeling, ModelSize, PretrainConfig, run_pretrain
-from chatforge.train.reward import RewardConfig, run_reward
+from chatforge.train.reward import RewardConfig, run_reward, sample_answer_sets
 from chatforge.train.sft import SFTConfig, run_sft
 
 SAMPLE_PROMPTS = ("The capital of", "Seven plus five is", "Once upon a time,")
@@ -64,6 +68,7 @@ class Budget:
     sft_batch_size: int
     sft_lr: float
     task_scale: float  # share of the default task-data sizes
+    rm_samples: int  # SFT samples per preference prompt that the labeler ranks with the rule-made answers
     rm_steps: int
     ppo_steps: int
     ppo_rollout: int  # answers per PPO iteration
@@ -73,11 +78,11 @@ class Budget:
 FULL = Budget(corpus_mb=2.0, vocab_size=2048, model=ModelSize(n_layer=4, n_head=4, n_embd=192, context_length=128),
               steps=350, batch_size=32, lr=3e-3, eval_every=50, probe_facts=432,
               sft_steps=300, sft_batch_size=16, sft_lr=1e-3, task_scale=1.0,
-              rm_steps=150, ppo_steps=40, ppo_rollout=32, dpo_steps=150)
+              rm_samples=4, rm_steps=150, ppo_steps=40, ppo_rollout=32, dpo_steps=150)
 FAST = Budget(corpus_mb=0.3, vocab_size=512, model=ModelSize(n_layer=2, n_head=2, n_embd=64, context_length=128),
               steps=60, batch_size=16, lr=3e-3, eval_every=30, probe_facts=60,
               sft_steps=80, sft_batch_size=8, sft_lr=3e-3, task_scale=0.1,
-              rm_steps=10, ppo_steps=2, ppo_rollout=8, dpo_steps=10)
+              rm_samples=2, rm_steps=10, ppo_steps=2, ppo_rollout=8, dpo_steps=10)
 
 
 def stage(name: str, timings: dict[str, float]) -> Callable:
@@ -258,10 +263,42 @@ def short_run(steps: int, batch_size: int, lr: float, warmup: int = 0) -> TrainC
                        eval_every=max(1, steps // 3), eval_batches=10, save_every=steps, log_every=1)
 
 
-def reward_model(run_dir: Path, tasks: Path, budget: Budget) -> Path:
+PREFERENCE_SPLITS = ("prefs_train", "prefs_val")
+
+
+def label_sft_samples(run_dir: Path, tasks: Path, budget: Budget) -> Path:
+    """InstructGPT's comparison data: the labeler ranks the SFT model's own answers to each preference
+    prompt (sampled at PPO's rollout temperature) together with the prompt's rule-made answers.
+
+    A reward model trained on rule-made answers alone never sees what the policy writes, and PPO
+    finds what it over-values there: on the demo run it ordered 71% of pairs of SFT samples (of
+    different checked score) as the scorer does, 78% with these rankings (benchmarks/rm_best_of_n.py).
+    """
+    out = run_dir / "rm_data"
+    weights = resolve_checkpoint_dir(run_dir / "sft") / "model.safetensors"
+    paths = {split: out / f"{split}.jsonl" for split in PREFERENCE_SPLITS}
+    if all(p.exists() and p.stat().st_mtime >= weights.stat().st_mtime for p in paths.values()):
+        click.echo(f"   reusing {out}")
+        return out
+    labeler = Labeler(Scorer(World.load(run_dir / "corpus" / "world.json")))
+    policy = load_checkpoint(run_dir / "sft")
+    for n, (split, path) in enumerate(paths.items()):
+        records = [_json(line) for line in (tasks / f"{split}.jsonl").read_text().splitlines() if line.strip()]
+        prompts = [[Message(m["role"], m["content"]) for m in r["prompt"]] for r in records]
+        samples = sample_answer_sets(policy, prompts, budget.rm_samples, PPOSettings.temperature,
+                                     seed=1_000_000 * n, max_tokens=48)
+        ranked = [{**r, "responses": labeler.rank(p, r["responses"] + s)} for r, p, s in zip(records, prompts, samples)]
+        atomic_write(path, lambda f, ranked=ranked: f.writelines(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                 for r in ranked))
+        click.echo(f"   {split}: {len(ranked)} prompts, {budget.rm_samples} SFT samples each ranked with "
+                   f"the rule-made answers -> {path}")
+    return out
+
+
+def reward_model(run_dir: Path, rm_data: Path, budget: Budget) -> Path:
     out = run_dir / "rm"
     if not finished(out, budget.rm_steps):
-        cfg = RewardConfig(data=[str(tasks / "prefs_train.jsonl")], val=[str(tasks / "prefs_val.jsonl")],
+        cfg = RewardConfig(data=[str(rm_data / "prefs_train.jsonl")], val=[str(rm_data / "prefs_val.jsonl")],
                            init_from=str(run_dir / "sft"), out=str(out),
                            train=short_run(budget.rm_steps, 16, 1e-4, warmup=max(1, budget.rm_steps // 15)))
         run_reward(cfg, DistInfo(), resume=True)
@@ -326,8 +363,6 @@ def _saved_evals(run_dir: Path, names: dict[str, str]) -> dict[str, EvalResult]:
 
 
 def _json(line: str) -> dict:
-    import json
-
     return json.loads(line)
 
 
@@ -347,7 +382,8 @@ def run_demo(run_dir: Path, fast: bool = False, overwrite: bool = False) -> dict
     summary = stage("probe", timings)(report, run_dir, budget, timings)
     tasks = stage("tasks", timings)(make_tasks, run_dir, budget)
     stage("sft", timings)(sft, run_dir, tasks, budget)
-    stage("rm", timings)(reward_model, run_dir, tasks, budget)
+    rm_data = stage("rm_data", timings)(label_sft_samples, run_dir, tasks, budget)
+    stage("rm", timings)(reward_model, run_dir, rm_data, budget)
     stage("ppo", timings)(ppo, run_dir, tasks, budget)
     stage("dpo", timings)(dpo, run_dir, tasks, budget)
     results = stage("eval", timings)(evaluation, run_dir, tasks, ["pretrain", "sft", "ppo", "dpo"])

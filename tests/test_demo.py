@@ -18,8 +18,8 @@ def test_fast_demo_trains_a_model_whose_validation_loss_falls_and_rerun_skips_fi
                                                                                               monkeypatch):
     summary = run_demo(tmp_path / "demo", fast=True)
     out = capsys.readouterr().out
-    stages = ("corpus", "tokenizer", "data", "pretrain", "probe", "tasks", "sft", "rm", "ppo", "dpo", "eval",
-              "report")
+    stages = ("corpus", "tokenizer", "data", "pretrain", "probe", "tasks", "sft", "rm_data", "rm", "ppo", "dpo",
+              "eval", "report")
     for stage in stages:
         assert f"== {stage}" in out
     assert summary["val_loss_after"] < summary["val_loss_before"] - 1.0
@@ -32,6 +32,14 @@ def test_fast_demo_trains_a_model_whose_validation_loss_falls_and_rerun_skips_fi
     assert json.loads((tmp_path / "demo" / "eval.json").read_text()).keys() == {"base", "sft", "ppo", "dpo"}
     for stage in ("rm", "ppo", "dpo"):
         assert (tmp_path / "demo" / stage / "checkpoint" / "model.safetensors").exists()
+    # the reward model's rankings: each preference prompt's rule-made answers plus the SFT model's samples
+    def records(path):
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    rule_made, labeled = (records(tmp_path / "demo" / d / "prefs_train.jsonl") for d in ("tasks", "rm_data"))
+    assert [r["prompt"] for r in labeled] == [r["prompt"] for r in rule_made]
+    assert all(set(a["responses"]) <= set(b["responses"]) for a, b in zip(rule_made, labeled))
+    assert sum(len(b["responses"]) - len(a["responses"]) for a, b in zip(rule_made, labeled)) > len(labeled)
     timings = json.loads((tmp_path / "demo" / "timings.json").read_text())
     assert set(timings) == set(stages) - {"report"} and timings["pretrain"] > 0
     # each stage's wall time is printed as it ends, and all of them in the closing line, in order
@@ -70,7 +78,8 @@ def test_fast_demo_trains_a_model_whose_validation_loss_falls_and_rerun_skips_fi
     sections = dict(re.findall(r"^== (\w+)\n(.*?)(?=^== |\Z)", out, re.MULTILINE | re.DOTALL))
     assert list(sections) == list(stages)
     reused = {name for name, text in sections.items() if "   reusing " in text}
-    assert reused == {"corpus", "tokenizer", "data", "pretrain", "tasks", "sft", "rm", "ppo", "dpo", "eval"}
+    assert reused == {"corpus", "tokenizer", "data", "pretrain", "tasks", "sft", "rm_data", "rm", "ppo", "dpo",
+                      "eval"}
     assert sections["eval"].count("reusing the evaluation of") == 4  # base, sft, ppo, dpo: none answered again
     assert "demo finished in" in out and "serving the" not in out
     assert again["val_loss_after"] == summary["val_loss_after"]

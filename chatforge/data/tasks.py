@@ -626,7 +626,11 @@ def _word_checker(task: str, word: str, letter: str) -> Callable[[str], bool]:
 class Labeler:
     """Ranks candidate responses the way the labelers' instructions say: a right answer (or the right
     refusal behaviour) first, then concise over padded, then shorter, then alphabetical (so ties break
-    the same way every time). Exact duplicates and empty responses are dropped."""
+    the same way every time). Among wrong answers a near miss comes first: the more of the right
+    answer's words it has, the better ("12 plus 30 is 41." before nonsense, or before refusing a
+    harmless request). Without that, a reward model trained on a policy's own samples, most of them
+    wrong in some way, learns that the shortest wrong answer, a refusal, is the safe one (measured: PPO
+    then refused harmless requests). Exact duplicates and empty responses are dropped."""
 
     def __init__(self, scorer: Scorer) -> None:
         self.scorer = scorer
@@ -634,8 +638,15 @@ class Labeler:
     def rank(self, prompt: Prompt, responses: Sequence[str]) -> list[str]:
         unique = list(dict.fromkeys(r for r in responses if r.strip()))
         scores = self.scorer.score_all(prompt, unique)
+        reference = set(_norm(self.scorer.reference(prompt) or "").split())
+
+        def nearness(i: int) -> float:  # share of the right answer's words, for wrong answers only
+            if scores[i].value > 0 or not reference:
+                return 0.0
+            return round(len(reference & set(_norm(unique[i]).split())) / len(reference), 2)
+
         order = sorted(range(len(unique)),
-                       key=lambda i: (-scores[i].value, scores[i].padded, scores[i].length, unique[i]))
+                       key=lambda i: (-scores[i].value, -nearness(i), scores[i].padded, scores[i].length, unique[i]))
         return [unique[i] for i in order]
 
 

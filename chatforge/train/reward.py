@@ -145,14 +145,20 @@ def preference_metrics(model: nn.Module, groups: list[list[list[int]]], pad_id: 
 def sample_answers(policy_ckpt, prompts: list[list[Message]], temperature: float, seed: int,
                    max_tokens: int = 64) -> list[str]:
     """One sampled answer of the policy per prompt (seeded per prompt)."""
+    return [answers[0] for answers in sample_answer_sets(policy_ckpt, prompts, 1, temperature, seed, max_tokens)]
+
+
+def sample_answer_sets(policy_ckpt, prompts: list[list[Message]], n: int, temperature: float, seed: int,
+                       max_tokens: int = 64, batch_size: int = 32) -> list[list[str]]:
+    """n sampled answers of the policy to each prompt (a seed per prompt), through one batched engine."""
     template = ChatTemplate(policy_ckpt.tokenizer)
     context = policy_ckpt.model.config.context_length
     ids = [template.fit_to_context(p, context, reserve=context // 2)[0] for p in prompts]
-    engine = Engine(policy_ckpt.model.eval(), policy_ckpt.tokenizer, max_batch_size=32,
+    engine = Engine(policy_ckpt.model.eval(), policy_ckpt.tokenizer, max_batch_size=max(batch_size, n),
                     stop_token_ids=template.stop_ids)
-    params = [SamplingParams(max_tokens=min(max_tokens, context - len(i)), temperature=temperature, seed=seed + n)
-              for n, i in enumerate(ids)]
-    return [c.outputs[0].text.strip() for c in engine.generate(ids, params)]
+    params = [SamplingParams(n=n, max_tokens=min(max_tokens, context - len(i)), temperature=temperature,
+                             seed=seed + k) for k, i in enumerate(ids)]
+    return [[out.text.strip() for out in c.outputs] for c in engine.generate(ids, params)]
 
 
 @torch.no_grad()
