@@ -142,6 +142,13 @@ def prepare_builtin_data(run_dir: Path, budget: Budget | None = None) -> Path:
     return make_shards(run_dir, corpus, make_tokenizer(run_dir, corpus, budget))
 
 
+def made_before(out: Path, inputs: list[Path]) -> bool:
+    """Whether a training stage's saved weights are older than a file it is trained from: a rerun
+    then trains it again from the start (a reward model made before its rankings were)."""
+    weights = out / "checkpoint" / "model.safetensors"
+    return weights.exists() and any(p.exists() and p.stat().st_mtime > weights.stat().st_mtime for p in inputs)
+
+
 def finished(out: Path, steps: int) -> bool:
     done = out / "checkpoint" / TRAINER_FILE
     if done.exists() and read_json(done, "trainer state").get("step") == steps:
@@ -275,12 +282,14 @@ def label_sft_samples(run_dir: Path, tasks: Path, budget: Budget) -> Path:
     different checked score) as the scorer does, 78% with these rankings (benchmarks/rm_best_of_n.py).
     """
     out = run_dir / "rm_data"
-    weights = resolve_checkpoint_dir(run_dir / "sft") / "model.safetensors"
+    inputs = [resolve_checkpoint_dir(run_dir / "sft") / "model.safetensors"]
+    inputs += [tasks / f"{split}.jsonl" for split in PREFERENCE_SPLITS]
     paths = {split: out / f"{split}.jsonl" for split in PREFERENCE_SPLITS}
-    if all(p.exists() and p.stat().st_mtime >= weights.stat().st_mtime for p in paths.values()):
+    newest_input = max(p.stat().st_mtime for p in inputs)
+    if all(p.exists() and p.stat().st_mtime >= newest_input for p in paths.values()):
         click.echo(f"   reusing {out}")
         return out
-    labeler = Labeler(Scorer(World.load(run_dir / "corpus" / "world.json")))
+    labeler = Labeler(Scorer(World.load(run_dir / "corpus" / "world.json")), near_misses_first=True)
     policy = load_checkpoint(run_dir / "sft")
     for n, (split, path) in enumerate(paths.items()):
         records = [_json(line) for line in (tasks / f"{split}.jsonl").read_text().splitlines() if line.strip()]
@@ -297,22 +306,28 @@ def label_sft_samples(run_dir: Path, tasks: Path, budget: Budget) -> Path:
 
 def reward_model(run_dir: Path, rm_data: Path, budget: Budget) -> Path:
     out = run_dir / "rm"
-    if not finished(out, budget.rm_steps):
-        cfg = RewardConfig(data=[str(rm_data / "prefs_train.jsonl")], val=[str(rm_data / "prefs_val.jsonl")],
-                           init_from=str(run_dir / "sft"), out=str(out),
+    data = [rm_data / f"{split}.jsonl" for split in PREFERENCE_SPLITS]
+    again = made_before(out, data)
+    if again:
+        click.echo(f"   {rm_data} is newer than the reward model: training it again")
+    if again or not finished(out, budget.rm_steps):
+        cfg = RewardConfig(data=[str(data[0])], val=[str(data[1])], init_from=str(run_dir / "sft"), out=str(out),
                            train=short_run(budget.rm_steps, 16, 1e-4, warmup=max(1, budget.rm_steps // 15)))
-        run_reward(cfg, DistInfo(), resume=True)
+        run_reward(cfg, DistInfo(), resume=not again, overwrite=again)
     return out
 
 
 def ppo(run_dir: Path, tasks: Path, budget: Budget) -> Path:
     out = run_dir / "ppo"
-    if not finished(out, budget.ppo_steps):
+    again = made_before(out, [run_dir / "rm" / "checkpoint" / "model.safetensors"])
+    if again:
+        click.echo("   the reward model is newer than the PPO policy: training it again")
+    if again or not finished(out, budget.ppo_steps):
         cfg = PPOConfig(prompts=[str(tasks / "rl_train.jsonl")], val=[str(tasks / "rl_val.jsonl")],
                         policy=str(run_dir / "sft"), reward_model=str(run_dir / "rm"), out=str(out),
                         ppo=PPOSettings(rollout_batch=budget.ppo_rollout, minibatch=min(8, budget.ppo_rollout)),
                         train=replace(short_run(budget.ppo_steps, 1, 3e-5), min_lr_ratio=1.0, eval_every=10))
-        run_ppo(cfg, DistInfo(), resume=True)
+        run_ppo(cfg, DistInfo(), resume=not again, overwrite=again)
     return out
 
 

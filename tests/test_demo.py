@@ -151,3 +151,22 @@ def test_a_rerun_reuses_an_evaluation_only_while_it_is_newer_than_the_stages_wei
     assert set(_saved_evals(tmp_path, {"sft": "sft", "ppo": "ppo"})) == {"sft"}
     (tmp_path / "eval.json").unlink()
     assert _saved_evals(tmp_path, {"sft": "sft"}) == {}
+
+
+def test_a_training_stage_made_before_the_file_it_trains_from_is_trained_again(tmp_path):
+    import os
+
+    from chatforge.demo import made_before
+
+    weights = tmp_path / "rm" / "checkpoint" / "model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"")
+    rankings = tmp_path / "rm_data" / "prefs_train.jsonl"
+    rankings.parent.mkdir()
+    rankings.write_text("{}\n")
+    os.utime(rankings, (1000, 1000))
+    os.utime(weights, (2000, 2000))
+    assert not made_before(tmp_path / "rm", [rankings, tmp_path / "rm_data" / "missing.jsonl"])
+    os.utime(rankings, (3000, 3000))  # the rankings were made again (a retrained SFT model sampled them)
+    assert made_before(tmp_path / "rm", [rankings])
+    assert not made_before(tmp_path / "never-trained", [rankings])

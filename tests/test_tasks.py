@@ -191,13 +191,17 @@ def test_labeler_prefers_concise_and_drops_duplicates(scorer):
     assert len(ranked) == 4
 
 
-def test_labeler_ranks_a_near_miss_above_nonsense_and_an_unhelpful_refusal(scorer, world):
+def test_labeler_can_rank_a_near_miss_above_nonsense_and_an_unhelpful_refusal(scorer, world):
     country = world.entities_of("country")[0]
     question = f"What is the capital of {country.name}?"
     reference = scorer.reference(question)
     near_miss = reference.replace(country.attributes["capital"], world.entities_of("country")[1].attributes["capital"])
-    ranked = Labeler(scorer).rank(question, ["I can't help with that.", "Dog a lit is the.", near_miss, reference])
+    answers = ["I can't help with that.", "Dog a lit is the.", near_miss, reference]
+    ranked = Labeler(scorer, near_misses_first=True).rank(question, answers)
     assert ranked == [reference, near_miss, "Dog a lit is the.", "I can't help with that."]
+    # the rule-made rankings keep shortest-first among wrong answers
+    assert Labeler(scorer).rank(question, answers) == [reference, "Dog a lit is the.", "I can't help with that.",
+                                                       near_miss]
 
 
 # ---- the scorer on hand-written prompts -------------------------------------------------------

@@ -626,14 +626,21 @@ def _word_checker(task: str, word: str, letter: str) -> Callable[[str], bool]:
 class Labeler:
     """Ranks candidate responses the way the labelers' instructions say: a right answer (or the right
     refusal behaviour) first, then concise over padded, then shorter, then alphabetical (so ties break
-    the same way every time). Among wrong answers a near miss comes first: the more of the right
-    answer's words it has, the better ("12 plus 30 is 41." before nonsense, or before refusing a
-    harmless request). Without that, a reward model trained on a policy's own samples, most of them
-    wrong in some way, learns that the shortest wrong answer, a refusal, is the safe one (measured: PPO
-    then refused harmless requests). Exact duplicates and empty responses are dropped."""
+    the same way every time). Exact duplicates and empty responses are dropped.
 
-    def __init__(self, scorer: Scorer) -> None:
+    With ``near_misses_first``, among wrong answers the more of the right answer's words one has, the
+    earlier it comes ("12 plus 30 is 41." before nonsense, or before refusing a harmless request).
+    That is for rankings of a policy's own samples, most of them wrong in some way: without it the
+    shortest wrong answer, often a refusal, comes first, and PPO against a reward model trained on
+    such rankings refused harmless requests (checked score 0.269 against 0.320 with it, three
+    seeds). It is off for the rule-made rankings DPO trains on: there it ranks every refusal of an
+    answerable prompt last, and DPO learns "refusing is bad" as a rule of its own (harmful requests
+    refused 0% instead of 63%; checked score 0.131 against 0.237).
+    """
+
+    def __init__(self, scorer: Scorer, near_misses_first: bool = False) -> None:
         self.scorer = scorer
+        self.near_misses_first = near_misses_first
 
     def rank(self, prompt: Prompt, responses: Sequence[str]) -> list[str]:
         unique = list(dict.fromkeys(r for r in responses if r.strip()))
@@ -641,7 +648,7 @@ class Labeler:
         reference = set(_norm(self.scorer.reference(prompt) or "").split())
 
         def nearness(i: int) -> float:  # share of the right answer's words, for wrong answers only
-            if scores[i].value > 0 or not reference:
+            if not self.near_misses_first or scores[i].value > 0 or not reference:
                 return 0.0
             return round(len(reference & set(_norm(unique[i]).split())) / len(reference), 2)
 
