@@ -18,6 +18,8 @@ from chatforge.train.reward import (
     collate_groups,
     pair_metrics,
     run_reward,
+    sample_answer_sets,
+    sample_answers,
     score_texts,
     set_normalization,
 )
@@ -145,3 +147,13 @@ def test_commands_that_write_text_refuse_a_reward_model_by_name(tmp_path, small_
     save_checkpoint(tmp_path / "rm", ScalarHeadModel(GPT(config)), tokenizer=small_tokenizer)
     assert run_cli(command[0], "--checkpoint", tmp_path / "rm", *command[1:]) == 2
     assert "is a reward model" in capsys.readouterr().err
+
+
+def test_answer_sets_hold_n_seeded_samples_per_prompt_and_the_first_is_the_single_sample(sft_checkpoint):
+    ckpt = load_checkpoint(sft_checkpoint)
+    prompts = [[Message("user", q)] for q in QUESTIONS[:3]]
+    sets = sample_answer_sets(ckpt, prompts, 4, temperature=1.0, seed=7, max_tokens=8)
+    assert [len(s) for s in sets] == [4, 4, 4]
+    assert sets == sample_answer_sets(ckpt, prompts, 4, temperature=1.0, seed=7, max_tokens=8)  # seeded
+    assert all(len(set(s)) > 1 for s in sets)  # different samples, not one answer repeated
+    assert sample_answers(ckpt, prompts, temperature=1.0, seed=7, max_tokens=8) == [s[0] for s in sets]
