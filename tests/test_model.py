@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import chatforge.model as model_module
 from chatforge.errors import ConfigError
 from chatforge.model import GPT, IGNORE_INDEX, GPTConfig, fast_kernel, linear, lm_loss, plain_linear
 
@@ -130,13 +131,21 @@ def test_fast_linear_follows_a_weight_changed_in_place_after_it_was_used():
         assert torch.allclose(linear(layer, x), layer(x), rtol=1e-5, atol=1e-5)
 
 
-def test_plain_linear_and_autograd_get_the_layers_own_product_bit_for_bit():
+def test_plain_linear_and_autograd_get_the_layers_own_product_bit_for_bit(monkeypatch):
     torch.manual_seed(0)
     layer = torch.nn.Linear(48, 80)
     x = torch.randn(16, 48)
-    with torch.no_grad(), plain_linear():
-        assert torch.equal(linear(layer, x), layer(x))
-    y = linear(layer, x)
+
+    def no_fast_kernel(rows):
+        raise AssertionError("a fast kernel was chosen")
+
+    monkeypatch.setattr(model_module, "fast_kernel", no_fast_kernel)
+    with torch.no_grad():
+        with pytest.raises(AssertionError, match="fast kernel"):  # no_grad alone does choose one
+            linear(layer, x)
+        with plain_linear():
+            assert torch.equal(linear(layer, x), layer(x))
+    y = linear(layer, x)  # with gradients: the layer itself
     assert y.requires_grad and torch.equal(y, layer(x))
 
 
