@@ -8,10 +8,13 @@ context 1024; 124M weights, random), fp32, 2 threads. The weights are exported w
 `chatforge.hf.export_hf` and loaded into `transformers.GPT2LMHeadModel`, so both contenders run
 the same weights; before timing, the script checks that both produce the same greedy tokens.
 
-Ours: `Engine(model, stub_tokenizer, max_batch_size=16)`, `engine.generate(prompts,
+Ours: `Engine(model, stub_tokenizer, max_batch_size=16, compile=True)`, `engine.generate(prompts,
 SamplingParams(max_tokens=N, temperature=0, ignore_eos=True))`, the full engine path
-(scheduler, logits pipeline, sampling, incremental text). The peer: `model.generate(input_ids,
-do_sample=False, max_new_tokens=N, min_new_tokens=N)` with its default cache and attention.
+(scheduler, logits pipeline, sampling, incremental text), its decode forward compiled by
+torch.compile (`engine.warm_up()` compiles before the rounds; the time is printed). Beside it, the
+same engine without compile ("ours, eager"), as `chatforge generate` runs by default. The peer:
+`model.generate(input_ids, do_sample=False, max_new_tokens=N, min_new_tokens=N)` with its default
+cache and attention.
 
 Decode tokens/s excludes prefill by difference: t(prompt + N new tokens) - t(prompt + 1 new
 token) covers exactly N - 1 decode steps (the first token comes from the prefill's logits), so
@@ -132,6 +135,7 @@ def main() -> None:
     ap.add_argument("--bw-gib", type=float, default=1.0, help="size of the bandwidth tensor")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when it is installed")
+    ap.add_argument("--no-eager", action="store_true", help="skip the eager engine's reference rows")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -146,7 +150,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(ours, None, tmp)
         peer = GPT2LMHeadModel.from_pretrained(tmp).eval()
-    engine = Engine(ours, StubTokenizer(), max_batch_size=args.batch, stop_token_ids=[])
+    engine = Engine(ours, StubTokenizer(), max_batch_size=args.batch, stop_token_ids=[], compile=True)
+    eager = Engine(ours, StubTokenizer(), max_batch_size=args.batch, stop_token_ids=[])
+    t0 = time.perf_counter()
+    engine.warm_up()
+    compile_s = time.perf_counter() - t0
     gguf_dir = tempfile.TemporaryDirectory()
     run_llama = None if args.no_llama_cpp else llama_cpp_decoder(ours, args.threads, gguf_dir.name)
 
@@ -154,9 +162,9 @@ def main() -> None:
     prompts = torch.randint(0, CONFIG.vocab_size, (args.batch, args.prompt), generator=g).tolist()
     long_prompt = torch.randint(0, CONFIG.vocab_size, (1, args.prefill), generator=g).tolist()
 
-    def run_ours(batch_prompts: list[list[int]], n: int) -> list[list[int]]:
+    def run_ours(batch_prompts: list[list[int]], n: int, on: Engine = engine) -> list[list[int]]:
         params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-        return [c.outputs[0].token_ids for c in engine.generate(batch_prompts, params)]
+        return [c.outputs[0].token_ids for c in on.generate(batch_prompts, params)]
 
     @torch.no_grad()
     def run_peer(prompt: list[int], n: int) -> list[int]:
@@ -174,10 +182,13 @@ def main() -> None:
         f"{args.new} new tokens, batch {args.batch}, prefill {args.prefill}; {args.rounds} rounds"
     )
     print(f"load average at start: {load_average()}")
+    print(f"compiling our decode graphs (engine.warm_up): {compile_s:.1f} s")
 
     check = 16
     a, b = run_ours(prompts[:1], check)[0], run_peer(prompts[0], check)
     print(f"greedy check ({check} tokens): ours {a}")
+    if run_ours(prompts[:1], check, eager)[0] != a:
+        raise SystemExit("the compiled and eager engines disagree on greedy tokens")
     print(f"                               hf   {b}  -> {'MATCH' if a == b else 'MISMATCH'}")
     if a != b:
         raise SystemExit("the two models disagree on greedy tokens; timings would not be comparable")
@@ -195,8 +206,8 @@ def main() -> None:
 
     @torch.no_grad()
     def run_gemv() -> None:
-        # the matmuls of one decode token and nothing else: each weight read once through the
-        # same oneDNN kernel the model uses; its speed is the ceiling for decode through that kernel
+        # the matmuls of one decode token and nothing else: each weight read once through the same
+        # kernel decode uses (chatforge.model.linear); its speed is the ceiling for decode through it
         for _ in range(gemv_passes):
             for m in linears:
                 linear(m, row[m.in_features])
@@ -213,6 +224,11 @@ def main() -> None:
         "hf prefill": lambda: run_peer(long_prompt[0], 1),
         "gemv only": run_gemv,
     }
+    if not args.no_eager:
+        runs["eager b1 N"] = lambda: run_ours(prompts[:1], n, eager)
+        runs["eager b1 1"] = lambda: run_ours(prompts[:1], 1, eager)
+        runs[f"eager b{args.batch} N"] = lambda: run_ours(prompts, n, eager)
+        runs[f"eager b{args.batch} 1"] = lambda: run_ours(prompts, 1, eager)
     if run_llama is not None:
         runs["llama b1 N"] = lambda: run_llama(prompts[0], n)
         runs["llama b1 1"] = lambda: run_llama(prompts[0], 1)
@@ -288,6 +304,16 @@ def main() -> None:
             f"ours {med([o / q for o, q in zip(ours1, llama1)]):.2f}x of it; it is "
             f"{med([q / p for q, p in zip(llama1, peer1)]):.2f}x transformers, "
             f"{med([q / bd for q, bd in zip(llama1, bounds)]):.0%} of the bound",
+            "",
+        ))
+    if not args.no_eager:
+        eager1, eagerB = decode_tps("eager b1", 1), decode_tps(f"eager b{B}", B)
+        rows.append((
+            "    decode b1 tokens/s: ours, eager",
+            f"{med(eager1):.1f}",
+            f"{med([o / p for o, p in zip(eager1, peer1)]):.2f}x transformers, "
+            f"{med([o / bd for o, bd in zip(eager1, bounds)]):.0%} of the bound; "
+            f"b{B} {med(eagerB):.1f} ({med([x / y for x, y in zip(eagerB, eager1)]):.2f}x b1)",
             "",
         ))
     rows += [

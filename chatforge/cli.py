@@ -397,13 +397,17 @@ def chat(checkpoint: str, system: str, temperature: float, top_p: float, max_tok
               "the start of a document.")
 @click.option("--json", "as_json", is_flag=True, help="Print the completions (with logprobs) as JSON.")
 @click.option("--max-batch-size", default=16, show_default=True, help="Engine slots (sequences decoded together).")
+@click.option("--compile", "compile_decode", is_flag=True,
+              help="torch.compile the decode step: faster per token after a warm-up compile of about a minute.")
 @config_options(SamplingParams)
-def generate(checkpoint: str, prompts: tuple[str, ...], as_json: bool, max_batch_size: int, cfg) -> None:
+def generate(checkpoint: str, prompts: tuple[str, ...], as_json: bool, max_batch_size: int, compile_decode: bool,
+             cfg) -> None:
     """Generate with every decoding option: sampling, penalties, beams, stops, n/best_of, logprobs."""
     from chatforge.generate.engine import Engine
 
     ckpt = load_language_model(checkpoint, "generate")
-    tok, engine = ckpt.tokenizer, Engine(ckpt.model, ckpt.tokenizer, max_batch_size=max_batch_size)
+    tok = ckpt.tokenizer
+    engine = Engine(ckpt.model, tok, max_batch_size=max_batch_size, compile=compile_decode)
     texts = list(prompts) or [""]
     ids = [tok.encode(t) if t else [tok.eot_id] for t in texts]
     if len(ids) == 1 and cfg.n == 1 and cfg.num_beams == 1 and not as_json:
@@ -465,6 +469,8 @@ def export(checkpoint: str, fmt: str, out: str, dtype: str) -> None:
               help="Allow browser requests from this origin (repeatable; '*' for any). Default: no CORS.")
 @click.option("--max-batch-size", default=16, show_default=True, help="Engine slots (sequences decoded together).")
 @click.option("--max-queue", default=64, show_default=True, help="Requests waiting for a slot before 429.")
+@click.option("--compile", "compile_decode", is_flag=True,
+              help="torch.compile the decode step: faster per token after compiling (about a minute) before serving.")
 @click.option("--max-body-bytes", default=1_000_000, show_default=True, help="Larger request bodies get 413.")
 @click.option("--db", "db_url", default="", help="SQLAlchemy URL of the web page's conversation/feedback store  "
               "[default: sqlite:///<stage dir>/chatforge.db beside a <stage>/checkpoint, else ./chatforge.db]")
@@ -477,7 +483,7 @@ def export(checkpoint: str, fmt: str, out: str, dtype: str) -> None:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(checkpoint: str, host: str, port: int, model_name: str, api_key: str | None, cors_origins: tuple[str, ...],
-          max_batch_size: int, max_queue: int, max_body_bytes: int, db_url: str, no_web: bool,
+          max_batch_size: int, max_queue: int, compile_decode: bool, max_body_bytes: int, db_url: str, no_web: bool,
           moderation: str | None, device: str, shutdown_timeout: float, log_level: str) -> None:
     """Serve a model with the OpenAI API (/v1/completions, /v1/chat/completions) and the web chat page."""
     from chatforge.serve.app import ServeConfig
@@ -485,7 +491,7 @@ def serve(checkpoint: str, host: str, port: int, model_name: str, api_key: str |
 
     serve_checkpoint(ServeConfig(
         checkpoint=checkpoint, host=host, port=port, model_name=model_name, api_key=api_key or None,
-        cors_origins=list(cors_origins), max_batch_size=max_batch_size, max_queue=max_queue,
+        cors_origins=list(cors_origins), max_batch_size=max_batch_size, max_queue=max_queue, compile=compile_decode,
         max_body_bytes=max_body_bytes, web=not no_web, db_url=db_url, moderation=moderation, device=device,
         shutdown_timeout=shutdown_timeout, log_level=log_level))
 

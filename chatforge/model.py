@@ -12,7 +12,6 @@ inference engine can prefill a prompt once and then decode one token at a time.
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from chatforge.errors import ConfigError
 
@@ -122,9 +122,9 @@ _ONEDNN_MAX_ROWS = 64  # no faster than F.linear past this (prefill, training)
 _MKL_OPS = getattr(torch.ops, "mkl", None)
 _MKL_PACKED = torch._C.has_mkl and hasattr(_MKL_OPS, "_mkl_linear") and hasattr(_MKL_OPS, "_mkl_reorder_linear_weight")
 _MKL_PACKED_MIN_ROWS, _MKL_PACKED_MAX_ROWS = 3, 64
-# layer -> (what the weight was when packed, packed weight); weak, so a dropped model frees its packs,
-# and kept off the module, so state_dict and deepcopy never see them
-_MKL_PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# weight -> (what it was when packed, packed weight); weak, so a dropped model frees its packs, and
+# kept off the module, so state_dict and deepcopy never see them
+_MKL_PACKS = WeakIdKeyDictionary()
 _OPTIMIZER_STEPS = 0  # every optimizer step anywhere: fused AdamW changes weights without bumping their version
 
 
@@ -161,16 +161,15 @@ def fast_kernel(rows: int) -> str:
     return "onednn" if ok else "linear"
 
 
-def _mkl_packed_weight(layer: nn.Linear) -> torch.Tensor:
-    """The layer's weight in MKL's packed layout, packed again whenever the weight may have changed:
-    it was replaced, changed in place (a load bumps its version) or any optimizer stepped. (A write
-    through `.data` bypasses all three.) The layout does not depend on the row count."""
-    w = layer.weight
+def _mkl_packed_weight(w: torch.Tensor) -> torch.Tensor:
+    """The weight in MKL's packed layout, packed again whenever it may have changed: it was replaced,
+    changed in place (a load bumps its version) or any optimizer stepped. (A write through `.data`
+    bypasses all three.) The layout does not depend on the row count."""
     key = (w.data_ptr(), w._version, tuple(w.shape), _OPTIMIZER_STEPS)
-    entry = _MKL_PACKS.get(layer)
+    entry = _MKL_PACKS.get(w)
     if entry is None or entry[0] != key:
         entry = (key, _MKL_OPS._mkl_reorder_linear_weight(w, _MKL_PACKED_MAX_ROWS))
-        _MKL_PACKS[layer] = entry
+        _MKL_PACKS[w] = entry
     return entry[1]
 
 
@@ -187,6 +186,29 @@ def plain_linear() -> Iterator[None]:
         _FAST_LINEAR_ENABLED = previous
 
 
+def _fast_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1]
+    kernel = fast_kernel(rows)
+    if kernel == "mkl_packed":
+        return _MKL_OPS._mkl_linear(x, _mkl_packed_weight(weight), weight, bias, rows)
+    if kernel == "onednn":
+        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+# The same product as an opaque op for torch.compile: inductor otherwise lowers every linear to a
+# plain addmm, and the packed weight lives in a Python map that tracing cannot see into. Registered
+# through the low-level Library API: `torch.library.custom_op` adds ~50 us of Python to every call.
+_OPS = torch.library.Library("chatforge", "DEF")
+_OPS.define("fast_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_OPS.impl("fast_linear", _fast_product, "CPU")
+
+
+@torch.library.register_fake("chatforge::fast_linear")
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`layer(x)`; for a plain nn.Linear on a few fp32 CPU rows under no_grad, the same product
     through the kernel that is faster on this CPU (see above)."""
@@ -198,16 +220,11 @@ def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and layer.weight.dtype == torch.float32
-        and not torch.compiler.is_compiling()
     ):
         return layer(x)
-    rows = x.numel() // x.shape[-1]
-    kernel = fast_kernel(rows)
-    if kernel == "mkl_packed":
-        return _MKL_OPS._mkl_linear(x, _mkl_packed_weight(layer), layer.weight, layer.bias, rows)
-    if kernel == "onednn":
-        return _ONEDNN_LINEAR(x, layer.weight, layer.bias, "none", [], "")
-    return layer(x)
+    if torch.compiler.is_compiling():  # the op picks the kernel per call: choosing here would guard on the
+        return torch.ops.chatforge.fast_linear(x, layer.weight, layer.bias)  # row count (a graph per kernel)
+    return _fast_product(x, layer.weight, layer.bias)
 
 
 class CausalSelfAttention(nn.Module):

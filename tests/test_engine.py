@@ -215,3 +215,23 @@ def test_stop_ids_past_the_models_rows_are_dropped_not_crashed_on(pair):
     assert engine.eos_ids == []
     out = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=4, min_tokens=2, temperature=0))[0].outputs[0]
     assert len(out.token_ids) == 4 and out.finish_reason == "length"
+
+
+@pytest.mark.slow
+def test_a_compiled_engine_gives_the_eager_engines_tokens_and_warm_up_compiles_every_graph(pair):
+    eager = Engine(pair[1], LetterTokenizer(), max_batch_size=8, stop_token_ids=[])
+    compiled = Engine(pair[1], LetterTokenizer(), max_batch_size=8, stop_token_ids=[], compile=True)
+    compiled.warm_up()
+    # rows at different positions that finish at different steps, one row alone, seeded samples
+    lengths = [SamplingParams(max_tokens=m, temperature=0, logprobs=2) for m in (12, 3, 7, 9)]
+    sampled = SamplingParams(max_tokens=8, temperature=1.0, seed=5, n=3)
+    with torch.compiler.set_stance("fail_on_recompile"):  # warm_up already compiled every graph
+        got = compiled.generate(PROMPTS, lengths) + compiled.generate(PROMPTS[:1], lengths[0])
+        got_sampled = compiled.generate(PROMPTS[:2], sampled)
+    want = eager.generate(PROMPTS, lengths) + eager.generate(PROMPTS[:1], lengths[0])
+    assert [c.outputs[0].token_ids for c in got] == [c.outputs[0].token_ids for c in want]
+    lp = [t.logprob for c in got for t in c.outputs[0].logprobs]
+    assert lp == pytest.approx([t.logprob for c in want for t in c.outputs[0].logprobs], abs=1e-4)
+    want_sampled = eager.generate(PROMPTS[:2], sampled)
+    assert [[o.token_ids for o in c.outputs] for c in got_sampled] == [[o.token_ids for o in c.outputs]
+                                                                         for c in want_sampled]

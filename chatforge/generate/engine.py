@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.fx.experimental import _config as fx_config
 
 from chatforge.errors import RequestError
 from chatforge.generate.params import MAX_LOGPROBS, SamplingParams
@@ -83,21 +84,28 @@ class StreamEvent:
 
 
 class SlotCache(KVCache):
-    """A KV cache whose rows sit at different positions during decode."""
+    """A KV cache whose rows sit at different positions during decode.
+
+    Decode writes go through one indexed write into the whole cache tensor per layer: under
+    torch.compile a write into a slice (a view) of the cache becomes a copy of the whole cache,
+    while an indexed write stays in place.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.positions: torch.Tensor | None = None  # (rows,) write position of each row, decode only
-        self.row_index: torch.Tensor | None = None  # (rows,) 0..rows-1, made once a step, not per layer
-        self.end = 0  # attend over slots [0, end)
+        self.row_index: torch.Tensor | None = None  # (rows,) 0..rows-1
+        self._layer_index = torch.arange(self.k.shape[0], device=self.k.device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """In decode, `pos` is the last position any row writes: rows attend over slots [0, pos]."""
         if self.positions is None:
             return super().update(layer, k, v, pos)
         rows = k.shape[0]
-        self.k[layer, self.row_index, :, self.positions] = k[:, :, 0]
-        self.v[layer, self.row_index, :, self.positions] = v[:, :, 0]
-        return self.k[layer, :rows, :, : self.end], self.v[layer, :rows, :, : self.end]
+        index = (self._layer_index[layer : layer + 1], self.row_index, slice(None), self.positions)
+        self.k[index] = k[:, :, 0]
+        self.v[index] = v[:, :, 0]
+        return self.k[layer, :rows, :, : pos + 1], self.v[layer, :rows, :, : pos + 1]
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
@@ -145,13 +153,18 @@ class Engine:
     """Batched generation over a GPT; requests come and go between decode steps."""
 
     def __init__(self, model: GPT, tokenizer: Any, max_batch_size: int = 16,
-                 stop_token_ids: Sequence[int] | None = None) -> None:
+                 stop_token_ids: Sequence[int] | None = None, compile: bool = False) -> None:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = model.config
         self.max_batch_size = max_batch_size
         p = next(model.parameters())
         self.device = p.device
         self.cache = SlotCache(self.config, max_batch_size, device=p.device, dtype=p.dtype)
+        self._row_index = torch.arange(max_batch_size, device=p.device)
+        # the decode forward; compiled, it runs as a few fused kernels without Python between the
+        # matmuls (see `compile` in docs/architecture.md); prefill and beam search stay eager
+        self.compiled = compile
+        self._forward = torch.compile(model, dynamic=True) if compile else model
         if stop_token_ids is None:
             specials = getattr(tokenizer, "special_ids", {})
             stop_token_ids = [specials[k] for k in ("eot", "end_turn") if k in specials]
@@ -245,6 +258,19 @@ class Engine:
         events += self._sample_and_advance(logits)
         return events
 
+    def warm_up(self) -> None:
+        """Compile every decode graph now rather than in the first requests (a no-op when not compiled):
+        one row, several rows in step, and rows at different positions. Leaves the engine idle."""
+        if not self.compiled:
+            return
+        if self.has_unfinished():
+            raise RuntimeError("warm_up needs an idle engine")
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        self.generate([[0, 0]], params)
+        if self.max_batch_size > 1:
+            self.generate([[0, 0], [0, 0]], params)
+            self.generate([[0, 0], [0, 0, 0]], params)
+
     # ---- blocking conveniences ---------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
@@ -331,30 +357,30 @@ class Engine:
     # ---- decode ------------------------------------------------------------------------------
 
     def _decode_old(self, count: int) -> torch.Tensor:
+        """One decode forward for the first `count` rows, each at its own position."""
         rows = self.rows[:count]
         tokens = torch.tensor([[r.last_token] for r in rows], device=self.device)
-        if len({r.position for r in rows}) == 1:  # all rows in step (one prompt, or equal lengths): no mask
-            logits = self.model(tokens, kv_cache=self.cache.rows(count), pos_offset=rows[0].position)
-        else:
-            logits = self._decode_ragged(tokens, rows)
+        positions = torch.tensor([r.position for r in rows], device=self.device)
+        last = max(r.position for r in rows)
+        position_ids = mask = None
+        if any(r.position != last for r in rows):  # rows at different lengths: hide each row's unused slots
+            hidden = torch.arange(last + 1, device=self.device)[None, :] > positions[:, None]
+            # additive (float) mask built once a step: sdpa would convert a boolean one in every layer
+            mask = torch.zeros(hidden.shape, device=self.device, dtype=self.cache.k.dtype)
+            mask = mask.masked_fill_(hidden, -math.inf)[:, None, None]
+            position_ids = positions[:, None]
+        self.cache.positions, self.cache.row_index = positions, self._row_index[:count]
+        try:
+            # no duck sizing when tracing: a mask as long as the model has heads would otherwise share the
+            # head count's (static) size and compile a graph for that one length
+            with fx_config.patch(use_duck_shape=not self.compiled):
+                logits = self._forward(tokens, kv_cache=self.cache, pos_offset=last, position_ids=position_ids,
+                                       attn_mask=mask)
+        finally:
+            self.cache.positions = None
         for r in rows:
             r.position += 1
         return logits[:, -1].float()
-
-    def _decode_ragged(self, tokens: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        """One decode step for rows at different positions: per-row writes and an additive mask."""
-        positions = torch.tensor([r.position for r in rows], device=self.device)
-        end = int(positions.max()) + 1
-        hidden = torch.arange(end, device=self.device)[None, :] > positions[:, None]
-        # additive (float) mask built once a step: sdpa would convert a boolean one in every layer
-        mask = torch.zeros(hidden.shape, device=self.device, dtype=self.cache.k.dtype).masked_fill_(hidden, -math.inf)
-        self.cache.positions, self.cache.end = positions, end
-        self.cache.row_index = torch.arange(len(rows), device=self.device)
-        try:
-            mask = mask[:, None, None]
-            return self.model(tokens, kv_cache=self.cache, position_ids=positions[:, None], attn_mask=mask)
-        finally:
-            self.cache.positions = None
 
     def _sample_and_advance(self, raw: torch.Tensor) -> list[StreamEvent]:
         processed = self.pipeline(raw, self.history)

@@ -73,7 +73,10 @@ def build_app(config: ServeConfig) -> FastAPI:
         raise ConfigError(f"serve: {config.checkpoint} has no tokenizer.json")
     config.model_name = config.model_name or default_model_name(config.checkpoint)
     config.db_url = config.db_url or default_db_url(config.checkpoint)
-    engine = Engine(ckpt.model, ckpt.tokenizer, max_batch_size=config.max_batch_size)
+    engine = Engine(ckpt.model, ckpt.tokenizer, max_batch_size=config.max_batch_size, compile=config.compile)
+    if config.compile:
+        print("compiling the decode step (torch.compile)...", flush=True)
+        engine.warm_up()  # before serving: the first requests would otherwise wait for it
     return create_app(engine, config, moderator=load_moderator(config.moderation))
 
 
