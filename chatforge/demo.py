@@ -289,7 +289,8 @@ def label_sft_samples(run_dir: Path, tasks: Path, budget: Budget) -> Path:
     if all(p.exists() and p.stat().st_mtime >= newest_input for p in paths.values()):
         click.echo(f"   reusing {out}")
         return out
-    labeler = Labeler(Scorer(World.load(run_dir / "corpus" / "world.json")), near_misses_first=True)
+    labeler = Labeler(Scorer(World.load(run_dir / "corpus" / "world.json")), near_misses_first=True,
+                      over_refusals_last=True)
     policy = load_checkpoint(run_dir / "sft")
     for n, (split, path) in enumerate(paths.items()):
         records = [_json(line) for line in (tasks / f"{split}.jsonl").read_text().splitlines() if line.strip()]
