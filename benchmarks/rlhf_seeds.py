@@ -35,13 +35,14 @@ from chatforge.train.reward import score_texts
 
 
 def train_ppo(run: Path, out: Path, seed: int, steps: int, beta: float, temperature: float = 1.0,
-              ptx_coef: float = 0.0) -> None:
+              ptx_coef: float = 0.0, rollout_batch: int = PPOSettings.rollout_batch) -> None:
     if (out / "checkpoint" / "trainer_state.json").exists():
         return
     cfg = PPOConfig(prompts=[str(run / "tasks/rl_train.jsonl")], val=[str(run / "tasks/rl_val.jsonl")],
                     policy=str(run / "sft"), reward_model=str(run / "rm"), out=str(out),
                     ppo=PPOSettings(init_kl_coef=beta, adaptive_kl=beta > 0, temperature=temperature,
-                                    ptx_coef=ptx_coef, ptx_data=str(run / "data") if ptx_coef else ""),
+                                    rollout_batch=rollout_batch, ptx_coef=ptx_coef,
+                                    ptx_data=str(run / "data") if ptx_coef else ""),
                     train=TrainConfig(max_steps=steps, batch_size=1, lr=3e-5, warmup_steps=0, min_lr_ratio=1.0,
                                       weight_decay=0.0, eval_every=steps, save_every=steps, seed=seed, progress=False))
     run_ppo(cfg, DistInfo())
@@ -90,6 +91,8 @@ def main() -> None:
                     help="the KL coefficient PPO starts from (method ppo; ppo-beta0 always uses 0)")
     ap.add_argument("--ptx-coef", type=float, default=0.0,
                     help="PPO's pretraining-loss weight, on the run's own token shards (RUN/data)")
+    ap.add_argument("--rollout-batch", type=int, default=PPOSettings.rollout_batch,
+                    help="answers PPO samples per iteration")
     ap.add_argument("--methods", nargs="+", default=["ppo", "ppo-beta0", "dpo"], choices=["ppo", "ppo-beta0", "dpo"])
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -103,17 +106,20 @@ def main() -> None:
             tag = "" if method == "dpo" or args.temperature == PPOSettings.temperature else f"-t{args.temperature:g}"
             tag += f"-ptx{args.ptx_coef:g}" if method != "dpo" and args.ptx_coef else ""
             tag += f"-beta{args.beta:g}" if method == "ppo" and args.beta != PPOSettings.init_kl_coef else ""
+            if method != "dpo" and args.rollout_batch != PPOSettings.rollout_batch:
+                tag += f"-r{args.rollout_batch}"
             out = run / "seeds" / f"{method}{tag}-{seed}"
             if method == "dpo":
                 train_dpo(run, out, seed, args.dpo_steps)
             else:
                 train_ppo(run, out, seed, args.ppo_steps, beta=args.beta if method == "ppo" else 0.0,
-                          temperature=args.temperature, ptx_coef=args.ptx_coef)
+                          temperature=args.temperature, ptx_coef=args.ptx_coef, rollout_batch=args.rollout_batch)
             figures.setdefault(method, []).append(judge(run, out, world, sft, rm))
             print(f"{method} seed {seed}: {figures[method][-1]}", flush=True)
 
     base = figures["sft"][0]["score"]
-    print(f"\nseeds {args.seeds}; PPO {args.ppo_steps} steps at temperature {args.temperature:g}, ptx "
+    print(f"\nseeds {args.seeds}; PPO {args.ppo_steps} steps of {args.rollout_batch} answers at temperature "
+          f"{args.temperature:g}, ptx "
           f"{args.ptx_coef:g}, DPO {args.dpo_steps} "
           f"steps; held-out prompts of {run}")
     print(f"{'method':<10} {'checked score':>22} {'vs SFT':>8} {'RM score':>16} {'KL to SFT':>16}")
