@@ -88,12 +88,6 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k.shape[1]
 
-    def rows(self, count: int) -> KVCache:
-        """A plain cache over the first `count` rows, sharing this one's memory."""
-        view = KVCache.__new__(KVCache)
-        view.max_len, view.k, view.v = self.max_len, self.k[:, :count], self.v[:, :count]
-        return view
-
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
