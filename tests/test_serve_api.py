@@ -418,8 +418,22 @@ def test_build_app_from_a_checkpoint_names_the_model_and_the_database(tmp_path, 
 
     help_text = CliRunner().invoke(cli, ["serve", "--help"]).output
     for flag in ("--checkpoint", "--host", "--port", "--model-name", "--api-key", "--cors-origin", "--db",
-                 "--no-web", "--moderation", "--max-queue", "CHATFORGE_API_KEY"):
+                 "--no-web", "--moderation", "--max-queue", "--compile", "CHATFORGE_API_KEY"):
         assert flag in help_text
+
+
+def test_serve_compile_compiles_the_engines_decode_step_before_serving(tmp_path, tiny, monkeypatch):
+    from chatforge.checkpoint import save_checkpoint
+    from chatforge.generate.engine import Engine
+    from chatforge.serve.server import build_app
+
+    warmed = []
+    monkeypatch.setattr(Engine, "warm_up", lambda self: warmed.append(self))  # the compile itself: test_engine
+    save_checkpoint(tmp_path / "sft" / "checkpoint", *tiny)
+    plain = build_app(ServeConfig(checkpoint=str(tmp_path / "sft"), web=False))
+    assert not plain.state.chatforge.engine.compiled and not warmed
+    app = build_app(ServeConfig(checkpoint=str(tmp_path / "sft"), web=False, compile=True))
+    assert app.state.chatforge.engine.compiled and warmed == [app.state.chatforge.engine]
 
 
 def test_cors_is_off_by_default_and_configurable(tiny):
