@@ -1,18 +1,28 @@
 """Streaming throughput and latency of `chatforge serve` under 1, 4 and 16 concurrent clients, on loopback.
 
     python benchmarks/bench_serve.py                        # 1, 4 and 16 clients, 5 rounds, 64 tokens
+    python benchmarks/bench_serve.py --size tiny            # a 3.7M model instead of GPT-2 small's body
     python benchmarks/bench_serve.py --clients 1 16 --rounds 3
     python benchmarks/bench_serve.py --threads 2            # the engine's torch threads (default 1)
 
-A full run takes about 50 seconds on 2 cores. The engine runs on 1 torch thread by default: the
-HTTP loop and the clients need the other core, and on a machine where other processes run, 2
-threads make every op wait for whichever thread was descheduled (the engine alone, at 2 threads
-beside another job, fell from about 190 to 6 tokens/s at 1 row).
+A full run takes about 4 minutes on 2 cores (`--size tiny`: under a minute). The engine runs on 1
+torch thread by default: the HTTP loop and the clients need the other core, and on a machine where
+other processes run, 2 threads make every op wait for whichever thread was descheduled (the engine
+alone, at 2 threads beside another job, fell from about 190 to 6 tokens/s at 1 row).
+
+The model. `--size small` (the default) is GPT-2 small's shape: 12 layers, width 768, 12 heads,
+context 1024, with the corpus tokenizer's vocabulary instead of GPT-2's 50257 tokens (87M
+parameters, 350 MB of fp32 weights). One row's decode step then waits on memory, reading every
+weight once per token, as serving any real model does; batching shares that read between the rows,
+which is what continuous batching is for. `--size tiny` (4 layers, width 256, context 256: 3.7M
+parameters, 15 MB) fits in the CPU's cache: its one-row step is mostly Python and its 16-row step
+mostly per-row work (attention over each row's cache, sampling, the HTTP chunks), so it stresses
+the server's per-token overhead rather than measuring batching.
 
 What is measured. The script makes everything in a temporary directory, downloading nothing: the
-built-in world's corpus (half a megabyte), a byte-level BPE tokenizer trained on it, and a GPT with
-random weights (4 layers, width 256, 4 heads, context 256; speed does not depend on what the weights
-are), saved as a checkpoint. The server is the real one: a child process builds it from the
+built-in world's corpus (half a megabyte), a byte-level BPE tokenizer trained on it, and a GPT of
+the chosen size with random weights (speed does not depend on what the weights are), saved as a
+checkpoint. The server is the real one: a child process builds it from the
 checkpoint with `chatforge.serve.server.build_app` (`--max-batch-size 16`, no web page) and runs it
 with uvicorn in `ServerThread` on a free loopback port. The clients run in this process: one
 asyncio loop, one `httpx.AsyncClient`, one coroutine per client, each sending streaming
@@ -78,6 +88,10 @@ from machine import cpu_model, cpu_ticks, load_average  # benchmarks/machine.py
 QUIET = 0.05  # other processes' share of the CPU under which timings are trusted
 GOAL_CLIENTS, GOAL_RATIO = 16, 6.0
 MODEL_NAME = "bench"
+# model shapes (random weights): GPT-2 small's body, whose 350 MB of weights make one row's decode
+# step wait on memory, as serving a real model does; and a 3.7M model whose weights sit in the cache
+SIZES = {"small": {"layers": 12, "width": 768, "heads": 12, "context": 1024},
+         "tiny": {"layers": 4, "width": 256, "heads": 4, "context": 256}}
 
 
 # ---- the inputs: corpus, tokenizer, checkpoint ----------------------------------------------------------
@@ -471,10 +485,12 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=2, help="requests each client sends per round, back to back")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (exactly)")
     p.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--size", choices=sorted(SIZES), default="small",
+                   help="the model's shape: small = GPT-2 small's 12 layers of width 768 (default), tiny = 4 of 256")
+    p.add_argument("--layers", type=int, help="override the size's layer count")
+    p.add_argument("--width", type=int, help="override the size's width")
+    p.add_argument("--heads", type=int, help="override the size's head count")
+    p.add_argument("--context", type=int, help="override the size's context length")
     p.add_argument("--vocab", type=int, default=2048, help="tokenizer size asked for (the corpus may give fewer)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server's engine")
     p.add_argument("--max-batch-size", type=int, default=16, help="the server's engine slots (at least 16)")
@@ -486,6 +502,9 @@ def main() -> None:
     if args.max_batch_size < max(16, max(args.clients)):
         p.error(f"--max-batch-size must be at least 16 and at least the most clients ({max(args.clients)})")
     args.clients = sorted(set(args.clients))
+    for name, value in SIZES[args.size].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
     import torch
 
