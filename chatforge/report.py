@@ -430,7 +430,31 @@ def build_report(run_dir: Path, out_dir: Path, samples: int = 1) -> Report:
                      time_rows))
     report.blocks += stage_blocks
     eval_section(report, run_dir, plot_dir, samples)
+    seeds_section(report, run_dir)
     return report
+
+
+def seeds_section(report: Report, run_dir: Path) -> None:
+    """RUN/seeds/results.json (benchmarks/rlhf_seeds.py): each method over seeds against SFT."""
+    path = run_dir / "seeds" / "results.json"
+    if not path.is_file():
+        return
+    data = read_json_file(path)
+    if not isinstance(data, dict) or "sft" not in data:
+        report.add(Para(f"{path} holds no SFT figures: the seeds table is skipped."))
+        return
+    base = data["sft"]["figures"][0]["score"]
+    rows = []
+    for method, entry in data.items():
+        cells = [f"{statistics.fmean(r[k] for r in entry['figures']):.3f}"
+                 + (f" ± {statistics.stdev(r[k] for r in entry['figures']):.3f}" if len(entry["figures"]) > 1 else "")
+                 for k in ("score", "rm", "kl")]
+        delta = statistics.fmean(r["score"] for r in entry["figures"]) - base
+        rows.append([method, " ".join(map(str, entry.get("seeds", []))) or "-", cells[0], f"{delta:+.3f}", *cells[1:]])
+    report.add(Heading("RLHF across seeds (seeds/results.json)"),
+               Para("Each method trained from the SFT model once per seed (benchmarks/rlhf_seeds.py); greedy answers "
+                    "to the held-out prompts, judged by the scorer; mean ± std over seeds."),
+               Table(["method", "seeds", "checked score", "vs SFT", "RM score", "KL to SFT"], rows))
 
 
 def config_blocks(stage_dir: Path) -> list:

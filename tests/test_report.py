@@ -146,3 +146,24 @@ def test_cli_rejects_a_missing_run_dir(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as err:
         main(["report", str(tmp_path / "nope")])
     assert err.value.code == 2
+
+
+def test_seed_results_become_a_table_against_sft(run_dir: Path) -> None:
+    from chatforge.train.seeds import SeedSettings, save_results
+
+    settings = SeedSettings()
+    save_results(run_dir, {"sft": [{"score": 0.25, "rm": 0.0, "kl": 0.0}],
+                           "ppo": [{"score": 0.5, "rm": 1.0, "kl": 1.0}, {"score": 0.75, "rm": 2.0, "kl": 3.0}]},
+                 [0, 1], settings)
+    save_results(run_dir, {"sft": [{"score": 0.25, "rm": 0.0, "kl": 0.0}],  # a later call with other methods
+                           "dpo": [{"score": 0.125, "rm": 0.5, "kl": 2.0}]}, [0], settings)
+    md = write_report(run_dir)[0].read_text()
+    assert "## RLHF across seeds" in md
+    # mean ± sample std over seeds; the difference of the mean to SFT
+    assert "| ppo | 0 1 | 0.625 ± 0.177 | +0.375 | 1.500 ± 0.707 | 2.000 ± 1.414 |" in md
+    assert "| dpo | 0 | 0.125 | -0.125 | 0.500 | 2.000 |" in md
+    assert "| sft | - | 0.250 | +0.000 | 0.000 | 0.000 |" in md
+
+
+def test_a_run_without_seed_results_has_no_seeds_section(run_dir: Path) -> None:
+    assert "RLHF across seeds" not in write_report(run_dir)[0].read_text()

@@ -1,0 +1,190 @@
+"""Does RLHF help beyond seed noise? PPO, PPO with beta = 0 and DPO from one run's SFT model, over seeds.
+
+Each method trains from the run's SFT model (PPO against its reward model) with the demo's settings,
+once per seed, into RUN/seeds/<method>[-tag]-<seed>/. Every model then answers the run's held-out
+prompts (RUN/tasks/eval.jsonl) greedily, and three figures are taken on those answers:
+
+- the checked score: the world's scorer, a program the training never saw;
+- the reward model's mean score of the same answers;
+- the KL to the SFT model: per answer, the sum over its tokens of log pi - log pi_sft.
+
+The SFT model answers greedily, so its figures have no spread. `Verdict` says whether PPO raised
+the checked score over SFT by more than its spread across seeds. `benchmarks/rlhf_seeds.py` is the
+command line; `tests/test_rlhf_proof.py` runs it on a freshly trained demo run.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from chatforge.chat import ChatTemplate
+from chatforge.checkpoint import load_checkpoint
+from chatforge.data.chat_readers import read_prompts
+from chatforge.data.tasks import Scorer
+from chatforge.data.world import World
+from chatforge.evaluate import generate_answers
+from chatforge.train.distributed import DistInfo
+from chatforge.train.dpo import DPOConfig, run_dpo
+from chatforge.train.loop import TrainConfig
+from chatforge.train.ppo import PPOConfig, PPOSettings, make_rollout, response_logprobs, run_ppo
+from chatforge.train.reward import score_texts
+
+METHODS = ("ppo", "ppo-beta0", "dpo")
+
+
+@dataclass(frozen=True)
+class SeedSettings:
+    """How each method trains: the demo's PPO (40 iterations, lr 3e-5 constant) and DPO (150 steps)."""
+
+    ppo_steps: int = 40
+    dpo_steps: int = 150
+    beta: float = PPOSettings.init_kl_coef  # method "ppo" starts here; "ppo-beta0" always uses 0
+    temperature: float = PPOSettings.temperature
+    ptx_coef: float = 0.0  # on the run's own token shards (RUN/data)
+    rollout_batch: int = PPOSettings.rollout_batch
+
+    def out_dir(self, run: Path, method: str, seed: int) -> Path:
+        """RUN/seeds/<method>[-tag]-<seed>: a tag for each setting away from its default."""
+        if method == "dpo":
+            return run / "seeds" / f"dpo-{seed}"
+        tag = f"-t{self.temperature:g}" if self.temperature != PPOSettings.temperature else ""
+        tag += f"-ptx{self.ptx_coef:g}" if self.ptx_coef else ""
+        tag += f"-beta{self.beta:g}" if method == "ppo" and self.beta != PPOSettings.init_kl_coef else ""
+        tag += f"-r{self.rollout_batch}" if self.rollout_batch != PPOSettings.rollout_batch else ""
+        return run / "seeds" / f"{method}{tag}-{seed}"
+
+
+def train_ppo(run: Path, out: Path, seed: int, settings: SeedSettings, beta: float) -> None:
+    if (out / "checkpoint" / "trainer_state.json").exists():
+        return
+    s = settings
+    cfg = PPOConfig(prompts=[str(run / "tasks/rl_train.jsonl")], val=[str(run / "tasks/rl_val.jsonl")],
+                    policy=str(run / "sft"), reward_model=str(run / "rm"), out=str(out),
+                    ppo=PPOSettings(init_kl_coef=beta, adaptive_kl=beta > 0, temperature=s.temperature,
+                                    rollout_batch=s.rollout_batch, ptx_coef=s.ptx_coef,
+                                    ptx_data=str(run / "data") if s.ptx_coef else ""),
+                    train=TrainConfig(max_steps=s.ppo_steps, batch_size=1, lr=3e-5, warmup_steps=0, min_lr_ratio=1.0,
+                                      weight_decay=0.0, eval_every=s.ppo_steps, save_every=s.ppo_steps, seed=seed,
+                                      progress=False))
+    run_ppo(cfg, DistInfo())
+
+
+def train_dpo(run: Path, out: Path, seed: int, steps: int) -> None:
+    if (out / "checkpoint" / "trainer_state.json").exists():
+        return
+    cfg = DPOConfig(data=[str(run / "tasks/prefs_train.jsonl")], val=[str(run / "tasks/prefs_val.jsonl")],
+                    init_from=str(run / "sft"), out=str(out),
+                    train=TrainConfig(max_steps=steps, batch_size=16, lr=5e-5, warmup_steps=10, weight_decay=0.0,
+                                      eval_every=steps, save_every=steps, seed=seed, progress=False))
+    run_dpo(cfg, DistInfo())
+
+
+@torch.no_grad()
+def judge(run: Path, model_dir: Path, world: World, sft: torch.nn.Module, rm: torch.nn.Module) -> dict[str, float]:
+    """Checked score, RM score and KL to the SFT model of the greedy answers to the held-out prompts."""
+    ckpt = load_checkpoint(model_dir)
+    prompts = [r.messages for r in read_prompts([str(run / "tasks/eval.jsonl")]).prompts]
+    texts = [text for text, _ in generate_answers(ckpt, prompts, max_tokens=48, batch_size=32)]
+    scorer, template = Scorer(world), ChatTemplate(ckpt.tokenizer)
+    checked = [scorer.score(p, t).value for p, t in zip(prompts, texts)]
+    rm_scores = score_texts(rm, template, prompts, texts)
+    kls = []
+    model = ckpt.model.eval()
+    for p, t in zip(prompts, texts):
+        r = make_rollout([template.generation_prompt(p)], [ckpt.tokenizer.encode(t) + [template.end_id]], [True],
+                         template.eot_id)
+        ids = r.ids[:, -model.config.context_length :]
+        mask = r.mask[:, -(ids.shape[1] - 1) :]
+        kls.append(float(((response_logprobs(model(ids), ids, 1.0) - response_logprobs(sft(ids), ids, 1.0))
+                          * mask).sum()))
+    return {"score": statistics.fmean(checked), "rm": statistics.fmean(rm_scores), "kl": statistics.fmean(kls)}
+
+
+def compare_seeds(run: Path, seeds: Sequence[int], methods: Sequence[str] = METHODS,
+                  settings: SeedSettings | None = None,
+                  log: Callable[[str], None] = print) -> dict[str, list[dict[str, float]]]:
+    """Train each method once per seed and judge it: {"sft": [figures], method: [figures per seed]}.
+    Finished runs under RUN/seeds are reused. The figures also go to RUN/seeds/results.json."""
+    settings = settings or SeedSettings()
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}: expected some of {list(METHODS)}")
+    world = World.load(run / "corpus/world.json")
+    sft = load_checkpoint(run / "sft").model.eval()
+    rm = load_checkpoint(run / "rm").model.eval()
+    figures: dict[str, list[dict[str, float]]] = {"sft": [judge(run, run / "sft", world, sft, rm)]}
+    for seed in seeds:
+        for method in methods:
+            out = settings.out_dir(run, method, seed)
+            if method == "dpo":
+                train_dpo(run, out, seed, settings.dpo_steps)
+            else:
+                train_ppo(run, out, seed, settings, beta=settings.beta if method == "ppo" else 0.0)
+            figures.setdefault(method, []).append(judge(run, out, world, sft, rm))
+            log(f"{method} seed {seed}: {figures[method][-1]}")
+    save_results(run, figures, seeds, settings)
+    return figures
+
+
+def save_results(run: Path, figures: dict[str, list[dict[str, float]]], seeds: Sequence[int],
+                 settings: SeedSettings) -> None:
+    """Merge into RUN/seeds/results.json ({method: {"seeds", "settings", "figures"}}), so methods run
+    with different seeds in separate calls all stay on record; the run report shows them."""
+    path = run / "seeds" / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    results = load_results(run)
+    for method, rows in figures.items():
+        results[method] = {"seeds": [] if method == "sft" else list(seeds), "settings": asdict(settings),
+                           "figures": rows}
+    path.write_text(json.dumps(results, indent=1) + "\n")
+
+
+def load_results(run: Path) -> dict:
+    path = run / "seeds" / "results.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def mean_and_spread(rows: Sequence[dict[str, float]], key: str) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (0 for one seed)."""
+    values = [r[key] for r in rows]
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """PPO against SFT on the checked score: the gain of the mean over seeds, and its spread."""
+
+    gain: float
+    spread: float
+    worst_gain: float  # of the worst seed
+
+    @property
+    def beyond_noise(self) -> bool:
+        """The mean gain exceeds the spread across seeds, and no seed is below SFT."""
+        return self.gain > self.spread and self.worst_gain > 0
+
+    @classmethod
+    def of(cls, figures: dict[str, list[dict[str, float]]], method: str = "ppo") -> Verdict:
+        base = figures["sft"][0]["score"]
+        mean, spread = mean_and_spread(figures[method], "score")
+        return cls(mean - base, spread, min(r["score"] for r in figures[method]) - base)
+
+
+def format_table(figures: dict[str, list[dict[str, float]]]) -> str:
+    """Per method: checked score, its difference to SFT, RM score and KL, each mean ± std over seeds."""
+    base = figures["sft"][0]["score"]
+    lines = [f"{'method':<10} {'checked score':>16} {'vs SFT':>8} {'RM score':>16} {'KL to SFT':>16}"]
+    for method, rows in figures.items():
+        cells = []
+        for key in ("score", "rm", "kl"):
+            mean, spread = mean_and_spread(rows, key)
+            cells.append(f"{mean:.3f} ± {spread:.3f}")
+        delta = mean_and_spread(rows, "score")[0] - base
+        lines.append(f"{method:<10} {cells[0]:>16} {delta:>+8.3f} {cells[1]:>16} {cells[2]:>16}")
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""The RLHF proof: on held-out prompts of the built-in world, PPO from the SFT model raises the
+program-checked score by more than its spread across seeds, with the KL to the SFT model bounded;
+without the KL penalty (beta = 0) the policy games the reward model; DPO is reported beside them.
+
+The slow test trains the demo's full pipeline (pretraining, SFT, the reward model on labelled SFT
+samples) and then PPO for three seeds, PPO with beta = 0 and DPO, about 16 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from chatforge import demo
+from chatforge.train.seeds import SeedSettings, Verdict, compare_seeds, format_table
+
+SEEDS = (0, 1, 2)
+KL_BOUND = 3.0  # nats per answer: the demo's PPO stays near 1
+
+
+def test_the_verdict_compares_the_mean_gain_with_the_spread_and_the_worst_seed() -> None:
+    sft = [{"score": 0.30, "rm": 0.0, "kl": 0.0}]
+    steady = {"sft": sft, "ppo": [{"score": s, "rm": 0.0, "kl": 1.0} for s in (0.33, 0.34, 0.35)]}
+    v = Verdict.of(steady)
+    assert v.gain == pytest.approx(0.04) and v.spread == pytest.approx(0.01) and v.worst_gain == pytest.approx(0.03)
+    assert v.beyond_noise
+    noisy = {"sft": sft, "ppo": [{"score": s, "rm": 0.0, "kl": 1.0} for s in (0.25, 0.34, 0.43)]}
+    assert Verdict.of(noisy).spread == pytest.approx(0.09) and not Verdict.of(noisy).beyond_noise
+    one_below = {"sft": sft, "ppo": [{"score": s, "rm": 0.0, "kl": 1.0} for s in (0.29, 0.40, 0.41)]}
+    v = Verdict.of(one_below)
+    assert v.gain > v.spread and not v.beyond_noise  # a seed below SFT is not a proof
+
+
+def test_settings_name_each_runs_directory_by_what_differs_from_the_defaults(tmp_path) -> None:
+    assert SeedSettings().out_dir(tmp_path, "ppo", 2) == tmp_path / "seeds" / "ppo-2"
+    assert SeedSettings(beta=0.3).out_dir(tmp_path, "ppo-beta0", 0) == tmp_path / "seeds" / "ppo-beta0-0"
+    both = SeedSettings(beta=0.3, rollout_batch=64)
+    assert both.out_dir(tmp_path, "ppo", 1) == tmp_path / "seeds" / "ppo-beta0.3-r64-1"
+    assert SeedSettings(temperature=0.7).out_dir(tmp_path, "dpo", 0) == tmp_path / "seeds" / "dpo-0"
+
+
+def test_an_unknown_method_is_named(tmp_path) -> None:
+    with pytest.raises(ValueError, match="unknown method.*'sac'"):
+        compare_seeds(tmp_path, [0], ["ppo", "sac"])
+
+
+@pytest.mark.slow
+def test_ppo_beats_sft_beyond_seed_noise_and_without_the_kl_penalty_games_the_reward_model(tmp_path) -> None:
+    run, budget = tmp_path / "demo", demo.FULL
+    corpus = demo.make_corpus(run, budget)
+    tokenizer = demo.make_tokenizer(run, corpus, budget)
+    demo.pretrain(run, demo.make_shards(run, corpus, tokenizer), budget)
+    tasks = demo.make_tasks(run, budget)
+    demo.sft(run, tasks, budget)
+    demo.reward_model(run, demo.label_sft_samples(run, tasks, budget), budget)
+
+    figures = compare_seeds(run, SEEDS, ["ppo"])
+    figures |= {m: rows for m, rows in compare_seeds(run, SEEDS[:1], ["ppo-beta0", "dpo"]).items() if m != "sft"}
+    print(format_table(figures))  # shown with -s, and in the failure report
+
+    verdict = Verdict.of(figures)
+    assert verdict.beyond_noise, verdict
+    assert all(r["kl"] < KL_BOUND for r in figures["ppo"]), figures["ppo"]
+    # beta = 0: the reward model's score rises above what PPO with the penalty reaches, while the checked
+    # score falls below SFT's or the policy drifts far from the SFT model
+    sft, hacked = figures["sft"][0], figures["ppo-beta0"][0]
+    assert hacked["rm"] > max(r["rm"] for r in figures["ppo"]) > sft["rm"]
+    assert hacked["score"] < sft["score"] or hacked["kl"] > 3 * max(r["kl"] for r in figures["ppo"])
+    assert figures["dpo"][0]["kl"] > 0  # DPO trained and moved the policy; its score is reported, not claimed
