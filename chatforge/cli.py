@@ -508,11 +508,16 @@ def serve(checkpoint: str, host: str, port: int, model_name: str, api_key: str |
               help="Which trained chat model to serve at the end.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-def demo(out: str, fast: bool, overwrite: bool, no_serve: bool, serve_stage: str, host: str, port: int) -> None:
+@click.option("--seeds", type=int, multiple=True,
+              help="Also train PPO once per seed (repeat: --seeds 0 --seeds 1 --seeds 2) and PPO with beta = 0 at "
+                   "the first, judge them against SFT and put the table in the run report: the RLHF proof "
+                   "(about 1.5 minutes a PPO run).")
+def demo(out: str, fast: bool, overwrite: bool, no_serve: bool, serve_stage: str, host: str, port: int,
+         seeds: tuple[int, ...]) -> None:
     """Run the whole pipeline on the built-in data, then serve the chat model (web page and API)."""
     from chatforge.demo import run_demo, serve_demo
 
-    run_demo(Path(out), fast=fast, overwrite=overwrite)
+    run_demo(Path(out), fast=fast, overwrite=overwrite, seeds=list(seeds))
     if not no_serve:
         serve_demo(Path(out), serve_stage, host, port)
 

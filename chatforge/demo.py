@@ -382,7 +382,7 @@ def _json(line: str) -> dict:
     return json.loads(line)
 
 
-def run_demo(run_dir: Path, fast: bool = False, overwrite: bool = False) -> dict:
+def run_demo(run_dir: Path, fast: bool = False, overwrite: bool = False, seeds: list[int] | None = None) -> dict:
     import shutil
 
     budget = FAST if fast else FULL
@@ -403,6 +403,8 @@ def run_demo(run_dir: Path, fast: bool = False, overwrite: bool = False) -> dict
     stage("ppo", timings)(ppo, run_dir, tasks, budget)
     stage("dpo", timings)(dpo, run_dir, tasks, budget)
     results = stage("eval", timings)(evaluation, run_dir, tasks, ["pretrain", "sft", "ppo", "dpo"])
+    if seeds:
+        summary["seeds"] = stage("seeds", timings)(seed_comparison, run_dir, budget, seeds)
     save_timings(run_dir, timings)
     stage("report", timings)(write_run_report, run_dir)
     total = time.perf_counter() - t0
@@ -414,6 +416,26 @@ def run_demo(run_dir: Path, fast: bool = False, overwrite: bool = False) -> dict
     summary["eval"] = {name: {"families": r.families, "overall": r.overall} for name, r in results.items()}
     summary["total_s"] = total
     return summary
+
+
+def seed_comparison(run_dir: Path, budget: Budget, seeds: list[int]) -> dict:
+    """The RLHF proof: PPO once per seed and PPO with beta = 0 at the first, judged against SFT on the
+    held-out prompts (chatforge.train.seeds; the table goes to seeds/results.json and the report)."""
+    from chatforge.train.seeds import SeedSettings, Verdict, compare_seeds, format_table
+
+    settings = SeedSettings(ppo_steps=budget.ppo_steps, rollout_batch=budget.ppo_rollout)
+
+    def log(line: str) -> None:
+        click.echo(f"   {line}")
+
+    figures = compare_seeds(run_dir, seeds, ["ppo"], settings, log=log)
+    figures |= {m: rows for m, rows in compare_seeds(run_dir, seeds[:1], ["ppo-beta0"], settings, log=log).items()
+                if m != "sft"}
+    click.echo("\n".join("   " + line for line in format_table(figures).splitlines()))
+    verdict = Verdict.of(figures)
+    click.echo(f"   PPO vs SFT: {verdict.gain:+.3f} (worst seed {verdict.worst_gain:+.3f}), spread across seeds "
+               f"{verdict.spread:.3f} -> {'beyond' if verdict.beyond_noise else 'within'} seed noise")
+    return {"figures": figures, "beyond_noise": verdict.beyond_noise}
 
 
 def save_timings(run_dir: Path, timings: dict[str, float]) -> None:

@@ -84,6 +84,17 @@ def test_fast_demo_trains_a_model_whose_validation_loss_falls_and_rerun_skips_fi
     assert "demo finished in" in out and "serving the" not in out
     assert again["val_loss_after"] == summary["val_loss_after"]
 
+    # --seeds adds the RLHF proof: PPO per seed and PPO with beta = 0, judged against SFT, in the report
+    results.clear()
+    main(["demo", "--fast", "--no-serve", "--out", str(tmp_path / "demo"), "--seeds", "0", "--seeds", "1"])
+    (with_seeds,) = results
+    out = capsys.readouterr().out
+    assert "== seeds" in out and "seed noise" in out
+    assert set(with_seeds["seeds"]["figures"]) == {"sft", "ppo", "ppo-beta0"}
+    assert len(with_seeds["seeds"]["figures"]["ppo"]) == 2 and len(with_seeds["seeds"]["figures"]["ppo-beta0"]) == 1
+    report_md = (tmp_path / "demo" / "report.md").read_text()
+    assert "## RLHF across seeds" in report_md and "| ppo | 0 1 |" in report_md and "| ppo-beta0 | 0 |" in report_md
+
     # the command then serves the PPO model: the official client chats with it, and SIGTERM stops it
     serve_the_finished_demo(tmp_path / "demo")
 
