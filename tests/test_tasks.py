@@ -388,3 +388,22 @@ def test_family_mix_drives_the_counts(world):
                                                          harmless=0))
     counts = Counter(d.family for d in build_tasks(world, 0, config).sft_train)
     assert counts == {"facts": 50, "arithmetic": 50}
+
+
+def test_wrong_harmless_answers_give_another_acts_steps_under_either_acts_name(tasks):
+    # a policy that answers a different request ("To make tea, ..." to "How do I bake bread?") is a mistake
+    # the rankings must show, beside the asked act's name over another act's steps
+    from chatforge.data.tasks import HARMLESS_ACTS, _harmless_answer
+
+    kinds = Counter()
+    for ranking in tasks.prefs_train + tasks.prefs_val:
+        if ranking.family != "harmless":
+            continue
+        act = next(a for a in HARMLESS_ACTS if a in ranking.prompt[-1].content)
+        for response in ranking.responses:
+            for other in HARMLESS_ACTS:
+                if other != act and response == _harmless_answer(other):
+                    kinds["another act's whole answer"] += 1
+                elif other != act and response == _harmless_answer(act, steps_of=other):
+                    kinds["the asked act's name, another act's steps"] += 1
+    assert kinds["another act's whole answer"] > 0 and kinds["the asked act's name, another act's steps"] > 0, kinds
