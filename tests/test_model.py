@@ -5,10 +5,20 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import chatforge.model as model_module
 from chatforge.errors import ConfigError
-from chatforge.model import GPT, IGNORE_INDEX, GPTConfig, fast_kernel, linear, lm_loss, plain_linear
+from chatforge.model import (
+    GPT,
+    IGNORE_INDEX,
+    GPTConfig,
+    fast_kernel,
+    linear,
+    lm_loss,
+    plain_linear,
+    single_query_attention,
+)
 
 
 def test_logits_have_one_row_per_position_and_token(tiny_model, tiny_config):
@@ -86,6 +96,16 @@ def test_growing_the_vocabulary_keeps_old_rows_ties_the_head_and_starts_new_rows
     assert torch.allclose(new[old.shape[0] :], old.mean(0).expand(3, -1))
     assert tiny_model.lm_head.weight is new
     assert tiny_model(torch.tensor([[1, 2, old.shape[0] + 2]])).shape[-1] == old.shape[0] + 3
+
+
+def test_single_query_attention_equals_sdpa():
+    """The attention the compiled one-row decode graph uses: one query over every cached key."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 1, 16), torch.randn(3, 4, 9, 16), torch.randn(3, 4, 9, 16)
+    got = single_query_attention(q, k, v)
+    assert got.shape == (3, 4, 1, 16)
+    assert torch.allclose(got, F.scaled_dot_product_attention(q, k, v), atol=1e-6)
+    assert torch.allclose(single_query_attention(q, k[:, :, :1], v[:, :, :1]), v[:, :, :1], atol=1e-6)  # one slot
 
 
 # ---- the decode kernel (model.linear) ----------------------------------------------------------
