@@ -421,16 +421,14 @@ def run_demo(run_dir: Path, fast: bool = False, overwrite: bool = False, seeds: 
 def seed_comparison(run_dir: Path, budget: Budget, seeds: list[int]) -> dict:
     """The RLHF proof: PPO once per seed and PPO with beta = 0 at the first, judged against SFT on the
     held-out prompts (chatforge.train.seeds; the table goes to seeds/results.json and the report)."""
-    from chatforge.train.seeds import SeedSettings, Verdict, compare_seeds, format_table
+    from chatforge.train.seeds import SeedSettings, Verdict, format_table, ppo_against_sft
 
     settings = SeedSettings(ppo_steps=budget.ppo_steps, rollout_batch=budget.ppo_rollout)
 
     def log(line: str) -> None:
         click.echo(f"   {line}")
 
-    figures = compare_seeds(run_dir, seeds, ["ppo"], settings, log=log)
-    figures |= {m: rows for m, rows in compare_seeds(run_dir, seeds[:1], ["ppo-beta0"], settings, log=log).items()
-                if m != "sft"}
+    figures = ppo_against_sft(run_dir, seeds, settings=settings, log=log)
     click.echo("\n".join("   " + line for line in format_table(figures).splitlines()))
     verdict = Verdict.of(figures)
     click.echo(f"   PPO vs SFT: {verdict.gain:+.3f} (worst seed {verdict.worst_gain:+.3f}), spread across seeds "

@@ -30,6 +30,7 @@ from typing import Any
 from chatforge.errors import DataError
 from chatforge.evaluate import COLUMNS
 from chatforge.files import atomic_write_text
+from chatforge.train.seeds import mean_and_spread
 
 STAGES = (("pretrain", "Pretraining"), ("sft", "SFT"), ("rm", "Reward model"), ("ppo", "PPO"), ("dpo", "DPO"))
 EVAL_ORDER = ("base", "sft", "ppo", "dpo")
@@ -446,10 +447,12 @@ def seeds_section(report: Report, run_dir: Path) -> None:
     base = data["sft"]["figures"][0]["score"]
     rows = []
     for method, entry in data.items():
-        cells = [f"{statistics.fmean(r[k] for r in entry['figures']):.3f}"
-                 + (f" ± {statistics.stdev(r[k] for r in entry['figures']):.3f}" if len(entry["figures"]) > 1 else "")
-                 for k in ("score", "rm", "kl")]
-        delta = statistics.fmean(r["score"] for r in entry["figures"]) - base
+        figures = entry["figures"]
+        cells = []
+        for key in ("score", "rm", "kl"):
+            mean, spread = mean_and_spread(figures, key)
+            cells.append(f"{mean:.3f}" + (f" ± {spread:.3f}" if len(figures) > 1 else ""))
+        delta = mean_and_spread(figures, "score")[0] - base
         rows.append([method, " ".join(map(str, entry.get("seeds", []))) or "-", cells[0], f"{delta:+.3f}", *cells[1:]])
     report.add(Heading("RLHF across seeds (seeds/results.json)"),
                Para("Each method trained from the SFT model once per seed (benchmarks/rlhf_seeds.py); greedy answers "

@@ -132,6 +132,16 @@ def compare_seeds(run: Path, seeds: Sequence[int], methods: Sequence[str] = METH
     return figures
 
 
+def ppo_against_sft(run: Path, seeds: Sequence[int], once: Sequence[str] = ("ppo-beta0",),
+                    settings: SeedSettings | None = None,
+                    log: Callable[[str], None] = print) -> dict[str, list[dict[str, float]]]:
+    """The RLHF proof's comparison: PPO once per seed, and each method of `once` at the first seed
+    only (a reference point, not a claim over seeds)."""
+    figures = compare_seeds(run, seeds, ["ppo"], settings, log)
+    once_figures = compare_seeds(run, seeds[:1], once, settings, log)
+    return figures | {method: rows for method, rows in once_figures.items() if method != "sft"}
+
+
 def save_results(run: Path, figures: dict[str, list[dict[str, float]]], seeds: Sequence[int],
                  settings: SeedSettings) -> None:
     """Merge into RUN/seeds/results.json ({method: {"seeds", "settings", "figures"}}), so methods run
