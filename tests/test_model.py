@@ -98,14 +98,19 @@ def test_growing_the_vocabulary_keeps_old_rows_ties_the_head_and_starts_new_rows
     assert tiny_model(torch.tensor([[1, 2, old.shape[0] + 2]])).shape[-1] == old.shape[0] + 3
 
 
-def test_single_query_attention_equals_sdpa():
-    """The attention the compiled one-row decode graph uses: one query over every cached key."""
+def test_single_query_attention_equals_sdpa_with_and_without_a_mask():
+    """The attention of the compiled decode steps: one query per row over its cached keys."""
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 4, 1, 16), torch.randn(3, 4, 9, 16), torch.randn(3, 4, 9, 16)
     got = single_query_attention(q, k, v)
     assert got.shape == (3, 4, 1, 16)
     assert torch.allclose(got, F.scaled_dot_product_attention(q, k, v), atol=1e-6)
-    assert torch.allclose(single_query_attention(q, k[:, :, :1], v[:, :, :1]), v[:, :, :1], atol=1e-6)  # one slot
+    # rows at different lengths: an additive mask hides each row's unused slots, as the engine builds it
+    lengths = torch.tensor([9, 4, 1])
+    mask = torch.zeros(3, 9).masked_fill_(torch.arange(9)[None] >= lengths[:, None], -math.inf)[:, None, None]
+    got = single_query_attention(q, k, v, mask)
+    assert torch.allclose(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-6)
+    assert torch.allclose(got[2], v[2, :, :1], atol=1e-6)  # a row that sees one slot gets its value
 
 
 # ---- the decode kernel (model.linear) ----------------------------------------------------------
