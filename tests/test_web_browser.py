@@ -485,6 +485,15 @@ def test_the_page_chats_and_compares_with_the_real_server(page, expect, tmp_path
     model = GPT(GPTConfig(vocab_size=small_tokenizer.vocab_size, context_length=64, n_layer=1, n_head=2, n_embd=16))
     app = create_app(Engine(model.eval(), small_tokenizer, max_batch_size=4),
                      ServeConfig(model_name="tiny", db_url=db_url))
+    seeds = itertools.count(1)
+
+    def seed_sampling(route) -> None:
+        # Unseeded, the random model's first sampled token ends the turn about 1% of the time, and an
+        # empty answer (rightly) blocks the choice: seed each request so the run is the same every time.
+        body = json.loads(route.request.post_data or "{}")
+        route.continue_(post_data=json.dumps({**body, "seed": next(seeds)}))
+
+    page.route("**/v1/chat/completions", seed_sampling)
     with LiveServer(app) as server:
         page.goto(server.url)
         expect(page.locator("#model")).to_have_value("tiny")
@@ -511,4 +520,5 @@ def test_the_page_chats_and_compares_with_the_real_server(page, expect, tmp_path
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"] and messages[1]["rating"] == 1
     (comparison,) = store.list_comparisons()
     assert comparison["choice"] == "a" and messages[3]["content"] == comparison["answer_a"]
+    assert comparison["answer_a"] != comparison["answer_b"]  # two samples, not one answer twice
     assert [m["content"] for m in comparison["prompt"]] == [m["content"] for m in messages[:3]]
