@@ -22,6 +22,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
+from chatforge import cpu_kernels
 from chatforge.errors import ConfigError
 
 IGNORE_INDEX = -100  # label value that contributes no loss (prompt tokens, padding)
@@ -109,16 +110,19 @@ class KVCache:
 #   (cblas_sgemm_pack, the op inductor's freezing pass uses) is 18-31% faster than F.linear, which
 #   packs the weight again on every call (GPT-2 small at 4 and 16 rows; 28% for a 4-layer width-256
 #   model at 16 rows on one thread), and oneDNN is slower than both at every row count.
-# The choice is fixed per machine, not timed at run time, so the same machine always computes the
-# same numbers. Used only where nothing needs gradients.
+# Where the CPU has AVX-512 and `cpu_kernels.load()` built chatforge's own kernels (the compiled
+# engine does), they take 1-32 rows: they stream the weights faster than MKL there (see
+# chatforge/cpu_kernels.py); 33-64 rows stay with MKL's packed gemm. The choice is fixed per
+# machine and process, not timed at run time, so the same setup always computes the same numbers.
+# Used only where nothing needs gradients.
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 _ONEDNN_MAX_ROWS = 64  # no faster than F.linear past this (prefill, training)
 _MKL_OPS = getattr(torch.ops, "mkl", None)
 _MKL_PACKED = torch._C.has_mkl and hasattr(_MKL_OPS, "_mkl_linear") and hasattr(_MKL_OPS, "_mkl_reorder_linear_weight")
 _MKL_PACKED_MIN_ROWS, _MKL_PACKED_MAX_ROWS = 3, 64
-# weight -> (what it was when packed, packed weight); weak, so a dropped model frees its packs, and
+# weight -> {kernel: (what it was when packed, packed weight)}; weak, so a dropped model frees its packs, and
 # kept off the module, so state_dict and deepcopy never see them
-_MKL_PACKS = WeakIdKeyDictionary()
+_PACKS = WeakIdKeyDictionary()
 _OPTIMIZER_STEPS = 0  # every optimizer step anywhere: fused AdamW changes weights without bumping their version
 
 
@@ -147,7 +151,10 @@ _INTEL = cpuinfo_field("vendor_id") == "GenuineIntel"
 
 
 def fast_kernel(rows: int) -> str:
-    """Which product `linear` uses for `rows` rows here: "mkl_packed", "onednn" or "linear"."""
+    """Which product `linear` uses for `rows` rows here: "chatforge_gemv" or "chatforge_packed" (our
+    own kernels, once `cpu_kernels.load()` built them), "mkl_packed", "onednn" or "linear"."""
+    if cpu_kernels.active() and rows <= cpu_kernels.MAX_ROWS:
+        return "chatforge_gemv" if rows == 1 else "chatforge_packed"
     if _INTEL:
         ok = _MKL_PACKED and _MKL_PACKED_MIN_ROWS <= rows <= _MKL_PACKED_MAX_ROWS
         return "mkl_packed" if ok else "linear"
@@ -155,15 +162,20 @@ def fast_kernel(rows: int) -> str:
     return "onednn" if ok else "linear"
 
 
-def _mkl_packed_weight(w: torch.Tensor) -> torch.Tensor:
-    """The weight in MKL's packed layout, packed again whenever it may have changed: it was replaced,
-    changed in place (a load bumps its version) or any optimizer stepped. (A write through `.data`
-    bypasses all three.) The layout does not depend on the row count."""
+def _packed_weight(w: torch.Tensor, kernel: str) -> torch.Tensor:
+    """The weight in `kernel`'s packed layout ("mkl_packed": MKL's; "chatforge_packed": panels of 32
+    outputs), packed again whenever it may have changed: it was replaced, changed in place (a load
+    bumps its version) or any optimizer stepped. (A write through `.data` bypasses all three.) The
+    layout does not depend on the row count."""
     key = (w.data_ptr(), w._version, tuple(w.shape), _OPTIMIZER_STEPS)
-    entry = _MKL_PACKS.get(w)
+    packs = _PACKS.setdefault(w, {})  # a pack per kernel that has used this weight
+    entry = packs.get(kernel)
     if entry is None or entry[0] != key:
-        entry = (key, _MKL_OPS._mkl_reorder_linear_weight(w, _MKL_PACKED_MAX_ROWS))
-        _MKL_PACKS[w] = entry
+        if kernel == "mkl_packed":
+            packed = _MKL_OPS._mkl_reorder_linear_weight(w, _MKL_PACKED_MAX_ROWS)
+        else:
+            packed = torch.ops.chatforge_cpu.pack(w)
+        entry = packs[kernel] = (key, packed)
     return entry[1]
 
 
@@ -183,8 +195,12 @@ def plain_linear() -> Iterator[None]:
 def _fast_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
     kernel = fast_kernel(rows)
+    if kernel == "chatforge_gemv":
+        return torch.ops.chatforge_cpu.linear(x, weight, bias)
+    if kernel == "chatforge_packed":
+        return torch.ops.chatforge_cpu.packed_linear(x, _packed_weight(weight, kernel), weight.shape[0], bias)
     if kernel == "mkl_packed":
-        return _MKL_OPS._mkl_linear(x, _mkl_packed_weight(weight), weight, bias, rows)
+        return _MKL_OPS._mkl_linear(x, _packed_weight(weight, kernel), weight, bias, rows)
     if kernel == "onednn":
         return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
@@ -218,9 +234,13 @@ def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return layer(x)
     if torch.compiler.is_compiling():
         # the one-row graph (dynamo specializes a size of 1; a symbolic size is >= 2, so this adds no
-        # guard): inductor calls the same kernel itself, without the op's Python around it
-        if x.numel() == x.shape[-1] and fast_kernel(1) == "linear":
-            return F.linear(x, layer.weight, layer.bias)
+        # guard): the graph calls the kernel itself, without the op's Python around it
+        if x.numel() == x.shape[-1]:
+            kernel = fast_kernel(1)
+            if kernel == "chatforge_gemv":
+                return torch.ops.chatforge_cpu.linear(x, layer.weight, layer.bias)
+            if kernel == "linear":
+                return F.linear(x, layer.weight, layer.bias)
         # otherwise the op picks the kernel per call: choosing here would guard on the row count
         return torch.ops.chatforge.fast_linear(x, layer.weight, layer.bias)
     return _fast_product(x, layer.weight, layer.bias)

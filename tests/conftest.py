@@ -10,6 +10,17 @@ from chatforge.model import GPT, GPTConfig
 TINY = dict(vocab_size=97, context_length=32, n_layer=2, n_head=2, n_embd=16)
 
 
+@pytest.fixture(autouse=True)
+def _restore_cpu_kernels():
+    """A test that builds chatforge's CPU kernels (a compiled engine does) uses them only itself:
+    every other test keeps torch's products, whatever order the tests run in."""
+    from chatforge import cpu_kernels
+
+    before = dict(cpu_kernels._STATE)
+    yield
+    cpu_kernels._STATE.update(before)
+
+
 @pytest.fixture
 def tiny_config() -> GPTConfig:
     return GPTConfig(**TINY)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch.fx.experimental import _config as fx_config
 
+from chatforge import cpu_kernels
 from chatforge.errors import RequestError
 from chatforge.generate.params import MAX_LOGPROBS, SamplingParams
 from chatforge.generate.processors import LogitsPipeline, TokenHistory, sample_next, token_logprobs
@@ -164,6 +165,8 @@ class Engine:
         # the decode forward; compiled, it runs as a few fused kernels without Python between the
         # matmuls (see `compile` in docs/architecture.md); prefill and beam search stay eager
         self.compiled = compile
+        if compile and self.device.type == "cpu":
+            cpu_kernels.load()  # chatforge's own products where they build here (model.linear uses them)
         self._forward = torch.compile(model, dynamic=True) if compile else model
         if stop_token_ids is None:
             specials = getattr(tokenizer, "special_ids", {})

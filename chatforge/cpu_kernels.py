@@ -1,0 +1,101 @@
+"""chatforge's own fp32 CPU kernels for decode, built on this machine where it has AVX-512.
+
+Decoding one token reads every weight once, so a one-row product is as fast as the weight stream
+from memory, and a product of up to 64 rows not much slower when its arithmetic hides under that
+stream. MKL (what torch calls) falls short of both on this project's Xeon (Sapphire Rapids, 2
+threads); `cpu_kernels.cpp` prefetches the weight stream 4 KB ahead and, for 2-64 rows, reads a copy
+of the weight packed once in panels of 32 outputs, broadcasting x one element at a time. Measured
+on GPT-2 small's 49 products (`python benchmarks/bench_kernels.py`, paired in one process):
+
+    rows       1      2      4      8      16     32     64
+    vs MKL   1.06-1.09x (F.linear's gemv)
+             1.07x  1.25x  1.42x  1.31x  1.11x  0.92x (MKL's packed gemm)
+
+`load()` builds the extension once (about 40 s; torch's extension cache keeps it) and from then on
+`chatforge.model.linear` uses it in this process; `Engine(compile=True)` calls it. Nothing is built
+where the CPU lacks AVX-512, where there is no C++ compiler (a warning says why), or where
+CHATFORGE_CPU_KERNELS=0.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+MAX_ROWS = 32  # where chatforge.model.linear uses them: past it MKL's packed gemm is faster
+_STATE = {"active": False}
+
+
+def unsupported_reason() -> str | None:
+    """Why the kernels cannot be built here, or None when they can be."""
+    if os.environ.get("CHATFORGE_CPU_KERNELS", "1") == "0":
+        return "CHATFORGE_CPU_KERNELS=0"
+    if not cpu_has_avx512():
+        return "the CPU has no AVX-512"
+    return None
+
+
+def cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return {"avx512f", "fma"} <= set(flags)
+    except OSError:
+        pass
+    return False
+
+
+def load() -> bool:
+    """Build (once a process) and use the kernels; False where they cannot be built here."""
+    _STATE["active"] = unsupported_reason() is None and _build()
+    return _STATE["active"]
+
+
+@functools.cache
+def _build() -> bool:
+    from torch.utils.cpp_extension import load as build
+
+    try:
+        # -mavx512f rather than -march=native: the cached build must run on any AVX-512 machine
+        build("chatforge_cpu_kernels", [str(SOURCE)], extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp"],
+              is_python_module=False)
+    except Exception as e:  # noqa: BLE001 - no compiler, or a failed build: torch's products stay
+        warnings.warn(f"chatforge's CPU kernels were not built ({type(e).__name__}: {e}); decode uses MKL",
+                      stacklevel=3)
+        return False
+    _register_fakes()
+    return True
+
+
+def active() -> bool:
+    """Whether `chatforge.model.linear` uses these kernels in this process."""
+    return _STATE["active"]
+
+
+def set_active(flag: bool) -> None:
+    """Use the loaded kernels, or MKL again (tests compare both); only after a successful load."""
+    if flag and not (_build.cache_info().currsize and _build()):
+        raise RuntimeError("chatforge's CPU kernels are not loaded: call chatforge.cpu_kernels.load()")
+    _STATE["active"] = flag
+
+
+def _register_fakes() -> None:
+    # shapes for torch.compile's tracing
+    @torch.library.register_fake("chatforge_cpu::linear")
+    def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.register_fake("chatforge_cpu::packed_linear")
+    def _(x: torch.Tensor, packed: torch.Tensor, outputs: int, bias: torch.Tensor | None) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], outputs))
+
+    @torch.library.register_fake("chatforge_cpu::pack")
+    def _(weight: torch.Tensor) -> torch.Tensor:
+        return weight.new_empty(((weight.shape[0] + 31) // 32, weight.shape[1], 32))
