@@ -5,6 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from chatforge import cpu_kernels  # noqa: E402
 from chatforge.checkpoint import load_checkpoint  # noqa: E402
 from chatforge.errors import RequestError  # noqa: E402
 from chatforge.generate.beam import beam_search  # noqa: E402
@@ -221,6 +222,8 @@ def test_stop_ids_past_the_models_rows_are_dropped_not_crashed_on(pair):
 def test_a_compiled_engine_gives_the_eager_engines_tokens_and_warm_up_compiles_every_graph(pair):
     eager = Engine(pair[1], LetterTokenizer(), max_batch_size=8, stop_token_ids=[])
     compiled = Engine(pair[1], LetterTokenizer(), max_batch_size=8, stop_token_ids=[], compile=True)
+    # where they build, the compiled engine's products are chatforge's own CPU kernels
+    assert cpu_kernels.active() == (cpu_kernels.unsupported_reason() is None)
     compiled.warm_up()
     # rows at different positions that finish at different steps, one row alone, seeded samples
     lengths = [SamplingParams(max_tokens=m, temperature=0, logprobs=2) for m in (12, 3, 7, 9)]
