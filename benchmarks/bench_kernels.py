@@ -9,8 +9,9 @@ MLP 768->3072 and 3072->768, then the LM head 768->50257), fp32, random weights 
 decode does. At each row count both contenders run through `chatforge.model.linear`: the peer is
 what it picks without our kernels (MKL's gemv through F.linear for 1-2 rows, MKL's gemm on a weight
 packed once in MKL's layout for 3-64), ours is `cpu_kernels.load()`'s (the one-row gemv, the
-panel-packed product from 2 rows). Each round times both, in an order reversed every other round;
-printed are the medians of the per-pass times and the median over rounds of the paired ratio.
+panel-packed product for 2-32 rows; past 32 rows both are MKL's). Each round times both, in an
+order reversed every other round; printed are the medians of the per-pass times and the median
+over rounds of the paired ratio.
 """
 
 from __future__ import annotations
@@ -58,9 +59,11 @@ def main() -> None:
     layers = gpt2_small_products()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; one pass = 49 products, "
           f"{sum(p.numel() for m in layers for p in m.parameters()) * 4 / 1e6:.0f} MB of weights")
-    print(f"{'rows':>5} {'peer':>18} {'peer ms':>8} {'ours ms':>8} {'ours / peer speed':>18}")
+    print(f"{'rows':>5} {'peer':>12} {'ours':>17} {'peer ms':>8} {'ours ms':>8} {'ours / peer speed':>18}")
     for n in args.rows:
         rows = {f: torch.randn(n, f) for f in (768, 3072)}
+        cpu_kernels.set_active(True)
+        ours_name = fast_kernel(n)
         cpu_kernels.set_active(False)
         peer = fast_kernel(n)
         times: dict[bool, list[float]] = {True: [], False: []}
@@ -69,7 +72,7 @@ def main() -> None:
                 cpu_kernels.set_active(ours)
                 times[ours].append(pass_seconds(layers, rows, args.reps))
         ratio = statistics.median(p / o for o, p in zip(times[True], times[False]))
-        print(f"{n:>5} {peer:>18} {statistics.median(times[False]) * 1e3:>8.1f} "
+        print(f"{n:>5} {peer:>12} {ours_name:>17} {statistics.median(times[False]) * 1e3:>8.1f} "
               f"{statistics.median(times[True]) * 1e3:>8.1f} {ratio:>17.2f}x", flush=True)
 
 

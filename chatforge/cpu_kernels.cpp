@@ -1,4 +1,4 @@
-// chatforge's fp32 CPU products for decode: one row (gemv) and 2-64 rows (a panel-packed gemm),
+// chatforge's fp32 CPU products for decode: one row (gemv) and several rows (a panel-packed gemm),
 // both prefetching the weight stream 4 KB ahead of the loads. Built on the user's machine by
 // chatforge/cpu_kernels.py (torch.utils.cpp_extension) where the CPU has AVX-512; measured against
 // MKL, the kernel torch calls, in chatforge/cpu_kernels.py's docstring.
@@ -111,29 +111,48 @@ void panel_rows(const float* P, const float* X, const float* B, float* Y, int64_
   if (m < M) panel_rest<kTileRows - 1>(P, X, B, Y, K, O, o, m, M - m, m == 0);
 }
 
+// What both products share: x made contiguous, the bias checked, and y [..., O] allocated.
+struct Operands {
+  torch::Tensor x, bias, y;
+  const float* X;
+  const float* B;
+  float* Y;
+};
+
+Operands operands(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, int64_t O, const char* op) {
+  Operands o;
+  o.x = x.contiguous();
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->dtype() == torch::kFloat && bias->numel() == O, op, ": the bias must be ", O, " fp32 values");
+    o.bias = bias->contiguous();
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = O;
+  o.y = torch::empty(shape, x.options());
+  o.X = o.x.data_ptr<float>();
+  o.B = has_bias ? o.bias.data_ptr<float>() : nullptr;
+  o.Y = o.y.data_ptr<float>();
+  return o;
+}
+
 // x [..., K] times a packed weight of O outputs.
 torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t O,
                             const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dtype() == torch::kFloat && packed.dtype() == torch::kFloat, "chatforge_cpu::packed_linear is fp32 only");
-  const int64_t K = packed.size(1), M = x.numel() / K;
-  TORCH_CHECK(x.size(-1) == K && packed.size(2) == kPanel && packed.size(0) * kPanel >= O,
+  TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && x.size(-1) == packed.size(1) && packed.size(2) == kPanel &&
+                  packed.size(0) == (O + kPanel - 1) / kPanel,
               "chatforge_cpu::packed_linear: x and the packed weight do not match");
-  const auto xc = x.contiguous();
-  const bool has_bias = bias.has_value() && bias->defined();
-  const auto bc = has_bias ? bias->contiguous() : torch::Tensor();
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = O;
-  auto y = torch::empty(shape, x.options());
+  const int64_t K = packed.size(1), M = x.numel() / K;
+  const Operands t = operands(x, bias, O, "chatforge_cpu::packed_linear");
   const float* P = packed.data_ptr<float>();
-  const float* X = xc.data_ptr<float>();
-  const float* B = has_bias ? bc.data_ptr<float>() : nullptr;
-  float* Y = y.data_ptr<float>();
   at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) panel_rows(P + p * K * kPanel, X, B, Y, K, O, M, p * kPanel);
+    for (int64_t p = begin; p < end; ++p) panel_rows(P + p * K * kPanel, t.X, t.B, t.Y, K, O, M, p * kPanel);
   });
-  return y;
+  return t.y;
 }
 
+// one row x [..., K] (all leading sizes 1) times weight [O, K]
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dtype() == torch::kFloat && weight.dtype() == torch::kFloat, "chatforge_cpu::linear is fp32 only");
   TORCH_CHECK(weight.dim() == 2, "chatforge_cpu::linear: the weight must be 2-D");
@@ -141,19 +160,11 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const 
               weight.size(1));
   const int64_t O = weight.size(0), K = weight.size(1);
   TORCH_CHECK(x.numel() == K, "chatforge_cpu::linear takes one row; use packed_linear for more");
-  const auto xc = x.contiguous();
-  const auto wc = weight.contiguous();
-  const bool has_bias = bias.has_value() && bias->defined();
-  const auto bc = has_bias ? bias->contiguous() : torch::Tensor();
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = O;
-  auto y = torch::empty(shape, x.options());
-  const float* W = wc.data_ptr<float>();
-  const float* X = xc.data_ptr<float>();
-  const float* B = has_bias ? bc.data_ptr<float>() : nullptr;
-  float* Y = y.data_ptr<float>();
-  at::parallel_for(0, O, 256, [&](int64_t begin, int64_t end) { gemv_rows(W, X, B, Y, K, begin, end); });
-  return y;
+  const auto w = weight.contiguous();
+  const Operands t = operands(x, bias, O, "chatforge_cpu::linear");
+  const float* W = w.data_ptr<float>();
+  at::parallel_for(0, O, 256, [&](int64_t begin, int64_t end) { gemv_rows(W, t.X, t.B, t.Y, K, begin, end); });
+  return t.y;
 }
 }  // namespace
 

@@ -1,15 +1,19 @@
 """chatforge's own fp32 CPU kernels for decode, built on this machine where it has AVX-512.
 
 Decoding one token reads every weight once, so a one-row product is as fast as the weight stream
-from memory, and a product of up to 64 rows not much slower when its arithmetic hides under that
+from memory, and a product of a few dozen rows not much slower when its arithmetic hides under that
 stream. MKL (what torch calls) falls short of both on this project's Xeon (Sapphire Rapids, 2
-threads); `cpu_kernels.cpp` prefetches the weight stream 4 KB ahead and, for 2-64 rows, reads a copy
+threads); `cpu_kernels.cpp` prefetches the weight stream 4 KB ahead and, for 2-32 rows, reads a copy
 of the weight packed once in panels of 32 outputs, broadcasting x one element at a time. Measured
-on GPT-2 small's 49 products (`python benchmarks/bench_kernels.py`, paired in one process):
+on GPT-2 small's 49 decode products (`python benchmarks/bench_kernels.py`, two runs, paired in one
+process, against what `chatforge.model.linear` picks without them):
 
-    rows       1      2      4      8      16     32     64
-    vs MKL   1.06-1.09x (F.linear's gemv)
-             1.07x  1.25x  1.42x  1.31x  1.11x  0.92x (MKL's packed gemm)
+    rows                1      2      4      8      16     32
+    speed over MKL's    1.08x  1.02-  1.22-  1.29-  1.20-  1.05-
+                               1.04x  1.23x  1.30x  1.22x  1.10x
+    (MKL's gemv through F.linear for 1-2 rows, its gemm on a packed weight from 3)
+
+At 64 rows the packed product was 0.88x MKL's, so past 32 rows MKL's stays.
 
 `load()` builds the extension once (about 40 s; torch's extension cache keeps it) and from then on
 `chatforge.model.linear` uses it in this process; `Engine(compile=True)` calls it. Nothing is built

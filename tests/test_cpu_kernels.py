@@ -87,6 +87,10 @@ def test_a_wrong_call_is_a_clear_error_not_a_crash(ops):
         ops.packed_linear(torch.randn(4, 15), ops.pack(w), 8, None)
     with pytest.raises(RuntimeError, match="2-D fp32"):
         ops.pack(torch.randn(8))
+    with pytest.raises(RuntimeError, match="the bias must be 8 fp32 values"):
+        ops.linear(torch.randn(1, 16), w, torch.randn(7))
+    with pytest.raises(RuntimeError, match="do not match"):
+        ops.packed_linear(torch.randn(4, 16), ops.pack(w), 40, None)  # a pack of 8 outputs, not 40
 
 
 def test_model_linear_uses_them_up_to_32_rows_once_loaded_and_torchs_products_otherwise(active):
