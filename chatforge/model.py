@@ -289,8 +289,9 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Attention of one new token per row over its cache, written out for torch.compile: two batched
     products and a softmax inductor fuses with the scaling and the mask. In the compiled decode
     steps SDPA's CPU kernel is slow on the cache's slices: written out, GPT-2 small's 16-row step is
-    26% faster at context 200 and 39% at 600, about even at 32, and the one-row step 1-4% faster
-    (paired, one process)."""
+    26% faster at context 200 and 39% at 600, about even at 32 (paired, one process). In the one-row
+    graph (no mask) inductor's attention pattern turns this back into SDPA's kernel, which is as
+    fast there."""
     scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, 1, S)
     if attn_mask is not None:
         scores = scores + attn_mask
