@@ -44,16 +44,20 @@ def unsupported_reason() -> str | None:
     return None
 
 
-def cpu_has_avx512() -> bool:
+def cpuinfo_field(name: str) -> str:
+    """A field of /proc/cpuinfo's first CPU ("vendor_id", "model name", "flags"), or "" where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    return {"avx512f", "fma"} <= set(flags)
+                if line.startswith(name):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return False
+    return ""
+
+
+def cpu_has_avx512() -> bool:
+    return {"avx512f", "fma"} <= set(cpuinfo_field("flags").split())
 
 
 def load() -> bool:

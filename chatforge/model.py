@@ -23,6 +23,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from chatforge import cpu_kernels
+from chatforge.cpu_kernels import cpuinfo_field
 from chatforge.errors import ConfigError
 
 IGNORE_INDEX = -100  # label value that contributes no loss (prompt tokens, padding)
@@ -132,18 +133,6 @@ def _count_optimizer_step(*_: object) -> None:
 
 
 register_optimizer_step_post_hook(_count_optimizer_step)
-
-
-def cpuinfo_field(name: str) -> str:
-    """A field of /proc/cpuinfo's first CPU ("vendor_id", "model name"), or "" where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(name):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 _FAST_LINEAR_ENABLED = True  # see plain_linear
