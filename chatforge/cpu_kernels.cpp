@@ -6,6 +6,10 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
 namespace {
 // How far ahead of the loads the weight stream is prefetched: 4 KB (2, 4, 8 and 16 KB measured;
 // 4-8 KB best, 6-7% faster than none for GPT-2 small's 49 one-row products).
@@ -166,12 +170,257 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const 
   at::parallel_for(0, O, 256, [&](int64_t begin, int64_t end) { gemv_rows(W, t.X, t.B, t.Y, K, begin, end); });
   return t.y;
 }
+
+// ---- one decode step of the whole GPT, in one call ---------------------------------------------------
+// chatforge.model.GPT's forward for one new token on each of R rows (embeddings, pre-LayerNorm blocks of
+// attention and GELU MLP, final LayerNorm, LM head), each row at its own position in its own cache row.
+// Its products are the kernels above (the gemv for one row, the packed product for more), so a step costs
+// what its weight stream costs: there is no graph, guard or op dispatch between them.
+
+// exp(x) for 16 floats: x = n ln2 + r, exp(r) by Cephes' expf polynomial, 2^n by scalef
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 chunk_mask(int64_t i, int64_t n) { return tail_mask(std::min<int64_t>(16, n - i)); }
+
+// GPT-2's GELU (tanh approximation) in place, as x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
+void gelu_tanh(float* x, int64_t n) {
+  const __m512 c = _mm512_set1_ps(-2.0f * 0.7978845608028654f), a = _mm512_set1_ps(0.044715f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = chunk_mask(i, n);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    const __m512 u = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(a, v), _mm512_mul_ps(v, v), v));
+    _mm512_mask_storeu_ps(x + i, m, _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(u))));
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = chunk_mask(i, n);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// y += a * x
+inline void axpy(float* y, float a, const float* x, int64_t n) {
+  const __m512 va = _mm512_set1_ps(a);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = chunk_mask(i, n);
+    _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
+  }
+}
+
+// y = (x - mean) / sqrt(var + eps) * w + b over n values (two passes, as torch's kernel)
+void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t n, float eps) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(chunk_mask(i, n), x + i));
+  const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(acc) / n);
+  acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = chunk_mask(i, n);
+    const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, x + i), mean);
+    acc = _mm512_fmadd_ps(d, d, acc);
+  }
+  const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / n + eps));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = chunk_mask(i, n);
+    const __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), mean), rstd);
+    _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(m, w + i), _mm512_maskz_loadu_ps(m, b + i)));
+  }
+}
+
+// What a product does with its result: store it, add it to the residual stream, or store its GELU.
+enum class Then { Store, Add, Gelu };
+
+struct DecodeStep : torch::CustomClassHolder {
+  // The weights in the order of GPT's forward: wte, wpe; per block ln_1 (w, b), c_attn (w, b),
+  // attn.c_proj (w, b), ln_2 (w, b), c_fc (w, b), mlp.c_proj (w, b); ln_f (w, b); the LM head's weight.
+  // `packs`: the products' weights in `pack`'s layout, in the same order (5 a block, then the LM
+  // head's), for steps of more than one row; empty when only one-row steps are wanted.
+  std::vector<torch::Tensor> w, packs;
+  int64_t n_layer, n_head, C, V;
+  float eps;
+
+  static constexpr int kPerBlock = 12;
+  static constexpr int kProducts[4] = {2, 4, 8, 10};  // c_attn, attn.c_proj, c_fc, mlp.c_proj in a block
+
+  DecodeStep(std::vector<torch::Tensor> weights, std::vector<torch::Tensor> packed, int64_t heads, double layer_norm_eps)
+      : w(std::move(weights)), packs(std::move(packed)), n_head(heads), eps(float(layer_norm_eps)) {
+    TORCH_CHECK(w.size() >= 5 && (w.size() - 5) % kPerBlock == 0,
+                "chatforge_cpu::DecodeStep: expected 5 + 12 weights a block, got ", w.size());
+    for (const auto& t : w)
+      TORCH_CHECK(t.device().is_cpu() && t.dtype() == torch::kFloat && t.is_contiguous(),
+                  "chatforge_cpu::DecodeStep: every weight must be a contiguous fp32 CPU tensor");
+    n_layer = (w.size() - 5) / kPerBlock;
+    C = w[0].size(1);
+    V = w.back().size(0);
+    TORCH_CHECK(heads > 0 && C % heads == 0, "chatforge_cpu::DecodeStep: width ", C, " is not divisible by ", heads, " heads");
+    TORCH_CHECK(packs.empty() || int64_t(packs.size()) == 4 * n_layer + 1,
+                "chatforge_cpu::DecodeStep: expected 4 packs a block and the LM head's, got ", packs.size());
+    for (size_t i = 0; i < packs.size(); ++i) {
+      const torch::Tensor& weight = i + 1 == packs.size() ? w.back() : block(i / 4, kProducts[i % 4]);
+      const int64_t O = weight.size(0), K = weight.size(1);
+      TORCH_CHECK(packs[i].dtype() == torch::kFloat && packs[i].is_contiguous() && packs[i].dim() == 3 &&
+                      packs[i].size(0) == (O + kPanel - 1) / kPanel && packs[i].size(1) == K && packs[i].size(2) == kPanel,
+                  "chatforge_cpu::DecodeStep: pack ", i, " is not its weight's packed layout");
+    }
+  }
+
+  const torch::Tensor& block(int64_t layer, int i) const { return w[2 + kPerBlock * layer + i]; }
+
+  // y [R, O] from x [R, K] through the weight w[index] (pack[pack_index] for several rows) and its bias
+  void product(int64_t index, int64_t pack_index, const torch::Tensor* bias, const float* x, float* y, int64_t R,
+               Then then, float* scratch) const {
+    const torch::Tensor& weight = w[index];
+    const int64_t O = weight.size(0), K = weight.size(1);
+    const float* b = bias ? bias->data_ptr<float>() : nullptr;
+    float* out = then == Then::Add ? scratch : y;
+    auto finish = [&](int64_t begin, int64_t end) {  // columns [begin, end) of every row
+      for (int64_t r = 0; r < R; ++r) {
+        if (then == Then::Add)
+          for (int64_t o = begin; o < end; ++o) y[r * O + o] += out[r * O + o];
+        else if (then == Then::Gelu)
+          gelu_tanh(out + r * O + begin, end - begin);
+      }
+    };
+    if (R == 1) {
+      const float* W = weight.data_ptr<float>();
+      at::parallel_for(0, O, 256, [&](int64_t begin, int64_t end) {
+        gemv_rows(W, x, b, out, K, begin, end);
+        finish(begin, end);
+      });
+      return;
+    }
+    const float* P = packs[pack_index].data_ptr<float>();
+    at::parallel_for(0, packs[pack_index].size(0), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) panel_rows(P + p * K * kPanel, x, b, out, K, O, R, p * kPanel);
+      finish(begin * kPanel, std::min(end * kPanel, O));
+    });
+  }
+
+  // Row r's new key and value go to slot positions[r] of cache row r; its query attends over slots
+  // 0..positions[r]. qkv [R, 3C] -> y [R, C]; scores: R x heads x (longest context) floats.
+  void attention(int64_t layer, const std::vector<int64_t>& positions, const torch::Tensor& k_cache,
+                 const torch::Tensor& v_cache, const float* qkv, float* y, float* scores, int64_t S_max) const {
+    const int64_t D = C / n_head, L = k_cache.size(3), rows = k_cache.size(1), R = positions.size();
+    const float scale = 1.0f / std::sqrt(float(D));
+    float* K = k_cache.data_ptr<float>() + layer * rows * n_head * L * D;
+    float* Vc = v_cache.data_ptr<float>() + layer * rows * n_head * L * D;
+    at::parallel_for(0, R * n_head, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t r = task / n_head, hd = task % n_head, S = positions[r] + 1;
+        float* kh = K + (r * n_head + hd) * L * D;
+        float* vh = Vc + (r * n_head + hd) * L * D;
+        const float* q = qkv + r * 3 * C + hd * D;
+        std::memcpy(kh + positions[r] * D, q + C, D * sizeof(float));
+        std::memcpy(vh + positions[r] * D, q + 2 * C, D * sizeof(float));
+        float* s = scores + task * S_max;
+        float top = -INFINITY;
+        for (int64_t j = 0; j < S; ++j) {
+          s[j] = dot(q, kh + j * D, D) * scale;
+          top = std::max(top, s[j]);
+        }
+        float total = 0;
+        for (int64_t j = 0; j < S; j += 16) {
+          const __mmask16 m = chunk_mask(j, S);
+          const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), _mm512_set1_ps(top)));
+          _mm512_mask_storeu_ps(s + j, m, e);
+          total += _mm512_mask_reduce_add_ps(m, e);
+        }
+        float* out = y + r * C + hd * D;
+        std::fill(out, out + D, 0.0f);
+        for (int64_t j = 0; j < S; ++j) axpy(out, s[j] / total, vh + j * D, D);
+      }
+    });
+  }
+
+  void layer_norms(const float* x, int64_t wi, float* h, int64_t R) const {
+    const float* g = w[wi].data_ptr<float>();
+    const float* b = w[wi + 1].data_ptr<float>();
+    for (int64_t r = 0; r < R; ++r) layer_norm(x + r * C, g, b, h + r * C, C, eps);
+  }
+
+  void check(const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions, const torch::Tensor& k_cache,
+             const torch::Tensor& v_cache) const {
+    const int64_t R = tokens.size();
+    TORCH_CHECK(R >= 1 && int64_t(positions.size()) == R, "chatforge_cpu::DecodeStep: ", R, " tokens and ",
+                positions.size(), " positions");
+    TORCH_CHECK(R == 1 || !packs.empty(), "chatforge_cpu::DecodeStep: ", R, " rows need the packed weights");
+    TORCH_CHECK(k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
+                    v_cache.is_contiguous() && k_cache.dtype() == torch::kFloat && v_cache.dtype() == torch::kFloat &&
+                    k_cache.size(0) == n_layer && k_cache.size(1) >= R && k_cache.size(2) == n_head &&
+                    k_cache.size(4) == C / n_head,
+                "chatforge_cpu::DecodeStep: the caches must be contiguous fp32 [layers, rows >= ", R, ", heads, length, ",
+                C / n_head, "]");
+    for (int64_t r = 0; r < R; ++r) {
+      TORCH_CHECK(0 <= tokens[r] && tokens[r] < w[0].size(0), "chatforge_cpu::DecodeStep: token ", tokens[r],
+                  " is outside the vocabulary");
+      TORCH_CHECK(0 <= positions[r] && positions[r] < std::min(w[1].size(0), k_cache.size(3)),
+                  "chatforge_cpu::DecodeStep: position ", positions[r], " is outside the context");
+    }
+  }
+
+  // logits [R, V] for tokens[r] at positions[r] of cache row r (r = 0..R-1)
+  torch::Tensor forward(const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions,
+                        const torch::Tensor& k_cache, const torch::Tensor& v_cache) const {
+    check(tokens, positions, k_cache, v_cache);
+    const int64_t R = tokens.size();
+    const int64_t S_max = *std::max_element(positions.begin(), positions.end()) + 1;
+    // x: the residual stream; h: a LayerNorm's output, then attention's; scratch: a product before it
+    // joins x; hidden: the MLP's; scores: each (row, head)'s attention weights
+    auto buffer = torch::empty({R * 10 * C + R * n_head * S_max}, w[0].options());
+    float* x = buffer.data_ptr<float>();
+    float* h = x + R * C;
+    float* qkv = h + R * C;
+    float* hidden = qkv + R * 3 * C;
+    float* scratch = hidden + R * 4 * C;
+    float* scores = scratch + R * C;
+    for (int64_t r = 0; r < R; ++r) {
+      const float* te = w[0].data_ptr<float>() + tokens[r] * C;
+      const float* pe = w[1].data_ptr<float>() + positions[r] * C;
+      for (int64_t i = 0; i < C; ++i) x[r * C + i] = te[i] + pe[i];
+    }
+    for (int64_t l = 0; l < n_layer; ++l) {
+      const int64_t wi = 2 + kPerBlock * l, pi = 4 * l;
+      layer_norms(x, wi, h, R);
+      product(wi + 2, pi, &w[wi + 3], h, qkv, R, Then::Store, nullptr);
+      attention(l, positions, k_cache, v_cache, qkv, h, scores, S_max);
+      product(wi + 4, pi + 1, &w[wi + 5], h, x, R, Then::Add, scratch);
+      layer_norms(x, wi + 6, h, R);
+      product(wi + 8, pi + 2, &w[wi + 9], h, hidden, R, Then::Gelu, nullptr);
+      product(wi + 10, pi + 3, &w[wi + 11], hidden, x, R, Then::Add, scratch);
+    }
+    const int64_t fi = 2 + kPerBlock * n_layer;
+    layer_norms(x, fi, h, R);
+    auto logits = torch::empty({R, V}, w[0].options());
+    product(fi + 2, 4 * n_layer, nullptr, h, logits.data_ptr<float>(), R, Then::Store, nullptr);
+    return logits;
+  }
+};
 }  // namespace
 
 TORCH_LIBRARY(chatforge_cpu, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("pack(Tensor weight) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor packed, int outputs, Tensor? bias) -> Tensor");
+  m.class_<DecodeStep>("DecodeStep")
+      .def(torch::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, int64_t, double>())
+      .def("forward", &DecodeStep::forward);
 }
 TORCH_LIBRARY_IMPL(chatforge_cpu, CPU, m) {
   m.impl("linear", &linear);

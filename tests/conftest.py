@@ -21,6 +21,29 @@ def _restore_cpu_kernels():
     cpu_kernels._STATE.update(before)
 
 
+@pytest.fixture(scope="session")
+def ops():
+    """chatforge's CPU kernels (torch.ops.chatforge_cpu), built here once (about 40 s); a test that
+    needs them skips, with the reason, where the CPU has no AVX-512 or the build fails."""
+    from chatforge import cpu_kernels
+
+    reason = cpu_kernels.unsupported_reason()
+    if reason is not None:
+        pytest.skip(f"chatforge's CPU kernels cannot be built here: {reason}")
+    if not cpu_kernels._build():
+        pytest.skip("chatforge's CPU kernels did not build here (see the warning)")
+    return torch.ops.chatforge_cpu
+
+
+@pytest.fixture
+def active(ops):
+    """The kernels in use by chatforge.model.linear for this test."""
+    from chatforge import cpu_kernels
+
+    cpu_kernels.set_active(True)
+    return ops
+
+
 @pytest.fixture
 def tiny_config() -> GPTConfig:
     return GPTConfig(**TINY)

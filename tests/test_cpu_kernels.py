@@ -13,23 +13,6 @@ import torch.nn.functional as F
 from chatforge import cpu_kernels
 from chatforge.model import fast_kernel, linear
 
-
-@pytest.fixture(scope="module")
-def ops():
-    reason = cpu_kernels.unsupported_reason()
-    if reason is not None:
-        pytest.skip(f"chatforge's CPU kernels cannot be built here: {reason}")
-    if not cpu_kernels.load():
-        pytest.skip("chatforge's CPU kernels did not build here (see the warning)")
-    return torch.ops.chatforge_cpu
-
-
-@pytest.fixture
-def active(ops):
-    cpu_kernels.set_active(True)
-    return ops
-
-
 # shapes with a K that is not a multiple of 16 or 64 (the masked tails), and O that is not a
 # multiple of 32 (the last panel's padding)
 SHAPES = [(768, 2304), (3072, 768), (100, 7), (17, 33), (5, 1), (64, 50), (48, 96)]

@@ -32,6 +32,7 @@ from torch.fx.experimental import _config as fx_config
 
 from chatforge import cpu_kernels
 from chatforge.errors import RequestError
+from chatforge.generate.fused_step import FusedDecodeStep, unsupported_reason
 from chatforge.generate.params import MAX_LOGPROBS, SamplingParams
 from chatforge.generate.processors import LogitsPipeline, TokenHistory, sample_next, token_logprobs
 from chatforge.generate.text import IncrementalText
@@ -165,8 +166,11 @@ class Engine:
         # the decode forward; compiled, it runs as a few fused kernels without Python between the
         # matmuls (see `compile` in docs/architecture.md); prefill and beam search stay eager
         self.compiled = compile
-        if compile and self.device.type == "cpu":
-            cpu_kernels.load()  # chatforge's own products where they build here (model.linear uses them)
+        self._fused: FusedDecodeStep | None = None
+        if compile and self.device.type == "cpu" and cpu_kernels.load():
+            # chatforge's own kernels built here: the whole step in one call where it covers the model
+            # and the row count, and its products inside torch.compile's graph otherwise
+            self._fused = FusedDecodeStep(model) if unsupported_reason(model) is None else None
         self._forward = torch.compile(model, dynamic=True) if compile else model
         if stop_token_ids is None:
             specials = getattr(tokenizer, "special_ids", {})
@@ -269,10 +273,17 @@ class Engine:
         if self.has_unfinished():
             raise RuntimeError("warm_up needs an idle engine")
         params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
-        self.generate([[0, 0]], params)
-        if self.max_batch_size > 1:
-            self.generate([[0, 0], [0, 0]], params)
-            self.generate([[0, 0], [0, 0, 0]], params)
+        fused, self._fused = self._fused, None  # compile the graphs of the steps the fused one leaves to them
+        try:
+            if fused is None:
+                self.generate([[0, 0]], params)
+            if self.max_batch_size > (cpu_kernels.MAX_ROWS if fused else 1):
+                self.generate([[0, 0], [0, 0]], params)
+                self.generate([[0, 0], [0, 0, 0]], params)
+        finally:
+            self._fused = fused
+        if fused is not None and self.max_batch_size > 1:
+            self.generate([[0, 0], [0, 0]], params)  # the fused step's packed weights
 
     # ---- blocking conveniences ---------------------------------------------------------------
 
@@ -362,6 +373,11 @@ class Engine:
     def _decode_old(self, count: int) -> torch.Tensor:
         """One decode forward for the first `count` rows, each at its own position."""
         rows = self.rows[:count]
+        if self._fused is not None and count <= cpu_kernels.MAX_ROWS and cpu_kernels.active():
+            logits = self._fused([r.last_token for r in rows], [r.position for r in rows], self.cache)
+            for r in rows:
+                r.position += 1
+            return logits
         tokens = torch.tensor([[r.last_token] for r in rows], device=self.device)
         positions = torch.tensor([r.position for r in rows], device=self.device)
         last = max(r.position for r in rows)

@@ -1,0 +1,97 @@
+"""One decode step of the whole GPT in one call: chatforge's CPU kernels, for the compiled engine.
+
+`chatforge_cpu::DecodeStep` (chatforge/cpu_kernels.cpp) runs `GPT.forward` for one new token on each
+of R rows, each row at its own position in its own cache row, with no Python, graph or op dispatch
+between its products. In a compiled decode step those cost about 2 ms a token on GPT-2 small (the
+graph's wrapper, dynamo's guards, the op calls), a tenth of the step; measured paired in one
+process, the fused step is 1.1-1.2x faster than the torch.compile'd forward at 1 and 16 rows
+(see docs/architecture.md).
+
+It covers what it can compute exactly as `GPT` does: the GPT class itself (not a subclass), plain
+nn.Linear / nn.LayerNorm / nn.Embedding layers without hooks, contiguous fp32 CPU weights, and at
+most `cpu_kernels.MAX_ROWS` rows (past that MKL's packed gemm is faster than chatforge's). Anything
+else keeps torch.compile's graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from chatforge import cpu_kernels
+from chatforge import model as gpt
+from chatforge.model import GPT, KVCache
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why the fused step cannot run `model` here, or None when it can."""
+    if not cpu_kernels.active():
+        return "chatforge's CPU kernels are not loaded"
+    if type(model) is not GPT:
+        return f"the model is a {type(model).__name__}, not chatforge's GPT"
+    if model.training and model.config.dropout > 0:
+        return "the model is in training mode with dropout"
+    plain = (GPT, nn.Linear, nn.LayerNorm, nn.Embedding, nn.Dropout, nn.ModuleList, gpt.Block,
+             gpt.CausalSelfAttention, gpt.MLP)
+    for name, module in model.named_modules():
+        if type(module) not in plain:
+            return f"{name or 'the model'} is a {type(module).__name__}"
+        if module._forward_hooks or module._forward_pre_hooks:
+            return f"{name or 'the model'} has a forward hook"
+        if isinstance(module, nn.LayerNorm) and (module.weight is None or module.bias is None):
+            return f"{name} has no affine weight and bias"
+    for name, p in model.named_parameters():
+        if p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous():
+            return f"{name} is not a contiguous fp32 CPU tensor"
+    return None
+
+
+def _weights(model: GPT) -> list[torch.Tensor]:
+    """In the order of GPT's forward, as DecodeStep takes them."""
+    out = [model.wte.weight, model.wpe.weight]
+    for b in model.h:
+        out += [b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
+                b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.weight, b.mlp.c_fc.bias,
+                b.mlp.c_proj.weight, b.mlp.c_proj.bias]
+    return [t.detach() for t in out + [model.ln_f.weight, model.ln_f.bias, model.lm_head.weight]]
+
+
+def _products(model: GPT) -> list[torch.Tensor]:
+    """The weights DecodeStep multiplies by, in its order: four a block, then the LM head."""
+    out = []
+    for b in model.h:
+        out += [b.attn.c_attn.weight, b.attn.c_proj.weight, b.mlp.c_fc.weight, b.mlp.c_proj.weight]
+    return out + [model.lm_head.weight]  # the parameters themselves: their packs are kept per parameter
+
+
+class FusedDecodeStep:
+    """Logits of one decode step through chatforge_cpu::DecodeStep, rebuilt whenever a weight may have
+    changed (replaced, changed in place, or an optimizer stepped: the packs must follow)."""
+
+    def __init__(self, model: GPT) -> None:
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"the fused decode step cannot run this model: {reason}")
+        self.model = model
+        self._key: tuple | None = None
+        self._one_row = self._many_rows = None  # built on first use: the packs cost a copy of the weights
+
+    def __call__(self, tokens: list[int], positions: list[int], cache: KVCache) -> torch.Tensor:
+        """(R, vocab) logits of tokens[r] at positions[r] of cache row r; writes their keys and values."""
+        if not 1 <= len(tokens) <= cpu_kernels.MAX_ROWS:
+            raise ValueError(f"the fused decode step takes 1..{cpu_kernels.MAX_ROWS} rows, got {len(tokens)}")
+        weights = _weights(self.model)
+        key = (tuple((w.data_ptr(), w._version) for w in weights), gpt._OPTIMIZER_STEPS)
+        if key != self._key:
+            self._key, self._one_row, self._many_rows = key, None, None
+        with torch.no_grad():
+            return self._step(weights, len(tokens) > 1).forward(tokens, positions, cache.k, cache.v)
+
+    def _step(self, weights: list[torch.Tensor], many: bool):
+        c = self.model.config
+        if many and self._many_rows is None:
+            packs = [gpt._packed_weight(w, "chatforge_packed") for w in _products(self.model)]
+            self._many_rows = torch.classes.chatforge_cpu.DecodeStep(weights, packs, c.n_head, c.layer_norm_eps)
+        if not many and self._one_row is None:
+            self._one_row = torch.classes.chatforge_cpu.DecodeStep(weights, [], c.n_head, c.layer_norm_eps)
+        return self._many_rows if many else self._one_row
