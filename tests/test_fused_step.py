@@ -18,9 +18,9 @@ from chatforge.generate.fused_step import FusedDecodeStep, _products, _weights, 
 from chatforge.generate.params import SamplingParams
 from chatforge.model import GPT, GPTConfig
 
-# odd sizes: a head width of 10 and a width of 40 (the masked tails of every vector loop), a
+# odd sizes: a head width of 7 and a width of 42 (the masked tails of every vector loop, the MLP's 168 too), a
 # vocabulary of 300 (the LM head's last panel padded), three blocks
-CONFIG = GPTConfig(vocab_size=300, context_length=48, n_layer=3, n_head=4, n_embd=40)
+CONFIG = GPTConfig(vocab_size=300, context_length=48, n_layer=3, n_head=6, n_embd=42)
 
 
 @pytest.fixture
@@ -84,9 +84,9 @@ def test_a_wrong_call_is_a_clear_error_not_a_crash(ops, model):
         "expected 5 + 12 weights a block": lambda: torch.classes.chatforge_cpu.DecodeStep(weights[:-1], [], 4, 1e-5),
         "contiguous fp32": lambda: torch.classes.chatforge_cpu.DecodeStep([weights[0].double()] + weights[1:], [], 4,
                                                                           1e-5),
-        "not divisible by 3 heads": lambda: torch.classes.chatforge_cpu.DecodeStep(weights, [], 3, 1e-5),
+        "not divisible by 4 heads": lambda: torch.classes.chatforge_cpu.DecodeStep(weights, [], 4, 1e-5),
         "pack 0 is not": lambda: torch.classes.chatforge_cpu.DecodeStep(
-            weights, [torch.ops.chatforge_cpu.pack(w.detach().T.contiguous()) for w in _products(model)], 4, 1e-5),
+            weights, [torch.ops.chatforge_cpu.pack(w.detach().T.contiguous()) for w in _products(model)], 6, 1e-5),
     }
     for message, call in calls.items():
         with pytest.raises(RuntimeError, match=re.escape(message)):
@@ -132,7 +132,7 @@ class ByteTokenizer:
 @pytest.mark.parametrize("change, reason", [
     (lambda m: Subclassed(CONFIG), "a Subclassed, not chatforge's GPT"),
     (lambda m: m.h[1].mlp.c_fc.register_forward_hook(lambda *a: None) and m, "h.1.mlp.c_fc has a forward hook"),
-    (lambda m: setattr(m.h[0].attn, "c_proj", Lora(40, 40)) or m, "h.0.attn.c_proj is a Lora"),
+    (lambda m: setattr(m.h[0].attn, "c_proj", Lora(42, 42)) or m, "h.0.attn.c_proj is a Lora"),
     (lambda m: m.to(torch.bfloat16), "wte.weight is not a contiguous fp32 CPU tensor"),
     (lambda m: GPT(GPTConfig(**{**CONFIG.to_dict(), "dropout": 0.1})).train(), "training mode with dropout"),
 ])
