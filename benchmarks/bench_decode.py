@@ -10,9 +10,11 @@ the same weights; before timing, the script checks that both produce the same gr
 
 Ours: `Engine(model, stub_tokenizer, max_batch_size=16, compile=True)`, `engine.generate(prompts,
 SamplingParams(max_tokens=N, temperature=0, ignore_eos=True))`, the full engine path
-(scheduler, logits pipeline, sampling, incremental text), its decode forward compiled by
-torch.compile (`engine.warm_up()` compiles before the rounds; the time is printed). Beside it, the
-same engine without compile ("ours, eager"), as `chatforge generate` runs by default. The peer:
+(scheduler, logits pipeline, sampling, incremental text), its decode steps the fastest it has here:
+on an AVX-512 CPU chatforge's fused decode step (chatforge/generate/fused_step.py; its kernels are
+built the first time, about 40 s), elsewhere the forward compiled by torch.compile
+(`engine.warm_up()` prepares either before the rounds; the time is printed). Beside it, the same
+engine without compile ("ours, eager"), as `chatforge generate` runs by default. The peer:
 `model.generate(input_ids, do_sample=False, max_new_tokens=N, min_new_tokens=N)` with its default
 cache and attention.
 
@@ -182,7 +184,8 @@ def main() -> None:
         f"{args.new} new tokens, batch {args.batch}, prefill {args.prefill}; {args.rounds} rounds"
     )
     print(f"load average at start: {load_average()}")
-    print(f"compiling our decode graphs (engine.warm_up): {compile_s:.1f} s")
+    step = "chatforge's fused decode step" if engine._fused is not None else "torch.compile's graphs"
+    print(f"our decode steps: {step}; engine.warm_up took {compile_s:.1f} s")
 
     check = 16
     a, b = run_ours(prompts[:1], check)[0], run_peer(prompts[0], check)

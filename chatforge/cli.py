@@ -398,8 +398,9 @@ def chat(checkpoint: str, system: str, temperature: float, top_p: float, max_tok
 @click.option("--json", "as_json", is_flag=True, help="Print the completions (with logprobs) as JSON.")
 @click.option("--max-batch-size", default=16, show_default=True, help="Engine slots (sequences decoded together).")
 @click.option("--compile", "compile_decode", is_flag=True,
-              help="torch.compile the decode step (and, on AVX-512 CPUs, build chatforge's own decode "
-                   "products once): faster per token after a warm-up compile of a few minutes.")
+              help="The fastest decode step here: on AVX-512 CPUs chatforge's own fused step (its kernels "
+                   "are built once, about 40 s), elsewhere (and past 32 rows) torch.compile's graphs, "
+                   "compiled first (a few minutes).")
 @config_options(SamplingParams)
 def generate(checkpoint: str, prompts: tuple[str, ...], as_json: bool, max_batch_size: int, compile_decode: bool,
              cfg) -> None:
@@ -471,8 +472,9 @@ def export(checkpoint: str, fmt: str, out: str, dtype: str) -> None:
 @click.option("--max-batch-size", default=16, show_default=True, help="Engine slots (sequences decoded together).")
 @click.option("--max-queue", default=64, show_default=True, help="Requests waiting for a slot before 429.")
 @click.option("--compile", "compile_decode", is_flag=True,
-              help="torch.compile the decode step (and, on AVX-512 CPUs, build chatforge's own decode "
-                   "products once): faster per token after compiling (a few minutes) before serving.")
+              help="The fastest decode step here: on AVX-512 CPUs chatforge's own fused step (its kernels "
+                   "are built once, about 40 s), elsewhere (and past 32 rows) torch.compile's graphs, "
+                   "compiled before serving (a few minutes).")
 @click.option("--max-body-bytes", default=1_000_000, show_default=True, help="Larger request bodies get 413.")
 @click.option("--db", "db_url", default="", help="SQLAlchemy URL of the web page's conversation/feedback store  "
               "[default: sqlite:///<stage dir>/chatforge.db beside a <stage>/checkpoint, else ./chatforge.db]")

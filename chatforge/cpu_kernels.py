@@ -15,10 +15,13 @@ process, against what `chatforge.model.linear` picks without them):
 
 At 64 rows the packed product was 0.88x MKL's, so past 32 rows MKL's stays.
 
+On those products `DecodeStep` (a torch custom class) runs the whole one-token forward of
+`chatforge.model.GPT` for 1-32 rows in one call: see chatforge/generate/fused_step.py.
+
 `load()` builds the extension once (about 40 s; torch's extension cache keeps it) and from then on
-`chatforge.model.linear` uses it in this process; `Engine(compile=True)` calls it. Nothing is built
-where the CPU lacks AVX-512, where there is no C++ compiler (a warning says why), or where
-CHATFORGE_CPU_KERNELS=0.
+`chatforge.model.linear` uses it in this process; `Engine(compile=True)` calls it (and then decodes
+through `DecodeStep`). Nothing is built where the CPU lacks AVX-512, where there is no C++ compiler
+(a warning says why), or where CHATFORGE_CPU_KERNELS=0.
 """
 
 from __future__ import annotations

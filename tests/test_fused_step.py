@@ -110,8 +110,20 @@ def test_it_follows_the_weights_through_an_optimizer_step_and_a_replaced_embeddi
     model(ids).sum().backward()
     optimizer.step()
     assert agree()
-    model.resize_token_embeddings(310)  # new tensors: wte and the LM head
+    with torch.no_grad():
+        model.h[2].mlp.c_fc.weight.data = torch.randn(168, 42)  # a new tensor behind the same parameter
+    assert agree()
+    model.resize_token_embeddings(310)  # new parameters in new modules: wte and the LM head
     assert agree() and fused([1], [0], model.make_kv_cache(1)).shape == (1, 310)
+
+
+def test_a_layer_replaced_after_it_was_built_takes_the_model_out_of_its_hands(active, model):
+    fused = FusedDecodeStep(model)
+    assert fused.covers(1) and fused.covers(32) and not fused.covers(33)
+    model.h[0].attn.c_proj = Lora(42, 42)
+    assert not fused.covers(1)
+    with pytest.raises(ValueError, match="h.0.attn.c_proj is a Lora"):
+        fused([1], [0], model.make_kv_cache(1))
 
 
 class Subclassed(GPT):

@@ -373,7 +373,7 @@ class Engine:
     def _decode_old(self, count: int) -> torch.Tensor:
         """One decode forward for the first `count` rows, each at its own position."""
         rows = self.rows[:count]
-        if self._fused is not None and count <= cpu_kernels.MAX_ROWS and cpu_kernels.active():
+        if self._fused is not None and self._fused.covers(count):
             logits = self._fused([r.last_token for r in rows], [r.position for r in rows], self.cache)
             for r in rows:
                 r.position += 1

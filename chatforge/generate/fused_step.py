@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
 from chatforge import cpu_kernels
 from chatforge import model as gpt
@@ -47,13 +51,14 @@ def unsupported_reason(model: nn.Module) -> str | None:
 
 
 def _weights(model: GPT) -> list[torch.Tensor]:
-    """In the order of GPT's forward, as DecodeStep takes them."""
+    """In the order of GPT's forward, as DecodeStep takes them (the parameters themselves, so a
+    `.data` assignment shows in their pointers)."""
     out = [model.wte.weight, model.wpe.weight]
     for b in model.h:
         out += [b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
                 b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.weight, b.mlp.c_fc.bias,
                 b.mlp.c_proj.weight, b.mlp.c_proj.bias]
-    return [t.detach() for t in out + [model.ln_f.weight, model.ln_f.bias, model.lm_head.weight]]
+    return out + [model.ln_f.weight, model.ln_f.bias, model.lm_head.weight]
 
 
 def _products(model: GPT) -> list[torch.Tensor]:
@@ -64,34 +69,62 @@ def _products(model: GPT) -> list[torch.Tensor]:
     return out + [model.lm_head.weight]  # the parameters themselves: their packs are kept per parameter
 
 
+# Parameters or submodules assigned anywhere (`model.wte = ...`, resize_token_embeddings): walking a
+# model for its weights costs ~0.7 ms (GPT-2 small), so a step walks again only after one of these.
+_ASSIGNMENTS = 0
+
+
+def _count_assignment(*_: object) -> None:
+    global _ASSIGNMENTS
+    _ASSIGNMENTS += 1
+
+
+register_module_parameter_registration_hook(_count_assignment)
+register_module_module_registration_hook(_count_assignment)
+
+
 class FusedDecodeStep:
-    """Logits of one decode step through chatforge_cpu::DecodeStep, rebuilt whenever a weight may have
-    changed (replaced, changed in place, or an optimizer stepped: the packs must follow)."""
+    """Logits of one decode step through chatforge_cpu::DecodeStep, built again whenever a weight may
+    have changed: replaced, changed in place, or an optimizer stepped (the packs must follow)."""
 
     def __init__(self, model: GPT) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the fused decode step cannot run this model: {reason}")
         self.model = model
+        self._assignments: int | None = None  # _ASSIGNMENTS when the weights were last listed
+        self._reason: str | None = None
+        self._weights: list[torch.Tensor] = []
         self._key: tuple | None = None
         self._one_row = self._many_rows = None  # built on first use: the packs cost a copy of the weights
 
+    def covers(self, rows: int) -> bool:
+        """Whether this step can run `rows` rows of the model as it is now (after a layer was
+        replaced, say, it may no longer)."""
+        if not (1 <= rows <= cpu_kernels.MAX_ROWS and cpu_kernels.active()):
+            return False
+        if self._assignments != _ASSIGNMENTS:
+            self._assignments, self._key = _ASSIGNMENTS, None
+            self._reason = unsupported_reason(self.model)
+            self._weights = _weights(self.model) if self._reason is None else []
+        return self._reason is None
+
     def __call__(self, tokens: list[int], positions: list[int], cache: KVCache) -> torch.Tensor:
         """(R, vocab) logits of tokens[r] at positions[r] of cache row r; writes their keys and values."""
-        if not 1 <= len(tokens) <= cpu_kernels.MAX_ROWS:
-            raise ValueError(f"the fused decode step takes 1..{cpu_kernels.MAX_ROWS} rows, got {len(tokens)}")
-        weights = _weights(self.model)
-        key = (tuple((w.data_ptr(), w._version) for w in weights), gpt._OPTIMIZER_STEPS)
+        if not self.covers(len(tokens)):
+            raise ValueError(f"the fused decode step cannot run {len(tokens)} rows of this model: "
+                             f"{self._reason or f'it takes 1..{cpu_kernels.MAX_ROWS} with its kernels loaded'}")
+        key = (tuple((w.data_ptr(), w._version) for w in self._weights), gpt._OPTIMIZER_STEPS)
         if key != self._key:
             self._key, self._one_row, self._many_rows = key, None, None
         with torch.no_grad():
-            return self._step(weights, len(tokens) > 1).forward(tokens, positions, cache.k, cache.v)
+            return self._step(len(tokens) > 1).forward(tokens, positions, cache.k, cache.v)
 
-    def _step(self, weights: list[torch.Tensor], many: bool):
+    def _step(self, many: bool):
         c = self.model.config
         if many and self._many_rows is None:
             packs = [gpt._packed_weight(w, "chatforge_packed") for w in _products(self.model)]
-            self._many_rows = torch.classes.chatforge_cpu.DecodeStep(weights, packs, c.n_head, c.layer_norm_eps)
+            self._many_rows = torch.classes.chatforge_cpu.DecodeStep(self._weights, packs, c.n_head, c.layer_norm_eps)
         if not many and self._one_row is None:
-            self._one_row = torch.classes.chatforge_cpu.DecodeStep(weights, [], c.n_head, c.layer_norm_eps)
+            self._one_row = torch.classes.chatforge_cpu.DecodeStep(self._weights, [], c.n_head, c.layer_norm_eps)
         return self._many_rows if many else self._one_row

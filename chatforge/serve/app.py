@@ -54,7 +54,7 @@ class ServeConfig:
     cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers
     max_batch_size: int = 16  # engine slots: sequences decoded together
     max_queue: int = 64  # requests waiting for a slot before 429
-    compile: bool = False  # torch.compile the engine's decode step (compiled before serving)
+    compile: bool = False  # the fastest decode step: Engine(compile=True), warmed up before serving
     max_body_bytes: int = 1_000_000  # larger bodies get 413
     max_prompts: int = 64  # prompts in one /v1/completions request
     web: bool = True  # add the web chat page when chatforge.serve.web is installed

@@ -75,7 +75,7 @@ def build_app(config: ServeConfig) -> FastAPI:
     config.db_url = config.db_url or default_db_url(config.checkpoint)
     engine = Engine(ckpt.model, ckpt.tokenizer, max_batch_size=config.max_batch_size, compile=config.compile)
     if config.compile:
-        print("compiling the decode step (torch.compile)...", flush=True)
+        print("preparing the fast decode step (chatforge's CPU kernels, or torch.compile)...", flush=True)
         engine.warm_up()  # before serving: the first requests would otherwise wait for it
     return create_app(engine, config, moderator=load_moderator(config.moderation))
 
