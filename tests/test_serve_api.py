@@ -436,6 +436,40 @@ def test_serve_compile_compiles_the_engines_decode_step_before_serving(tmp_path,
     assert app.state.chatforge.engine.compiled and warmed == [app.state.chatforge.engine]
 
 
+def test_a_compiled_server_answers_concurrent_requests_through_the_fused_step_as_the_eager_engine(tiny, local, no_end):
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch_size=8, compile=True)
+    if engine._fused is None:
+        pytest.skip("chatforge's CPU kernels cannot be built here: the compiled engine runs torch.compile's graphs")
+    engine.warm_up()
+    graph_calls = []
+    engine._forward = lambda *a, **k: graph_calls.append(a)  # the fused step must take every decode step
+    bias = {int(k): v for k, v in no_end.items()}
+    prompts = {"Mira": 12, "The dog": 3, "Kesh": 7, "Veloria is": 9, "2 plus": 1, "walked": 5}
+    want = {p: greedy_ids(local, tok.encode(p), n, logit_bias=bias, logprobs=1) for p, n in prompts.items()}
+    got: dict[str, tuple[str, list[float]]] = {}
+    app = create_app(engine, ServeConfig(model_name="tiny", web=False))
+    with ServerThread(app) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+        def ask(p: str) -> None:  # streamed, so rows join and leave the batch between steps
+            chunks = list(client.completions.create(model="tiny", prompt=p, max_tokens=prompts[p], temperature=0,
+                                                    logit_bias=no_end, logprobs=1, stream=True))
+            got[p] = ("".join(c.choices[0].text for c in chunks if c.choices),
+                      [lp for c in chunks if c.choices and c.choices[0].logprobs
+                       for lp in c.choices[0].logprobs.token_logprobs])
+
+        threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert {p: text for p, (text, _) in got.items()} == {p: o.text for p, o in want.items()}
+    for p, (_, logprobs) in got.items():
+        assert logprobs == pytest.approx([t.logprob for t in want[p].logprobs], abs=1e-4)
+    assert graph_calls == []
+
+
 def test_cors_is_off_by_default_and_configurable(tiny):
     model, tok = tiny
     for origins, expected in (([], None), (["http://example.org"], "http://example.org")):
