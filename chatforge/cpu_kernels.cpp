@@ -12,8 +12,10 @@
 #include <cstring>
 
 namespace {
-// How far ahead of the loads the weight stream is prefetched: 4 KB (2, 4, 8 and 16 KB measured;
-// 4-8 KB best, 6-7% faster than none for GPT-2 small's 49 one-row products).
+// How far ahead of the loads the weight stream is prefetched, and where to: 4 KB (2, 4, 8 and 16 KB
+// measured; 4-8 KB best, 6-7% faster than none for GPT-2 small's 49 one-row products), into L2
+// (_MM_HINT_T1: another 10-11% over prefetching into L1, paired; L1's few fill buffers cap how
+// many lines can be on their way there).
 constexpr int64_t kAhead = 1024;
 
 inline __mmask16 tail_mask(int64_t n) { return (__mmask16)((1u << n) - 1); }
@@ -28,10 +30,10 @@ void gemv_rows(const float* W, const float* X, const float* B, float* Y, int64_t
     int64_t k = 0;
     for (; k < K64; k += 64) {
       const char* ahead = (const char*)(w + k + kAhead);
-      _mm_prefetch(ahead, _MM_HINT_T0);
-      _mm_prefetch(ahead + 64, _MM_HINT_T0);
-      _mm_prefetch(ahead + 128, _MM_HINT_T0);
-      _mm_prefetch(ahead + 192, _MM_HINT_T0);
+      _mm_prefetch(ahead, _MM_HINT_T1);
+      _mm_prefetch(ahead + 64, _MM_HINT_T1);
+      _mm_prefetch(ahead + 128, _MM_HINT_T1);
+      _mm_prefetch(ahead + 192, _MM_HINT_T1);
       a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(X + k), a0);
       a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(X + k + 16), a1);
       a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(X + k + 32), a2);
@@ -45,10 +47,10 @@ void gemv_rows(const float* W, const float* X, const float* B, float* Y, int64_t
 }
 
 
-constexpr int64_t kPanel = 32;  // output columns per packed panel: two AVX-512 vectors
+constexpr int64_t kPanel = 16;  // output columns per packed panel: one AVX-512 vector
 
 // W [O, K] -> panels of kPanel columns, each [K][kPanel] (zero-padded past O): the layout in
-// which one k step of a tile reads two whole vectors.
+// which one k step of a tile reads one whole vector, and a panel is one sequential stream.
 torch::Tensor pack(const torch::Tensor& weight) {
   TORCH_CHECK(weight.dtype() == torch::kFloat && weight.dim() == 2, "chatforge_cpu::pack takes a 2-D fp32 weight");
   const auto wc = weight.contiguous();
@@ -67,53 +69,47 @@ torch::Tensor pack(const torch::Tensor& weight) {
   return packed;
 }
 
-// R rows of x times one panel: 2R accumulators; x broadcast one element at a time.
+// x [M, K] -> xt [K, M]: a k step of a tile then broadcasts its rows' values from one cache line
+void transpose(const float* x, int64_t M, int64_t K, float* xt) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xt[k * M + m] = x[m * K + k];
+}
+
+// R rows (m..m+R-1) of x times one panel: R accumulators, x broadcast one element at a time from
+// xt [K, M]; the first tile of a panel prefetches its weight stream 4 KB ahead into L2
 template <int R>
-void panel_tile(const float* P, const float* X, const float* B, float* Y, int64_t K, int64_t O, int64_t o,
-                int64_t m, bool prefetch) {
-  __m512 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  const float* x = X + m * K;
+void panel_tile(const float* P, const float* XT, const float* B, float* Y, int64_t K, int64_t M, int64_t O,
+                int64_t o, int64_t m, bool prefetch) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     const float* w = P + k * kPanel;
-    if (prefetch) {
-      _mm_prefetch((const char*)(w + kAhead), _MM_HINT_T0);
-      _mm_prefetch((const char*)(w + kAhead + 16), _MM_HINT_T0);
-    }
-    const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
-    for (int r = 0; r < R; ++r) {
-      const __m512 xr = _mm512_set1_ps(x[r * K + k]);
-      acc[r][0] = _mm512_fmadd_ps(xr, w0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(xr, w1, acc[r][1]);
-    }
+    if (prefetch) _mm_prefetch((const char*)(w + kAhead), _MM_HINT_T1);
+    const __m512 w0 = _mm512_loadu_ps(w);
+    const float* x = XT + k * M + m;
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r]), w0, acc[r]);
   }
-  const int64_t cols = std::min<int64_t>(kPanel, O - o);
-  const __mmask16 m0 = tail_mask(std::min<int64_t>(16, cols)), m1 = tail_mask(std::max<int64_t>(0, cols - 16));
-  const __m512 b0 = B ? _mm512_maskz_loadu_ps(m0, B + o) : _mm512_setzero_ps();
-  const __m512 b1 = B ? _mm512_maskz_loadu_ps(m1, B + o + 16) : _mm512_setzero_ps();
-  for (int r = 0; r < R; ++r) {
-    _mm512_mask_storeu_ps(Y + (m + r) * O + o, m0, _mm512_add_ps(acc[r][0], b0));
-    _mm512_mask_storeu_ps(Y + (m + r) * O + o + 16, m1, _mm512_add_ps(acc[r][1], b1));
-  }
+  const __mmask16 cols = tail_mask(std::min<int64_t>(kPanel, O - o));
+  const __m512 b = B ? _mm512_maskz_loadu_ps(cols, B + o) : _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(Y + (m + r) * O + o, cols, _mm512_add_ps(acc[r], b));
 }
 
 template <int R>
-void panel_rest(const float* P, const float* X, const float* B, float* Y, int64_t K, int64_t O, int64_t o, int64_t m,
-                int64_t rows, bool first) {
+void panel_rest(const float* P, const float* XT, const float* B, float* Y, int64_t K, int64_t M, int64_t O, int64_t o,
+                int64_t m, int64_t rows, bool first) {
   if constexpr (R > 0) {
-    if (rows == R) return panel_tile<R>(P, X, B, Y, K, O, o, m, first);
-    panel_rest<R - 1>(P, X, B, Y, K, O, o, m, rows, first);
+    if (rows == R) return panel_tile<R>(P, XT, B, Y, K, M, O, o, m, first);
+    panel_rest<R - 1>(P, XT, B, Y, K, M, O, o, m, rows, first);
   }
 }
 
-// rows per tile: 2 x 12 accumulators, two weight vectors and the broadcast fill 27 of the 32
-// registers (8 and 14 measured slower at 16 rows: 8 reads the panel twice, 14 leaves a 2-row tail)
-constexpr int kTileRows = 12;
+// rows per tile: 16 accumulators, so 16 rows share one read of the panel
+constexpr int kTileRows = 16;
 
-void panel_rows(const float* P, const float* X, const float* B, float* Y, int64_t K, int64_t O, int64_t M, int64_t o) {
+void panel_rows(const float* P, const float* XT, const float* B, float* Y, int64_t K, int64_t O, int64_t M, int64_t o) {
   int64_t m = 0;
-  for (; m + kTileRows <= M; m += kTileRows) panel_tile<kTileRows>(P, X, B, Y, K, O, o, m, m == 0);
-  if (m < M) panel_rest<kTileRows - 1>(P, X, B, Y, K, O, o, m, M - m, m == 0);
+  for (; m + kTileRows <= M; m += kTileRows) panel_tile<kTileRows>(P, XT, B, Y, K, M, O, o, m, m == 0);
+  if (m < M) panel_rest<kTileRows - 1>(P, XT, B, Y, K, M, O, o, m, M - m, m == 0);
 }
 
 // What both products share: x made contiguous, the bias checked, and y [..., O] allocated.
@@ -151,8 +147,11 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
   const int64_t K = packed.size(1), M = x.numel() / K;
   const Operands t = operands(x, bias, O, "chatforge_cpu::packed_linear");
   const float* P = packed.data_ptr<float>();
+  auto xt = torch::empty({K, M}, x.options());
+  transpose(t.X, M, K, xt.data_ptr<float>());
+  const float* XT = xt.data_ptr<float>();
   at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) panel_rows(P + p * K * kPanel, t.X, t.B, t.Y, K, O, M, p * kPanel);
+    for (int64_t p = begin; p < end; ++p) panel_rows(P + p * K * kPanel, XT, t.B, t.Y, K, O, M, p * kPanel);
   });
   return t.y;
 }
@@ -286,7 +285,7 @@ struct DecodeStep : torch::CustomClassHolder {
 
   // y [R, O] from x [R, K] through the weight w[index] (pack[pack_index] for several rows) and its bias
   void product(int64_t index, int64_t pack_index, const torch::Tensor* bias, const float* x, float* y, int64_t R,
-               Then then, float* scratch) const {
+               Then then, float* scratch, float* xt) const {
     const torch::Tensor& weight = w[index];
     const int64_t O = weight.size(0), K = weight.size(1);
     const float* b = bias ? bias->data_ptr<float>() : nullptr;
@@ -308,8 +307,9 @@ struct DecodeStep : torch::CustomClassHolder {
       return;
     }
     const float* P = packs[pack_index].data_ptr<float>();
+    transpose(x, R, K, xt);
     at::parallel_for(0, packs[pack_index].size(0), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) panel_rows(P + p * K * kPanel, x, b, out, K, O, R, p * kPanel);
+      for (int64_t p = begin; p < end; ++p) panel_rows(P + p * K * kPanel, xt, b, out, K, O, R, p * kPanel);
       finish(begin * kPanel, std::min(end * kPanel, O));
     });
   }
@@ -384,13 +384,14 @@ struct DecodeStep : torch::CustomClassHolder {
     const int64_t S_max = *std::max_element(positions.begin(), positions.end()) + 1;
     // x: the residual stream; h: a LayerNorm's output, then attention's; scratch: a product before it
     // joins x; hidden: the MLP's; scores: each (row, head)'s attention weights
-    auto buffer = torch::empty({R * 10 * C + R * n_head * S_max}, w[0].options());
+    auto buffer = torch::empty({R * 14 * C + R * n_head * S_max}, w[0].options());
     float* x = buffer.data_ptr<float>();
     float* h = x + R * C;
     float* qkv = h + R * C;
     float* hidden = qkv + R * 3 * C;
     float* scratch = hidden + R * 4 * C;
-    float* scores = scratch + R * C;
+    float* xt = scratch + R * C;  // a product's x transposed, for several rows
+    float* scores = xt + R * 4 * C;
     for (int64_t r = 0; r < R; ++r) {
       const float* te = w[0].data_ptr<float>() + tokens[r] * C;
       const float* pe = w[1].data_ptr<float>() + positions[r] * C;
@@ -399,17 +400,17 @@ struct DecodeStep : torch::CustomClassHolder {
     for (int64_t l = 0; l < n_layer; ++l) {
       const int64_t wi = 2 + kPerBlock * l, pi = 4 * l;
       layer_norms(x, wi, h, R);
-      product(wi + 2, pi, &w[wi + 3], h, qkv, R, Then::Store, nullptr);
+      product(wi + 2, pi, &w[wi + 3], h, qkv, R, Then::Store, nullptr, xt);
       attention(l, positions, k_cache, v_cache, qkv, h, scores, S_max);
-      product(wi + 4, pi + 1, &w[wi + 5], h, x, R, Then::Add, scratch);
+      product(wi + 4, pi + 1, &w[wi + 5], h, x, R, Then::Add, scratch, xt);
       layer_norms(x, wi + 6, h, R);
-      product(wi + 8, pi + 2, &w[wi + 9], h, hidden, R, Then::Gelu, nullptr);
-      product(wi + 10, pi + 3, &w[wi + 11], hidden, x, R, Then::Add, scratch);
+      product(wi + 8, pi + 2, &w[wi + 9], h, hidden, R, Then::Gelu, nullptr, xt);
+      product(wi + 10, pi + 3, &w[wi + 11], hidden, x, R, Then::Add, scratch, xt);
     }
     const int64_t fi = 2 + kPerBlock * n_layer;
     layer_norms(x, fi, h, R);
     auto logits = torch::empty({R, V}, w[0].options());
-    product(fi + 2, 4 * n_layer, nullptr, h, logits.data_ptr<float>(), R, Then::Store, nullptr);
+    product(fi + 2, 4 * n_layer, nullptr, h, logits.data_ptr<float>(), R, Then::Store, nullptr, xt);
     return logits;
   }
 };

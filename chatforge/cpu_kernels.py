@@ -109,4 +109,4 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("chatforge_cpu::pack")
     def _(weight: torch.Tensor) -> torch.Tensor:
-        return weight.new_empty(((weight.shape[0] + 31) // 32, weight.shape[1], 32))
+        return weight.new_empty(((weight.shape[0] + 15) // 16, weight.shape[1], 16))
