@@ -3,17 +3,19 @@
 Decoding one token reads every weight once, so a one-row product is as fast as the weight stream
 from memory, and a product of a few dozen rows not much slower when its arithmetic hides under that
 stream. MKL (what torch calls) falls short of both on this project's Xeon (Sapphire Rapids, 2
-threads); `cpu_kernels.cpp` prefetches the weight stream 4 KB ahead and, for 2-32 rows, reads a copy
-of the weight packed once in panels of 32 outputs, broadcasting x one element at a time. Measured
-on GPT-2 small's 49 decode products (`python benchmarks/bench_kernels.py`, two runs, paired in one
-process, against what `chatforge.model.linear` picks without them):
+threads); `cpu_kernels.cpp` prefetches the weight stream 4 KB ahead into L2 and, for 2-32 rows,
+reads a copy of the weight packed once in panels of 16 outputs, 16 rows to a tile, broadcasting x
+one element at a time. Measured on GPT-2 small's 49 decode products (`python
+benchmarks/bench_kernels.py`, two runs, paired in one process, against what
+`chatforge.model.linear` picks without them):
 
     rows                1      2      4      8      16     32
-    speed over MKL's    1.08x  1.02-  1.22-  1.29-  1.20-  1.05-
-                               1.04x  1.23x  1.30x  1.22x  1.10x
+    speed over MKL's    1.18-  1.07-  1.28-  1.32-  1.36-  1.06-
+                        1.19x  1.12x  1.31x  1.36x  1.40x  1.08x
     (MKL's gemv through F.linear for 1-2 rows, its gemm on a packed weight from 3)
 
-At 64 rows the packed product was 0.88x MKL's, so past 32 rows MKL's stays.
+At 64 rows an earlier packed product (panels of 32 outputs, 12-row tiles) was 0.88x MKL's, so past
+32 rows MKL's stays.
 
 On those products `DecodeStep` (a torch custom class) runs the whole one-token forward of
 `chatforge.model.GPT` for 1-32 rows in one call: see chatforge/generate/fused_step.py.

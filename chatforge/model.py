@@ -152,7 +152,7 @@ def fast_kernel(rows: int) -> str:
 
 
 def _packed_weight(w: torch.Tensor, kernel: str) -> torch.Tensor:
-    """The weight in `kernel`'s packed layout ("mkl_packed": MKL's; "chatforge_packed": panels of 32
+    """The weight in `kernel`'s packed layout ("mkl_packed": MKL's; "chatforge_packed": panels of 16
     outputs), packed again whenever it may have changed: it was replaced, changed in place (a load
     bumps its version) or any optimizer stepped. (A write through `.data` bypasses all three.) The
     layout does not depend on the row count."""
