@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -150,7 +151,8 @@ def serve_worker(args) -> None:
     torch.set_num_threads(args.threads)
     config = ServeConfig(checkpoint=args.serve_worker, model_name=MODEL_NAME, max_batch_size=args.max_batch_size,
                          web=False, device="cpu", log_level="warning", compile=args.compile)
-    app = build_app(config)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON lines the parent reads
+        app = build_app(config)
     runner = app.state.chatforge.runner
     server = ServerThread(app).start()
 
