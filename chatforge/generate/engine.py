@@ -266,8 +266,10 @@ class Engine:
         return events
 
     def warm_up(self) -> None:
-        """Compile every decode graph now rather than in the first requests (a no-op when not compiled):
-        one row, several rows in step, and rows at different positions. Leaves the engine idle."""
+        """Compile every decode graph the engine will run now rather than in the first requests (a no-op
+        when not compiled): one row, several rows in step, and rows at different positions, but only
+        those the fused step leaves to the graphs (none when it runs and there are at most 32 slots);
+        then pack the fused step's weights. Leaves the engine idle."""
         if not self.compiled:
             return
         if self.has_unfinished():
