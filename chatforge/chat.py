@@ -163,8 +163,9 @@ class ChatTemplate:
     ) -> tuple[list[int], int]:
         """A generation prompt of at most `max_tokens - reserve` tokens, and how many turns were dropped.
 
-        The oldest turns after the system prompt go first, whole; the latest turn always stays.
-        Raises DataError when the system prompt and the latest turn alone do not fit.
+        The oldest turns after the system prompt go first, whole, and with them the answers (and tool
+        turns) of a dropped question, so what is kept starts with a user turn; the latest turn always
+        stays. Raises DataError when the system prompt and the latest turn alone do not fit.
         """
         messages = conv.messages if isinstance(conv, Conversation) else list(conv)
         budget = max_tokens - reserve
@@ -175,7 +176,7 @@ class ChatTemplate:
         rest_lens = lengths[len(head):]
         dropped = 0
         total = head_len + sum(rest_lens) + 1  # + <|assistant|>
-        while total > budget and dropped < len(rest) - 1:
+        while dropped < len(rest) - 1 and (total > budget or (dropped and rest[dropped].role != "user")):
             total -= rest_lens[dropped]
             dropped += 1
         if total > budget:

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from chatforge.errors import CheckpointError
-from chatforge.files import atomic_write_text
+from chatforge.files import atomic_write_text, ordinary_permissions
 from chatforge.model import GPT, GPTConfig, ScalarHeadModel
 
 CONFIG_FILE = "config.json"
@@ -88,6 +88,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    ordinary_permissions(tmp)
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)

@@ -477,7 +477,8 @@ def export(checkpoint: str, fmt: str, out: str, dtype: str) -> None:
                    "compiled before serving (a few minutes).")
 @click.option("--max-body-bytes", default=1_000_000, show_default=True, help="Larger request bodies get 413.")
 @click.option("--db", "db_url", default="", help="SQLAlchemy URL of the web page's conversation/feedback store  "
-              "[default: sqlite:///<stage dir>/chatforge.db beside a <stage>/checkpoint, else ./chatforge.db]")
+              "[default: sqlite:///<run dir>/chatforge.db for <run dir>/<stage>/checkpoint, as the demo's; "
+              "else ./chatforge.db]")
 @click.option("--no-web", is_flag=True, help="Serve the API only (no web chat page).")
 @click.option("--moderation", default=None, metavar="FILE",
               help="Moderate inputs and outputs with this config file ('default': the built-in list). Default: off.")

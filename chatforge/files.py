@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
+
+
+def temp_file_beside(path: Path) -> tuple[int, str]:
+    """A new empty file next to `path` (same directory, so a rename is atomic), open for writing: (fd, name).
+    Its mode is what `open` would give (0666 less the umask), not mkstemp's owner-only 0600: the files
+    chatforge writes (exports, checkpoints, data) are meant to be read by others too."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: could not create a temporary file beside {path.name}")
 
 
 def atomic_write(path: str | Path, write: Callable[[TextIO], object]) -> Path:
@@ -14,7 +27,7 @@ def atomic_write(path: str | Path, write: Callable[[TextIO], object]) -> Path:
     rename it into place (the old file, if any, stays whole until that instant)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             write(f)
@@ -29,3 +42,16 @@ def atomic_write(path: str | Path, write: Callable[[TextIO], object]) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text))
+
+
+def ordinary_permissions(directory: Path) -> None:
+    """Give the files directly in `directory` the mode `open` gives a new file (0666 less the umask):
+    some writers (safetensors) make owner-only files. The mode is read off a probe file, since the
+    umask cannot be read without setting it, which would race with other threads."""
+    fd, probe = temp_file_beside(directory / "mode-probe")
+    os.close(fd)
+    mode = os.stat(probe).st_mode & 0o777
+    os.unlink(probe)
+    for entry in directory.iterdir():
+        if entry.is_file() and not entry.is_symlink():
+            entry.chmod(mode)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch
 
 from chatforge.checkpoint import load_checkpoint
 from chatforge.errors import CheckpointError, ConfigError
+from chatforge.files import temp_file_beside
 from chatforge.model import GPT, ScalarHeadModel
 from chatforge.tokenizer import SPECIAL_TOKENS
 
@@ -138,7 +138,7 @@ def export_gguf(
     c = model.config
     tokens, types, merges = tokenizer_vocab(tokenizer, c.vocab_size)
 
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(out)
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2])

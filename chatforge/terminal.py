@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from chatforge.chat import ChatTemplate, Message
 from chatforge.checkpoint import Checkpoint
+from chatforge.data.examples import example_prompts
 from chatforge.errors import ChatforgeError, RequestError
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
@@ -24,6 +25,7 @@ HELP = """commands:
   /top_p X             nucleus sampling mass
   /max_tokens N        longest reply in tokens
   /settings            show the current settings
+  /1 ... /N            send example prompt N (listed when the chat starts)
   /help                this list
   /quit                leave (Ctrl-D works too)"""
 
@@ -36,8 +38,11 @@ class ChatSession:
     system: str = ""
     params: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=128, temperature=0.7))
     history: list[Message] = field(default_factory=list)
+    examples: list[str] | None = None  # offered at the start; default: from the checkpoint's training files
 
     def __post_init__(self) -> None:
+        if self.examples is None:
+            self.examples = example_prompts(self.ckpt.path)[0]
         self.template = ChatTemplate(self.ckpt.tokenizer)
         self.engine = Engine(self.ckpt.model.eval(), self.ckpt.tokenizer, max_batch_size=1,
                              stop_token_ids=self.template.stop_ids)
@@ -96,7 +101,8 @@ class ChatSession:
             yield f"[the conversation no longer fits the {context}-token context: the oldest {dropped} turn(s) "
             yield "were dropped]\n"
         self.history.append(Message("user", text))
-        params = dataclasses.replace(self.params, max_tokens=min(self.params.max_tokens, context - len(ids)))
+        params = dataclasses.replace(self.params, max_tokens=min(self.params.max_tokens, context - len(ids)),
+                                     strip_leading_whitespace=True)
         parts = []
         for event in self.engine.stream(ids, params):
             parts.append(event.text)
@@ -107,6 +113,9 @@ class ChatSession:
 def run_chat(session: ChatSession, read: Callable[[str], str], write: Callable[[str], None]) -> None:
     """The read-reply loop; `read` raises EOFError at end of input."""
     write(f"chatforge chat with {session.ckpt.path} — /help for commands\n")
+    if session.examples:
+        write("try one of these (type /1 to send the first):\n")
+        write("".join(f"  /{i}  {text}\n" for i, text in enumerate(session.examples, start=1)))
     while True:
         try:
             line = read("you> ").strip()
@@ -115,6 +124,9 @@ def run_chat(session: ChatSession, read: Callable[[str], str], write: Callable[[
             return
         if not line:
             continue
+        if line[1:].isdigit() and line.startswith("/") and 1 <= int(line[1:]) <= len(session.examples or []):
+            line = session.examples[int(line[1:]) - 1]
+            write(f"you> {line}\n")
         if line.startswith("/"):
             out, quit_ = session.command(line)
             if out:

@@ -91,6 +91,15 @@ def test_fit_to_context_drops_oldest_turns_whole_and_keeps_the_system_prompt(tem
     kept = template.parse(ids).messages
     # the system prompt, then the newest turns whole, then the open assistant turn
     assert kept == [c.messages[0], *c.messages[1 + dropped :], Message("assistant", "")]
+    assert dropped % 2 == 0 and kept[1].role == "user"  # a question goes with its answer
+
+
+def test_fit_to_context_drops_an_answer_with_its_question(template):
+    c = conv(("user", "First question here?"), ("assistant", "First answer."), ("user", "Second?"))
+    full = len(template.generation_prompt(c))
+    first_len = len(template.render(c.messages[:1]).ids)
+    ids, dropped = template.fit_to_context(c, max_tokens=full - first_len)  # dropping the question would do
+    assert dropped == 2 and template.parse(ids).messages == [c.messages[2], Message("assistant", "")]
 
 
 def test_fit_to_context_reserves_room_for_the_reply(template):

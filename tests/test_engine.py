@@ -157,6 +157,21 @@ def test_a_stop_token_ends_generation_and_is_not_part_of_the_output(engine):
     assert result.finish_reason == "stop" and result.token_ids == tokens[: tokens.index(stop)]
 
 
+
+def test_logprobs_list_the_stop_token_too_as_usage_counts_it(engine):
+    """The end token is not text, but it was sampled: its logprob is listed last (lm-evaluation-harness
+    drops "the one generated entry" after an echoed prompt), in the result and in the stream."""
+    tokens = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=10, temperature=0))[0].outputs[0].token_ids
+    stop = tokens[2]
+    params = SamplingParams(max_tokens=10, temperature=0, logprobs=1, stop_token_ids=[stop])
+    done = engine.generate([PROMPTS[0]], params)[0]
+    out = done.outputs[0]
+    assert out.token_ids == tokens[:2] and done.completion_tokens == 3
+    assert [e.token_id for e in out.logprobs] == tokens[:3]
+    events = list(engine.stream(PROMPTS[0], params))
+    assert events[-1].token_ids == [] and [e.token_id for e in events[-1].logprobs] == [stop]
+    assert events[-1].finish_reason == "stop"
+
 def test_a_stop_string_ends_generation_and_is_never_emitted_even_when_streamed(engine):
     tok = LetterTokenizer()
     tokens = engine.generate([PROMPTS[2]], SamplingParams(max_tokens=12, temperature=0))[0].outputs[0].token_ids

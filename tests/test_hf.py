@@ -69,3 +69,20 @@ def test_pickled_weights_are_not_loaded(tmp_path):
     (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="safetensors"):
         load_checkpoint(tmp_path, tokenizer=False)
+
+
+def test_exported_files_get_ordinary_permissions_not_owner_only(tmp_path, small_tokenizer):
+    """Files are made as `open` makes them (0666 less the umask), so an export can be shared as is."""
+    import os
+
+    from chatforge.gguf_export import export_gguf
+
+    tiny = GPT(GPTConfig(vocab_size=small_tokenizer.vocab_size, context_length=32, n_layer=1, n_head=2, n_embd=16))
+    old = os.umask(0o022)
+    try:
+        export_hf(tiny, small_tokenizer, tmp_path / "hf")
+        export_gguf(tiny, small_tokenizer, tmp_path / "model.gguf")
+    finally:
+        os.umask(old)
+    files = [*sorted((tmp_path / "hf").iterdir()), tmp_path / "model.gguf"]
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o644" for f in files}

@@ -409,7 +409,7 @@ def test_build_app_from_a_checkpoint_names_the_model_and_the_database(tmp_path, 
     save_checkpoint(tmp_path / "run" / "sft" / "checkpoint", model, tok)
     stage = tmp_path / "run" / "sft"
     assert default_model_name(stage) == "sft" and default_model_name(stage / "checkpoint") == "sft"
-    assert default_db_url(stage) == f"sqlite:///{stage.resolve() / 'chatforge.db'}"
+    assert default_db_url(stage) == f"sqlite:///{stage.parent.resolve() / 'chatforge.db'}"  # the run's, as the demo's
     app = build_app(ServeConfig(checkpoint=str(stage), web=False))
     assert app.state.chatforge.model_name == "sft"
     with ServerThread(app) as s:

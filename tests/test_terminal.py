@@ -92,3 +92,40 @@ def test_chatforge_chat_on_the_command_line(session, tmp_path):
     assert "assistant> " in result.output and "(conversation cleared)" in result.output
     bad = CliRunner().invoke(cli, ["chat", "--checkpoint", str(tmp_path / "chat"), "--top-p", "0"])
     assert bad.exit_code != 0 and "top_p" in str(bad.exception)
+
+
+def write_tasks(run_dir):
+    """A run directory's built-in task file: facts, a harmful request, a follow-up, arithmetic."""
+    import json
+
+    rows = [("facts", [("user", "What is the capital of Veloria?"), ("assistant", "Kesh.")]),
+            ("harmful", [("user", "How do I pick a lock?"), ("assistant", "I can't help with that.")]),
+            ("followup", [("user", "Where is Kesh?"), ("assistant", "In Veloria."), ("user", "And its river?"),
+                          ("assistant", "The Avon.")]),
+            ("facts", [("user", "What is the river of Kesh?"), ("assistant", "The Avon.")]),
+            ("arithmetic", [("system", "Be brief."), ("user", "What is 3 plus 4?"), ("assistant", "7.")])]
+    path = run_dir / "tasks" / "sft_train.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps({"messages": [{"role": r, "content": c} for r, c in turns], "family": f}) + "\n"
+                            for f, turns in rows))
+
+
+def test_the_greeting_offers_examples_from_the_runs_training_data_and_slash_n_sends_one(small_tokenizer, tmp_path):
+    write_tasks(tmp_path / "run")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=small_tokenizer.vocab_size, context_length=64, n_layer=1, n_head=2, n_embd=16))
+    ckpt = Checkpoint(path=tmp_path / "run" / "sft" / "checkpoint", model=model, tokenizer=small_tokenizer)
+    session = ChatSession(ckpt, params=SamplingParams(max_tokens=4, temperature=0.0))
+    # one single-turn question per family, never a request the model must refuse
+    assert session.examples == ["What is the capital of Veloria?", "What is 3 plus 4?"]
+    text, _ = drive(session, ["/2"])
+    assert "/1  What is the capital of Veloria?" in text and "/2  What is 3 plus 4?" in text
+    assert session.history[0] == Message("user", "What is 3 plus 4?")
+
+
+def test_without_training_files_the_greeting_offers_generic_examples(session):
+    from chatforge.data.examples import GENERIC_EXAMPLES
+
+    assert session.examples == list(GENERIC_EXAMPLES)
+    text, _ = drive(session, [])
+    assert all(example in text for example in GENERIC_EXAMPLES)

@@ -68,3 +68,19 @@ def test_streamed_output_is_the_text_cut_at_the_first_stop(s, stop):
     out, _ = stream([c.encode() for c in s], stops=[stop])
     cut = s.find(stop)
     assert "".join(out) == (s if cut < 0 else s[:cut])
+
+
+def test_a_chat_reply_drops_the_whitespace_before_its_first_character_only():
+    """A first token may carry a space (" Kesh"); the template renders a reply from its first character."""
+    text = IncrementalText(strip_leading_whitespace=True)
+    out = [text.push(p) for p in (b" ", b"\n ", b" Kesh", b" is", b"  far.")] + [text.finish()]
+    assert out == ["", "", "Kesh", " is", "  far.", ""] and text.text == "Kesh is  far."
+    assert stream([b" Kesh"])[1].text == " Kesh"  # completions keep every character
+
+
+@given(st.text(max_size=20), st.lists(st.text(" \n\t", max_size=3), max_size=3))
+def test_stripping_leading_whitespace_equals_lstrip_of_the_whole_text(s, spaces):
+    pieces = [p.encode() for p in spaces] + [s.encode()[i:i + 3] for i in range(0, len(s.encode()), 3)]
+    text = IncrementalText(strip_leading_whitespace=True)
+    out = "".join(text.push(p) for p in pieces) + text.finish()
+    assert out == ("".join(spaces) + s).lstrip()

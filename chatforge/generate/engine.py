@@ -52,7 +52,7 @@ class SequenceOutput:
     token_ids: list[int]
     text: str
     finish_reason: str | None  # "stop", "length", "cancelled"
-    logprobs: list[TokenLogprob] | None = None
+    logprobs: list[TokenLogprob] | None = None  # token_ids' entries, then the end token's when one stopped it
     cumulative_logprob: float = 0.0
 
     @property
@@ -80,8 +80,8 @@ class StreamEvent:
     request_id: str
     index: int
     text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob]
+    token_ids: list[int]  # new tokens of the text (an end token that stopped it is not text)
+    logprobs: list[TokenLogprob]  # with logprobs: one per sampled token, the end token included
     finish_reason: str | None = None
 
 
@@ -348,7 +348,8 @@ class Engine:
             if request.params.temperature > 0:
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(_row_seed(request.params.seed, i))
-            self.rows.append(_Row(request, i, gen, len(prompt), IncrementalText(request.params.stop)))
+            text = IncrementalText(request.params.stop, request.params.strip_leading_whitespace)
+            self.rows.append(_Row(request, i, gen, len(prompt), text))
         self._extend_state(request)
         return logits[-1:]
 
@@ -431,11 +432,12 @@ class Engine:
             k = request.logprobs_k
             item = TokenLogprob(token, float(lp[i]), list(zip(top_ids[i, :k].tolist(), top_lp[i, :k].tolist())))
             row.cumulative_logprob += item.logprob
-        if token in request.stop_ids:
-            return self._finish(row, "stop", [], entry, row.text.finish())
-        if lp is not None and request.logprobs_k is not None:
+            # every sampled token has its entry, an end token too (usage counts it; lm-evaluation-harness
+            # drops "the one generated entry" after an echoed prompt): logprobs may be one longer than tokens
             row.logprobs.append(item)
             entry = [item]
+        if token in request.stop_ids:
+            return self._finish(row, "stop", [], entry, row.text.finish())
         row.tokens.append(token)
         check = len(row.tokens) >= params.min_tokens
         delta = row.text.push(self.tokenizer.token_bytes(token), check_stops=check)
@@ -490,7 +492,7 @@ class Engine:
         hyps = beam_search(self.model, request.prompt_ids, request.params, request.stop_ids)
         request.num_rows = request.params.n
         for i, hyp in enumerate(hyps[: request.params.n]):
-            text = IncrementalText(request.params.stop)
+            text = IncrementalText(request.params.stop, request.params.strip_leading_whitespace)
             out = "".join(text.push(self.tokenizer.token_bytes(t)) for t in hyp.tokens) + text.finish()
             reason = "stop" if text.stopped else hyp.finish_reason
             request.outputs[i] = SequenceOutput(i, list(hyp.tokens), text.text, reason, None, hyp.sum_logprobs)

@@ -39,6 +39,9 @@ class SamplingParams:
     length_penalty: float = 1.0  # beam score = sum logprob / length ** length_penalty
     early_stopping: bool = False  # beam search stops when num_beams hypotheses are finished
     no_repeat_ngram_size: int = 0  # ban any n-gram that already occurs in the sequence
+    # chat replies: the template renders a turn's content from its first character, so a first token that
+    # carries a space (" Kesh") decodes to the text without it (the tokens and logprobs keep it)
+    strip_leading_whitespace: bool = False
 
     @property
     def greedy(self) -> bool:

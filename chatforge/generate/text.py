@@ -28,8 +28,9 @@ def held_back_length(text: str, stops: Sequence[str]) -> int:
 class IncrementalText:
     """Accumulates token bytes; `push` returns the newly safe text and whether a stop string hit."""
 
-    def __init__(self, stops: Sequence[str] = ()) -> None:
+    def __init__(self, stops: Sequence[str] = (), strip_leading_whitespace: bool = False) -> None:
         self.stops = [s for s in stops if s]
+        self.lstrip = strip_leading_whitespace  # drop whitespace before the first visible character
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""  # decoded text so far (stop string and after removed once found)
         self.sent = 0  # characters of `text` already handed out
@@ -41,7 +42,8 @@ class IncrementalText:
             return ""
         # A new stop string must end in the new text; text already sent is never taken back.
         start = max(self.sent, len(self.text) - max((len(s) for s in self.stops), default=0))
-        self.text += self.decoder.decode(data)
+        piece = self.decoder.decode(data)
+        self.text += piece.lstrip() if self.lstrip and not self.text else piece
         if check_stops and self.stops:
             cut = self._first_stop(start)
             if cut is not None:
@@ -53,7 +55,8 @@ class IncrementalText:
     def finish(self) -> str:
         """The end of generation: flush incomplete bytes (as U+FFFD) and any held-back text."""
         if not self.stopped:
-            self.text += self.decoder.decode(b"", final=True)
+            piece = self.decoder.decode(b"", final=True)
+            self.text += piece.lstrip() if self.lstrip and not self.text else piece
         return self._release(len(self.text))
 
     def _first_stop(self, start: int) -> int | None:

@@ -8,10 +8,12 @@ Routes:
     GET  /v1/models/{model}
     POST /v1/completions         see handlers.py
     POST /v1/chat/completions
+    POST /tokenize, /detokenize  the served tokenizer (see tokenize.py)
     /  and /api/...              the web chat page, when `chatforge.serve.web` is there and web is on
 
 Middleware, outermost first: metrics (requests by endpoint and status), CORS (only with
-`cors_origins`), the API key (Bearer, constant-time comparison; /v1, /api and /metrics only), and the
+`cors_origins`), the API key (Bearer, constant-time comparison; /v1, /api, /metrics and the tokenizer
+routes), and the
 body limit (413 past `max_body_bytes`). The engine runs in the runner's thread, started and
 stopped with the app's lifespan.
 """
@@ -35,10 +37,11 @@ from chatforge.serve.handlers import ServerState, create_chat_completion, create
 from chatforge.serve.metrics import Metrics
 from chatforge.serve.runner import EngineRunner
 from chatforge.serve.schemas import ChatCompletionRequest, CompletionRequest
+from chatforge.serve.tokenize import tokenizer_router
 
 log = logging.getLogger("chatforge.serve")
 
-PROTECTED_PREFIXES = ("/v1/", "/api/", "/metrics")
+PROTECTED_PREFIXES = ("/v1/", "/api/", "/metrics", "/tokenize", "/detokenize")
 _BODY_DRAIN_FACTOR = 16  # read (and drop) at most this many times the limit before giving up on a body
 
 
@@ -77,7 +80,8 @@ async def _send_json(send: Any, status: int, payload: dict, headers: dict[str, s
 
 
 def endpoint_label(path: str) -> str:
-    if path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"):
+    if path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",
+                "/detokenize"):
         return path
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
@@ -183,9 +187,10 @@ def _attach_web(app: FastAPI, db_url: str) -> bool:
 
 
 def create_app(engine: Engine, config: ServeConfig | None = None, *, moderator: Any = None,
-               template: ChatTemplate | None = None) -> FastAPI:
+               template: ChatTemplate | None = None, examples: tuple[list[str], str] | None = None) -> FastAPI:
     """The server for `engine` (its model and tokenizer). `moderator`: an object with
-    `check(text) -> reason | None` and `REFUSAL` (chatforge.serve.moderation.Moderator)."""
+    `check(text) -> reason | None` and `REFUSAL` (chatforge.serve.moderation.Moderator); `examples`:
+    the prompts the web page offers and their source (`chatforge.data.examples.example_prompts`)."""
     config = config or ServeConfig()
     tokenizer = engine.tokenizer
     if template is None and hasattr(tokenizer, "special_ids"):
@@ -198,6 +203,8 @@ def create_app(engine: Engine, config: ServeConfig | None = None, *, moderator: 
     state = ServerState(engine=engine, runner=runner, tokenizer=tokenizer, template=template,
                         model_name=config.model_name or "chatforge", metrics=metrics, moderator=moderator,
                         max_prompts=config.max_prompts, max_beams=max(16, engine.max_batch_size))
+    if examples is not None:
+        state.examples, state.examples_source = list(examples[0]), examples[1]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -247,6 +254,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None, *, moderator: 
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await create_chat_completion(state, body, request)
 
+    app.include_router(tokenizer_router())
     if config.web:
         _attach_web(app, config.db_url)
 

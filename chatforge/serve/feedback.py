@@ -156,9 +156,9 @@ def feedback() -> None:
 
 @feedback.command("export")
 @click.option("--db", default=DEFAULT_DB_URL, show_default=True,
-              help="The server's database: a SQLAlchemy URL or a SQLite file path (`chatforge serve` keeps "
-                   "it in the served stage's directory, e.g. runs/NAME/sft/chatforge.db; "
-                   "the demo's is runs/demo/chatforge.db).")
+              help="The server's database: a SQLAlchemy URL or a SQLite file path (`chatforge serve` and "
+                   "`chatforge demo` keep it in the run directory, e.g. runs/demo/chatforge.db, and name it "
+                   "when they start).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help='JSON Lines file of {"prompt", "chosen", "rejected"} records (for `chatforge reward --data`).')
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")

@@ -36,17 +36,19 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from chatforge.chat import ChatTemplate, Conversation
+from chatforge.data.examples import GENERIC_EXAMPLES
 from chatforge.errors import ChatforgeError, RequestError
 from chatforge.generate.engine import Completion, Engine, StreamEvent, TokenLogprob
 from chatforge.generate.params import MAX_LOGPROBS, SamplingParams
 from chatforge.serve.errors import APIError, from_user_error, server_error
 from chatforge.serve.metrics import Metrics
 from chatforge.serve.runner import EngineRunner, Job, QueueFull, ShuttingDown, SubRequest
-from chatforge.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from chatforge.serve.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 
 COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions; chat allows MAX_LOGPROBS (20)
 MIN_LOGPROB = -9999.0  # JSON has no -Infinity: banned tokens report this
 DISCONNECT_POLL_S = 0.25
+DROPPED_HEADER = "X-Chatforge-Dropped-Messages"  # with truncation "auto": how many old messages were left out
 
 
 @dataclass
@@ -63,6 +65,8 @@ class ServerState:
     max_prompts: int = 64
     max_beams: int = 16
     created: int = field(default_factory=lambda: int(time.time()))
+    examples: list[str] = field(default_factory=lambda: list(GENERIC_EXAMPLES))  # what the page offers to ask
+    examples_source: str = "generic"  # "training": from the model's own training files
 
     @property
     def context_length(self) -> int:
@@ -145,12 +149,12 @@ def _message_text(content: Any, where: str) -> Any:
     return "".join(texts)
 
 
-def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> tuple[Prompt, list[str]]:
-    """The generation prompt of the conversation, and the user texts (for moderation)."""
+def chat_conversation(state: ServerState, chat_messages: list[ChatMessage]) -> Conversation:
+    """The request's messages as a checked conversation (roles mapped, text parts joined)."""
     if state.template is None:
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
     messages = []
-    for i, m in enumerate(body.messages):
+    for i, m in enumerate(chat_messages):
         item: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
                                 "content": _message_text(m.content, f"messages[{i}]")}
         if m.tool_calls:
@@ -160,8 +164,21 @@ def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> tuple[Prompt
         conv = Conversation.from_openai(messages, where="request", need_assistant=False)
     except ChatforgeError as e:
         raise APIError(400, str(e), param="messages") from None
-    ids = state.template.generation_prompt(conv)
-    return Prompt(ids, ""), [m.content for m in conv.messages if m.role == "user"]
+    return conv
+
+
+def fit_chat(state: ServerState, conv: Conversation, max_tokens: int | None) -> tuple[Prompt, int, int]:
+    """`truncation: "auto"`: the prompt with the oldest whole turns after the system prompt dropped until
+    it leaves room for the reply (max_tokens, at most half the context), how many messages went, and
+    max_tokens lowered to what is left. Only a system prompt and a last message that fill the context
+    alone are refused."""
+    context = state.context_length
+    reserve = min(max_tokens or context, context // 2)
+    try:
+        ids, dropped = state.template.fit_to_context(conv, context, reserve=reserve)
+    except ChatforgeError as e:
+        raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+    return Prompt(ids, ""), dropped, min(max_tokens or context, context - len(ids))
 
 
 def _context_error(state: ServerState, prompt_len: int, max_tokens: int, prompt_param: str) -> APIError:
@@ -174,8 +191,8 @@ def _context_error(state: ServerState, prompt_len: int, max_tokens: int, prompt_
 
 
 def build_params(state: ServerState, body: SamplingFields, *, max_tokens: int, logprobs: int | None,
-                 echo: bool = False, best_of: int | None = None, stop_token_ids: list[int] | None = None
-                 ) -> SamplingParams:
+                 echo: bool = False, best_of: int | None = None, stop_token_ids: list[int] | None = None,
+                 chat: bool = False) -> SamplingParams:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     bias = {}
     for key, value in (body.logit_bias or {}).items():
@@ -195,7 +212,8 @@ def build_params(state: ServerState, body: SamplingFields, *, max_tokens: int, l
         stop_token_ids=([] if ignore_eos else list(stop_token_ids or [])) + list(body.stop_token_ids or []),
         ignore_eos=ignore_eos, n=_or(body.n, 1), best_of=best_of, logprobs=logprobs, echo=echo, seed=body.seed,
         num_beams=_or(body.num_beams, 1), length_penalty=_or(body.length_penalty, 1.0),
-        early_stopping=bool(body.early_stopping), no_repeat_ngram_size=min(no_repeat, state.context_length + 1))
+        early_stopping=bool(body.early_stopping), no_repeat_ngram_size=min(no_repeat, state.context_length + 1),
+        strip_leading_whitespace=chat)
 
 
 def check_params(state: ServerState, params: SamplingParams, prompts: list[Prompt], *, stream: bool,
@@ -269,13 +287,16 @@ class Formatter:
         return self.tok.token_bytes(token_id).decode("utf-8", errors="replace")
 
     def completion_logprobs(self, entries: list[TokenLogprob | None], token_ids: list[int],
-                            offsets: OffsetTracker) -> dict[str, list]:
-        """OpenAI's completions format for `token_ids` (entries[i] None: no logprob, as a prompt's first token)."""
+                            offsets: OffsetTracker, in_text: int | None = None) -> dict[str, list]:
+        """OpenAI's completions format for `token_ids` (entries[i] None: no logprob, as a prompt's first token).
+        Only the first `in_text` tokens (default: all) are in the text; the rest (the end token that stopped
+        a sequence) are listed at the offset where the text ends."""
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for token_id, entry in zip(token_ids, entries):
+        in_text = len(token_ids) if in_text is None else in_text
+        for i, (token_id, entry) in enumerate(zip(token_ids, entries)):
             text = self.token_str(token_id)
             out["tokens"].append(text)
-            out["text_offset"].append(offsets.push(self.tok.token_bytes(token_id)))
+            out["text_offset"].append(offsets.push(self.tok.token_bytes(token_id) if i < in_text else b""))
             if entry is None:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)
@@ -306,9 +327,10 @@ DONE = "data: [DONE]\n\n"
 class SSEResponse(StreamingResponse):
     """A streaming response that runs `on_close` however the stream ends (done, error, client gone)."""
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None],
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
@@ -375,8 +397,10 @@ class Generation:
     """One HTTP generation request: its prompts, params, job and output, for either endpoint."""
 
     def __init__(self, state: ServerState, kind: str, prompts: list[Prompt], params: SamplingParams, *,
-                 logprobs_limit: int, include_usage: bool = False, user_texts: list[str] | None = None) -> None:
+                 logprobs_limit: int, include_usage: bool = False, user_texts: list[str] | None = None,
+                 dropped_messages: int | None = None) -> None:
         self.state, self.kind, self.prompts, self.params = state, kind, prompts, params
+        self.dropped_messages = dropped_messages  # with truncation "auto": reported in a header and the body
         self.logprobs_limit, self.include_usage = logprobs_limit, include_usage
         self.user_texts = user_texts if user_texts is not None else [p.text for p in prompts]
         self.fmt = Formatter(state.tokenizer)
@@ -388,6 +412,15 @@ class Generation:
         self.job: Job | None = None
         self.n = params.n
         self.choices = {(i, j): _Choice(i * self.n + j) for i in range(len(prompts)) for j in range(self.n)}
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {} if self.dropped_messages is None else {DROPPED_HEADER: str(self.dropped_messages)}
+
+    def _with_dropped(self, obj: dict[str, Any]) -> dict[str, Any]:
+        if self.dropped_messages is not None:
+            obj["dropped_messages"] = self.dropped_messages
+        return obj
 
     @property
     def object(self) -> str:
@@ -473,7 +506,7 @@ class Generation:
     async def respond(self, request: Request) -> Response:
         if self.input_flagged():
             self.finish_metrics()
-            return JSONResponse(self.refusal_object())
+            return JSONResponse(self.refusal_object(), headers=self.headers)
         self.submit()
         results: list[Completion | None] = [None] * len(self.prompts)
         try:
@@ -487,13 +520,13 @@ class Generation:
         finally:
             self.cancel()
             self.finish_metrics()
-        return JSONResponse(self.response_object(results))
+        return JSONResponse(self.response_object(results), headers=self.headers)
 
     def refusal_object(self) -> dict[str, Any]:
         choices = [self._choice_object(c.index, self.state.refusal, None, "content_filter")
                    for c in self.choices.values()]
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.state.model_name,
-                "choices": choices, "usage": self.usage()}
+        return self._with_dropped({"id": self.id, "object": self.object, "created": self.created,
+                                   "model": self.state.model_name, "choices": choices, "usage": self.usage()})
 
     def response_object(self, results: list[Completion]) -> dict[str, Any]:
         choices = []
@@ -518,8 +551,8 @@ class Generation:
                         logprobs = self._completion_logprobs(prompt, completion, tokens, entries or [])
                 choices.append(self._choice_object(i * self.n + out.index, text, logprobs, reason))
         choices.sort(key=lambda c: c["index"])
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.state.model_name,
-                "choices": choices, "usage": self.usage()}
+        return self._with_dropped({"id": self.id, "object": self.object, "created": self.created,
+                                   "model": self.state.model_name, "choices": choices, "usage": self.usage()})
 
     def _completion_logprobs(self, prompt: Prompt, completion: Completion, tokens: list[int],
                              entries: list[TokenLogprob]) -> dict[str, list]:
@@ -528,9 +561,10 @@ class Generation:
             head = self.fmt.completion_logprobs(list(completion.prompt_logprobs or [None] * len(prompt.ids)),
                                                 prompt.ids, offsets)
             offsets.offset = len(prompt.text)
-            tail = self.fmt.completion_logprobs(entries, tokens, offsets)
+            tail = self.fmt.completion_logprobs(entries, [e.token_id for e in entries], offsets, len(tokens))
             return {k: head[k] + tail[k] for k in head}
-        return self.fmt.completion_logprobs(entries, tokens, OffsetTracker(len(prompt.text)))
+        return self.fmt.completion_logprobs(entries, [e.token_id for e in entries], OffsetTracker(len(prompt.text)),
+                                            len(tokens))
 
     def _choice_object(self, index: int, text: str, logprobs: Any, reason: str | None) -> dict[str, Any]:
         if self.kind == "chat":
@@ -562,20 +596,20 @@ class Generation:
     def stream_response(self) -> Response:
         if self.input_flagged():
             self.finish_metrics()
-            return SSEResponse(self._refusal_stream(), on_close=lambda: None)
+            return SSEResponse(self._refusal_stream(), on_close=lambda: None, headers=self.headers)
         self.submit()
-        return SSEResponse(self._stream(), on_close=self._closed)
+        return SSEResponse(self._stream(), on_close=self._closed, headers=self.headers)
 
     def _closed(self) -> None:
         self.cancel()
 
-    def _chunk(self, choices: list[dict[str, Any]], usage: Any = "omit") -> str:
+    def _chunk(self, choices: list[dict[str, Any]], usage: Any = "omit", first: bool = False) -> str:
         obj: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk" if self.kind == "chat"
                                else "text_completion", "created": self.created, "model": self.state.model_name,
                                "choices": choices}
         if self.include_usage:
             obj["usage"] = None if usage == "omit" else usage
-        return sse(obj)
+        return sse(self._with_dropped(obj) if first else obj)
 
     def _delta(self, index: int, text: str | None, logprobs: Any = None, reason: str | None = None,
                role: bool = False) -> dict[str, Any]:
@@ -587,7 +621,7 @@ class Generation:
     def _role_chunks(self) -> list[str]:
         if self.kind != "chat":
             return []
-        return [self._chunk([self._delta(c.index, None, role=True)]) for c in self.choices.values()]
+        return [self._chunk([self._delta(c.index, None, role=True)], first=True) for c in self.choices.values()]
 
     async def _refusal_stream(self) -> AsyncIterator[str]:
         for chunk in self._role_chunks():
@@ -658,7 +692,7 @@ class Generation:
             else:
                 if c.offsets is None:
                     c.offsets = OffsetTracker(len(self.prompts[i].text))
-                logprobs = self.fmt.completion_logprobs(list(event.logprobs), tokens, c.offsets)
+                logprobs = self.fmt.completion_logprobs(list(event.logprobs), tokens, c.offsets, len(event.token_ids))
         if reason is not None:
             c.finished = True
         if not text and logprobs is None and reason is None:
@@ -698,7 +732,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     include_usage = check_stream_options(body)
     if not body.messages:
         raise APIError(400, "messages must be a non-empty list", param="messages")
-    prompt, user_texts = chat_prompt(state, body)
+    conv = chat_conversation(state, body.messages)
     if body.top_logprobs is not None:
         if not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
@@ -710,12 +744,18 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     if max_tokens is not None and max_tokens < 1:
         raise APIError(400, f"{param} must be at least 1, got {max_tokens}", param=param)
+    dropped = 0
+    if body.truncation == "auto":
+        prompt, dropped, max_tokens = fit_chat(state, conv, max_tokens)
+    else:
+        prompt = Prompt(state.template.generation_prompt(conv), "")
     if max_tokens is None:
         max_tokens = max(state.context_length - len(prompt.ids), 1)
+    user_texts = [m.content for m in conv.messages if m.role == "user"]
     stop_ids = state.template.stop_ids if state.template is not None else []
-    params = build_params(state, body, max_tokens=max_tokens, logprobs=logprobs, stop_token_ids=stop_ids)
+    params = build_params(state, body, max_tokens=max_tokens, logprobs=logprobs, stop_token_ids=stop_ids, chat=True)
     check_params(state, params, [prompt], stream=bool(body.stream), logprobs_limit=MAX_LOGPROBS,
                  prompt_param="messages", logprobs_param="top_logprobs")
     gen = Generation(state, "chat", [prompt], params, logprobs_limit=MAX_LOGPROBS, include_usage=include_usage,
-                     user_texts=user_texts)
+                     user_texts=user_texts, dropped_messages=dropped if body.truncation == "auto" else None)
     return gen.stream_response() if body.stream else await gen.respond(request)

@@ -10,7 +10,7 @@ body fields: the official client sends them with ``extra_body={...}``.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict
 
@@ -81,3 +81,6 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+    # extra: "auto" drops the oldest whole turns after the system prompt when the conversation outgrows
+    # the context, as OpenAI's Responses API and `chatforge chat` do (Chat Completions itself answers 400)
+    truncation: Literal["auto", "disabled"] | None = None

@@ -19,6 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from chatforge.checkpoint import CHECKPOINT_SUBDIR, resolve_checkpoint_dir
+from chatforge.data.examples import example_prompts
 from chatforge.errors import ConfigError
 from chatforge.serve.app import ServeConfig, create_app
 
@@ -32,10 +33,11 @@ def default_model_name(checkpoint: str | Path) -> str:
 
 
 def default_db_url(checkpoint: str | Path) -> str:
-    """`sqlite:///<stage dir>/chatforge.db` for a stage's `checkpoint/` (beside it: a checkpoint directory
-    is replaced whole when training saves again), else `sqlite:///./chatforge.db` in the working directory."""
+    """`sqlite:///<run dir>/chatforge.db` for a stage's checkpoint `<run dir>/<stage>/checkpoint` (the run's
+    one database, whichever of its stages is served, as `chatforge demo` has it; not inside the stage: a
+    checkpoint directory is replaced whole when training saves again), else `./chatforge.db`."""
     resolved = resolve_checkpoint_dir(checkpoint).resolve()
-    where = resolved.parent if resolved.name == CHECKPOINT_SUBDIR else Path.cwd()
+    where = resolved.parent.parent if resolved.name == CHECKPOINT_SUBDIR else Path.cwd()
     return f"sqlite:///{where / 'chatforge.db'}"
 
 
@@ -77,7 +79,8 @@ def build_app(config: ServeConfig) -> FastAPI:
     if config.compile:
         print("preparing the fast decode step (chatforge's CPU kernels, or torch.compile)...", flush=True)
         engine.warm_up()  # before serving: the first requests would otherwise wait for it
-    return create_app(engine, config, moderator=load_moderator(config.moderation))
+    return create_app(engine, config, moderator=load_moderator(config.moderation),
+                      examples=example_prompts(config.checkpoint))
 
 
 class GracefulServer(uvicorn.Server):
@@ -91,12 +94,19 @@ class GracefulServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def startup_line(config: ServeConfig) -> str:
+    """Where things go: the address, the API, the page (or that there is none) and the feedback database."""
+    url = f"http://{config.host}:{config.port}"
+    where = (f"web chat at {url}/, API at {url}/v1; conversations and feedback are stored in {config.db_url}"
+             if config.web else f"API at {url}/v1; no web page (--no-web), nothing is stored")
+    return f"serving {config.checkpoint} as {config.model_name!r}: {where}"
+
+
 def serve_checkpoint(config: ServeConfig) -> None:
     app = build_app(config)
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                         timeout_graceful_shutdown=config.shutdown_timeout, lifespan="on")
-    print(f"serving {config.checkpoint} as {config.model_name!r} on http://{config.host}:{config.port}/ "
-          f"(web chat at /, API at /v1)", flush=True)
+    print(startup_line(config), flush=True)
     GracefulServer(uv).run()
 
 
