@@ -10,7 +10,13 @@ so every client mistake is a 4xx and the engine thread only sees valid work. The
   tokens come first, the first one's logprob null); `max_tokens=0` with echo scores a text.
 - chat: ``chat.completion`` / ``chat.completion.chunk``; the stream's first chunk of each choice
   carries only ``delta: {"role": "assistant"}``; logprobs as ``{content: [{token, logprob, bytes,
-  top_logprobs}]}``.
+  top_logprobs}]}``; the answer's text starts at its first visible character. The extra field
+  ``truncation: "auto"`` drops the oldest whole turns after the system prompt when the conversation
+  outgrows the context (OpenAI's Chat Completions answers 400, as this server does without it), and
+  reports how many messages went in the ``X-Chatforge-Dropped-Messages`` header and in
+  ``dropped_messages`` (the response, or the stream's first chunk).
+- logprobs list every sampled token, an end token that stopped a choice included (usage counts it
+  too), so ``echo`` with ``max_tokens: 1`` always gives the prompt's tokens + 1 entries.
 - ``stream_options.include_usage`` adds a final chunk with the usage and no choices; every stream
   ends with ``data: [DONE]``; an error after the stream began is sent as ``data: {"error": …}``.
 
