@@ -1,9 +1,9 @@
 """The web chat page in a real headless Chromium (Debian's `chromium`, driven by Playwright; no downloads).
 
 Most tests serve the page (`attach_web`) beside a fake `/v1/chat/completions` whose streamed answers
-the test controls, so what the page shows and sends can be checked exactly; one runs against the real
-OpenAI-compatible server with a tiny random checkpoint. Everything skips, with the reason, when
-Chromium, Playwright or the server's dependencies are missing.
+the test controls, so what the page shows and sends can be checked exactly; two run against the real
+OpenAI-compatible server with a tiny random checkpoint (one chats past the model's context). Everything
+skips, with the reason, when Chromium, Playwright or the server's dependencies are missing.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from chatforge.data.chat_readers import read_preferences
+from chatforge.data.examples import GENERIC_EXAMPLES
 
 fastapi = pytest.importorskip("fastapi", reason="fastapi is not installed (the server's dependencies)")
 uvicorn = pytest.importorskip("uvicorn", reason="uvicorn is not installed (the server's dependencies)")
@@ -38,6 +39,9 @@ XSS_IMG = '<img src=x onerror="window.__pwned=1">'
 XSS_SCRIPT = "<script>window.__pwned=1</script>"
 XSS_ANSWER = f"{XSS_IMG} and {XSS_SCRIPT} & <b>bold</b>"
 SLOW_TICKS = 400  # the slow answer's length; Stop must end it long before
+FAKE_CONTEXT = 128  # the context length the fake model reports
+FAKE_TURNS = 3  # messages after the system prompt the fake's context holds: user, assistant, user
+DROPPED_HEADER = "X-Chatforge-Dropped-Messages"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,14 +125,19 @@ def chunk(content: str | None = None, finish: str | None = None, role: bool = Fa
 def fake_app(db_url: str, api_key: str | None = None):
     """The web routes plus a fake OpenAI endpoint. Answers, by the last user message:
     ``xss…`` -> `XSS_ANSWER`; ``slow…`` -> "tick " every 25 ms (`SLOW_TICKS` of them); ``fail…`` -> "Partial"
-    then an error event in the stream; ``refuse…`` -> a 400 error;
-    anything else -> "Answer N to: MESSAGE", N counting the answers made."""
+    then an error event in the stream; ``flaky…`` -> the same the first time, then as anything else;
+    ``refuse…`` -> a 400 error; anything else -> "Answer N to: MESSAGE", N counting the answers made.
+
+    Like the real server, its context holds only so much (`FAKE_TURNS` messages after the system prompt):
+    with ``"truncation": "auto"`` it leaves out the oldest whole turns and says how many in the
+    `DROPPED_HEADER` header; without, a longer chat is a 400."""
     app = fastapi.FastAPI()
     attach_web(app, db_url, api_key=api_key)
     app.state.requests = []  # bodies of /v1/chat/completions
     app.state.seen = []  # (path, Authorization header) of every request
     app.state.slow = {"sent": 0, "closed": False}
     counter = itertools.count(1)
+    flaked: set[str] = set()
 
     @app.middleware("http")
     async def record(request, call_next):
@@ -143,7 +152,8 @@ def fake_app(db_url: str, api_key: str | None = None):
 
     @app.get("/v1/models")
     async def models(request: fastapi.Request):
-        return denied(request) or {"object": "list", "data": [{"id": "fake-model", "object": "model"}]}
+        return denied(request) or {"object": "list", "data": [{"id": "fake-model", "object": "model",
+                                                              "context_length": FAKE_CONTEXT}]}
 
     @app.post("/v1/chat/completions")
     async def completions(request: fastapi.Request):
@@ -152,22 +162,31 @@ def fake_app(db_url: str, api_key: str | None = None):
         body = await request.json()
         app.state.requests.append(body)
         last = body["messages"][-1]["content"]
+        dropped = len(body["messages"]) - (body["messages"][0]["role"] == "system") - FAKE_TURNS
+        if dropped > 0 and body.get("truncation") != "auto":
+            return too_long()
+        headers = {DROPPED_HEADER: str(max(dropped, 0))}
         if last.startswith("slow"):
             return StreamingResponse(slow_events(app.state.slow), media_type="text/event-stream")
-        if last.startswith("fail"):
+        if last.startswith("fail") or (last.startswith("flaky") and last not in flaked):
+            flaked.add(last)
             return StreamingResponse(failing_events(), media_type="text/event-stream")
         if last.startswith("refuse"):
-            return JSONResponse({"error": {"message": "This model's maximum context length is 64 tokens",
-                                           "type": "invalid_request_error", "param": "messages",
-                                           "code": "context_length_exceeded"}}, status_code=400)
+            return too_long()
         if last.startswith("xss"):
             pieces, newline = [XSS_IMG, " and ", XSS_SCRIPT, " & <b>bold</b>"], "\r\n"
         else:
             text = f"Answer {next(counter)} to: {last}"
             pieces, newline = [text[i:i + 4] for i in range(0, len(text), 4)], "\n"
-        return StreamingResponse(events(pieces, newline), media_type="text/event-stream")
+        return StreamingResponse(events(pieces, newline), media_type="text/event-stream", headers=headers)
 
     return app
+
+
+def too_long() -> JSONResponse:
+    return JSONResponse({"error": {"message": "This model's maximum context length is 64 tokens",
+                                   "type": "invalid_request_error", "param": "messages",
+                                   "code": "context_length_exceeded"}}, status_code=400)
 
 
 async def events(pieces: list[str], newline: str):
@@ -469,11 +488,141 @@ def test_a_comparison_made_in_the_browser_becomes_a_pair_the_reward_model_trains
     assert isinstance(load_checkpoint(tmp_path / "rm").model, ScalarHeadModel)
 
 
+def test_max_tokens_fits_the_models_context_so_the_first_message_is_answered(page, expect, fake):
+    server, app = fake
+    page.goto(server.url)
+    field = page.locator("#max-tokens")
+    expect(field).to_have_value(str(FAKE_CONTEXT // 2))  # from /v1/models' context_length, not 256
+    expect(field).to_have_attribute("max", str(FAKE_CONTEXT - 1))
+    send(page, "hello")
+    expect(page.locator(".msg.assistant .content")).to_have_text(["Answer 1 to: hello"])
+    expect(page.locator("#status")).to_have_text("")
+    assert app.state.requests[-1]["max_tokens"] == FAKE_CONTEXT // 2
+    assert app.state.requests[-1]["truncation"] == "auto"
+
+    def reload_with(stored: dict) -> None:
+        page.evaluate("s => localStorage.setItem('chatforge.settings', JSON.stringify(s))", stored)
+        page.reload()
+        expect(page.locator("#model")).to_have_value("fake-model")
+
+    reload_with({"max_tokens": 256, "temperature": 0.5})  # what an older page stored: it cannot fit
+    expect(field).to_have_value(str(FAKE_CONTEXT // 2))
+    expect(page.locator("#temperature")).to_have_value("0.5")
+    reload_with({"max_tokens": 100})  # a choice that fits is kept
+    expect(field).to_have_value("100")
+    page.fill("#max-tokens", "1000")
+    page.press("#max-tokens", "Tab")  # change event
+    expect(field).to_have_value(str(FAKE_CONTEXT // 2))
+    assert page.evaluate("JSON.parse(localStorage.getItem('chatforge.settings')).max_tokens") == FAKE_CONTEXT // 2
+
+
+def test_a_chat_longer_than_the_context_goes_on_and_says_quietly_what_was_left_out(page, expect, fake):
+    server, app = fake
+    page.goto(server.url)
+    page.fill("#system-prompt", "Be brief.")
+    status = page.locator("#status")
+    questions = [f"question {i}" for i in range(1, 6)]
+    for i, question in enumerate(questions):
+        send(page, question)
+        expect(page.locator(".msg.assistant .content")).to_have_count(i + 1)
+        idle(page)
+        dropped = 2 * i - FAKE_TURNS + 1  # the fake keeps the last turn and the one before
+        if dropped > 0:
+            expect(status).to_have_text(f"{dropped} older messages were left out to fit the model's "
+                                        f"{FAKE_CONTEXT}-token context.")
+            expect(status).not_to_have_class(re.compile(r"\berror\b"))
+        else:
+            expect(status).to_have_text("")
+    expect(page.locator(".msg.assistant .content")).to_have_text(
+        [f"Answer {i} to: {q}" for i, q in enumerate(questions, 1)])
+    assert [body["truncation"] for body in app.state.requests] == ["auto"] * len(questions)
+    assert len(app.state.requests[-1]["messages"]) == 1 + 2 * len(questions) - 1  # the page sends it all
+
+
+def test_an_error_goes_when_the_message_is_answered_again_or_a_new_one_is_sent(page, expect, fake):
+    server, app = fake
+    page.goto(server.url)
+    status = page.locator("#status")
+    send(page, "flaky question")
+    expect(status).to_have_text("answer: the engine failed")
+    expect(status).to_have_class(re.compile(r"\berror\b"))
+    idle(page)
+    page.click(".msg.user .retry")  # the second try succeeds
+    expect(page.locator(".msg.assistant .content")).to_have_text(["Answer 1 to: flaky question"])
+    expect(status).to_have_text("")
+    expect(status).not_to_have_class(re.compile(r"\berror\b"))
+    idle(page)
+    send(page, "flaky again")
+    expect(status).to_have_text("answer: the engine failed")
+    idle(page)
+    send(page, "something else")
+    expect(page.locator(".msg.assistant .content")).to_have_text(
+        ["Answer 1 to: flaky question", "Answer 2 to: something else"])
+    expect(status).to_have_text("")
+
+
+def test_the_empty_page_offers_example_prompts_and_one_click_sends_one(page, expect, fake):
+    server, app = fake
+    page.goto(server.url)
+    examples = page.locator("#messages .example")
+    expect(examples).to_have_text(list(GENERIC_EXAMPLES))  # no server state: the generic ones
+    examples.first.click()
+    first = GENERIC_EXAMPLES[0]
+    expect(page.locator(".msg .content")).to_have_text([first, f"Answer 1 to: {first}"])
+    expect(examples).to_have_count(0)  # a conversation has started
+    assert app.state.requests[-1]["messages"] == [{"role": "user", "content": first}]
+    expect(page.locator("#conversations li .open")).to_have_text([first])
+    page.click("#new-chat")
+    expect(examples).to_have_text(list(GENERIC_EXAMPLES))
+
+
+def test_examples_from_the_server_are_shown_as_text(page, expect, db_url):
+    from types import SimpleNamespace
+
+    app = fake_app(db_url, api_key="sk-test")
+    app.state.chatforge = SimpleNamespace(examples=["What is 2 plus 2?", XSS_IMG], examples_source="training")
+    with LiveServer(app) as server:
+        denied = page.request.get(f"{server.url}/api/examples")
+        assert denied.status == 401  # like every /api/ route
+        page.goto(server.url)
+        page.evaluate("localStorage.setItem('chatforge.apiKey', 'sk-test')")
+        page.reload()
+        expect(page.locator("#messages .example")).to_have_text(["What is 2 plus 2?", XSS_IMG])
+        expect(page.locator("#messages .examples-intro")).to_contain_text("trained on")
+        page.locator("#messages .example").nth(1).click()
+        expect(page.locator(".msg .content")).to_have_text([XSS_IMG, f"Answer 1 to: {XSS_IMG}"])
+        page.wait_for_timeout(300)  # time for an injected image to fail to load and fire onerror
+        assert page.evaluate("window.__pwned") is None
+        assert page.locator("main img").count() == 0
+
+
+def test_the_page_has_a_favicon_and_loads_without_a_404(page, expect, fake):
+    server, app = fake
+    failed: list[str] = []
+    page.on("console", lambda m: failed.append(m.text) if m.type == "error" else None)
+    page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.goto(server.url)
+    expect(page.locator("#model")).to_have_value("fake-model")
+    icon = page.locator("link[rel=icon]")
+    href = icon.get_attribute("href")
+    for path in ("/favicon.ico", href):
+        response = page.request.get(server.url + path)
+        assert response.status == 200, path
+        assert response.headers["content-type"].startswith("image/svg+xml"), path
+        assert response.body().startswith(b"<svg")
+    idle(page)
+    page.wait_for_timeout(300)  # the browser's own favicon request, if it makes one
+    assert failed == []
+    csp = page.request.get(server.url).headers["content-security-policy"]
+    assert "img-src 'self'" in csp  # the icon is the page's own file
+
+
 # ---------------------------------------------------------------------------------------------
 # The page against the real server
 
 
-def test_the_page_chats_and_compares_with_the_real_server(page, expect, tmp_path, small_tokenizer, db_url):
+def real_app(small_tokenizer, db_url: str, context_length: int, examples: tuple[list[str], str] | None = None):
+    """The OpenAI-compatible server with the web page, on a tiny random model."""
     try:
         from chatforge.serve.app import ServeConfig, create_app
     except ImportError as e:
@@ -482,18 +631,31 @@ def test_the_page_chats_and_compares_with_the_real_server(page, expect, tmp_path
     from chatforge.model import GPT, GPTConfig
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=small_tokenizer.vocab_size, context_length=64, n_layer=1, n_head=2, n_embd=16))
-    app = create_app(Engine(model.eval(), small_tokenizer, max_batch_size=4),
-                     ServeConfig(model_name="tiny", db_url=db_url))
-    seeds = itertools.count(1)
+    model = GPT(GPTConfig(vocab_size=small_tokenizer.vocab_size, context_length=context_length, n_layer=1, n_head=2,
+                          n_embd=16))
+    return create_app(Engine(model.eval(), small_tokenizer, max_batch_size=4),
+                      ServeConfig(model_name="tiny", db_url=db_url), examples=examples)
 
-    def seed_sampling(route) -> None:
-        # Unseeded, the random model's first sampled token ends the turn about 1% of the time, and an
-        # empty answer (rightly) blocks the choice: seed each request so the run is the same every time.
+
+def seed_sampling(page, first_seed: int = 1) -> list[dict]:
+    """Seed each chat request the page makes; returns the list the page's request bodies go to.
+
+    Unseeded, the random model's first sampled token ends the turn about 1% of the time, and an
+    empty answer (rightly) is an error: seeded, the run is the same every time."""
+    seeds, bodies = itertools.count(first_seed), []
+
+    def seed(route) -> None:
         body = json.loads(route.request.post_data or "{}")
+        bodies.append(body)
         route.continue_(post_data=json.dumps({**body, "seed": next(seeds)}))
 
-    page.route("**/v1/chat/completions", seed_sampling)
+    page.route("**/v1/chat/completions", seed)
+    return bodies
+
+
+def test_the_page_chats_and_compares_with_the_real_server(page, expect, tmp_path, small_tokenizer, db_url):
+    app = real_app(small_tokenizer, db_url, context_length=64)
+    seed_sampling(page)
     with LiveServer(app) as server:
         page.goto(server.url)
         expect(page.locator("#model")).to_have_value("tiny")
@@ -522,3 +684,35 @@ def test_the_page_chats_and_compares_with_the_real_server(page, expect, tmp_path
     assert comparison["choice"] == "a" and messages[3]["content"] == comparison["answer_a"]
     assert comparison["answer_a"] != comparison["answer_b"]  # two samples, not one answer twice
     assert [m["content"] for m in comparison["prompt"]] == [m["content"] for m in messages[:3]]
+
+
+def test_a_long_chat_with_the_real_server_goes_on_past_the_models_context(page, expect, tmp_path, small_tokenizer,
+                                                                          db_url):
+    questions = ["What is the capital of Veloria?", "And Mira?", "What is 7 plus 7?", "Tell me more.",
+                 "Who walked the dog?", "One more?"]
+    app = real_app(small_tokenizer, db_url, context_length=128, examples=(questions[:1], "training"))
+    bodies = seed_sampling(page, first_seed=10)  # seeds under which no answer is empty
+    with LiveServer(app) as server:
+        page.goto(server.url)
+        expect(page.locator("#model")).to_have_value("tiny")
+        expect(page.locator("#max-tokens")).to_have_value("64")  # the page's defaults, fitted to 128 tokens
+        expect(page.locator("#max-tokens")).to_have_attribute("max", "127")
+        status = page.locator("#status")
+        answers = page.locator(".msg.assistant .content")
+        for i, question in enumerate(questions):
+            if i == 0:  # the server's example prompt, one click
+                expect(page.locator("#messages .example")).to_have_text(questions[:1])
+                page.click("#messages .example")
+            else:
+                send(page, question)
+            expect(answers).to_have_count(i + 1, timeout=30_000)
+            idle(page)
+            expect(status).not_to_have_class(re.compile(r"\berror\b"))
+            if i == 0:
+                expect(status).to_have_text("")  # the first message fits whole
+        expect(status).to_contain_text("left out to fit the model's 128-token context")
+    assert [b["truncation"] for b in bodies] == ["auto"] * len(questions)
+    (conv,) = app.state.chat_store.list_conversations()
+    messages = app.state.chat_store.get_conversation(conv["id"])["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == questions
+    assert all(m["content"].strip() for m in messages)

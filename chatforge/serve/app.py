@@ -85,7 +85,7 @@ def endpoint_label(path: str) -> str:
         return path
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
-    if path == "/" or path.startswith(("/api/", "/static/")):
+    if path in ("/", "/favicon.ico") or path.startswith(("/api/", "/static/")):
         return "web"
     return "other"
 

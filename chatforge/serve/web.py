@@ -16,7 +16,14 @@ PUT      /api/messages/{id}/rating              ``{rating: 1 | -1 | 0}`` on an a
 GET      /api/comparisons                       every comparison, oldest first
 POST     /api/comparisons                       ``{answer_a, answer_b, choice: a|b|tie,
                                                 conversation_id + parent_id | prompt, ...}``
+GET      /api/examples                          prompts the empty page offers: ``{examples: [str],
+                                                source: "training" | "generic"}``
+GET      /favicon.ico                           the page's icon (an SVG), public like the page
 =======  =====================================  ==============================================
+
+The examples are the server's (``app.state.chatforge.examples`` and ``.examples_source``: prompts
+from the model's training files, see `chatforge.data.examples`) when it has any, else the generic
+ones (`chatforge.data.examples.GENERIC_EXAMPLES`).
 
 When the server has an API key (``attach_web(..., api_key=)`` or ``app.state.api_key``) the
 ``/api/`` routes want it as ``Authorization: Bearer KEY``, like ``/v1/``; the page itself is public
@@ -35,6 +42,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
+from chatforge.data.examples import GENERIC_EXAMPLES  # what any chat model can take a go at
 from chatforge.serve.store import ACTIVE, NotFoundError, Store, StoreError
 
 log = logging.getLogger("chatforge.serve")
@@ -52,6 +60,7 @@ PAGE_HEADERS = {
 }
 
 Settings = dict[str, Any]
+FAVICON = STATIC_DIR / "favicon.svg"
 
 
 class ConversationIn(BaseModel):
@@ -175,12 +184,31 @@ def attach_web(app: FastAPI, db_url: str, api_key: str | None = None) -> None:
                                         prompt=body.prompt, system=body.system, params=body.params,
                                         model=body.model)
 
+    @router.get("/examples")
+    def examples(request: Request) -> dict:
+        return example_prompts(request.app)
+
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="web-static")
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=PAGE_HEADERS)
+
+    # Browsers and other clients ask for /favicon.ico on their own, without reading the page's <link>: no 404s.
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> FileResponse:
+        return FileResponse(FAVICON, media_type="image/svg+xml",
+                            headers={"Cache-Control": "max-age=86400", "X-Content-Type-Options": "nosniff"})
+
+
+def example_prompts(app: FastAPI) -> dict:
+    """The server's example prompts (``app.state.chatforge.examples``) when it has some, else the generic ones."""
+    state = getattr(app.state, "chatforge", None)
+    found = [str(e) for e in getattr(state, "examples", None) or [] if str(e).strip()]
+    if found:
+        return {"examples": found, "source": getattr(state, "examples_source", None) or "training"}
+    return {"examples": list(GENERIC_EXAMPLES), "source": "generic"}
 
 
 class _errors:

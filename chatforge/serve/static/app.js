@@ -2,6 +2,8 @@
 //
 // Answers stream from the OpenAI-compatible /v1/chat/completions (fetch + ReadableStream over its
 // server-sent events); conversations, thumbs and comparisons are kept through the /api/ routes.
+// Requests never ask for more than the model's context holds: max_tokens is fitted to the context length
+// /v1/models reports, and every request lets the server leave out the oldest turns (truncation "auto").
 // Every text that comes from a user or a model is put on the page with textContent, never as markup.
 'use strict';
 
@@ -9,6 +11,9 @@
   const KEY_STORAGE = 'chatforge.apiKey';
   const SETTINGS_STORAGE = 'chatforge.settings';
   const DEFAULT_MODEL = 'chatforge';
+  const DEFAULT_MAX_TOKENS = 256; // when the context is long enough, or unknown
+  const DROPPED_HEADER = 'X-Chatforge-Dropped-Messages';
+  const MAX_EXAMPLES = 6; // the empty page stays short
 
   const $ = (id) => document.getElementById(id);
   const state = {
@@ -19,6 +24,10 @@
     compare: null, // {user, a, b, system, params, model} while a comparison waits for the user's choice
     view: 0, // counts switches of the shown conversation: work that outlives a switch leaves the page alone
     compareRun: 0, // counts comparisons started or discarded: a discarded one's answers are dropped
+    contextLengths: {}, // model id -> context length in tokens, from /v1/models
+    maxTokensChosen: false, // the Max tokens field holds a stored or typed value, not the page's default
+    examples: [], // prompts the empty page offers (/api/examples)
+    examplesSource: 'generic', // 'training': like the model's training prompts
   };
 
   // ---- small helpers -------------------------------------------------------------------------
@@ -102,7 +111,33 @@
     const s = currentSettings();
     const params = {};
     for (const key of ['temperature', 'top_p', 'max_tokens']) if (s[key] !== undefined) params[key] = s[key];
+    const ctx = contextLength();
+    if (ctx && params.max_tokens !== undefined) params.max_tokens = Math.min(params.max_tokens, ctx - 1);
     return params;
+  }
+
+  // The selected model's context length in tokens, or undefined when the server did not say.
+  function contextLength() {
+    return state.contextLengths[$('model').value];
+  }
+
+  // Half the context: a first message and its answer fit together with room to spare.
+  function defaultMaxTokens(ctx) {
+    return ctx ? Math.max(1, Math.min(DEFAULT_MAX_TOKENS, Math.floor(ctx / 2))) : DEFAULT_MAX_TOKENS;
+  }
+
+  // Fit the Max tokens field to the model: the default that fits unless the user chose a value, and a chosen
+  // value that could never fit (the answer must leave at least one prompt token) falls back to that default.
+  function fitMaxTokens() {
+    const field = $('max-tokens');
+    const ctx = contextLength();
+    if (!ctx) {
+      field.removeAttribute('max');
+      return;
+    }
+    field.max = String(Math.max(1, ctx - 1));
+    const value = parseInt(field.value, 10);
+    if (!state.maxTokensChosen || !(value >= 1 && value < ctx)) field.value = defaultMaxTokens(ctx);
   }
 
   function saveSettings() {
@@ -117,9 +152,13 @@
     if (typeof s.system_prompt === 'string') $('system-prompt').value = s.system_prompt;
     if (s.temperature !== undefined) $('temperature').value = s.temperature;
     if (s.top_p !== undefined) $('top-p').value = s.top_p;
-    if (s.max_tokens !== undefined) $('max-tokens').value = s.max_tokens;
+    if (s.max_tokens !== undefined) {
+      $('max-tokens').value = s.max_tokens;
+      state.maxTokensChosen = true;
+    }
     if (typeof s.compare === 'boolean') $('compare-mode').checked = s.compare;
     if (s.model) selectModel(s.model);
+    fitMaxTokens(); // a setting stored for another model, or by an older page, may not fit this one
   }
 
   function selectModel(id) {
@@ -134,13 +173,29 @@
     try {
       const response = await fetch('/v1/models', { headers: headers(false) });
       if (!response.ok) throw new Error(await errorMessage(response));
-      const ids = ((await response.json()).data || []).map((m) => m.id).filter(Boolean);
+      const models = ((await response.json()).data || []).filter((m) => m && m.id);
+      for (const m of models) {
+        if (Number.isInteger(m.context_length) && m.context_length > 1) state.contextLengths[m.id] = m.context_length;
+      }
+      const ids = models.map((m) => m.id);
       select.replaceChildren(...ids.map((id) => new Option(id, id)));
       if (wanted && ids.includes(wanted)) select.value = wanted;
     } catch (e) {
       if (!select.options.length) select.append(new Option(DEFAULT_MODEL, DEFAULT_MODEL));
       setStatus(`models: ${e.message}`, true);
     }
+    fitMaxTokens();
+  }
+
+  async function loadExamples() {
+    try {
+      const body = await api('GET', '/api/examples');
+      state.examples = (body.examples || []).filter((t) => typeof t === 'string' && t.trim());
+      state.examplesSource = body.source;
+    } catch (e) {
+      state.examples = []; // the page works without them; a missing key is reported by the other requests
+    }
+    if (!state.messages.length) render(); // only the empty page shows them; a streaming answer is left alone
   }
 
   // ---- server-sent events --------------------------------------------------------------------
@@ -171,21 +226,25 @@
   }
 
   // Stream one chat completion; onText gets the whole answer so far. Never throws: returns
-  // {text, finish, stopped, error}.
+  // {text, finish, stopped, error, dropped}, `dropped` counting the oldest messages the server left out.
   async function streamChat(messages, onText, signal) {
     const settings = currentSettings();
-    const body = { model: settings.model, messages, stream: true, ...samplingParams() };
+    // truncation 'auto': a chat longer than the context goes on without its oldest turns instead of failing
+    const body = { model: settings.model, messages, stream: true, truncation: 'auto', ...samplingParams() };
     let text = '';
     let finish = null;
+    let dropped = 0;
     try {
       const response = await fetch('/v1/chat/completions', {
         method: 'POST', headers: headers(true), body: JSON.stringify(body), signal,
       });
       if (!response.ok) throw new Error(await errorMessage(response));
+      dropped = parseInt(response.headers.get(DROPPED_HEADER), 10) || 0;
       for await (const data of sseData(response.body)) {
         if (data === '[DONE]') break;
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message || 'the server reported an error');
+        if (Number.isInteger(chunk.dropped_messages)) dropped = Math.max(dropped, chunk.dropped_messages);
         const choice = (chunk.choices || [])[0];
         if (!choice) continue;
         if (choice.delta && typeof choice.delta.content === 'string' && choice.delta.content) {
@@ -195,10 +254,19 @@
         if (choice.finish_reason) finish = choice.finish_reason;
       }
     } catch (e) {
-      if ((signal && signal.aborted) || e.name === 'AbortError') return { text, finish: 'stopped', stopped: true };
-      return { text, finish, error: e };
+      if ((signal && signal.aborted) || e.name === 'AbortError') {
+        return { text, finish: 'stopped', stopped: true, dropped };
+      }
+      return { text, finish, error: e, dropped };
     }
-    return { text, finish: finish || 'stop' };
+    return { text, finish: finish || 'stop', dropped };
+  }
+
+  // A quiet note, not an error: the answer is fine, the model just did not see the start of the chat.
+  function droppedNote(count) {
+    const ctx = contextLength();
+    const what = count === 1 ? '1 older message was' : `${count} older messages were`;
+    return `${what} left out to fit the model's ${ctx ? `${ctx}-token ` : ''}context.`;
   }
 
   // ---- busy state ----------------------------------------------------------------------------
@@ -357,8 +425,17 @@
     await respond(user);
   }
 
+  // Answer `user` (again): whatever went wrong before is past, so its error goes.
   function respond(user) {
+    setStatus('');
     return $('compare-mode').checked ? compareAnswers(user) : answer(user);
+  }
+
+  // Send an example prompt as if the user had typed it.
+  function sendExample(text) {
+    if (state.busy) return;
+    $('input').value = text;
+    send();
   }
 
   async function answer(user) {
@@ -385,6 +462,7 @@
     if (result.error) setStatus(`answer: ${result.error.message}`, true);
     else if (result.stopped) setStatus('Stopped.');
     else if (!result.text.trim()) setStatus('The model gave an empty answer.', true);
+    else if (result.dropped) setStatus(droppedNote(result.dropped));
     try {
       // an answer cut by an error is not kept: the user turn stays, to answer again
       if (result.text.trim() && !result.error) {
@@ -406,7 +484,6 @@
     const index = state.messages.findIndex((m) => m.id === message.id);
     const user = state.messages[index - 1];
     if (!user || state.busy) return;
-    setStatus('');
     respond(user);
   }
 
@@ -473,6 +550,7 @@
     const error = a.error || b.error;
     if (error) setStatus(`compare: ${error.message}`, true);
     else if (a.stopped || b.stopped) setStatus('Stopped.');
+    else if (a.dropped || b.dropped) setStatus(droppedNote(Math.max(a.dropped, b.dropped)));
     if (!a.text.trim() || !b.text.trim()) {
       if (!error) setStatus('compare: an answer is empty; discard and try again', true);
       render();
@@ -544,12 +622,29 @@
     return node;
   }
 
+  // What a newcomer sees: an invitation and a few example prompts, one click each to send.
+  function emptyPage() {
+    const box = el('div', 'empty');
+    box.append(el('p', '', 'Send a message to start a conversation.'));
+    const examples = state.examples.slice(0, MAX_EXAMPLES);
+    if (!examples.length) return box;
+    const intro = state.examplesSource === 'training' ? 'Or try one like those the model was trained on:'
+      : 'Or try one of these:';
+    box.append(el('p', 'examples-intro', intro));
+    const list = el('div', 'examples');
+    for (const text of examples) {
+      const example = button(text, 'example', () => sendExample(text));
+      example.disabled = state.busy;
+      list.append(example);
+    }
+    box.append(list);
+    return box;
+  }
+
   function render() {
     const last = state.messages.length - 1;
     $('messages').replaceChildren(...state.messages.map((m, i) => renderMessage(m, i === last)));
-    if (!state.messages.length) {
-      $('messages').append(el('p', 'empty', 'Send a message to start a conversation.'));
-    }
+    if (!state.messages.length) $('messages').append(emptyPage());
     for (const item of $('conversations').children) {
       item.classList.toggle('active', Boolean(state.conversation) && item.dataset.id === String(state.conversation.id));
     }
@@ -568,7 +663,14 @@
       setStatus('');
       loadModels();
       loadConversations();
+      loadExamples();
     });
+    // before the listeners that save the settings, so what is saved is what fits
+    $('max-tokens').addEventListener('change', () => {
+      state.maxTokensChosen = true;
+      fitMaxTokens();
+    });
+    $('model').addEventListener('change', fitMaxTokens);
     for (const id of ['model', 'system-prompt', 'temperature', 'top-p', 'max-tokens', 'compare-mode']) {
       $(id).addEventListener('change', saveSettings);
     }
@@ -589,6 +691,7 @@
     render();
     loadModels();
     loadConversations();
+    loadExamples();
   }
 
   if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', init);
