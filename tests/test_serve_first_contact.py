@@ -217,6 +217,26 @@ def test_example_prompts_come_from_the_runs_training_files_else_generic_ones(tmp
     assert example_prompts(tmp_path / "run" / "sft") == (["Hello there?"], "training")
 
 
+def test_example_prompts_put_the_families_the_model_answers_best_first(tmp_path):
+    """With the run's eval.json judging this checkpoint, a newcomer first sees what the model does well."""
+    tasks = tmp_path / "run" / "tasks"
+    tasks.mkdir(parents=True)
+    rows = [("arithmetic", "What is 2 plus 2?"), ("facts", "What is the capital of Veloria?"),
+            ("words", "Reverse 'kesh'.")]
+    (tasks / "sft_train.jsonl").write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": q}], "family": f}) + "\n" for f, q in rows))
+    ckpt = tmp_path / "run" / "ppo" / "checkpoint"
+    scores = {"ppo": {"checkpoint": str(ckpt), "families": {"arithmetic": {"score": 0.0}, "facts": {"score": 0.2},
+                                                              "words": {"score": 0.5}, "harmful": {"score": 1.0}}},
+              "sft": {"checkpoint": str(tmp_path / "run" / "sft" / "checkpoint"),
+                      "families": {"arithmetic": {"score": 0.9}}}}
+    (tmp_path / "run" / "eval.json").write_text(json.dumps(scores))
+    (tmp_path / "run" / "sft" / "checkpoint").mkdir(parents=True)
+    assert example_prompts(ckpt)[0] == ["Reverse 'kesh'.", "What is the capital of Veloria?", "What is 2 plus 2?"]
+    assert example_prompts(tmp_path / "run" / "sft")[0] == ["What is 2 plus 2?", "What is the capital of Veloria?",
+                                                           "Reverse 'kesh'."]
+
+
 def test_the_startup_line_names_the_database_and_whether_the_page_is_on():
     web = startup_line(ServeConfig(checkpoint="runs/demo/ppo", model_name="ppo", db_url="sqlite:///runs/demo/x.db"))
     assert "http://127.0.0.1:8000/" in web and "sqlite:///runs/demo/x.db" in web

@@ -8,7 +8,8 @@ generic prompts any chat model can take.
 Where the files are found, in order: the data and prompt files named in the checkpoint's
 `trainer_state.json` (the stage's own training data), then the built-in world's `tasks/` directory
 of the run (`runs/<name>/tasks/` beside `runs/<name>/<stage>/`). Only single-turn user prompts are
-offered, never a request of a family the model must refuse.
+offered, never a request of a family the model must refuse. When the run's `eval.json` (`chatforge
+eval`, the demo) has judged this checkpoint, the families it answers best come first.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def example_prompts(checkpoint: str | Path | None, limit: int = 4) -> tuple[list
     """Up to `limit` example prompts for the model at `checkpoint`, and where they came from:
     "training" (its run's training files) or "generic"."""
     if checkpoint:
+        ranks = family_ranks(Path(checkpoint))
         for path in training_files(Path(checkpoint)):
-            found = _pick(_prompts(path), limit)
+            found = _pick(_prompts(path), limit, ranks)
             if found:
                 return found, "training"
     return list(GENERIC_EXAMPLES[:limit]), "generic"
@@ -45,7 +47,7 @@ def example_prompts(checkpoint: str | Path | None, limit: int = 4) -> tuple[list
 
 def training_files(checkpoint: Path) -> list[Path]:
     """The checkpoint's training data files that exist, then its run's built-in task files."""
-    ckpt = checkpoint / "checkpoint" if (checkpoint / "checkpoint").is_dir() else checkpoint
+    ckpt = _checkpoint_dir(checkpoint)
     named: list[Path] = []
     try:
         run_config = json.loads((ckpt / "trainer_state.json").read_text()).get("run_config") or {}
@@ -57,6 +59,29 @@ def training_files(checkpoint: Path) -> list[Path]:
     run_dir = ckpt.resolve().parent.parent
     named += [run_dir / "tasks" / name for name in TASK_FILES]
     return [p for p in dict.fromkeys(named) if p.suffix == ".jsonl" and p.is_file()]
+
+
+def _checkpoint_dir(checkpoint: Path) -> Path:
+    return checkpoint / "checkpoint" if (checkpoint / "checkpoint").is_dir() else checkpoint
+
+
+def family_ranks(checkpoint: Path) -> dict[str, int]:
+    """Family -> rank (0: best) by the score the run's eval.json gave this checkpoint; {} when it has none."""
+    ckpt = _checkpoint_dir(checkpoint).resolve()
+    try:
+        results = json.loads((ckpt.parent.parent / "eval.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    for result in results.values() if isinstance(results, dict) else []:
+        if not isinstance(result, dict) or not isinstance(result.get("checkpoint"), str):
+            continue
+        if _checkpoint_dir(Path(result["checkpoint"])).resolve() == ckpt:
+            families = result.get("families") or {}
+            scores = {f: v.get("score") for f, v in families.items() if isinstance(v, dict)}
+            ranked = sorted((f for f, v in scores.items() if isinstance(v, (int, float)) and v == v),
+                            key=lambda f: -scores[f])
+            return {f: i for i, f in enumerate(ranked)}
+    return {}
 
 
 def _prompts(path: Path) -> Iterator[tuple[str, str]]:
@@ -90,8 +115,9 @@ def _single_question(record: dict[str, Any]) -> str | None:
     return users[0]["content"].strip() or None
 
 
-def _pick(prompts: Iterator[tuple[str, str]], limit: int) -> list[str]:
-    """One prompt per family, in the order the families first appear (or the first ones, without families)."""
+def _pick(prompts: Iterator[tuple[str, str]], limit: int, ranks: dict[str, int] | None = None) -> list[str]:
+    """One prompt per family, best-ranked families first, then in the order they first appear (or the
+    first prompts, without families)."""
     by_family: dict[str, str] = {}
     loose: list[str] = []
     for family, question in prompts:
@@ -99,8 +125,7 @@ def _pick(prompts: Iterator[tuple[str, str]], limit: int) -> list[str]:
             continue
         if family:
             by_family.setdefault(family, question)
-        elif question not in loose:
+        elif question not in loose and len(loose) < limit:
             loose.append(question)
-        if len(by_family) >= limit or len(loose) >= limit:
-            break
-    return (list(by_family.values()) or loose)[:limit]
+    order = sorted(by_family, key=lambda f: (ranks or {}).get(f, len(ranks or {})))  # stable: ties keep file order
+    return ([by_family[f] for f in order] or loose)[:limit]
