@@ -102,7 +102,7 @@ class ChatSession:
             yield "were dropped]\n"
         self.history.append(Message("user", text))
         params = dataclasses.replace(self.params, max_tokens=min(self.params.max_tokens, context - len(ids)),
-                                     strip_leading_whitespace=True)
+                                     strip_leading_whitespace=True, skip_special_tokens=True)
         parts = []
         for event in self.engine.stream(ids, params):
             parts.append(event.text)

@@ -148,6 +148,26 @@ def test_a_chat_answer_never_starts_with_the_space_its_first_token_carries(clien
     assert completion.choices[0].text == word * 3
 
 
+def test_a_role_marker_the_model_wanders_into_adds_no_text_to_a_chat_answer(client, tiny):
+    """As vLLM's skip_special_tokens (true on chat): a sampled <|user|> is a token, counted, not text."""
+    tok = tiny[1]
+    user = tok.special_ids["user"]
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "Capital?"}], max_tokens=4, temperature=0,
+               logprobs=True)
+    marker = {str(user): 100}
+    r = client.chat.completions.create(**ask, logit_bias=marker)
+    assert r.choices[0].message.content == "" and r.usage.completion_tokens == 4
+    assert [e.token for e in r.choices[0].logprobs.content] == ["<|user|>"] * 4
+    kept = client.chat.completions.create(**ask, logit_bias=marker, extra_body={"skip_special_tokens": False})
+    assert kept.choices[0].message.content == "<|user|>" * 4
+    # completions keep every character by default, and skip on request (text offsets follow the text)
+    text = dict(model="tiny", prompt="Capital:", max_tokens=2, temperature=0, logprobs=1,
+                logit_bias={str(user): 100})
+    assert client.completions.create(**text).choices[0].text == "<|user|>" * 2
+    skipped = client.completions.create(**text, extra_body={"skip_special_tokens": True}).choices[0]
+    assert skipped.text == "" and skipped.logprobs.text_offset == [len("Capital:")] * 2
+
+
 # ---- the tokenizer endpoints -----------------------------------------------------------------------
 
 

@@ -178,6 +178,7 @@ class Engine:
         # an id past the model's rows (a GPT-2 directory's tokenizer carries chat tokens the model
         # lacks) can never be sampled, so it can never stop anything
         self.eos_ids = [t for t in stop_token_ids if 0 <= t < self.config.vocab_size]
+        self.special_ids = frozenset(getattr(tokenizer, "special_ids", {}).values())
         self.rows: list[_Row] = []
         self.waiting: deque[_Request] = deque()
         self.requests: dict[str, _Request] = {}
@@ -204,6 +205,13 @@ class Engine:
         self.requests[rid] = request
         self.waiting.append(request)
         return rid
+
+    def text_bytes(self, token: int, params: SamplingParams) -> bytes:
+        """What `token` adds to the output text: its bytes, or nothing for a special token when the
+        request skips them."""
+        if params.skip_special_tokens and token in self.special_ids:
+            return b""
+        return self.tokenizer.token_bytes(token)
 
     def check_prompt(self, prompt: Sequence[int]) -> None:
         """Raise RequestError for a token id the model has no row for (a GPT-2 directory's tokenizer
@@ -440,7 +448,7 @@ class Engine:
             return self._finish(row, "stop", [], entry, row.text.finish())
         row.tokens.append(token)
         check = len(row.tokens) >= params.min_tokens
-        delta = row.text.push(self.tokenizer.token_bytes(token), check_stops=check)
+        delta = row.text.push(self.text_bytes(token, params), check_stops=check)
         if row.text.stopped:
             return self._finish(row, "stop", [token], entry, delta)
         if len(row.tokens) >= params.max_tokens or row.position + 1 > self.config.context_length:
@@ -493,7 +501,7 @@ class Engine:
         request.num_rows = request.params.n
         for i, hyp in enumerate(hyps[: request.params.n]):
             text = IncrementalText(request.params.stop, request.params.strip_leading_whitespace)
-            out = "".join(text.push(self.tokenizer.token_bytes(t)) for t in hyp.tokens) + text.finish()
+            out = "".join(text.push(self.text_bytes(t, request.params)) for t in hyp.tokens) + text.finish()
             reason = "stop" if text.stopped else hyp.finish_reason
             request.outputs[i] = SequenceOutput(i, list(hyp.tokens), text.text, reason, None, hyp.sum_logprobs)
             request.completion_tokens += len(hyp.tokens)

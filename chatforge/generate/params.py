@@ -42,6 +42,9 @@ class SamplingParams:
     # chat replies: the template renders a turn's content from its first character, so a first token that
     # carries a space (" Kesh") decodes to the text without it (the tokens and logprobs keep it)
     strip_leading_whitespace: bool = False
+    # special tokens (a role marker a model wanders into) add no text, as vLLM's skip_special_tokens; off by
+    # default so completions and scoring keep every character; the chat endpoint and `chatforge chat` turn it on
+    skip_special_tokens: bool = False
 
     @property
     def greedy(self) -> bool:

@@ -219,7 +219,7 @@ def build_params(state: ServerState, body: SamplingFields, *, max_tokens: int, l
         ignore_eos=ignore_eos, n=_or(body.n, 1), best_of=best_of, logprobs=logprobs, echo=echo, seed=body.seed,
         num_beams=_or(body.num_beams, 1), length_penalty=_or(body.length_penalty, 1.0),
         early_stopping=bool(body.early_stopping), no_repeat_ngram_size=min(no_repeat, state.context_length + 1),
-        strip_leading_whitespace=chat)
+        strip_leading_whitespace=chat, skip_special_tokens=_or(body.skip_special_tokens, chat))
 
 
 def check_params(state: ServerState, params: SamplingParams, prompts: list[Prompt], *, stream: bool,
@@ -286,23 +286,30 @@ class OffsetTracker:
 
 
 class Formatter:
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, skip_special: bool = False) -> None:
         self.tok = tokenizer
+        self.skipped = frozenset(getattr(tokenizer, "special_ids", {}).values()) if skip_special else frozenset()
+
+    def text_bytes(self, token_id: int) -> bytes:
+        """What the token adds to the text (nothing for a skipped special token), for text offsets."""
+        return b"" if token_id in self.skipped else self.tok.token_bytes(token_id)
 
     def token_str(self, token_id: int) -> str:
         return self.tok.token_bytes(token_id).decode("utf-8", errors="replace")
 
     def completion_logprobs(self, entries: list[TokenLogprob | None], token_ids: list[int],
-                            offsets: OffsetTracker, in_text: int | None = None) -> dict[str, list]:
+                            offsets: OffsetTracker, in_text: int | None = None, prompt: bool = False
+                            ) -> dict[str, list]:
         """OpenAI's completions format for `token_ids` (entries[i] None: no logprob, as a prompt's first token).
         Only the first `in_text` tokens (default: all) are in the text; the rest (the end token that stopped
-        a sequence) are listed at the offset where the text ends."""
+        a sequence) are listed at the offset where the text ends. A `prompt`'s tokens are all text."""
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         in_text = len(token_ids) if in_text is None else in_text
         for i, (token_id, entry) in enumerate(zip(token_ids, entries)):
             text = self.token_str(token_id)
             out["tokens"].append(text)
-            out["text_offset"].append(offsets.push(self.tok.token_bytes(token_id) if i < in_text else b""))
+            data = self.tok.token_bytes(token_id) if prompt else self.text_bytes(token_id)
+            out["text_offset"].append(offsets.push(data if i < in_text else b""))
             if entry is None:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)
@@ -409,7 +416,7 @@ class Generation:
         self.dropped_messages = dropped_messages  # with truncation "auto": reported in a header and the body
         self.logprobs_limit, self.include_usage = logprobs_limit, include_usage
         self.user_texts = user_texts if user_texts is not None else [p.text for p in prompts]
-        self.fmt = Formatter(state.tokenizer)
+        self.fmt = Formatter(state.tokenizer, params.skip_special_tokens)
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.started = time.monotonic()
@@ -565,7 +572,7 @@ class Generation:
         if self.params.echo:
             offsets = OffsetTracker(0)
             head = self.fmt.completion_logprobs(list(completion.prompt_logprobs or [None] * len(prompt.ids)),
-                                                prompt.ids, offsets)
+                                                prompt.ids, offsets, prompt=True)
             offsets.offset = len(prompt.text)
             tail = self.fmt.completion_logprobs(entries, [e.token_id for e in entries], offsets, len(tokens))
             return {k: head[k] + tail[k] for k in head}
@@ -588,7 +595,7 @@ class Generation:
         decoded, ends = "", []
         for token in tokens:
             before = len(decoded)
-            decoded += decoder.decode(self.state.tokenizer.token_bytes(token))
+            decoded += decoder.decode(self.fmt.text_bytes(token))
             ends.append(len(decoded))
             if guard.push(text[before: len(decoded)]) is None:
                 break
@@ -671,7 +678,7 @@ class Generation:
             logprobs = None
             if self.params.logprobs is not None:
                 entries = list(prompt_logprobs or [None] * len(prompt.ids))
-                logprobs = self.fmt.completion_logprobs(entries, prompt.ids, c.offsets)
+                logprobs = self.fmt.completion_logprobs(entries, prompt.ids, c.offsets, prompt=True)
             c.offsets.offset = len(prompt.text)
             out.append(self._chunk([self._delta(c.index, prompt.text, logprobs)]))
         return out

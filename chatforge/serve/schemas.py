@@ -50,6 +50,7 @@ class SamplingFields(_Body):
     length_penalty: float | None = None
     early_stopping: bool | None = None
     no_repeat_ngram_size: int | None = None
+    skip_special_tokens: bool | None = None  # default: true on chat (vLLM's default), false on completions
 
 
 class CompletionRequest(SamplingFields):
