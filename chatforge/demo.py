@@ -454,12 +454,12 @@ def write_run_report(run_dir: Path) -> None:
 def serve_demo(run_dir: Path, stage: str, host: str, port: int) -> None:
     """Serve one trained chat model with the web page, its feedback stored in RUN/chatforge.db (blocks)."""
     from chatforge.serve.app import ServeConfig
-    from chatforge.serve.server import serve_checkpoint
+    from chatforge.serve.server import default_db_url, serve_checkpoint
 
-    db = run_dir / "chatforge.db"
+    db_url = default_db_url(run_dir / stage)  # RUN/chatforge.db: what a plain `chatforge serve` of the stage uses
     click.secho(f"\nserving the {stage} model: open http://{host}:{port}/ to chat (API: http://{host}:{port}/v1); "
                 "Ctrl-C stops", bold=True)
     click.echo(f"export the page's comparisons for the next reward model: "
-               f"chatforge feedback export --db sqlite:///{db} --out prefs.jsonl")
+               f"chatforge feedback export --db {db_url} --out prefs.jsonl")
     serve_checkpoint(ServeConfig(checkpoint=str(run_dir / stage), host=host, port=port, model_name=stage,
-                                 db_url=f"sqlite:///{db}", log_level="warning"))
+                                 db_url=db_url, log_level="warning"))

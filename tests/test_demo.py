@@ -133,11 +133,19 @@ def serve_the_finished_demo(run_dir):
                                                max_tokens=5)
         assert reply.choices[0].finish_reason in ("stop", "length")
         assert "<html" in httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text.lower()
+        # a first message as the page sends it with its defaults (Max tokens: min(256, half the context))
+        context = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()["data"][0]["context_length"]
+        example = httpx.get(f"http://127.0.0.1:{port}/api/examples", timeout=5).json()
+        assert example["source"] == "training" and example["examples"]
+        ask = [{"role": "user", "content": example["examples"][0]}]
+        first = client.chat.completions.create(model="ppo", messages=ask, max_tokens=min(256, context // 2),
+                                               temperature=0.7, extra_body={"truncation": "auto"})
+        assert first.choices[0].finish_reason in ("stop", "length")
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     assert f"http://127.0.0.1:{port}/" in out
-    assert (run_dir / "chatforge.db").exists()
+    assert (run_dir / "chatforge.db").exists() and f"stored in sqlite:///{(run_dir / 'chatforge.db').resolve()}" in out
 
 
 def test_a_rerun_reuses_an_evaluation_only_while_it_is_newer_than_the_stages_weights(tmp_path):

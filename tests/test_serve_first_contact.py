@@ -262,3 +262,21 @@ def test_the_startup_line_names_the_database_and_whether_the_page_is_on():
     assert "http://127.0.0.1:8000/" in web and "sqlite:///runs/demo/x.db" in web
     api = startup_line(ServeConfig(checkpoint="runs/demo/ppo", model_name="ppo", web=False, db_url="sqlite:///x"))
     assert "no web page" in api and "sqlite" not in api and "http://127.0.0.1:8000/v1" in api
+
+
+def test_the_readmes_feedback_export_reads_the_database_of_the_demo_and_of_a_plain_serve(tmp_path, monkeypatch, tiny):
+    """`chatforge demo` stores into RUN/chatforge.db; `chatforge serve --checkpoint RUN/ppo` defaults to the same
+    file, the one the README's export command names."""
+    import re
+    from pathlib import Path
+
+    from chatforge.checkpoint import save_checkpoint
+    from chatforge.serve.server import default_db_url
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    named = set(re.findall(r"feedback export --db sqlite:///(\S+)", readme))
+    assert named == {"runs/demo/chatforge.db"}
+    monkeypatch.chdir(tmp_path)
+    save_checkpoint(Path("runs/demo/ppo/checkpoint"), *tiny)
+    served = Path(default_db_url("runs/demo/ppo").removeprefix("sqlite:///"))
+    assert served == (tmp_path / "runs" / "demo" / "chatforge.db").resolve()  # demo.serve_demo's RUN/chatforge.db
