@@ -85,3 +85,21 @@ class ChatCompletionRequest(SamplingFields):
     # extra: "auto" drops the oldest whole turns after the system prompt when the conversation outgrows
     # the context, as OpenAI's Responses API and `chatforge chat` do (Chat Completions itself answers 400)
     truncation: Literal["auto", "disabled"] | None = None
+
+
+# ---- /tokenize and /detokenize (vLLM's and llama.cpp's fields both) ----
+
+
+class TokenizeRequest(_Body):
+    model: str | None = None
+    prompt: str | None = None
+    content: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]

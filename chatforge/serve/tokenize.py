@@ -20,22 +20,7 @@ from fastapi import APIRouter, Request
 
 from chatforge.serve.errors import APIError
 from chatforge.serve.handlers import chat_conversation
-from chatforge.serve.schemas import ChatMessage, _Body
-
-
-class TokenizeRequest(_Body):
-    model: str | None = None
-    prompt: str | None = None
-    content: str | None = None
-    messages: list[ChatMessage] | None = None
-    add_generation_prompt: bool = True
-    return_token_strs: bool = False
-    with_pieces: bool = False
-
-
-class DetokenizeRequest(_Body):
-    model: str | None = None
-    tokens: list[int]
+from chatforge.serve.schemas import DetokenizeRequest, TokenizeRequest
 
 
 def _state(request: Request) -> Any:
