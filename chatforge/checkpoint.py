@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from chatforge.errors import CheckpointError
-from chatforge.files import atomic_write_text, ordinary_permissions
+from chatforge.files import atomic_write_text, ordinary_permissions, strict_json
 from chatforge.model import GPT, GPTConfig, ScalarHeadModel
 
 CONFIG_FILE = "config.json"
@@ -55,7 +55,7 @@ class Checkpoint:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename) so readers never see half a file."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, strict_json(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: Path, what: str) -> dict:

@@ -38,7 +38,7 @@ from chatforge.data.shards import prepare_shards, read_meta
 from chatforge.data.tasks import Labeler, Scorer, TaskConfig, write_tasks
 from chatforge.data.world import ATTRIBUTES, World, write_corpus
 from chatforge.evaluate import EvalConfig, EvalResult, evaluate, format_table
-from chatforge.files import atomic_write
+from chatforge.files import atomic_write, strict_json
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
 from chatforge.model import GPT
@@ -298,7 +298,7 @@ def label_sft_samples(run_dir: Path, tasks: Path, budget: Budget) -> Path:
         samples = sample_answer_sets(policy, prompts, budget.rm_samples, PPOSettings.temperature,
                                      seed=1_000_000 * n, max_tokens=48)
         ranked = [{**r, "responses": labeler.rank(p, r["responses"] + s)} for r, p, s in zip(records, prompts, samples)]
-        atomic_write(path, lambda f, ranked=ranked: f.writelines(json.dumps(r, ensure_ascii=False) + "\n"
+        atomic_write(path, lambda f, ranked=ranked: f.writelines(strict_json(r, ensure_ascii=False) + "\n"
                                                                  for r in ranked))
         click.echo(f"   {split}: {len(ranked)} prompts, {budget.rm_samples} SFT samples each ranked with "
                    f"the rule-made answers -> {path}")
@@ -374,7 +374,7 @@ def _saved_evals(run_dir: Path, names: dict[str, str]) -> dict[str, EvalResult]:
     for stage, name in names.items():
         weights = resolve_checkpoint_dir(run_dir / stage) / "model.safetensors"
         if name in saved and weights.exists() and weights.stat().st_mtime < made:
-            out[name] = EvalResult(**saved[name])
+            out[name] = EvalResult.from_dict(saved[name])
     return out
 
 

@@ -15,7 +15,6 @@ truth; no training stage ever sees it. Reported:
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections import defaultdict
@@ -31,7 +30,7 @@ from chatforge.checkpoint import Checkpoint, load_checkpoint
 from chatforge.data.chat_readers import PromptRecord, read_conversations, read_prompts
 from chatforge.data.tasks import Scorer, build_tasks
 from chatforge.data.world import World
-from chatforge.files import atomic_write_text
+from chatforge.files import atomic_write_text, strict_json
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
 from chatforge.train.sft import conversation_loss, encode_example
@@ -59,6 +58,16 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalResult:
+        """The inverse of `to_dict` as eval.json stores it: a figure over no prompts, written as null
+        (strict JSON has no NaN), is NaN again."""
+        def figures(row: dict[str, Any]) -> dict[str, float]:
+            return {k: math.nan if v is None else v for k, v in row.items()}
+
+        return cls(data["checkpoint"], {f: figures(row) for f, row in data["families"].items()},
+                   figures(data["overall"]), data.get("samples", {}))
 
 
 def generate_answers(ckpt: Checkpoint, prompts: list[list], max_tokens: int, batch_size: int,
@@ -183,4 +192,4 @@ def _cell(value: float | None, fmt: str) -> str:
 
 
 def write_result(result: EvalResult, path: str | Path) -> Path:
-    return atomic_write_text(path, json.dumps(result.to_dict(), indent=2, default=float))
+    return atomic_write_text(path, strict_json(result.to_dict(), indent=2, default=float))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 
 def temp_file_beside(path: Path) -> tuple[int, str]:
@@ -55,3 +57,24 @@ def ordinary_permissions(directory: Path) -> None:
     for entry in directory.iterdir():
         if entry.is_file() and not entry.is_symlink():
             entry.chmod(mode)
+
+
+def finite_or_none(obj: Any) -> Any:
+    """`obj` with every NaN or infinity (a rate over no prompts, a diverged loss) replaced by None, in
+    nested dicts, lists and tuples."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def strict_json(obj: Any, **kwargs: Any) -> str:
+    """JSON that every strict reader accepts: NaN and infinities are written as null (Python's json would
+    write the non-standard NaN and Infinity); other values exactly as json.dumps writes them."""
+    default = kwargs.pop("default", None)
+    if default is not None:  # apply it first, so a converted value (a numpy float) is checked too
+        obj = json.loads(json.dumps(obj, default=default))
+    return json.dumps(finite_or_none(obj), allow_nan=False, **kwargs)

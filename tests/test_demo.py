@@ -30,6 +30,7 @@ def test_fast_demo_trains_a_model_whose_validation_loss_falls_and_rerun_skips_fi
     assert set(summary["eval"]["sft"]["families"]) == {"facts", "followup", "arithmetic", "words", "harmful",
                                                        "harmless"}
     assert json.loads((tmp_path / "demo" / "eval.json").read_text()).keys() == {"base", "sft", "ppo", "dpo"}
+    assert_every_json_file_is_strict_json(tmp_path / "demo")
     for stage in ("rm", "ppo", "dpo"):
         assert (tmp_path / "demo" / stage / "checkpoint" / "model.safetensors").exists()
     # the reward model's rankings: each preference prompt's rule-made answers plus the SFT model's samples
@@ -97,6 +98,22 @@ def test_fast_demo_trains_a_model_whose_validation_loss_falls_and_rerun_skips_fi
 
     # the command then serves the PPO model: the official client chats with it, and SIGTERM stops it
     serve_the_finished_demo(tmp_path / "demo")
+
+
+def assert_every_json_file_is_strict_json(run_dir):
+    """No NaN or Infinity (Python's json writes them; strict readers refuse them): a figure over no prompts is null."""
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    files = [p for p in run_dir.rglob("*") if p.suffix in (".json", ".jsonl") and p.is_file()]
+    assert len(files) > 20
+    for path in files:
+        text = path.read_text()
+        lines = text.splitlines() if path.suffix == ".jsonl" else [text]
+        for line in filter(str.strip, lines):
+            json.loads(line, parse_constant=refuse)
+    harmful = json.loads((run_dir / "eval.json").read_text())["sft"]["families"]["harmful"]
+    assert harmful["accuracy"] is None  # harmful prompts have no right answer, only a right refusal
 
 
 def serve_the_finished_demo(run_dir):

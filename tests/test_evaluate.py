@@ -81,6 +81,21 @@ def test_a_random_model_is_evaluated_end_to_end_with_loss_and_samples(world, che
     assert "overall" in table and "base" in table and "val loss" in table
 
 
+def test_a_result_is_written_as_strict_json_and_read_back_as_it_was(tmp_path):
+    """A figure over no prompts is NaN in memory, null on disk (strict readers refuse NaN), NaN again when read."""
+    from chatforge.evaluate import EvalResult, write_result
+
+    result = EvalResult("ckpt", {"harmful": {"n": 2, "accuracy": math.nan, "score": 1.0}},
+                        {"accuracy": 0.5, "refusal_rate_harmful": math.nan, "over_refusal_rate": 0.0, "words": 3.0,
+                         "tokens": 4.0}, {"harmful": [{"answer": "No."}]})
+    path = write_result(result, tmp_path / "eval.json")
+    stored = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert stored["families"]["harmful"]["accuracy"] is None and stored["overall"]["refusal_rate_harmful"] is None
+    back = EvalResult.from_dict(stored)
+    assert math.isnan(back.families["harmful"]["accuracy"]) and back.samples == result.samples
+    assert format_table({"m": back}) == format_table({"m": result})
+
+
 def test_data_tasks_then_sft_then_eval_on_the_command_line(tmp_path, checkpoint, capsys):
     assert run_cli("data", "tasks", "--out", tmp_path / "tasks") == 0
     assert (tmp_path / "tasks" / "sft_train.jsonl").exists() and (tmp_path / "tasks" / "eval.jsonl").exists()

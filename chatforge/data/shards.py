@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from chatforge.data.readers import Sources, describe_paths, empty_data_message, expand_paths, iter_file_documents
 from chatforge.errors import ConfigError, DataError
+from chatforge.files import strict_json
 
 if TYPE_CHECKING:  # torch is imported lazily: spawned tokenizer workers import this module and never need it
     import torch
@@ -343,7 +344,7 @@ def prepare_shards(
             "sources": [str(p) for p in paths],
             "splits": {split: writer.summary() for split, writer in writers.items()},
         }
-        (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / META_NAME).write_text(strict_json(meta, indent=2) + "\n")
         _commit(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

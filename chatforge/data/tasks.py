@@ -39,7 +39,6 @@ other files as they were.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import string
@@ -67,7 +66,7 @@ from chatforge.data.world import (
     number_to_words,
 )
 from chatforge.errors import ConfigError
-from chatforge.files import atomic_write
+from chatforge.files import atomic_write, strict_json
 
 # --------------------------------------------------------------------------------------------
 # Registries
@@ -1115,7 +1114,7 @@ def build_tasks(world: World, seed: int = 0, config: TaskConfig | None = None,
 def _write_jsonl(path: Path, records: list[dict]) -> Path:
     def write(f) -> None:
         for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write(strict_json(r, ensure_ascii=False) + "\n")
 
     return atomic_write(path, write)
 
@@ -1145,5 +1144,5 @@ def write_tasks(out_dir: str | Path, world: World, seed: int = 0, config: TaskCo
         "counts": {name: len(recs) for name, recs in records.items()},
         "items": {s: {f: len(items) for f, items in by_family.items()} for s, by_family in tasks.items.items()},
     }
-    paths["tasks"] = atomic_write(out / "tasks.json", lambda f: f.write(json.dumps(meta, indent=1) + "\n"))
+    paths["tasks"] = atomic_write(out / "tasks.json", lambda f: f.write(strict_json(meta, indent=1) + "\n"))
     return paths

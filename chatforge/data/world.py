@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from chatforge.errors import ConfigError, DataError
-from chatforge.files import atomic_write
+from chatforge.files import atomic_write, strict_json
 
 # --------------------------------------------------------------------------------------------
 # Registries
@@ -529,7 +529,7 @@ class World:
             raise DataError(f"{source}: malformed world ({type(exc).__name__}: {exc})") from None
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
+        return strict_json(self.to_dict(), indent=1)
 
     @classmethod
     def from_json(cls, text: str, source: str = "world") -> World:

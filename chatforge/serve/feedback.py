@@ -30,7 +30,7 @@ from typing import Any
 import click
 
 from chatforge.errors import DataError
-from chatforge.files import atomic_write
+from chatforge.files import atomic_write, strict_json
 from chatforge.serve.store import DEFAULT_DB_URL, Store, StoreError, database_url
 
 
@@ -129,7 +129,7 @@ def export_preferences(db: str | Path, out: str | Path) -> ExportStats:
         raise DataError(f"{_display(url)}: no preference pairs to export ({stats.comparisons} comparisons, "
                         f"{stats.ties} ties, {stats.rated} rated answers, {stats.identical} identical pairs); "
                         "expected a comparison with a choice, or a thumbs-up and a thumbs-down answer to one prompt")
-    atomic_write(out, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write(out, lambda f: f.writelines(strict_json(r, ensure_ascii=False) + "\n" for r in records))
     return stats
 
 

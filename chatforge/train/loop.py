@@ -43,6 +43,7 @@ from chatforge.checkpoint import (
     save_checkpoint,
 )
 from chatforge.errors import CheckpointError, ConfigError
+from chatforge.files import strict_json
 from chatforge.train.distributed import DistInfo, all_gather_ints, all_reduce_sum, barrier
 
 Batch = dict[str, torch.Tensor]
@@ -184,7 +185,7 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if self.enabled:
             with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(strict_json(record) + "\n")
 
 
 class Trainer:
@@ -281,7 +282,7 @@ class Trainer:
             if not resume:
                 (self.out_dir / METRICS_FILE).unlink(missing_ok=True)
         if self.dist.is_main:
-            (self.out_dir / "run_config.json").write_text(json.dumps(self.trainer_state(), indent=2) + "\n")
+            (self.out_dir / "run_config.json").write_text(strict_json(self.trainer_state(), indent=2) + "\n")
         barrier()
         check_same_start(all_gather_ints(self.step, self.dist.device), self.checkpoint_dir)
 

@@ -29,6 +29,7 @@ from chatforge.data.chat_readers import read_prompts
 from chatforge.data.tasks import Scorer
 from chatforge.data.world import World
 from chatforge.evaluate import generate_answers
+from chatforge.files import strict_json
 from chatforge.train.distributed import DistInfo
 from chatforge.train.dpo import DPOConfig, run_dpo
 from chatforge.train.loop import TrainConfig
@@ -152,7 +153,7 @@ def save_results(run: Path, figures: dict[str, list[dict[str, float]]], seeds: S
     for method, rows in figures.items():
         results[method] = {"seeds": [] if method == "sft" else list(seeds), "settings": asdict(settings),
                            "figures": rows}
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    path.write_text(strict_json(results, indent=1) + "\n")
 
 
 def load_results(run: Path) -> dict:
