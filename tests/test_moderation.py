@@ -317,3 +317,16 @@ def test_default_on_the_worlds_tasks(default):
         answer = demo.messages[-1].content
         quotes_request = demo.family == "harmful" and demo.style == "verbose"
         assert (default.check(answer) is not None) == (demo in complied or quotes_request), answer
+
+
+def test_the_server_never_imports_the_built_in_world():
+    """The moderator owns its refusal text; serving a user's own model loads nothing of the built-in world."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pkgutil, importlib, chatforge.serve as s\n"
+            "for m in pkgutil.iter_modules(s.__path__): importlib.import_module('chatforge.serve.' + m.name)\n"
+            "print(sorted(m for m in sys.modules if m in ('chatforge.data.tasks', 'chatforge.data.world')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert Moderator.REFUSAL == REFUSAL == REFUSALS[0]

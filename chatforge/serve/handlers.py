@@ -84,14 +84,8 @@ class ServerState:
 
     @property
     def refusal(self) -> str:
-        """The moderator's REFUSAL (an attribute, or chatforge.serve.moderation's module constant)."""
-        text = getattr(self.moderator, "REFUSAL", None)
-        if text is None:
-            try:
-                from chatforge.serve.moderation import REFUSAL as text
-            except ImportError:
-                text = "I'm sorry, but I can't help with that."
-        return str(text)
+        """What the moderator answers a flagged request with: it owns the text."""
+        return str(self.moderator.REFUSAL)
 
 
 @dataclass

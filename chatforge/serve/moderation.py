@@ -1,7 +1,7 @@
 """Moderation: a configurable filter for what users send and what the model answers.
 
 The server runs ``Moderator.check`` on a request's input text and on the model's output; when it
-returns a reason, the server answers with ``REFUSAL`` (the built-in world's standard refusal) and
+returns a reason, the server answers with ``Moderator.REFUSAL`` (the built-in world's standard refusal) and
 ``finish_reason: "content_filter"`` instead of the flagged text.
 
     moderator = Moderator.from_file("moderation.yaml")   # or "default", or None (flags nothing)
@@ -60,10 +60,11 @@ from typing import Any
 
 import yaml
 
-from chatforge.data.tasks import REFUSALS
 from chatforge.errors import ChatforgeError, ConfigError
 
-REFUSAL: str = REFUSALS[0]  # "I'm sorry, but I can't help with that."
+#: what a flagged request is answered with: the words the built-in world trains refusals with
+#: (`chatforge.data.tasks.REFUSALS[0]`; a test keeps the two equal), so served and trained refusals agree
+REFUSAL = "I'm sorry, but I can't help with that."
 DEFAULT = "default"  # from_file(DEFAULT) loads DEFAULT_FILE
 DEFAULT_FILE = Path(__file__).with_name("moderation_default.yaml")
 CONFIG_KEYS = ("words", "inflections", "patterns", "classifier")
@@ -163,8 +164,11 @@ class Moderator:
 
     ``check(text)`` returns None when the text is fine, otherwise a short reason. Build one with
     ``from_file`` (a YAML/JSON config, ``"default"``, or None for a moderator that flags nothing),
-    ``from_dict`` (the same config already parsed) or directly.
+    ``from_dict`` (the same config already parsed) or directly. ``REFUSAL`` is what the server answers
+    a flagged request with.
     """
+
+    REFUSAL = REFUSAL
 
     def __init__(self, words: Iterable[str] = (), patterns: Mapping[str, str | re.Pattern] | None = None,
                  classifier: _Classifier | None = None, *, inflections: bool = True) -> None:
