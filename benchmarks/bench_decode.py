@@ -5,7 +5,7 @@
 
 What is measured. One GPT-2-small-size model (12 layers, width 768, 12 heads, vocabulary 50257,
 context 1024; 124M weights, random), fp32, 2 threads. The weights are exported with
-`chatforge.hf.export_hf` and loaded into `transformers.GPT2LMHeadModel`, so both contenders run
+`chatforge.checkpoint.export_hf` and loaded into `transformers.GPT2LMHeadModel`, so both contenders run
 the same weights; before timing, the script checks that both produce the same greedy tokens.
 
 Ours: `Engine(model, stub_tokenizer, max_batch_size=16, compile=True)`, `engine.generate(prompts,
@@ -65,9 +65,9 @@ from collections.abc import Callable
 import torch
 from machine import cpu_model, cpu_ticks, load_average  # benchmarks/machine.py
 
+from chatforge.checkpoint import export_hf
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
-from chatforge.hf import export_hf
 from chatforge.model import GPT, GPTConfig, linear
 
 CONFIG = GPTConfig(vocab_size=50257, context_length=1024, n_layer=12, n_head=12, n_embd=768)

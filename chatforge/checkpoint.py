@@ -13,16 +13,12 @@ A checkpoint is a directory:
 
 It is written whole into a temporary sibling and swapped in by renames, so a crash while
 saving leaves the previous checkpoint intact. A Hugging Face GPT-2 directory is accepted
-wherever a checkpoint is read (see chatforge.hf).
+wherever a checkpoint is read, and `export_hf` writes one (chatforge.hf converts the names and
+layouts both ways).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +26,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from chatforge.errors import CheckpointError
-from chatforge.files import atomic_write_text, ordinary_permissions, strict_json
+from chatforge import hf
+from chatforge.errors import CheckpointError, ConfigError
+from chatforge.files import atomic_directory, read_json, write_json
 from chatforge.model import GPT, GPTConfig, ScalarHeadModel
+
+__all__ = ["atomic_directory", "read_json", "write_json"]  # re-exported: many modules take them from here
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -51,49 +50,6 @@ class Checkpoint:
     tokenizer: Any | None  # chatforge.tokenizer.Tokenizer
     generation_config: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # config.json entries other than the model's
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename) so readers never see half a file."""
-    atomic_write_text(path, strict_json(obj, indent=2, sort_keys=True) + "\n")
-
-
-def read_json(path: Path, what: str) -> dict:
-    try:
-        obj = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; expected the {what}") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected the {what}") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a JSON object holding the {what}")
-    return obj
-
-
-@contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces `path` as a whole.
-
-    The old directory is renamed aside before the new one takes its name and removed only
-    after, so at every instant one complete copy exists (`resolve_checkpoint_dir` falls back
-    to the aside copy if a crash hits between the two renames).
-    """
-    path = Path(path)
-    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    ordinary_permissions(tmp)
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def model_state_dict(model: GPT | ScalarHeadModel) -> dict[str, torch.Tensor]:
@@ -171,31 +127,33 @@ def load_model_config(path: Path) -> tuple[GPTConfig, dict]:
     return GPTConfig.from_dict(config["model"]), extra
 
 
-def load_state_into(model: GPT | ScalarHeadModel, weights_file: Path) -> None:
-    if not weights_file.exists():
-        raise CheckpointError(f"{weights_file}: missing; expected the model weights (safetensors)")
-    state = load_file(str(weights_file))
+def check_state(model: GPT | ScalarHeadModel, state: dict[str, torch.Tensor], weights_file: Path,
+                what: str = "weights do not match config.json") -> None:
+    """Raise CheckpointError naming the file unless `state` has exactly the model's weights, each of its shape."""
     expected = set(model_state_dict(model))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise CheckpointError(
-            f"{weights_file}: weights do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
+        raise CheckpointError(f"{weights_file}: {what} (missing {missing[:5]}, unexpected {unexpected[:5]})")
     for key, tensor in model.state_dict().items():
         if key in state and state[key].shape != tensor.shape:
             raise CheckpointError(
                 f"{weights_file}: {key} has shape {tuple(state[key].shape)}, config.json implies {tuple(tensor.shape)}"
             )
+
+
+def load_state_into(model: GPT | ScalarHeadModel, weights_file: Path) -> None:
+    if not weights_file.exists():
+        raise CheckpointError(f"{weights_file}: missing; expected the model weights (safetensors)")
+    state = load_file(str(weights_file))
+    check_state(model, state, weights_file)
     model.load_state_dict(state, strict=False)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", tokenizer: bool = True) -> Checkpoint:
     """Load a chatforge checkpoint or a Hugging Face GPT-2 directory."""
-    from chatforge import hf  # hf imports this module for writing
-
     path = resolve_checkpoint_dir(path)
-    if hf.is_hf_gpt2_dir(path):
-        return hf.load_hf_gpt2(path, device=device, tokenizer=tokenizer)
+    if is_hf_gpt2_dir(path):
+        return load_hf_gpt2(path, device=device, tokenizer=tokenizer)
     config, extra = load_model_config(path)
     model = ScalarHeadModel(GPT(config)) if extra.get("head") == "scalar" else GPT(config)
     load_state_into(model, path / WEIGHTS_FILE)
@@ -221,3 +179,57 @@ def load_training_state(path: str | Path) -> dict:
     if not file.exists():
         raise CheckpointError(f"{file}: missing; expected the training state of a resumable checkpoint")
     return torch.load(file, map_location="cpu", weights_only=True)
+
+
+# ---- Hugging Face GPT-2 directories ----------------------------------------------------------------
+
+
+def is_hf_gpt2_dir(path: Path) -> bool:
+    try:
+        return read_json(Path(path) / CONFIG_FILE, "model config").get("model_type") == "gpt2"
+    except CheckpointError:
+        return False
+
+
+def load_hf_gpt2(path: str | Path, device: str | torch.device = "cpu", tokenizer: bool = True) -> Checkpoint:
+    """Load a transformers GPT-2 directory (config.json + model.safetensors) as our GPT. Only safetensors
+    weights are read: a pickled `pytorch_model.bin` could run code when loaded."""
+    path = Path(path)
+    config = hf.config_from_hf(read_json(path / CONFIG_FILE, "GPT-2 config"), path / CONFIG_FILE)
+    weights = path / WEIGHTS_FILE
+    if not weights.exists():
+        hint = " (pytorch_model.bin is not read because unpickling can run code; re-save with safetensors)"
+        raise CheckpointError(f"{weights}: missing; expected GPT-2 weights in safetensors format" + (
+            hint if (path / "pytorch_model.bin").exists() else ""))
+    state = hf.state_from_hf(load_file(str(weights)))
+    model = GPT(config)
+    check_state(model, state, weights, "not GPT-2 weights")
+    model.load_state_dict(state, strict=False)
+    model.to(device)
+    tok = None
+    if tokenizer:
+        from chatforge.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_pretrained_dir(path)
+    gen = read_json(path / GENERATION_FILE, "generation config") if (path / GENERATION_FILE).exists() else {}
+    return Checkpoint(path=path, model=model, tokenizer=tok, generation_config=gen, extra={"imported_from": "hf"})
+
+
+def export_hf(model: GPT, tokenizer: Any | None, out_dir: str | Path) -> Path:
+    """Write a directory that `transformers.GPT2LMHeadModel.from_pretrained` loads."""
+    eot = tokenizer.eot_id if tokenizer is not None else None
+    with atomic_directory(out_dir) as tmp:
+        write_json(tmp / CONFIG_FILE, hf.config_to_hf(model.config, eot))
+        save_file(hf.state_to_hf(model_state_dict(model)), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_json(tmp / GENERATION_FILE, {"bos_token_id": eot, "eos_token_id": eot})
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer.json")
+            write_json(tmp / "tokenizer_config.json", hf.tokenizer_config(tokenizer))
+    return Path(out_dir)
+
+
+def export_checkpoint_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+    ckpt = load_checkpoint(checkpoint_dir)
+    if isinstance(ckpt.model, ScalarHeadModel):  # GPT2LMHeadModel has no place for a scalar head
+        raise ConfigError(f"export: {checkpoint_dir} is a reward model (a scalar head); expected a language model")
+    return export_hf(ckpt.model, ckpt.tokenizer, out_dir)

@@ -451,7 +451,7 @@ def export(checkpoint: str, fmt: str, out: str, dtype: str) -> None:
     else:
         if Path(out).is_file():
             raise ConfigError(f"{out}: is a file; expected an output directory for --format hf")
-        from chatforge.hf import export_checkpoint_hf
+        from chatforge.checkpoint import export_checkpoint_hf
 
         path = export_checkpoint_hf(checkpoint, out)
     click.echo(f"export: {fmt} -> {path}")

@@ -6,9 +6,13 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
+
+from chatforge.errors import CheckpointError
 
 
 def temp_file_beside(path: Path) -> tuple[int, str]:
@@ -78,3 +82,47 @@ def strict_json(obj: Any, **kwargs: Any) -> str:
     if default is not None:  # apply it first, so a converted value (a numpy float) is checked too
         obj = json.loads(json.dumps(obj, default=default))
     return json.dumps(finite_or_none(obj), allow_nan=False, **kwargs)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write strict JSON atomically (temp file + rename) so readers never see half a file."""
+    atomic_write_text(path, strict_json(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`; CheckpointError naming the file and `what` was expected otherwise."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; expected the {what}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected the {what}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object holding the {what}")
+    return obj
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces `path` as a whole.
+
+    The old directory is renamed aside before the new one takes its name and removed only
+    after, so at every instant one complete copy exists (`checkpoint.resolve_checkpoint_dir` falls
+    back to the aside copy if a crash hits between the two renames).
+    """
+    path = Path(path)
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    ordinary_permissions(tmp)
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)

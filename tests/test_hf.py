@@ -5,9 +5,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from chatforge.checkpoint import load_checkpoint  # noqa: E402
+from chatforge.checkpoint import export_hf, load_checkpoint  # noqa: E402
 from chatforge.errors import CheckpointError  # noqa: E402
-from chatforge.hf import export_hf  # noqa: E402
 from chatforge.model import GPT, GPTConfig  # noqa: E402
 
 
@@ -86,3 +85,13 @@ def test_exported_files_get_ordinary_permissions_not_owner_only(tmp_path, small_
         os.umask(old)
     files = [*sorted((tmp_path / "hf").iterdir()), tmp_path / "model.gguf"]
     assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o644" for f in files}
+
+
+def test_hf_is_pure_conversion_that_imports_no_checkpoint_code():
+    """checkpoint.py reads and writes HF directories through hf.py's conversions; hf.py never imports it back."""
+    import subprocess
+    import sys
+
+    code = "import sys, chatforge.hf; print(sorted(m for m in sys.modules if m.startswith('chatforge.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "chatforge.checkpoint" not in out and "chatforge.files" not in out

@@ -24,9 +24,9 @@ import torch
 openai = pytest.importorskip("openai")
 
 from chatforge.chat import ChatTemplate, Message  # noqa: E402
+from chatforge.checkpoint import export_hf  # noqa: E402
 from chatforge.generate.engine import Engine  # noqa: E402
 from chatforge.generate.params import SamplingParams  # noqa: E402
-from chatforge.hf import export_hf  # noqa: E402
 from chatforge.model import GPT, GPTConfig  # noqa: E402
 from chatforge.serve.app import ServeConfig, create_app  # noqa: E402
 from chatforge.serve.server import ServerThread  # noqa: E402
