@@ -64,6 +64,18 @@ def small_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def make_tiny_gpt(small_tokenizer):
+    """`make_tiny_gpt(context_length)`: the servers' tests' model, a seeded 1-layer GPT over `small_tokenizer`
+    (the same weights for the same context length, whichever test makes it)."""
+    def make(context_length: int = 64) -> GPT:
+        torch.manual_seed(0)
+        return GPT(GPTConfig(vocab_size=small_tokenizer.vocab_size, context_length=context_length, n_layer=1,
+                             n_head=2, n_embd=16)).eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def prepared_data(tmp_path_factory):
     """A small built-in-world corpus, its tokenizer and its token shards, made once per session."""
     from chatforge.data.readers import iter_documents
@@ -78,3 +90,36 @@ def prepared_data(tmp_path_factory):
     prepare_shards([corpus], tok, root / "data", val_fraction=0.05, num_workers=1, show_progress=False)
     tok.save(root / "data" / "tokenizer.json")
     return root
+
+
+# ---- a served tiny model: a module that asks for these defines `tiny` as (model, tokenizer) ------------
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    """The OpenAI-compatible server over the module's `tiny` model, in a background thread."""
+    from chatforge.generate.engine import Engine
+    from chatforge.serve.app import ServeConfig, create_app
+    from chatforge.serve.server import ServerThread
+
+    model, tok = tiny
+    app = create_app(Engine(model, tok, max_batch_size=8), ServeConfig(model_name="tiny", web=False))
+    with ServerThread(app) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official `openai` client of `server`."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def local(tiny):
+    """An engine of our own on the same weights: what the server must answer."""
+    from chatforge.generate.engine import Engine
+
+    model, tok = tiny
+    return Engine(model, tok, max_batch_size=8)

@@ -25,11 +25,8 @@ openai = pytest.importorskip("openai")
 
 from chatforge.chat import ChatTemplate, Message  # noqa: E402
 from chatforge.checkpoint import export_hf  # noqa: E402
-from chatforge.generate.engine import Engine  # noqa: E402
 from chatforge.generate.params import SamplingParams  # noqa: E402
-from chatforge.model import GPT, GPTConfig  # noqa: E402
-from chatforge.serve.app import ServeConfig, create_app  # noqa: E402
-from chatforge.serve.server import ServerThread  # noqa: E402
+from chatforge.model import GPT  # noqa: E402
 
 TOL = 1e-4
 # (context, answer choices, index of the right one): lm-eval's multiple choice scores " " + choice after context
@@ -56,31 +53,8 @@ def end_biased(model: GPT, eot: int) -> GPT:
 
 
 @pytest.fixture(scope="module")
-def tiny(small_tokenizer):
-    torch.manual_seed(0)
-    tok = small_tokenizer
-    config = GPTConfig(vocab_size=tok.vocab_size, context_length=128, n_layer=1, n_head=2, n_embd=16)
-    return end_biased(GPT(config).eval(), tok.eot_id), tok
-
-
-@pytest.fixture(scope="module")
-def server(tiny):
-    model, tok = tiny
-    app = create_app(Engine(model, tok, max_batch_size=8), ServeConfig(model_name="tiny", web=False))
-    with ServerThread(app) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
-
-
-@pytest.fixture(scope="module")
-def local(tiny):
-    """An engine of our own on the same weights: what the server must answer."""
-    model, tok = tiny
-    return Engine(model, tok, max_batch_size=8)
+def tiny(make_tiny_gpt, small_tokenizer):
+    return end_biased(make_tiny_gpt(128), small_tokenizer.eot_id), small_tokenizer
 
 
 def token_logprobs(model: GPT, ids: list[int]) -> list[float]:

@@ -10,14 +10,12 @@ import threading
 
 import httpx
 import pytest
-import torch
 
 openai = pytest.importorskip("openai")
 
 from chatforge.chat import ChatTemplate, Message  # noqa: E402
 from chatforge.generate.engine import Engine  # noqa: E402
 from chatforge.generate.params import SamplingParams  # noqa: E402
-from chatforge.model import GPT, GPTConfig  # noqa: E402
 from chatforge.serve.app import ServeConfig, create_app  # noqa: E402
 from chatforge.serve.server import ServerThread  # noqa: E402
 
@@ -25,30 +23,8 @@ PROMPT = "The capital of Veloria"
 
 
 @pytest.fixture(scope="module")
-def tiny(small_tokenizer):
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=small_tokenizer.vocab_size, context_length=64, n_layer=1, n_head=2, n_embd=16)
-    return GPT(config).eval(), small_tokenizer
-
-
-@pytest.fixture(scope="module")
-def server(tiny):
-    model, tok = tiny
-    app = create_app(Engine(model, tok, max_batch_size=8), ServeConfig(model_name="tiny", web=False))
-    with ServerThread(app) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
-
-
-@pytest.fixture(scope="module")
-def local(tiny):
-    """An engine of our own on the same weights: what the server must answer."""
-    model, tok = tiny
-    return Engine(model, tok, max_batch_size=8)
+def tiny(make_tiny_gpt, small_tokenizer):
+    return make_tiny_gpt(64), small_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,8 @@ USER = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
-def tiny(small_tokenizer):
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=small_tokenizer.vocab_size, context_length=CONTEXT, n_layer=1, n_head=2, n_embd=16)
-    return GPT(config).eval(), small_tokenizer
+def tiny(make_tiny_gpt, small_tokenizer):
+    return make_tiny_gpt(CONTEXT), small_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import json
 
 import httpx
 import pytest
-import torch
 
 openai = pytest.importorskip("openai")
 
@@ -16,7 +15,6 @@ from chatforge.chat import ChatTemplate, Message  # noqa: E402
 from chatforge.data.examples import GENERIC_EXAMPLES, example_prompts  # noqa: E402
 from chatforge.generate.engine import Engine  # noqa: E402
 from chatforge.generate.params import SamplingParams  # noqa: E402
-from chatforge.model import GPT, GPTConfig  # noqa: E402
 from chatforge.serve.app import ServeConfig, create_app  # noqa: E402
 from chatforge.serve.handlers import DROPPED_HEADER  # noqa: E402
 from chatforge.serve.server import ServerThread, startup_line  # noqa: E402
@@ -25,10 +23,8 @@ CONTEXT = 64
 
 
 @pytest.fixture(scope="module")
-def tiny(small_tokenizer):
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=small_tokenizer.vocab_size, context_length=CONTEXT, n_layer=1, n_head=2, n_embd=16)
-    return GPT(config).eval(), small_tokenizer
+def tiny(make_tiny_gpt, small_tokenizer):
+    return make_tiny_gpt(CONTEXT), small_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,9 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from chatforge.errors import CheckpointError
+from chatforge.files import read_json
+
 GENERIC_EXAMPLES = (
     "What is 17 + 25?",
     "Spell the word 'garden' letter by letter.",
@@ -50,8 +53,8 @@ def training_files(checkpoint: Path) -> list[Path]:
     ckpt = _checkpoint_dir(checkpoint)
     named: list[Path] = []
     try:
-        run_config = json.loads((ckpt / "trainer_state.json").read_text()).get("run_config") or {}
-    except (OSError, ValueError):
+        run_config = read_json(ckpt / "trainer_state.json", "trainer state").get("run_config") or {}
+    except (CheckpointError, OSError, ValueError):  # examples are a nicety: a broken file means none
         run_config = {}
     for key in ("data", "prompts"):
         value = run_config.get(key) if isinstance(run_config, dict) else None
@@ -69,10 +72,10 @@ def family_ranks(checkpoint: Path) -> dict[str, int]:
     """Family -> rank (0: best) by the score the run's eval.json gave this checkpoint; {} when it has none."""
     ckpt = _checkpoint_dir(checkpoint).resolve()
     try:
-        results = json.loads((ckpt.parent.parent / "eval.json").read_text())
-    except (OSError, ValueError):
+        results = read_json(ckpt.parent.parent / "eval.json", "evaluation")
+    except (CheckpointError, OSError, ValueError):
         return {}
-    for result in results.values() if isinstance(results, dict) else []:
+    for result in results.values():
         if not isinstance(result, dict) or not isinstance(result.get("checkpoint"), str):
             continue
         if _checkpoint_dir(Path(result["checkpoint"])).resolve() == ckpt:

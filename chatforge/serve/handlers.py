@@ -280,13 +280,10 @@ class OffsetTracker:
 
 
 class Formatter:
-    def __init__(self, tokenizer: Any, skip_special: bool = False) -> None:
+    def __init__(self, tokenizer: Any, text_bytes: Callable[[int], bytes] | None = None) -> None:
         self.tok = tokenizer
-        self.skipped = frozenset(getattr(tokenizer, "special_ids", {}).values()) if skip_special else frozenset()
-
-    def text_bytes(self, token_id: int) -> bytes:
-        """What the token adds to the text (nothing for a skipped special token), for text offsets."""
-        return b"" if token_id in self.skipped else self.tok.token_bytes(token_id)
+        # what a generated token adds to the text (the engine's rule: a skipped special token adds nothing)
+        self.text_bytes = text_bytes or tokenizer.token_bytes
 
     def token_str(self, token_id: int) -> str:
         return self.tok.token_bytes(token_id).decode("utf-8", errors="replace")
@@ -410,7 +407,7 @@ class Generation:
         self.dropped_messages = dropped_messages  # with truncation "auto": reported in a header and the body
         self.logprobs_limit, self.include_usage = logprobs_limit, include_usage
         self.user_texts = user_texts if user_texts is not None else [p.text for p in prompts]
-        self.fmt = Formatter(state.tokenizer, params.skip_special_tokens)
+        self.fmt = Formatter(state.tokenizer, lambda token: state.engine.text_bytes(token, params))
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.started = time.monotonic()

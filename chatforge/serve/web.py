@@ -186,7 +186,7 @@ def attach_web(app: FastAPI, db_url: str, api_key: str | None = None) -> None:
 
     @router.get("/examples")
     def examples(request: Request) -> dict:
-        return example_prompts(request.app)
+        return served_examples(request.app)
 
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="web-static")
@@ -202,7 +202,7 @@ def attach_web(app: FastAPI, db_url: str, api_key: str | None = None) -> None:
                             headers={"Cache-Control": "max-age=86400", "X-Content-Type-Options": "nosniff"})
 
 
-def example_prompts(app: FastAPI) -> dict:
+def served_examples(app: FastAPI) -> dict:
     """The server's example prompts (``app.state.chatforge.examples``) when it has some, else the generic ones."""
     state = getattr(app.state, "chatforge", None)
     found = [str(e) for e in getattr(state, "examples", None) or [] if str(e).strip()]
