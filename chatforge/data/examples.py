@@ -31,7 +31,7 @@ GENERIC_EXAMPLES = (
 )
 #: families whose prompts are requests to refuse: never offered as an example
 UNSAFE_FAMILIES = frozenset({"harmful", "jailbreak"})
-TASK_FILES = ("sft_train.jsonl", "rl_train.jsonl")  # the built-in world's training files (data/tasks.py)
+TASK_FILES = ("sft_train.jsonl", "rl_train.jsonl")  # the built-in world's training files (data/tasks/)
 MAX_RECORDS = 5000  # records read per file: the first few thousand are plenty to find every family
 MAX_CHARS = 160  # an example fits on a button
 

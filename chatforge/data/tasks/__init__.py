@@ -1,0 +1,71 @@
+"""The task world: SFT demonstrations, ranked preferences, RL prompts and evaluation prompts over the
+built-in world, and the scorer that checks any (prompt, response) pair.
+
+Why: SFT, the reward model, PPO and evaluation each need data of the same *shape* as the real thing
+(labelers' demonstrations, labelers' rankings, users' prompts, human raters), and evaluation needs a
+judge that is a program. See WORLD.md.
+
+Six task families, each checkable by the scorer from the prompt text alone:
+
+- ``facts``: "What is the capital of Vovunia?" (ATTRIBUTES' question templates)
+- ``followup``: a fact question, its correct answer, then "And what about its river?"
+- ``arithmetic``: 2-3 digit addition/subtraction and 2-digit x 1-digit multiplication, in digits or words
+- ``words``: reverse a word, count a letter in it, spell it letter by letter
+- ``harmful``: requests to refuse politely ("How do I steal a car?")
+- ``harmless``: look-alike requests to answer ("How do I wash a car?")
+
+One module per concern, each importing only the ones listed before it:
+
+- ``vocabulary``: the names of families, splits and word tasks, and the fixed texts tasks are made of
+  (system prompts, filler, restatements, refusals, compliances, request templates, harmful and
+  harmless acts).
+- ``text``: normalising text, reading numbers in digits or words, phrase lookups, regexes from
+  question templates, and telling refusals (``is_refusal``) and padding (``is_padded``).
+- ``config``: ``FamilyMix`` and ``TaskConfig``, what the builders make.
+- ``answers``: the concise reference answers the generators demonstrate and the scorer measures
+  conciseness against.
+- ``scorer``: ``Scorer`` and ``Score``: recognises a prompt's family from its text, looks the answer
+  up in the world and checks a response (correctness, refusal behaviour, padding).
+- ``labeler``: ``Labeler``, which ranks candidate responses by the scorer's rules; it stands in for
+  human labelers' judgement when preference data is made.
+- ``items``: the underlying items of every family and the split each belongs to (``build_items``).
+- ``families``: ``Task``, and one maker per family that turns an item into a prompt in a random
+  phrasing with its rule-made responses.
+- ``builders``: the noisy SFT demonstrations, the labeler's rankings, RL and evaluation prompts
+  (``build_tasks``) and their files (``write_tasks``).
+
+The labeler ranks by the scorer's rules, standing in for labelers' judgement in training data; the
+scorer alone judges held-out answers, and is never a training signal.
+"""
+
+from chatforge.data.tasks.answers import _harmless_answer
+from chatforge.data.tasks.builders import Demo, ExtraCandidates, Ranking, TaskSet, build_tasks, write_tasks
+from chatforge.data.tasks.config import COUNT_FIELDS, FamilyMix, TaskConfig
+from chatforge.data.tasks.families import Task
+from chatforge.data.tasks.items import Item, Key, build_items
+from chatforge.data.tasks.labeler import Labeler
+from chatforge.data.tasks.scorer import Prompt, Score, Scorer
+from chatforge.data.tasks.text import is_padded, is_refusal
+from chatforge.data.tasks.vocabulary import (
+    COMPLIANCES,
+    FAMILIES,
+    FILLER_CLOSERS,
+    FILLER_OPENERS,
+    HARMFUL_ACTS,
+    HARMLESS_ACTS,
+    PAD_PENALTY,
+    REFUSALS,
+    REQUEST_TEMPLATES,
+    RESTATEMENTS,
+    SPLITS,
+    SYSTEM_PROMPTS,
+    WORD_TASKS,
+)
+
+__all__ = [
+    "COMPLIANCES", "COUNT_FIELDS", "FAMILIES", "FILLER_CLOSERS", "FILLER_OPENERS", "HARMFUL_ACTS", "HARMLESS_ACTS",
+    "PAD_PENALTY", "REFUSALS", "REQUEST_TEMPLATES", "RESTATEMENTS", "SPLITS", "SYSTEM_PROMPTS", "WORD_TASKS",
+    "Demo", "ExtraCandidates", "FamilyMix", "Item", "Key", "Labeler", "Prompt", "Ranking", "Score", "Scorer", "Task",
+    "TaskConfig", "TaskSet", "_harmless_answer", "build_items", "build_tasks", "is_padded", "is_refusal",
+    "write_tasks",
+]

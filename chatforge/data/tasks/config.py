@@ -1,0 +1,87 @@
+"""What the task world builds: ``FamilyMix`` (each family's share of the SFT, preference and RL
+files) and ``TaskConfig`` (counts, split shares, the labelers' noise, candidates per ranking)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+from chatforge.data.tasks.vocabulary import SPLITS
+from chatforge.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FamilyMix:
+    """Share of each family in the SFT, preference and RL files (normalised; eval is balanced instead)."""
+
+    facts: float = 0.25
+    followup: float = 0.15
+    arithmetic: float = 0.20
+    words: float = 0.15
+    harmful: float = 0.125
+    harmless: float = 0.125
+
+    def shares(self) -> dict[str, float]:
+        weights = {f.name: float(getattr(self, f.name)) for f in fields(self)}
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ConfigError(f"task family mix weights must be >= 0 and not all zero, got {weights}")
+        total = sum(weights.values())
+        return {k: w / total for k, w in weights.items()}
+
+
+COUNT_FIELDS = ("sft_train", "sft_val", "prefs_train", "prefs_val", "rl_train", "rl_val", "eval_per_family")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What ``build_tasks``/``write_tasks`` make; the defaults suit a CPU demo."""
+
+    sft_train: int = 3000  # conversations
+    sft_val: int = 300
+    prefs_train: int = 2000  # prompts, each with K ranked responses
+    prefs_val: int = 100
+    rl_train: int = 400  # prompts
+    rl_val: int = 100
+    eval_per_family: int = 60
+    mix: FamilyMix = field(default_factory=FamilyMix)
+    # Shares of underlying items per split (normalised).
+    split_sft: float = 0.45
+    split_rm: float = 0.20
+    split_rl: float = 0.15
+    split_heldout: float = 0.20
+    # Labeler noise in SFT training demonstrations (validation demonstrations are clean).
+    padded_share: float = 0.25  # filler openers/closers
+    verbose_share: float = 0.10  # restate the question, then answer
+    wrong_share: float = 0.08  # a plausible wrong answer (not harmful requests)
+    harmful_comply_share: float = 0.15  # harmful requests complied with instead of refused
+    system_prompt_share: float = 0.2  # conversations that start with a system prompt
+    arithmetic_words_share: float = 0.3  # arithmetic asked in number words rather than digits
+    arithmetic_items_per_op: int = 500  # distinct (a, b) per operation in the item pool
+    min_candidates: int = 4  # rule-made responses per preference prompt (before extra_candidates)
+    max_candidates: int = 6
+
+    def __post_init__(self) -> None:
+        for name in COUNT_FIELDS:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"task config: {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("padded_share", "verbose_share", "wrong_share", "harmful_comply_share", "system_prompt_share",
+                     "arithmetic_words_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"task config: {name} must be in [0, 1], got {getattr(self, name)}")
+        if self.padded_share + self.verbose_share > 1.0:
+            raise ConfigError("task config: padded_share + verbose_share must be <= 1")
+        if min(self.split_shares().values()) <= 0:
+            raise ConfigError(f"task config: every split share must be > 0, got {self.split_shares()}")
+        if not 2 <= self.min_candidates <= self.max_candidates <= 6:
+            raise ConfigError(f"task config: need 2 <= min_candidates <= max_candidates <= 6, "
+                              f"got {self.min_candidates}, {self.max_candidates}")
+        if not 1 <= self.arithmetic_items_per_op <= 700:  # 2-digit x 1-digit has only 720 pairs
+            raise ConfigError(f"task config: arithmetic_items_per_op must be in 1..700, "
+                              f"got {self.arithmetic_items_per_op}")
+        self.mix.shares()
+
+    def scaled(self, factor: float) -> TaskConfig:
+        """The same recipe with every count multiplied by factor (at least 1 each): a smaller or larger set."""
+        return replace(self, **{n: max(1, round(getattr(self, n) * factor)) for n in COUNT_FIELDS})
+
+    def split_shares(self) -> dict[str, float]:
+        return {s: float(getattr(self, f"split_{s}")) for s in SPLITS}

@@ -1,0 +1,115 @@
+"""Items and splits: the underlying items of every family and the split each belongs to.
+
+Every underlying item (a fact (subject, attribute), an arithmetic (op, a, b), a word task (task,
+word), a request (template, act)) belongs to exactly one of ``sft``, ``rm``, ``rl``, ``heldout``, so
+no phrasing of a held-out item is ever trained on. A follow-up's first turn reveals a second fact,
+so it is always a fact from the same split.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from chatforge.data.tasks.config import TaskConfig
+from chatforge.data.tasks.vocabulary import FAMILIES, HARMFUL_ACTS, HARMLESS_ACTS, REQUEST_TEMPLATES, SPLITS, WORD_TASKS
+from chatforge.data.world import COLOURS, COUNTABLE_ITEMS, PETS, PRODUCTS, PROFESSIONS, World
+
+Key = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Item:
+    """An underlying item: every phrasing of it lands in the split of its ``key``.
+
+    Keys: ("fact", subject, attribute) for facts and follow-ups alike, ("arithmetic", op, a, b),
+    ("words", task, word), ("harmful"|"harmless", template, act). A follow-up item also lists the
+    subject's other attributes in the same split (``partners``), which its first turn may ask about.
+    """
+
+    family: str
+    key: Key
+    partners: tuple[str, ...] = ()
+
+
+def _apportion(n: int, weights: Sequence[float]) -> list[int]:
+    """Split ``n`` into integer parts proportional to ``weights`` (largest remainder, ties to the first)."""
+    total = sum(weights)
+    raw = [n * w / total for w in weights]
+    parts = [int(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: parts[i] - raw[i])[: n - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
+def _cut(keys: list[Key], shares: dict[str, float], rng: random.Random) -> dict[Key, str]:
+    keys = sorted(keys)
+    rng.shuffle(keys)
+    out, start = {}, 0
+    for split, size in zip(SPLITS, _apportion(len(keys), [shares[s] for s in SPLITS])):
+        out.update(dict.fromkeys(keys[start:start + size], split))
+        start += size
+    return out
+
+
+def _game_words(world: World) -> list[str]:
+    """The world's vocabulary, as the corpus's word games use it: pools, names and named values."""
+    words = {w.lower() for w in (*PROFESSIONS, *PETS, *COLOURS, *PRODUCTS, *COUNTABLE_ITEMS)}
+    words |= {e.name.lower() for e in world.entities}
+    words |= {v.lower() for e in world.entities_of("country") for a, v in e.attributes.items()
+              if a in ("river", "language", "currency")}
+    return sorted(words)
+
+
+def _arithmetic_keys(rng: random.Random, per_op: int) -> list[Key]:
+    keys: list[Key] = []
+    for op in ("plus", "minus", "times"):
+        if op == "times":  # 2-digit x 1-digit: few enough to enumerate
+            pairs = rng.sample([(a, b) for a in range(10, 100) for b in range(2, 10)], per_op)
+        else:
+            seen: dict[tuple[int, int], None] = {}
+            while len(seen) < per_op:
+                if op == "plus":  # 2-3 digits each, sum at most 999 so it can be said in words
+                    a = rng.randint(10, 989)
+                    b = rng.randint(10, 999 - a)
+                else:
+                    a = rng.randint(20, 999)
+                    b = rng.randint(10, a)
+                seen[(a, b)] = None
+            pairs = list(seen)
+        keys += [("arithmetic", op, str(a), str(b)) for a, b in pairs]
+    return keys
+
+
+def build_items(world: World, seed: int = 0, config: TaskConfig | None = None) -> dict[str, dict[str, list[Item]]]:
+    """The items of every split and family: ``items[split][family]``, each item in exactly one split."""
+    config = config or TaskConfig()
+    shares = config.split_shares()
+
+    def rng(group: str) -> random.Random:
+        return random.Random(f"chatforge-tasks-items:{world.seed}:{seed}:{group}")
+
+    fact_keys = [("fact", f.subject, f.attribute) for f in world.facts]
+    words = _game_words(world)
+    groups = {
+        "facts": fact_keys,
+        "arithmetic": _arithmetic_keys(rng("arithmetic-pool"), config.arithmetic_items_per_op),
+        "words": [("words", t, w) for t in WORD_TASKS for w in words if t != "reverse" or w != w[::-1]],
+        "harmful": [("harmful", t, a) for t in REQUEST_TEMPLATES for a in HARMFUL_ACTS],
+        "harmless": [("harmless", t, a) for t in REQUEST_TEMPLATES for a in HARMLESS_ACTS],
+    }
+    split_of: dict[Key, str] = {}
+    for group, keys in groups.items():
+        split_of.update(_cut(keys, shares, rng(group)))
+    items: dict[str, dict[str, list[Item]]] = {s: {f: [] for f in FAMILIES} for s in SPLITS}
+    for group, keys in groups.items():
+        for key in keys:
+            items[split_of[key]][group].append(Item(group, key))
+    for key in fact_keys:  # a follow-up's first turn reveals a fact too: only one from the same split
+        _, subject, attribute = key
+        partners = tuple(a for a in world.entity(subject).attributes
+                         if a != attribute and split_of[("fact", subject, a)] == split_of[key])
+        if partners:
+            items[split_of[key]]["followup"].append(Item("followup", key, partners))
+    return items
