@@ -21,7 +21,7 @@ from chatforge.data.tasks import (
 from chatforge.data.world import World
 from chatforge.errors import ConfigError
 from chatforge.model import GPT, GPTConfig, ScalarHeadModel
-from chatforge.serve.moderation import DEFAULT_FILE, REFUSAL, Moderator
+from chatforge.serve.moderation import DEFAULT_FILE, REFUSAL, Moderator, OutputGuard
 
 
 def write(tmp_path, text: str, name: str = "moderation.yaml") -> str:
@@ -264,6 +264,20 @@ def test_check_stream_partial_waits_for_the_last_word_to_end(tmp_path):
     assert m.check_stream("a bomb.", partial=True) == "blocked word: bomb"
     assert m.check_stream("a bomb is", partial=True) == "blocked word: bomb"
     assert m.check("a bomb") == "blocked word: bomb"  # the final check on the complete text
+
+
+def test_output_guard_shows_whole_checked_words_and_holds_back_the_partial_one(tmp_path):
+    m = moderator(tmp_path, "words: [bomb]\n")
+    guard = OutputGuard(m.check)
+    shown = [guard.push(c) for c in ["Hello", " world", "\n", "Next", " bomb", "astic", " line"]]
+    shown.append(guard.push("", final=True))
+    assert shown == ["", "Hello ", "world\n", "", "Next ", "", "bombastic "] + ["line"]  # a newline ends a word
+    assert guard.sent == "Hello world\nNext bombastic line"  # nothing lost or repeated
+    guard = OutputGuard(m.check)
+    assert [guard.push(c) for c in ["a bo", "mb", "!", " more"]] == ["a ", "", None, None]  # cut before the word
+    assert guard.sent == "a "
+    # the same rule as check_stream(partial=True): what the guard has shown is what that check saw
+    assert m.check_stream("a bomb", partial=True) is None and OutputGuard(m.check).push("a bomb") == "a "
 
 
 # ---- the default list -----------------------------------------------------------------------

@@ -6,6 +6,7 @@ The engine is the real one, slowed down (a sleep before each step) so that reque
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -22,8 +23,10 @@ import torch
 openai = pytest.importorskip("openai")
 
 from chatforge.generate.engine import Engine  # noqa: E402
+from chatforge.generate.params import SamplingParams  # noqa: E402
 from chatforge.model import GPT, GPTConfig  # noqa: E402
 from chatforge.serve.app import ServeConfig, create_app  # noqa: E402
+from chatforge.serve.runner import Cancelled, EngineRunner, Finished, Generated, Started, SubRequest  # noqa: E402
 from chatforge.serve.server import ServerThread  # noqa: E402
 
 STEP_S = 0.02
@@ -69,6 +72,31 @@ def server(tiny):
     s, runner = start(tiny, max_batch_size=2, max_queue=1)
     yield s, runner
     s.stop()
+
+
+def test_the_runner_posts_typed_messages_per_step(tiny):
+    model, tok = tiny
+    runner = EngineRunner(SlowEngine(model, tok, max_batch_size=2))
+    prompt = tok.encode("Mira walked")
+
+    async def collect(max_tokens: int, cancel: bool) -> list:
+        job = runner.submit([SubRequest(prompt, SamplingParams(max_tokens=max_tokens, temperature=0, **LONG))])
+        got = await job.get()
+        if cancel:
+            runner.cancel(job)
+        while not isinstance(got[-1], (Finished, Cancelled)):
+            got += await job.get()
+        return got
+
+    try:
+        done = asyncio.run(collect(3, cancel=False))
+        cancelled = asyncio.run(collect(100, cancel=True))
+    finally:
+        runner.stop()
+    assert isinstance(done[0], Started) and done[0].sub == 0  # prefilled: holds a slot
+    assert [len(m.event.token_ids) for m in done if isinstance(m, Generated)] == [1, 1, 1]
+    assert isinstance(done[-1], Finished) and done[-1].completion.completion_tokens == 3
+    assert isinstance(cancelled[-1], Cancelled) and 1 <= cancelled[-1].completion_tokens < 100
 
 
 def test_concurrent_requests_share_decode_steps(server):

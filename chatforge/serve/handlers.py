@@ -1,97 +1,40 @@
-"""/v1/completions and /v1/chat/completions: request -> prompts and SamplingParams -> engine job -> OpenAI JSON.
+"""/v1/completions and /v1/chat/completions: request -> checked prompts and SamplingParams -> one job.
 
-Both endpoints share one path. A request is checked completely before anything is queued (the
-model name, unsupported features, the context, then the engine's own `SamplingParams.validate`),
-so every client mistake is a 4xx and the engine thread only sees valid work. The job's messages
-(see runner.py) become either one response object or a stream of SSE chunks:
+A request is checked completely before anything is queued (the model name, unsupported features, the
+prompts, the context, then the engine's own `SamplingParams.validate`), so every client mistake is a
+4xx naming its field and the engine thread only sees valid work. Then each route picks its response
+format (formats.py: `CompletionFormat` or `ChatFormat`) and hands both to one `GenerationJob`
+(jobs.py: submitting, streaming, cancelling, metrics and moderation, the same for both endpoints).
 
-- completions: ``text_completion`` objects; a prompt list gives choices ``prompt_index * n + i``;
-  logprobs as ``{tokens, token_logprobs, top_logprobs, text_offset}`` (with echo the prompt's
-  tokens come first, the first one's logprob null); `max_tokens=0` with echo scores a text.
-- chat: ``chat.completion`` / ``chat.completion.chunk``; the stream's first chunk of each choice
-  carries only ``delta: {"role": "assistant"}``; logprobs as ``{content: [{token, logprob, bytes,
-  top_logprobs}]}``; the answer's text starts at its first visible character. The extra field
-  ``truncation: "auto"`` drops the oldest whole turns after the system prompt when the conversation
-  outgrows the context (OpenAI's Chat Completions answers 400, as this server does without it), and
-  reports how many messages went in the ``X-Chatforge-Dropped-Messages`` header and in
-  ``dropped_messages`` (the response, or the stream's first chunk).
+- completions: a prompt is text or token ids, or a list of either (choices ``prompt_index * n + i``);
+  `max_tokens=0` with echo scores a text; logprobs at most 5 (OpenAI's limit; chat allows 20).
+- chat: the messages go through the chat template; the answer's text starts at its first visible
+  character. The extra field ``truncation: "auto"`` drops the oldest whole turns after the system
+  prompt when the conversation outgrows the context (OpenAI's Chat Completions answers 400, as this
+  server does without it); the format reports how many messages went.
 - logprobs list every sampled token, an end token that stopped a choice included (usage counts it
   too), so ``echo`` with ``max_tokens: 1`` always gives the prompt's tokens + 1 entries.
-- ``stream_options.include_usage`` adds a final chunk with the usage and no choices; every stream
-  ends with ``data: [DONE]``; an error after the stream began is sent as ``data: {"error": …}``.
-
-Moderation (when a moderator is configured): a flagged input is answered with the moderator's
-REFUSAL and finish_reason "content_filter" without generating; a flagged output is cut before
-the text that made it flagged and finishes with "content_filter".
 """
 
 from __future__ import annotations
 
-import asyncio
-import codecs
-import json
-import math
-import re
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+import functools
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 
-from chatforge.chat import ChatTemplate, Conversation
-from chatforge.data.examples import GENERIC_EXAMPLES
+from chatforge.chat import Conversation
 from chatforge.errors import ChatforgeError, RequestError
-from chatforge.generate.engine import Completion, Engine, StreamEvent, TokenLogprob
 from chatforge.generate.params import MAX_LOGPROBS, SamplingParams
-from chatforge.serve.errors import APIError, from_user_error, server_error
-from chatforge.serve.metrics import Metrics
-from chatforge.serve.runner import EngineRunner, Job, QueueFull, ShuttingDown, SubRequest
+from chatforge.serve.errors import APIError
+from chatforge.serve.formats import DROPPED_HEADER as DROPPED_HEADER  # the header's home is formats.py
+from chatforge.serve.formats import ChatFormat, CompletionFormat
+from chatforge.serve.jobs import GenerationJob
 from chatforge.serve.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from chatforge.serve.state import Prompt, ServerState
 
 COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions; chat allows MAX_LOGPROBS (20)
-MIN_LOGPROB = -9999.0  # JSON has no -Infinity: banned tokens report this
-DISCONNECT_POLL_S = 0.25
-DROPPED_HEADER = "X-Chatforge-Dropped-Messages"  # with truncation "auto": how many old messages were left out
-
-
-@dataclass
-class ServerState:
-    """What the routes share; built once by create_app."""
-
-    engine: Engine
-    runner: EngineRunner
-    tokenizer: Any
-    template: ChatTemplate | None
-    model_name: str
-    metrics: Metrics
-    moderator: Any = None  # chatforge.serve.moderation.Moderator (check(text) -> reason | None; REFUSAL)
-    max_prompts: int = 64
-    max_beams: int = 16
-    created: int = field(default_factory=lambda: int(time.time()))
-    examples: list[str] = field(default_factory=lambda: list(GENERIC_EXAMPLES))  # what the page offers to ask
-    examples_source: str = "generic"  # "training": from the model's own training files
-
-    @property
-    def context_length(self) -> int:
-        return self.engine.config.context_length
-
-    @property
-    def vocab_size(self) -> int:
-        return self.engine.config.vocab_size
-
-    @property
-    def refusal(self) -> str:
-        """What the moderator answers a flagged request with: it owns the text."""
-        return str(self.moderator.REFUSAL)
-
-
-@dataclass
-class Prompt:
-    ids: list[int]
-    text: str
 
 
 # ---- request checking ------------------------------------------------------------------------------
@@ -259,456 +202,18 @@ def check_stream_options(body: SamplingFields) -> bool:
     return bool(body.stream and body.stream_options and body.stream_options.include_usage)
 
 
-# ---- formatting ------------------------------------------------------------------------------------
-
-
-def _lp(value: float) -> float:
-    return value if math.isfinite(value) else MIN_LOGPROB
-
-
-class OffsetTracker:
-    """Character offsets of tokens in decoded text (a character split over tokens counts once)."""
-
-    def __init__(self, start: int = 0) -> None:
-        self.offset = start
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, data: bytes) -> int:
-        at = self.offset
-        self.offset += len(self.decoder.decode(data))
-        return at
-
-
-class Formatter:
-    def __init__(self, tokenizer: Any, text_bytes: Callable[[int], bytes] | None = None) -> None:
-        self.tok = tokenizer
-        # what a generated token adds to the text (the engine's rule: a skipped special token adds nothing)
-        self.text_bytes = text_bytes or tokenizer.token_bytes
-
-    def token_str(self, token_id: int) -> str:
-        return self.tok.token_bytes(token_id).decode("utf-8", errors="replace")
-
-    def completion_logprobs(self, entries: list[TokenLogprob | None], token_ids: list[int],
-                            offsets: OffsetTracker, in_text: int | None = None, prompt: bool = False
-                            ) -> dict[str, list]:
-        """OpenAI's completions format for `token_ids` (entries[i] None: no logprob, as a prompt's first token).
-        Only the first `in_text` tokens (default: all) are in the text; the rest (the end token that stopped
-        a sequence) are listed at the offset where the text ends. A `prompt`'s tokens are all text."""
-        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        in_text = len(token_ids) if in_text is None else in_text
-        for i, (token_id, entry) in enumerate(zip(token_ids, entries)):
-            text = self.token_str(token_id)
-            out["tokens"].append(text)
-            data = self.tok.token_bytes(token_id) if prompt else self.text_bytes(token_id)
-            out["text_offset"].append(offsets.push(data if i < in_text else b""))
-            if entry is None:
-                out["token_logprobs"].append(None)
-                out["top_logprobs"].append(None)
-                continue
-            out["token_logprobs"].append(_lp(entry.logprob))
-            top: dict[str, float] = {}
-            for tid, lp in entry.top:
-                top.setdefault(self.token_str(tid), _lp(lp))
-            top[text] = _lp(entry.logprob)  # the chosen token is always there (wins a clash of equal strings)
-            out["top_logprobs"].append(top)
-        return out
-
-    def chat_logprob(self, entry: TokenLogprob) -> dict[str, Any]:
-        def one(token_id: int, lp: float) -> dict[str, Any]:
-            data = self.tok.token_bytes(token_id)
-            return {"token": data.decode("utf-8", errors="replace"), "logprob": _lp(lp), "bytes": list(data)}
-
-        return {**one(entry.token_id, entry.logprob), "top_logprobs": [one(t, lp) for t, lp in entry.top]}
-
-
-def sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-DONE = "data: [DONE]\n\n"
-
-
-class SSEResponse(StreamingResponse):
-    """A streaming response that runs `on_close` however the stream ends (done, error, client gone)."""
-
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None],
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
-        self.on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.on_close()
-
-
-class ClientGone(Exception):
-    pass
-
-
-def job_error(exc: Any) -> APIError:
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, ShuttingDown):
-        return APIError(503, str(exc), code="shutting_down")
-    if isinstance(exc, ChatforgeError):
-        return from_user_error(exc)
-    return server_error()
-
-
-# ---- one generation request ------------------------------------------------------------------------
-
-
-class OutputGuard:
-    """Moderates generated text as it grows. A trailing partial word is held back ("bomb" may become
-    "bombastic"), so the check always sees whole words; `push` returns the text that may be shown,
-    or None once the output is flagged (then nothing more of it is shown)."""
-
-    _PARTIAL_WORD = re.compile(r"\w+$")
-
-    def __init__(self, check: Callable[[str], Any]) -> None:
-        self.check = check
-        self.sent = ""
-        self.pending = ""
-        self.flagged = False
-
-    def push(self, text: str, final: bool = False) -> str | None:
-        if self.flagged:
-            return None
-        self.pending += text
-        hold = "" if final else (m.group() if (m := self._PARTIAL_WORD.search(self.pending)) else "")
-        part = self.pending[: len(self.pending) - len(hold)]
-        if (part or final) and self.check(self.sent + part):
-            self.flagged = True
-            return None
-        self.sent += part
-        self.pending = hold
-        return part
-
-
-@dataclass
-class _Choice:
-    index: int
-    text: str = ""
-    finished: bool = False
-    offsets: OffsetTracker | None = None
-    guard: OutputGuard | None = None
-
-
-class Generation:
-    """One HTTP generation request: its prompts, params, job and output, for either endpoint."""
-
-    def __init__(self, state: ServerState, kind: str, prompts: list[Prompt], params: SamplingParams, *,
-                 logprobs_limit: int, include_usage: bool = False, user_texts: list[str] | None = None,
-                 dropped_messages: int | None = None) -> None:
-        self.state, self.kind, self.prompts, self.params = state, kind, prompts, params
-        self.dropped_messages = dropped_messages  # with truncation "auto": reported in a header and the body
-        self.logprobs_limit, self.include_usage = logprobs_limit, include_usage
-        self.user_texts = user_texts if user_texts is not None else [p.text for p in prompts]
-        self.fmt = Formatter(state.tokenizer, lambda token: state.engine.text_bytes(token, params))
-        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-        self.started = time.monotonic()
-        self.first_token_at: float | None = None
-        self.completion_tokens = 0
-        self.job: Job | None = None
-        self.n = params.n
-        self.choices = {(i, j): _Choice(i * self.n + j) for i in range(len(prompts)) for j in range(self.n)}
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {} if self.dropped_messages is None else {DROPPED_HEADER: str(self.dropped_messages)}
-
-    def _with_dropped(self, obj: dict[str, Any]) -> dict[str, Any]:
-        if self.dropped_messages is not None:
-            obj["dropped_messages"] = self.dropped_messages
-        return obj
-
-    @property
-    def object(self) -> str:
-        return "chat.completion" if self.kind == "chat" else "text_completion"
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(len(p.ids) for p in self.prompts)
-
-    def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
-
-    def input_flagged(self) -> bool:
-        check = getattr(self.state.moderator, "check", None)
-        return check is not None and any(check(t) for t in self.user_texts if t)
-
-    def output_flagged(self, text: str) -> bool:
-        return self.state.moderator is not None and bool(text) and self.state.moderator.check(text) is not None
-
-    def new_guard(self) -> OutputGuard | None:
-        return OutputGuard(self.output_flagged) if self.state.moderator is not None else None
-
-    def submit(self) -> Job:
-        subs = [SubRequest(p.ids, self.params, self.logprobs_limit) for p in self.prompts]
-        try:
-            self.job = self.state.runner.submit(subs)
-        except QueueFull as e:
-            raise APIError(429, f"the server is busy: {e}; retry shortly", code="queue_full",
-                           headers={"Retry-After": "1"}) from None
-        except ShuttingDown as e:
-            raise APIError(503, str(e), code="shutting_down") from None
-        return self.job
-
-    def cancel(self) -> None:
-        if self.job is not None:
-            self.state.runner.cancel(self.job)
-
-    def finish_metrics(self) -> None:
-        metrics = self.state.metrics
-        metrics.add_tokens(self.prompt_tokens, self.completion_tokens)
-        metrics.observe_duration(time.monotonic() - self.started)
-
-    def _saw_token(self) -> None:
-        if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
-            self.state.metrics.observe_ttft(self.first_token_at - self.started)
-
-    async def messages(self, request: Request | None = None) -> AsyncIterator[tuple]:
-        """The job's messages until every sub is done or cancelled (or an error); with `request`,
-        a client that disconnects raises ClientGone (non-streaming requests poll for it)."""
-        job = self.job
-        remaining = set(range(len(job.subs)))
-        checked = time.monotonic()
-        while remaining:
-            if request is None:
-                batch = await job.get()
-            else:
-                try:
-                    batch = await asyncio.wait_for(job.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    batch = []
-                if time.monotonic() - checked >= DISCONNECT_POLL_S:
-                    checked = time.monotonic()
-                    if await request.is_disconnected():
-                        raise ClientGone()
-            for message in batch:
-                kind, i, payload = message
-                if kind == "event" and payload.token_ids:
-                    self._saw_token()
-                elif kind == "cancelled":
-                    self.completion_tokens += payload
-                    remaining.discard(i)
-                elif kind == "done":
-                    self.completion_tokens += payload.completion_tokens
-                    remaining.discard(i)
-                elif kind == "error":
-                    remaining.clear()
-                yield message
-
-    # ---- whole responses ---------------------------------------------------------------------
-
-    async def respond(self, request: Request) -> Response:
-        if self.input_flagged():
-            self.finish_metrics()
-            return JSONResponse(self.refusal_object(), headers=self.headers)
-        self.submit()
-        results: list[Completion | None] = [None] * len(self.prompts)
-        try:
-            async for kind, i, payload in self.messages(request):
-                if kind == "done":
-                    results[i] = payload
-                elif kind == "error":
-                    raise job_error(payload)
-        except ClientGone:
-            return Response(status_code=499)
-        finally:
-            self.cancel()
-            self.finish_metrics()
-        return JSONResponse(self.response_object(results), headers=self.headers)
-
-    def refusal_object(self) -> dict[str, Any]:
-        choices = [self._choice_object(c.index, self.state.refusal, None, "content_filter")
-                   for c in self.choices.values()]
-        return self._with_dropped({"id": self.id, "object": self.object, "created": self.created,
-                                   "model": self.state.model_name, "choices": choices, "usage": self.usage()})
-
-    def response_object(self, results: list[Completion]) -> dict[str, Any]:
-        choices = []
-        for i, (prompt, completion) in enumerate(zip(self.prompts, results)):
-            for out in completion.outputs:
-                tokens = list(out.token_ids)
-                entries = list(out.logprobs) if out.logprobs is not None else None
-                text, reason = out.text, out.finish_reason
-                cut = self._cut_flagged(text, tokens)
-                if cut is not None:
-                    text, keep = cut
-                    tokens, reason = tokens[:keep], "content_filter"
-                    entries = entries[:keep] if entries is not None else None
-                logprobs = None
-                if self.kind == "chat":
-                    if self.params.logprobs is not None:
-                        logprobs = {"content": [self.fmt.chat_logprob(e) for e in entries or []], "refusal": None}
-                else:
-                    if self.params.echo:
-                        text = prompt.text + text
-                    if self.params.logprobs is not None:
-                        logprobs = self._completion_logprobs(prompt, completion, tokens, entries or [])
-                choices.append(self._choice_object(i * self.n + out.index, text, logprobs, reason))
-        choices.sort(key=lambda c: c["index"])
-        return self._with_dropped({"id": self.id, "object": self.object, "created": self.created,
-                                   "model": self.state.model_name, "choices": choices, "usage": self.usage()})
-
-    def _completion_logprobs(self, prompt: Prompt, completion: Completion, tokens: list[int],
-                             entries: list[TokenLogprob]) -> dict[str, list]:
-        if self.params.echo:
-            offsets = OffsetTracker(0)
-            head = self.fmt.completion_logprobs(list(completion.prompt_logprobs or [None] * len(prompt.ids)),
-                                                prompt.ids, offsets, prompt=True)
-            offsets.offset = len(prompt.text)
-            tail = self.fmt.completion_logprobs(entries, [e.token_id for e in entries], offsets, len(tokens))
-            return {k: head[k] + tail[k] for k in head}
-        return self.fmt.completion_logprobs(entries, [e.token_id for e in entries], OffsetTracker(len(prompt.text)),
-                                            len(tokens))
-
-    def _choice_object(self, index: int, text: str, logprobs: Any, reason: str | None) -> dict[str, Any]:
-        if self.kind == "chat":
-            return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": logprobs, "finish_reason": reason}
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
-
-    def _cut_flagged(self, text: str, tokens: list[int]) -> tuple[str, int] | None:
-        """(what a stream would have shown before the output got flagged, tokens kept), or None if the
-        text is fine: the tokens are replayed through an OutputGuard, as streaming does."""
-        if not self.output_flagged(text):
-            return None
-        guard = self.new_guard()
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        decoded, ends = "", []
-        for token in tokens:
-            before = len(decoded)
-            decoded += decoder.decode(self.fmt.text_bytes(token))
-            ends.append(len(decoded))
-            if guard.push(text[before: len(decoded)]) is None:
-                break
-        else:
-            guard.push(text[len(decoded):], final=True)
-        kept = guard.sent
-        return kept, sum(1 for end in ends if end <= len(kept))
-
-    # ---- streams -----------------------------------------------------------------------------
-
-    def stream_response(self) -> Response:
-        if self.input_flagged():
-            self.finish_metrics()
-            return SSEResponse(self._refusal_stream(), on_close=lambda: None, headers=self.headers)
-        self.submit()
-        return SSEResponse(self._stream(), on_close=self._closed, headers=self.headers)
-
-    def _closed(self) -> None:
-        self.cancel()
-
-    def _chunk(self, choices: list[dict[str, Any]], usage: Any = "omit", first: bool = False) -> str:
-        obj: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk" if self.kind == "chat"
-                               else "text_completion", "created": self.created, "model": self.state.model_name,
-                               "choices": choices}
-        if self.include_usage:
-            obj["usage"] = None if usage == "omit" else usage
-        return sse(self._with_dropped(obj) if first else obj)
-
-    def _delta(self, index: int, text: str | None, logprobs: Any = None, reason: str | None = None,
-               role: bool = False) -> dict[str, Any]:
-        if self.kind == "chat":
-            delta: dict[str, Any] = {"role": "assistant"} if role else ({"content": text} if text else {})
-            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
-        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
-
-    def _role_chunks(self) -> list[str]:
-        if self.kind != "chat":
-            return []
-        return [self._chunk([self._delta(c.index, None, role=True)], first=True) for c in self.choices.values()]
-
-    async def _refusal_stream(self) -> AsyncIterator[str]:
-        for chunk in self._role_chunks():
-            yield chunk
-        for c in self.choices.values():
-            yield self._chunk([self._delta(c.index, self.state.refusal, None, "content_filter")])
-        if self.include_usage:
-            yield self._chunk([], self.usage())
-        yield DONE
-
-    async def _stream(self) -> AsyncIterator[str]:
-        try:
-            for chunk in self._role_chunks():
-                yield chunk
-            async for kind, i, payload in self.messages():
-                if kind == "start":
-                    for chunk in self._on_start(i, payload):
-                        yield chunk
-                elif kind == "event":
-                    for chunk in self._on_event(i, payload):
-                        yield chunk
-                elif kind == "error":
-                    yield sse(job_error(payload).payload())
-                    yield DONE
-                    return
-            if self.include_usage:
-                yield self._chunk([], self.usage())
-            yield DONE
-        finally:
-            self.finish_metrics()
-
-    def _on_start(self, i: int, prompt_logprobs: list[TokenLogprob | None] | None) -> list[str]:
-        """With echo, each of the prompt's choices begins with the prompt (and its logprobs)."""
-        if self.kind == "chat" or not self.params.echo:
-            return []
-        prompt = self.prompts[i]
-        out = []
-        for j in range(self.n):
-            c = self.choices[(i, j)]
-            c.offsets = OffsetTracker(0)
-            logprobs = None
-            if self.params.logprobs is not None:
-                entries = list(prompt_logprobs or [None] * len(prompt.ids))
-                logprobs = self.fmt.completion_logprobs(entries, prompt.ids, c.offsets, prompt=True)
-            c.offsets.offset = len(prompt.text)
-            out.append(self._chunk([self._delta(c.index, prompt.text, logprobs)]))
-        return out
-
-    def _on_event(self, i: int, event: StreamEvent) -> list[str]:
-        c = self.choices.get((i, event.index))
-        if c is None or c.finished or event.finish_reason == "cancelled":
-            return []
-        text, reason = event.text, event.finish_reason
-        if self.state.moderator is not None:
-            if c.guard is None:
-                c.guard = self.new_guard()
-            text = c.guard.push(text, final=reason is not None)
-            if text is None:
-                c.finished = True
-                self._cancel_if_all_finished(i)
-                return [self._chunk([self._delta(c.index, None, None, "content_filter")])]
-        c.text += text
-        logprobs = None
-        if self.params.logprobs is not None and event.logprobs:
-            tokens = [e.token_id for e in event.logprobs]
-            if self.kind == "chat":
-                logprobs = {"content": [self.fmt.chat_logprob(e) for e in event.logprobs], "refusal": None}
-            else:
-                if c.offsets is None:
-                    c.offsets = OffsetTracker(len(self.prompts[i].text))
-                logprobs = self.fmt.completion_logprobs(list(event.logprobs), tokens, c.offsets, len(event.token_ids))
-        if reason is not None:
-            c.finished = True
-        if not text and logprobs is None and reason is None:
-            return []
-        return [self._chunk([self._delta(c.index, text, logprobs, reason)])]
-
-    def _cancel_if_all_finished(self, i: int) -> None:
-        if all(self.choices[(i, j)].finished for j in range(self.n)):
-            self.state.runner.cancel(self.job, i)
-
-
 # ---- the two endpoints -------------------------------------------------------------------------------
+
+
+def _format_args(state: ServerState, params: SamplingParams, include_usage: bool) -> dict[str, Any]:
+    """What either response format needs from the server: the model's name and the engine's rule for the
+    text a token adds (a skipped special token adds nothing)."""
+    return {"model_name": state.model_name, "include_usage": include_usage,
+            "text_bytes": functools.partial(state.engine.text_bytes, params=params)}
+
+
+async def _answer(job: GenerationJob, stream: bool, request: Request) -> Response:
+    return job.stream_response() if stream else await job.respond(request)
 
 
 async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> Response:
@@ -722,9 +227,9 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
                           echo=bool(body.echo), best_of=body.best_of)
     check_params(state, params, prompts, stream=bool(body.stream), logprobs_limit=COMPLETION_LOGPROBS,
                  prompt_param="prompt")
-    gen = Generation(state, "completion", prompts, params, logprobs_limit=COMPLETION_LOGPROBS,
-                     include_usage=include_usage)
-    return gen.stream_response() if body.stream else await gen.respond(request)
+    fmt = CompletionFormat(state.tokenizer, params, **_format_args(state, params, include_usage))
+    job = GenerationJob(state, prompts, params, fmt, logprobs_limit=COMPLETION_LOGPROBS)
+    return await _answer(job, bool(body.stream), request)
 
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
@@ -760,6 +265,8 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     params = build_params(state, body, max_tokens=max_tokens, logprobs=logprobs, stop_token_ids=stop_ids, chat=True)
     check_params(state, params, [prompt], stream=bool(body.stream), logprobs_limit=MAX_LOGPROBS,
                  prompt_param="messages", logprobs_param="top_logprobs")
-    gen = Generation(state, "chat", [prompt], params, logprobs_limit=MAX_LOGPROBS, include_usage=include_usage,
-                     user_texts=user_texts, dropped_messages=dropped if body.truncation == "auto" else None)
-    return gen.stream_response() if body.stream else await gen.respond(request)
+    fmt = ChatFormat(state.tokenizer, params, dropped_messages=dropped if body.truncation == "auto" else None,
+                     **_format_args(state, params, include_usage))
+    job = GenerationJob(state, [prompt], params, fmt, logprobs_limit=MAX_LOGPROBS, user_texts=user_texts)
+    return await _answer(job, bool(body.stream), request)
+

@@ -38,11 +38,14 @@ Matching details:
 harmful requests (``chatforge.data.tasks.HARMFUL_ACTS``), written so its harmless look-alikes ("How do I
 change a lock?", "How do I help a hurt dog?") and the standard refusals pass.
 
-Streaming: a blocked word may arrive over several chunks ("bo", "mb"), so the server calls
-``check_stream`` on the *accumulated* output after each chunk, never on the chunk alone. By default it
-is ``check``; a blocked word at the very end of the text may then flag before a longer harmless word
-is complete ("bomb" before "bombastic"). ``check_stream(text, partial=True)`` leaves the possibly
-unfinished last word out instead; a caller using it must ``check`` the complete text at the end.
+Streaming: a blocked word may arrive over several chunks ("bo", "mb"), so streamed output is checked
+*accumulated*, never chunk by chunk. ``check_stream(text)`` is ``check``; a blocked word at the very end
+of the text may then flag before a longer harmless word is complete ("bomb" before "bombastic").
+``check_stream(text, partial=True)`` leaves the possibly unfinished last word out instead (a caller
+must ``check`` the complete text at the end). ``OutputGuard`` is what the server streams through: it
+holds the trailing partial word back from the client until it is complete, so what was shown has
+always been checked as whole words. Both split text at ``split_partial_word``: the one rule for what
+a partial word is.
 
 A Moderator is read-only after construction, so one instance may serve concurrent requests.
 """
@@ -54,7 +57,7 @@ import math
 import os
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +77,7 @@ _SCORE_BATCH = 16  # classifier windows per forward pass
 # Invisible characters that could split a word without showing: soft hyphen, zero-width spaces and
 # joiners, direction marks and embeddings, word joiner and invisible operators, byte-order mark.
 _INVISIBLE = re.compile("[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u206a-\u206f\ufeff]")
-_LAST_WORD = re.compile(r"\w+\Z")
+_PARTIAL_WORD = re.compile(r"\w+\Z")  # a word that the next chunk may still extend
 _NO_SPACE_SCRIPTS = ("CJK", "HIRAGANA", "KATAKANA", "HALFWIDTH KATAKANA", "THAI", "LAO", "KHMER", "MYANMAR")
 _VOWELS = "aeiou"
 
@@ -87,6 +90,13 @@ def _clean(text: str) -> str:
 def _fold(text: str) -> str:
     """_clean, then case-folded (what words are matched on)."""
     return _clean(text).casefold()
+
+
+def split_partial_word(text: str) -> tuple[str, str]:
+    """``(text without its trailing partial word, that word)``: a word at the very end may still grow
+    ("bomb" may become "bombastic"), so streamed text is judged only up to it."""
+    m = _PARTIAL_WORD.search(text)
+    return (text, "") if m is None else (text[: m.start()], m.group())
 
 
 def _is_word_char(ch: str) -> bool:
@@ -250,7 +260,7 @@ class Moderator:
         With ``partial=True`` the last word is left out while it may still be growing ("bomb" may
         become "bombastic"); then the caller must ``check`` the complete text once it has ended."""
         if partial:
-            text_so_far = _LAST_WORD.sub("", text_so_far)
+            text_so_far = split_partial_word(text_so_far)[0]
         return self.check(text_so_far)
 
     def classifier_score(self, text: str) -> float | None:
@@ -260,6 +270,32 @@ class Moderator:
     def __repr__(self) -> str:
         clf = "none" if self.classifier is None else f"{self.classifier.source} > {self.classifier.threshold:g}"
         return f"Moderator(words={len(self.words)}, patterns={list(self.patterns)}, classifier={clf})"
+
+
+class OutputGuard:
+    """Moderates output as it streams: `check(text)` (truthy: flagged) always sees the whole text shown
+    so far plus the new part, the new part without its trailing partial word (`split_partial_word`),
+    which is held back until a later push completes it or `final` ends the text. `push` returns the
+    text that may be shown now, or None once the output is flagged (then nothing more of it is shown).
+    `sent` is everything shown."""
+
+    def __init__(self, check: Callable[[str], Any]) -> None:
+        self.check = check
+        self.sent = ""
+        self.pending = ""
+        self.flagged = False
+
+    def push(self, text: str, final: bool = False) -> str | None:
+        if self.flagged:
+            return None
+        self.pending += text
+        part, hold = (self.pending, "") if final else split_partial_word(self.pending)
+        if (part or final) and self.check(self.sent + part):
+            self.flagged = True
+            return None
+        self.sent += part
+        self.pending = hold
+        return part
 
 
 # --------------------------------------------------------------------------------------------

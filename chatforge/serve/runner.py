@@ -7,13 +7,13 @@ asyncio queue with `loop.call_soon_threadsafe` — one list of messages per job 
 handlers never touch the engine.
 
 A job is one HTTP request: one or more engine requests ("subs": a completions request with a
-list of prompts has one per prompt). Its queue receives lists of `(kind, sub, payload)`:
+list of prompts has one per prompt). Its queue receives lists of messages (`Message`):
 
-    ("start", i, prompt_logprobs)   sub i left the waiting queue and has a slot (prefilled)
-    ("event", i, StreamEvent)       what one step produced for one sequence of sub i
-    ("done", i, Completion)         sub i finished (engine.pop_result)
-    ("cancelled", i, tokens)        sub i was cancelled after `tokens` generated tokens
-    ("error", i | None, exception)  sub i (None: the whole job) failed; nothing more follows
+    Started(sub, prompt_logprobs)        the sub left the waiting queue and has a slot (prefilled)
+    Generated(sub, event)                what one step produced for one sequence of the sub (a StreamEvent)
+    Finished(sub, completion)            the sub finished (engine.pop_result)
+    Cancelled(sub, completion_tokens)    the sub was cancelled after that many generated tokens
+    Failed(sub | None, error)            the sub (None: the whole job) failed; nothing more follows
 
 Admission control: at most `max_queue` jobs wait for a slot (`submit` raises QueueFull: the
 server's 429; a job that fits the free slots is always taken); after `begin_shutdown` (SIGTERM)
@@ -32,14 +32,55 @@ import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Any
 
-from chatforge.generate.engine import Engine
+from chatforge.generate.engine import Completion, Engine, StreamEvent, TokenLogprob
 from chatforge.generate.params import MAX_LOGPROBS, SamplingParams
 
 log = logging.getLogger("chatforge.serve")
 
-Message = tuple[str, "int | None", Any]
+
+
+@dataclass(frozen=True)
+class Started:
+    """Sub `sub` left the waiting queue and holds a slot; with echo, its prompt's logprobs (None first)."""
+
+    sub: int
+    prompt_logprobs: list[TokenLogprob | None] | None
+
+
+@dataclass(frozen=True)
+class Generated:
+    """What one engine step produced for one sequence of sub `sub`."""
+
+    sub: int
+    event: StreamEvent
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Sub `sub` is done: its whole result."""
+
+    sub: int
+    completion: Completion
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """Sub `sub` was cancelled after `completion_tokens` generated tokens (they still count as usage)."""
+
+    sub: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Sub `sub` (None: the whole job) failed with `error`; nothing more follows for the job."""
+
+    sub: int | None
+    error: BaseException
+
+
+Message = Started | Generated | Finished | Cancelled | Failed
 
 
 class QueueFull(Exception):
@@ -224,7 +265,7 @@ class EngineRunner:
                 leftover = list(self._inbox)
                 self._inbox.clear()
             for job in leftover:
-                posts[job].append(("error", None, ShuttingDown("the server stopped")))
+                posts[job].append(Failed(None, ShuttingDown("the server stopped")))
                 with self._cond:
                     self._close(job)
             self._fail_all(ShuttingDown("the server stopped before the request finished"), posts)
@@ -238,7 +279,7 @@ class EngineRunner:
             except Exception as e:  # validated before submit, so unexpected: fail this job only
                 for r in added:
                     self.engine.cancel(r)
-                posts[job].append(("error", i, e))
+                posts[job].append(Failed(i, e))
                 self._finish(job)
                 return
             added.append(rid)
@@ -256,7 +297,7 @@ class EngineRunner:
             self.engine.cancel(rid)
             job._open.discard(i)
             self._owner.pop(rid, None)
-            posts[job].append(("cancelled", i, request.completion_tokens if request is not None else 0))
+            posts[job].append(Cancelled(i, request.completion_tokens if request is not None else 0))
         if not job._open:
             self._finish(job)
         else:
@@ -279,24 +320,24 @@ class EngineRunner:
                 if not job._started[i] and i in job._open and rid not in waiting:
                     job._started[i] = True
                     request = self.engine.requests.get(rid)
-                    posts[job].append(("start", i, request.prompt_logprobs if request is not None else None))
+                    posts[job].append(Started(i, request.prompt_logprobs if request is not None else None))
             self._mark_started(job)
         for event in events:
             owner = self._owner.get(event.request_id)
             if owner is not None:
-                posts[owner[0]].append(("event", owner[1], event))
+                posts[owner[0]].append(Generated(owner[1], event))
         for job in list(posts):
             for i in sorted(job._open):
                 request = self.engine.requests.get(job.rids[i])
                 if request is not None and request.done:
-                    posts[job].append(("done", i, self.engine.pop_result(job.rids[i])))
+                    posts[job].append(Finished(i, self.engine.pop_result(job.rids[i])))
                     job._open.discard(i)
             if not job._open and not job.closed:
                 self._finish(job)
 
     def _fail_all(self, error: Exception, posts: dict[Job, list[Message]]) -> None:
         for job in list(self._jobs.values()):
-            posts[job].append(("error", None, error))
+            posts[job].append(Failed(None, error))
             self._finish(job)
         self._jobs.clear()
         self._owner.clear()
