@@ -27,10 +27,21 @@ class Leaf:
     type: Any  # the field's resolved type (int, float, str, bool)
     default: Any
     help: str
+    flag: str = ""  # the command-line flag's name where it is not the field's ("db" for db_url)
+    envvar: str | None = None  # an environment variable that fills an omitted flag
+    choices: tuple[str, ...] = ()  # the only values a string field takes
 
     @property
     def name(self) -> str:
         return self.path[-1]
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, flag: str = "", envvar: str | None = None,
+            choices: tuple[str, ...] = (), default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with what its command-line flag shows: help text, and where needed another flag
+    name, an environment variable or the allowed values."""
+    metadata = {"help": help, "flag": flag, "envvar": envvar, "choices": tuple(choices)}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -46,7 +57,9 @@ def leaves(cls: type, prefix: tuple[str, ...] = ()) -> list[Leaf]:
             out += leaves(tp, prefix + (f.name,))
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            out.append(Leaf(prefix + (f.name,), tp, default, f.metadata.get("help", "")))
+            meta = f.metadata
+            out.append(Leaf(prefix + (f.name,), tp, default, meta.get("help", ""), meta.get("flag", ""),
+                            meta.get("envvar"), meta.get("choices", ())))
     return out
 
 
@@ -109,11 +122,13 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(names)}")
-    kwargs = {}
+    kwargs, choices = {}, {f.name: f.metadata.get("choices", ()) for f in dataclasses.fields(cls)}
     for name, value in data.items():
         tp = hints[name]
         sub = f"{where}.{name}"
         kwargs[name] = from_dict(tp, value, sub) if dataclasses.is_dataclass(tp) else coerce(value, tp, sub)
+        if choices[name] and kwargs[name] not in choices[name]:
+            raise ConfigError(f"{sub}: expected one of {list(choices[name])}, got {value!r}")
     return cls(**kwargs)
 
 

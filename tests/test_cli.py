@@ -223,19 +223,67 @@ def test_stage_help_shows_the_stage_defaults_that_an_omitted_flag_takes(command,
 
 def test_serve_binds_localhost_port_8000_by_default(tmp_path, capsys, monkeypatch):
     import chatforge.serve.server as server
-    from chatforge.cli import cli
     from chatforge.serve.app import ServeConfig
 
     seen = []
     monkeypatch.setattr(server, "serve_checkpoint", seen.append)  # the config it would serve; nothing binds
     assert run_cli("serve", "--checkpoint", tmp_path / "chat") == 0
     assert (seen[-1].host, seen[-1].port) == ("127.0.0.1", 8000)
-    params = {p.name: p.default for p in cli.commands["serve"].params}
-    assert (params["host"], params["port"]) == ("127.0.0.1", 8000)
     assert (ServeConfig().host, ServeConfig().port) == ("127.0.0.1", 8000)
     assert run_cli("serve", "--help") == 0
     help_text = capsys.readouterr().out
-    assert option_help(help_text, "host", "TEXT").endswith("[default: 127.0.0.1]")
-    assert option_help(help_text, "port", "INTEGER") == "[default: 8000]"
+    assert option_help(help_text, "host", "TEXT").endswith("[default: '127.0.0.1']")
+    assert option_help(help_text, "port", "INTEGER").endswith("[default: 8000]")
     assert run_cli("serve", "--checkpoint", tmp_path / "chat", "--host", "0.0.0.0", "--port", "9001") == 0
     assert (seen[-1].host, seen[-1].port) == ("0.0.0.0", 9001)
+
+
+def test_serve_flags_are_made_from_serve_config_so_every_field_has_one(tmp_path, monkeypatch):
+    import chatforge.serve.server as server
+    from chatforge.serve.config import ServeConfig
+
+    seen = []
+    monkeypatch.setattr(server, "serve_checkpoint", seen.append)
+    monkeypatch.setenv("CHATFORGE_API_KEY", "from-env")
+    assert run_cli("serve", "--checkpoint", "c", "--max-prompts", "3", "--cors-origin", "https://a.example",
+                   "--cors-origin", "*", "--db", "sqlite://", "--no-web", "--log-level", "debug") == 0
+    assert seen[-1] == ServeConfig(checkpoint="c", max_prompts=3, cors_origins=["https://a.example", "*"],
+                                   db_url="sqlite://", web=False, log_level="debug", api_key="from-env")
+    (tmp_path / "serve.yaml").write_text("port: 9100\nmax_queue: 5\n")
+    assert run_cli("serve", "--config", tmp_path / "serve.yaml", "--checkpoint", "c", "--port", "9200") == 0
+    assert (seen[-1].port, seen[-1].max_queue) == (9200, 5)  # the flag wins over the file
+
+
+def test_serve_refuses_a_missing_checkpoint_and_an_unknown_log_level(tmp_path, capsys):
+    assert run_cli("serve") == 2
+    assert "--checkpoint is required" in capsys.readouterr().err
+    assert run_cli("serve", "--checkpoint", "c", "--log-level", "loud") == 2
+    assert "--log-level" in capsys.readouterr().err
+    (tmp_path / "serve.yaml").write_text("log_level: loud\n")
+    assert run_cli("serve", "--config", tmp_path / "serve.yaml", "--checkpoint", "c") == 2
+    assert "log_level: expected one of" in capsys.readouterr().err
+
+
+def test_two_nested_fields_that_would_make_one_flag_are_refused_when_the_command_is_built():
+    from chatforge.cli import config_options
+    from chatforge.errors import ConfigError
+
+    @dataclasses.dataclass
+    class Inner:
+        seed: int = 0
+
+    @dataclasses.dataclass
+    class Outer:
+        seed: int = 1
+        inner: Inner = dataclasses.field(default_factory=Inner)
+
+    with pytest.raises(ConfigError, match=r"seed and inner\.seed would both be --seed"):
+        config_options(Outer)
+
+
+def test_every_command_built_from_a_config_has_distinct_flags():
+    from chatforge.cli import cli
+
+    for name, command in cli.commands.items():
+        flags = [opt for p in command.params for opt in p.opts + p.secondary_opts]
+        assert len(flags) == len(set(flags)), (name, sorted(f for f in flags if flags.count(f) > 1))

@@ -24,7 +24,6 @@ import hmac
 import json
 import logging
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -32,6 +31,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from chatforge.chat import ChatTemplate
 from chatforge.generate.engine import Engine
+from chatforge.serve.config import ServeConfig
 from chatforge.serve.errors import APIError, error_payload, install_error_handlers
 from chatforge.serve.handlers import ServerState, create_chat_completion, create_completion
 from chatforge.serve.metrics import Metrics
@@ -43,29 +43,6 @@ log = logging.getLogger("chatforge.serve")
 
 PROTECTED_PREFIXES = ("/v1/", "/api/", "/metrics", "/tokenize", "/detokenize")
 _BODY_DRAIN_FACTOR = 16  # read (and drop) at most this many times the limit before giving up on a body
-
-
-@dataclass
-class ServeConfig:
-    """`chatforge serve`'s settings (flags fill it; `serve.server.serve_checkpoint` runs it)."""
-
-    checkpoint: str = ""
-    host: str = "127.0.0.1"
-    port: int = 8000
-    model_name: str = ""  # default: the checkpoint directory's name
-    api_key: str | None = None  # or env CHATFORGE_API_KEY (the CLI reads it)
-    cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers
-    max_batch_size: int = 16  # engine slots: sequences decoded together
-    max_queue: int = 64  # requests waiting for a slot before 429
-    compile: bool = False  # the fastest decode step: Engine(compile=True), warmed up before serving
-    max_body_bytes: int = 1_000_000  # larger bodies get 413
-    max_prompts: int = 64  # prompts in one /v1/completions request
-    web: bool = True  # add the web chat page when chatforge.serve.web is installed
-    db_url: str = ""  # SQLAlchemy URL of the web page's store (default: see serve.server.default_db_url)
-    moderation: str | None = None  # moderation config file; "default" for the moderator's built-in list
-    device: str = "auto"  # "auto": cuda when available, else cpu
-    shutdown_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM
-    log_level: str = "info"
 
 
 # ---- middleware (plain ASGI) ---------------------------------------------------------------------
