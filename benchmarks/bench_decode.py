@@ -8,13 +8,13 @@ context 1024; 124M weights, random), fp32, 2 threads. The weights are exported w
 `chatforge.checkpoint.export_hf` and loaded into `transformers.GPT2LMHeadModel`, so both contenders run
 the same weights; before timing, the script checks that both produce the same greedy tokens.
 
-Ours: `Engine(model, stub_tokenizer, max_batch_size=16, compile=True)`, `engine.generate(prompts,
+Ours: `Engine(model, stub_tokenizer, max_batch_size=16, fused=True)`, `engine.generate(prompts,
 SamplingParams(max_tokens=N, temperature=0, ignore_eos=True))`, the full engine path
-(scheduler, logits pipeline, sampling, incremental text), its decode steps the fastest it has here:
-on an AVX-512 CPU chatforge's fused decode step (chatforge/generate/fused_step.py; its kernels are
-built the first time, about 40 s), elsewhere the forward compiled by torch.compile
-(`engine.warm_up()` prepares either before the rounds; the time is printed). Beside it, the same
-engine without compile ("ours, eager"), as `chatforge generate` runs by default. The peer:
+(scheduler, logits pipeline, sampling, incremental text), as `chatforge generate` runs by default:
+on an AVX-512 CPU chatforge's fused decode step (chatforge/accel/fused_step.py; its kernels are
+built the first time, about 40 s), elsewhere torch's products; `--compile` adds torch.compile's
+graphs (`engine.warm_up()` prepares them before the rounds; the time is printed). Beside it, the
+same engine with neither ("ours, eager", `--no-fused`). The peer:
 `model.generate(input_ids, do_sample=False, max_new_tokens=N, min_new_tokens=N)` with its default
 cache and attention.
 
@@ -35,7 +35,7 @@ several `torch.sum` over a 1 GiB fp32 tensor (bytes read / time; a sum reads and
 else, like decode streaming weights); a `copy_` of the same tensor is printed beside it, counting
 bytes read + written. The fraction is our median batch-1 decode tokens/s over the bound. Beside it,
 "the matmuls alone": 16 passes over every linear layer of the model on one row through the kernel
-decode uses (`chatforge.model.linear`), nothing else, as passes/s — how close the best kernel
+decode uses (`chatforge.accel.linear.fast_linear`), nothing else, as passes/s — how close the best kernel
 PyTorch offers comes to the bound, and how much of that ceiling the whole engine keeps.
 
 llama.cpp, when llama-cpp-python is installed (`--no-llama-cpp` skips it): the same weights exported
@@ -65,10 +65,11 @@ from collections.abc import Callable
 import torch
 from machine import cpu_model, cpu_ticks, load_average  # benchmarks/machine.py
 
+from chatforge.accel.linear import fast_linear
 from chatforge.checkpoint import export_hf
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
-from chatforge.model import GPT, GPTConfig, linear
+from chatforge.model import GPT, GPTConfig
 
 CONFIG = GPTConfig(vocab_size=50257, context_length=1024, n_layer=12, n_head=12, n_embd=768)
 
@@ -138,6 +139,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when it is installed")
     ap.add_argument("--no-eager", action="store_true", help="skip the eager engine's reference rows")
+    ap.add_argument("--compile", action="store_true", help="ours with torch.compile's graphs too")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -152,7 +154,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(ours, None, tmp)
         peer = GPT2LMHeadModel.from_pretrained(tmp).eval()
-    engine = Engine(ours, StubTokenizer(), max_batch_size=args.batch, stop_token_ids=[], compile=True)
+    engine = Engine(ours, StubTokenizer(), max_batch_size=args.batch, stop_token_ids=[], fused=True,
+                    compile=args.compile)
     eager = Engine(ours, StubTokenizer(), max_batch_size=args.batch, stop_token_ids=[])
     t0 = time.perf_counter()
     engine.warm_up()
@@ -184,14 +187,13 @@ def main() -> None:
         f"{args.new} new tokens, batch {args.batch}, prefill {args.prefill}; {args.rounds} rounds"
     )
     print(f"load average at start: {load_average()}")
-    step = "chatforge's fused decode step" if engine._fused is not None else "torch.compile's graphs"
-    print(f"our decode steps: {step}; engine.warm_up took {compile_s:.1f} s")
+    print(f"our decode steps: {engine.describe_decode()}; engine.warm_up took {compile_s:.1f} s")
 
     check = 16
     a, b = run_ours(prompts[:1], check)[0], run_peer(prompts[0], check)
     print(f"greedy check ({check} tokens): ours {a}")
     if run_ours(prompts[:1], check, eager)[0] != a:
-        raise SystemExit("the compiled and eager engines disagree on greedy tokens")
+        raise SystemExit("the fast and eager engines disagree on greedy tokens")
     print(f"                               hf   {b}  -> {'MATCH' if a == b else 'MISMATCH'}")
     if a != b:
         raise SystemExit("the two models disagree on greedy tokens; timings would not be comparable")
@@ -210,10 +212,10 @@ def main() -> None:
     @torch.no_grad()
     def run_gemv() -> None:
         # the matmuls of one decode token and nothing else: each weight read once through the same
-        # kernel decode uses (chatforge.model.linear); its speed is the ceiling for decode through it
+        # kernel decode uses (chatforge.accel.linear); its speed is the ceiling for decode through it
         for _ in range(gemv_passes):
             for m in linears:
-                linear(m, row[m.in_features])
+                fast_linear(m, row[m.in_features])
 
     n = args.new
     runs: dict[str, Callable[[], object]] = {

@@ -1,4 +1,4 @@
-"""chatforge's CPU kernels (chatforge/cpu_kernels.cpp) against the torch products they replace.
+"""chatforge's CPU kernels (chatforge/accel/kernels.cpp) against the torch products they replace.
 
     python benchmarks/bench_kernels.py                  # rows 1 2 4 8 16 32 64, 8 rounds
     python benchmarks/bench_kernels.py --rows 1 16 --rounds 4
@@ -8,7 +8,7 @@ MLP 768->3072 and 3072->768, then the LM head 768->50257), fp32, random weights 
 (none on the head), 2 threads, so every pass streams all 494 MB of weights from memory as
 decode does. At each row count both contenders run through `chatforge.model.linear`: the peer is
 what it picks without our kernels (MKL's gemv through F.linear for 1-2 rows, MKL's gemm on a weight
-packed once in MKL's layout for 3-64), ours is `cpu_kernels.load()`'s (the one-row gemv, the
+packed once in MKL's layout for 3-64), ours is `kernels.load()`'s (the one-row gemv, the
 panel-packed product for 2-32 rows; past 32 rows both are MKL's). Each round times both, in an
 order reversed every other round; printed are the medians of the per-pass times and the median
 over rounds of the paired ratio.
@@ -23,8 +23,8 @@ import time
 import torch
 from torch import nn
 
-from chatforge import cpu_kernels
-from chatforge.model import fast_kernel, linear
+from chatforge.accel import kernels
+from chatforge.accel.linear import fast_kernel, fast_linear
 
 
 def gpt2_small_products() -> list[nn.Linear]:
@@ -38,11 +38,11 @@ def gpt2_small_products() -> list[nn.Linear]:
 def pass_seconds(layers: list[nn.Linear], rows: dict[int, torch.Tensor], reps: int) -> float:
     with torch.no_grad():
         for layer in layers:
-            linear(layer, rows[layer.in_features])
+            fast_linear(layer, rows[layer.in_features])
         t = time.perf_counter()
         for _ in range(reps):
             for layer in layers:
-                linear(layer, rows[layer.in_features])
+                fast_linear(layer, rows[layer.in_features])
     return (time.perf_counter() - t) / reps
 
 
@@ -54,22 +54,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if not cpu_kernels.load():
-        raise SystemExit(f"chatforge's CPU kernels are not available here: {cpu_kernels.unsupported_reason()}")
+    if not kernels.load():
+        raise SystemExit(f"chatforge's CPU kernels are not available here: {kernels.unsupported_reason()}")
     layers = gpt2_small_products()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; one pass = 49 products, "
           f"{sum(p.numel() for m in layers for p in m.parameters()) * 4 / 1e6:.0f} MB of weights")
     print(f"{'rows':>5} {'peer':>12} {'ours':>17} {'peer ms':>8} {'ours ms':>8} {'ours / peer speed':>18}")
     for n in args.rows:
         rows = {f: torch.randn(n, f) for f in (768, 3072)}
-        cpu_kernels.set_active(True)
+        kernels.set_active(True)
         ours_name = fast_kernel(n)
-        cpu_kernels.set_active(False)
+        kernels.set_active(False)
         peer = fast_kernel(n)
         times: dict[bool, list[float]] = {True: [], False: []}
         for r in range(args.rounds):
             for ours in ((True, False) if r % 2 == 0 else (False, True)):
-                cpu_kernels.set_active(ours)
+                kernels.set_active(ours)
                 times[ours].append(pass_seconds(layers, rows, args.reps))
         ratio = statistics.median(p / o for o, p in zip(times[True], times[False]))
         print(f"{n:>5} {peer:>12} {ours_name:>17} {statistics.median(times[False]) * 1e3:>8.1f} "

@@ -4,7 +4,7 @@
     python benchmarks/bench_serve.py --size tiny            # a 3.7M model instead of GPT-2 small's body
     python benchmarks/bench_serve.py --clients 1 16 --rounds 3
     python benchmarks/bench_serve.py --threads 2            # the engine's torch threads (default 1)
-    python benchmarks/bench_serve.py --compile              # serve --compile (the fused decode step)
+    python benchmarks/bench_serve.py --no-fused             # serve --no-fused (torch's products only)
 
 A full run takes about 4 minutes on 2 cores (`--size tiny`: under a minute). The engine runs on 1
 torch thread by default: the HTTP loop and the clients need the other core, and on a machine where
@@ -150,7 +150,8 @@ def serve_worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     config = ServeConfig(checkpoint=args.serve_worker, model_name=MODEL_NAME, max_batch_size=args.max_batch_size,
-                         web=False, device="cpu", log_level="warning", compile=args.compile)
+                         web=False, device="cpu", log_level="warning", fused=not args.no_fused,
+                         compile=args.compile)
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON lines the parent reads
         app = build_app(config)
     runner = app.state.chatforge.runner
@@ -168,12 +169,16 @@ def serve_worker(args) -> None:
     server.stop()
 
 
+def server_flags(args) -> list[str]:
+    return (["--no-fused"] if args.no_fused else []) + (["--compile"] if args.compile else [])
+
+
 class Server:
     """The child process running the server: start, ask for the step count, read its threads' CPU time."""
 
     def __init__(self, args, checkpoint: str) -> None:
         command = [sys.executable, __file__, "--serve-worker", checkpoint, f"--threads={args.threads}",
-                   f"--max-batch-size={args.max_batch_size}"] + (["--compile"] if args.compile else [])
+                   f"--max-batch-size={args.max_batch_size}"] + server_flags(args)
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         line = self.proc.stdout.readline()
@@ -327,7 +332,8 @@ class EngineAlone:
 
         torch.set_num_threads(args.threads)
         ckpt = load_checkpoint(inputs["checkpoint"], device="cpu")
-        self.engine = Engine(ckpt.model, ckpt.tokenizer, max_batch_size=args.max_batch_size, compile=args.compile)
+        self.engine = Engine(ckpt.model, ckpt.tokenizer, max_batch_size=args.max_batch_size, fused=not args.no_fused,
+                             compile=args.compile)
         self.engine.warm_up()
         template = ChatTemplate(ckpt.tokenizer)
         self.prompts = [template.generation_prompt(Conversation([Message("user", text)]))
@@ -498,8 +504,10 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=2048, help="tokenizer size asked for (the corpus may give fewer)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server's engine")
     p.add_argument("--max-batch-size", type=int, default=16, help="the server's engine slots (at least 16)")
-    p.add_argument("--compile", action="store_true", help="serve --compile: the fused decode step on AVX-512 CPUs, "
-                   "torch.compile's graphs elsewhere (prepared before the rounds)")
+    p.add_argument("--no-fused", action="store_true", help="serve --no-fused: torch's products, not chatforge's "
+                   "fused decode step (which serve uses by default where its kernels build)")
+    p.add_argument("--compile", action="store_true", help="serve --compile: torch.compile's graphs too (prepared "
+                   "before the rounds)")
     p.add_argument("--serve-worker", help=argparse.SUPPRESS)  # internal: run the server on this checkpoint
     args = p.parse_args()
     if args.serve_worker:
@@ -517,7 +525,7 @@ def main() -> None:
     t_start = time.perf_counter()
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"python {platform.python_version()}; server: {args.threads} torch thread(s), "
-          f"{args.max_batch_size} slots{', --compile' if args.compile else ''}")
+          f"{args.max_batch_size} slots {' '.join(server_flags(args))}")
     print(f"load average at start: {load_average()}")
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         inputs = make_inputs(Path(tmp), args)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import platform
 
-from chatforge.model import cpuinfo_field
+from chatforge.accel.cpu import model_name
 
 
 def cpu_model() -> str:
-    return cpuinfo_field("model name") or platform.processor() or "unknown"
+    return model_name() or "unknown"
 
 
 def load_average() -> str:

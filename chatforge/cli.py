@@ -19,6 +19,7 @@ from chatforge import config as configlib
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.evaluate import EvalConfig
 from chatforge.generate.params import SamplingParams
+from chatforge.serve.config import ServeConfig
 from chatforge.train.dpo import DPOConfig
 from chatforge.train.ppo import PPOConfig
 from chatforge.train.pretrain import PretrainConfig
@@ -36,6 +37,7 @@ def config_options(cls: type):
     field of `cls()`, so `reward`, `ppo` and `dpo` show their own training defaults.
     """
     leaves = stage_leaves(cls)
+    check_distinct_flags(cls, leaves)
 
     def decorate(fn):
         @functools.wraps(fn)
@@ -63,25 +65,41 @@ def stage_leaves(cls: type) -> list[configlib.Leaf]:
             for leaf in configlib.leaves(cls)]
 
 
+def flag_name(leaf: configlib.Leaf) -> str:
+    return leaf.flag or leaf.name.replace("_", "-")
+
+
+def check_distinct_flags(cls: type, leaves: list[configlib.Leaf]) -> None:
+    """Two fields that would make the same flag (`train.seed` and `ppo.seed`) are a config error: the
+    command line could set only one of them."""
+    seen: dict[str, tuple[str, ...]] = {}
+    for leaf in leaves:
+        other = seen.setdefault(flag_name(leaf), leaf.path)
+        if other != leaf.path:
+            raise ConfigError(f"{cls.__name__}: fields {'.'.join(other)} and {'.'.join(leaf.path)} would both be "
+                              f"--{flag_name(leaf)}; rename one")
+
+
 def is_dict(tp: Any) -> bool:
     return typing.get_origin(tp) is dict
 
 
 def leaf_option(leaf: configlib.Leaf):
-    name = leaf.name.replace("_", "-")
+    name = flag_name(leaf)
     help_text = f"{leaf.help} [default: {leaf.default!r}]".strip()
+    extra: dict[str, Any] = {"envvar": leaf.envvar, "show_envvar": True} if leaf.envvar else {}
     if leaf.type is bool:
-        return click.option(f"--{name}/--no-{name}", leaf.name, default=None, help=help_text)
+        return click.option(f"--{name}/--no-{name}", leaf.name, default=None, help=help_text, **extra)
     origin = typing.get_origin(leaf.type)
     if origin is list:
         (item,) = typing.get_args(leaf.type)
         return click.option(f"--{name}", leaf.name, type={int: int, float: float}.get(item, str), multiple=True,
-                            help=f"{help_text} (repeatable)")
+                            help=f"{help_text} (repeatable)", **extra)
     if origin is dict:
         return click.option(f"--{name}", leaf.name, multiple=True, metavar="KEY=VALUE",
-                            help=f"{help_text} (repeatable)")
-    kind = {int: int, float: float}.get(leaf.type, str)
-    return click.option(f"--{name}", leaf.name, type=kind, default=None, help=help_text)
+                            help=f"{help_text} (repeatable)", **extra)
+    kind = click.Choice(leaf.choices) if leaf.choices else {int: int, float: float}.get(leaf.type, str)
+    return click.option(f"--{name}", leaf.name, type=kind, default=None, help=help_text, **extra)
 
 
 def parse_pairs(name: str, pairs: tuple[str, ...]) -> dict[str, str]:
@@ -365,6 +383,26 @@ def eval_command(cfg) -> None:
     click.echo(f"eval: -> {write_result(result, out)}")
 
 
+fused_option = click.option(
+    "--fused/--no-fused", default=True, show_default=True,
+    help="Decode in chatforge's fused CPU step where its kernels build here (AVX-512 on Linux; built once, "
+         "about 40 s); --no-fused: torch's products only.")
+
+
+def make_engine(model, tokenizer, **kwargs: Any):
+    """An engine, saying so first when it takes a while to prepare (kernels, graphs) and how it decodes
+    after (on stderr: stdout carries the command's output)."""
+    from chatforge.generate.engine import Engine, preparing_line
+
+    if line := preparing_line(kwargs.get("fused", False), kwargs.get("compile", False)):
+        click.echo(line, err=True)
+    engine = Engine(model, tokenizer, **kwargs)
+    engine.warm_up()
+    if kwargs.get("fused") or kwargs.get("compile"):
+        click.echo(f"decode: {engine.describe_decode()}", err=True)
+    return engine
+
+
 @cli.command()
 @click.option("--checkpoint", required=True, help="A chat model (after `chatforge sft`).")
 @click.option("--system", default="", help="System prompt.")
@@ -372,12 +410,18 @@ def eval_command(cfg) -> None:
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--max-tokens", default=128, show_default=True)
 @click.option("--seed", default=None, type=int, help="Make sampling reproducible.")
-def chat(checkpoint: str, system: str, temperature: float, top_p: float, max_tokens: int, seed: int | None) -> None:
+@fused_option
+def chat(checkpoint: str, system: str, temperature: float, top_p: float, max_tokens: int, seed: int | None,
+         fused: bool) -> None:
     """Chat in the terminal (streamed; /help lists the commands: /clear, /temperature, /top_p, /max_tokens ...)."""
+    from chatforge.chat import ChatTemplate
     from chatforge.terminal import ChatSession, run_chat
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    session = ChatSession(load_language_model(checkpoint, "chat"), system=system, params=params)
+    ckpt = load_language_model(checkpoint, "chat")
+    engine = make_engine(ckpt.model.eval(), ckpt.tokenizer, max_batch_size=1, fused=fused,
+                         stop_token_ids=ChatTemplate(ckpt.tokenizer).stop_ids)
+    session = ChatSession(ckpt, system=system, params=params, engine=engine)
     session.check(params)
 
     def write(text: str) -> None:
@@ -397,19 +441,17 @@ def chat(checkpoint: str, system: str, temperature: float, top_p: float, max_tok
               "the start of a document.")
 @click.option("--json", "as_json", is_flag=True, help="Print the completions (with logprobs) as JSON.")
 @click.option("--max-batch-size", default=16, show_default=True, help="Engine slots (sequences decoded together).")
+@fused_option
 @click.option("--compile", "compile_decode", is_flag=True,
-              help="The fastest decode step here: on AVX-512 CPUs chatforge's own fused step (its kernels "
-                   "are built once, about 40 s), elsewhere (and past 32 rows) torch.compile's graphs, "
-                   "compiled first (a few minutes).")
+              help="Also torch.compile the decode forward (the steps the fused one leaves), compiled first "
+                   "(minutes); on AVX2 CPUs slower than the eager engine.")
 @config_options(SamplingParams)
-def generate(checkpoint: str, prompts: tuple[str, ...], as_json: bool, max_batch_size: int, compile_decode: bool,
-             cfg) -> None:
+def generate(checkpoint: str, prompts: tuple[str, ...], as_json: bool, max_batch_size: int, fused: bool,
+             compile_decode: bool, cfg) -> None:
     """Generate with every decoding option: sampling, penalties, beams, stops, n/best_of, logprobs."""
-    from chatforge.generate.engine import Engine
-
     ckpt = load_language_model(checkpoint, "generate")
     tok = ckpt.tokenizer
-    engine = Engine(ckpt.model, tok, max_batch_size=max_batch_size, compile=compile_decode)
+    engine = make_engine(ckpt.model, tok, max_batch_size=max_batch_size, fused=fused, compile=compile_decode)
     texts = list(prompts) or [""]
     ids = [tok.encode(t) if t else [tok.eot_id] for t in texts]
     if len(ids) == 1 and cfg.n == 1 and cfg.num_beams == 1 and not as_json:
@@ -461,44 +503,14 @@ def export(checkpoint: str, fmt: str, out: str, dtype: str) -> None:
 
 
 @cli.command()
-@click.option("--checkpoint", required=True, help="A chat model (after `chatforge sft`, `ppo` or `dpo`).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
-@click.option("--port", default=8000, show_default=True)
-@click.option("--model-name", default="", help="Model id the API serves  [default: the checkpoint directory's name]")
-@click.option("--api-key", envvar="CHATFORGE_API_KEY", default=None, show_envvar=True,
-              help="Require 'Authorization: Bearer KEY' on /v1, /api and /metrics (/health and the page stay open).")
-@click.option("--cors-origin", "cors_origins", multiple=True,
-              help="Allow browser requests from this origin (repeatable; '*' for any). Default: no CORS.")
-@click.option("--max-batch-size", default=16, show_default=True, help="Engine slots (sequences decoded together).")
-@click.option("--max-queue", default=64, show_default=True, help="Requests waiting for a slot before 429.")
-@click.option("--compile", "compile_decode", is_flag=True,
-              help="The fastest decode step here: on AVX-512 CPUs chatforge's own fused step (its kernels "
-                   "are built once, about 40 s), elsewhere (and past 32 rows) torch.compile's graphs, "
-                   "compiled before serving (a few minutes).")
-@click.option("--max-body-bytes", default=1_000_000, show_default=True, help="Larger request bodies get 413.")
-@click.option("--db", "db_url", default="", help="SQLAlchemy URL of the web page's conversation/feedback store  "
-              "[default: sqlite:///<run dir>/chatforge.db for <run dir>/<stage>/checkpoint, as the demo's; "
-              "else ./chatforge.db]")
-@click.option("--no-web", is_flag=True, help="Serve the API only (no web chat page).")
-@click.option("--moderation", default=None, metavar="FILE",
-              help="Moderate inputs and outputs with this config file ('default': the built-in list). Default: off.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
-@click.option("--shutdown-timeout", default=30.0, show_default=True,
-              help="Seconds running requests get to finish after SIGTERM.")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
-def serve(checkpoint: str, host: str, port: int, model_name: str, api_key: str | None, cors_origins: tuple[str, ...],
-          max_batch_size: int, max_queue: int, compile_decode: bool, max_body_bytes: int, db_url: str, no_web: bool,
-          moderation: str | None, device: str, shutdown_timeout: float, log_level: str) -> None:
+@config_options(ServeConfig)
+def serve(cfg: ServeConfig) -> None:
     """Serve a model with the OpenAI API (/v1/completions, /v1/chat/completions) and the web chat page."""
-    from chatforge.serve.app import ServeConfig
     from chatforge.serve.server import serve_checkpoint
 
-    serve_checkpoint(ServeConfig(
-        checkpoint=checkpoint, host=host, port=port, model_name=model_name, api_key=api_key or None,
-        cors_origins=list(cors_origins), max_batch_size=max_batch_size, max_queue=max_queue, compile=compile_decode,
-        max_body_bytes=max_body_bytes, web=not no_web, db_url=db_url, moderation=moderation, device=device,
-        shutdown_timeout=shutdown_timeout, log_level=log_level))
+    if not cfg.checkpoint:
+        raise ConfigError("serve: --checkpoint is required")
+    serve_checkpoint(cfg)
 
 
 # ---- demo --------------------------------------------------------------------------------------

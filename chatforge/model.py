@@ -12,18 +12,12 @@ inference engine can prefill a prompt once and then decode one token at a time.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.utils.weak import WeakIdKeyDictionary
 
-from chatforge import cpu_kernels
-from chatforge.cpu_kernels import cpuinfo_field
 from chatforge.errors import ConfigError
 
 IGNORE_INDEX = -100  # label value that contributes no loss (prompt tokens, padding)
@@ -101,140 +95,6 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-# Decode reads every weight once a token with a few rows of activations, so it is bound by how fast
-# the matrix-vector kernel streams the weights, and the fastest kernel PyTorch offers depends on the
-# CPU and the row count (measured with benchmarks/bench_decode.py and bench_serve.py, 1 and 2 threads):
-# - AMD EPYC: oneDNN's fp32 linear (the op inductor itself calls on CPU) reads GPT-2 small's weights
-#   at about 1.7x the rate of F.linear's MKL gemv (21 against 13 GB/s for the LM head);
-# - Intel Xeon (Sapphire Rapids): MKL streams the weights at the measured bandwidth for one or two
-#   rows; from three rows MKL's gemm on a weight packed once in its own panel layout
-#   (cblas_sgemm_pack, the op inductor's freezing pass uses) is 18-31% faster than F.linear, which
-#   packs the weight again on every call (GPT-2 small at 4 and 16 rows; 28% for a 4-layer width-256
-#   model at 16 rows on one thread), and oneDNN is slower than both at every row count.
-# Where the CPU has AVX-512 and `cpu_kernels.load()` built chatforge's own kernels (the compiled
-# engine does), they take 1-32 rows: they stream the weights faster than MKL there (see
-# chatforge/cpu_kernels.py); 33-64 rows stay with MKL's packed gemm. The choice is fixed per
-# machine and process, not timed at run time, so the same setup always computes the same numbers.
-# Used only where nothing needs gradients.
-_ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-_ONEDNN_MAX_ROWS = 64  # no faster than F.linear past this (prefill, training)
-_MKL_OPS = getattr(torch.ops, "mkl", None)
-_MKL_PACKED = torch._C.has_mkl and hasattr(_MKL_OPS, "_mkl_linear") and hasattr(_MKL_OPS, "_mkl_reorder_linear_weight")
-_MKL_PACKED_MIN_ROWS, _MKL_PACKED_MAX_ROWS = 3, 64
-# weight -> {kernel: (what it was when packed, packed weight)}; weak, so a dropped model frees its packs, and
-# kept off the module, so state_dict and deepcopy never see them
-_PACKS = WeakIdKeyDictionary()
-_OPTIMIZER_STEPS = 0  # every optimizer step anywhere: fused AdamW changes weights without bumping their version
-
-
-def _count_optimizer_step(*_: object) -> None:
-    global _OPTIMIZER_STEPS
-    _OPTIMIZER_STEPS += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
-_FAST_LINEAR_ENABLED = True  # see plain_linear
-_INTEL = cpuinfo_field("vendor_id") == "GenuineIntel"
-
-
-def fast_kernel(rows: int) -> str:
-    """Which product `linear` uses for `rows` rows here: "chatforge_gemv" or "chatforge_packed" (our
-    own kernels, once `cpu_kernels.load()` built them), "mkl_packed", "onednn" or "linear"."""
-    if cpu_kernels.active() and rows <= cpu_kernels.MAX_ROWS:
-        return "chatforge_gemv" if rows == 1 else "chatforge_packed"
-    if _INTEL:
-        ok = _MKL_PACKED and _MKL_PACKED_MIN_ROWS <= rows <= _MKL_PACKED_MAX_ROWS
-        return "mkl_packed" if ok else "linear"
-    ok = _ONEDNN_LINEAR is not None and rows <= _ONEDNN_MAX_ROWS and torch.backends.mkldnn.is_available()
-    return "onednn" if ok else "linear"
-
-
-def _packed_weight(w: torch.Tensor, kernel: str) -> torch.Tensor:
-    """The weight in `kernel`'s packed layout ("mkl_packed": MKL's; "chatforge_packed": panels of 16
-    outputs), packed again whenever it may have changed: it was replaced, changed in place (a load
-    bumps its version) or any optimizer stepped. (A write through `.data` bypasses all three.) The
-    layout does not depend on the row count."""
-    key = (w.data_ptr(), w._version, tuple(w.shape), _OPTIMIZER_STEPS)
-    packs = _PACKS.setdefault(w, {})  # a pack per kernel that has used this weight
-    entry = packs.get(kernel)
-    if entry is None or entry[0] != key:
-        if kernel == "mkl_packed":
-            packed = _MKL_OPS._mkl_reorder_linear_weight(w, _MKL_PACKED_MAX_ROWS)
-        else:
-            packed = torch.ops.chatforge_cpu.pack(w)
-        entry = packs[kernel] = (key, packed)
-    return entry[1]
-
-
-@contextmanager
-def plain_linear() -> Iterator[None]:
-    """Inside, `linear` always calls `layer(x)`: no-grad log-probs then equal those a training step
-    computes bit for bit (oneDNN's and packed MKL's products differ from F.linear by ~1e-6
-    relative), as PPO needs."""
-    global _FAST_LINEAR_ENABLED
-    previous, _FAST_LINEAR_ENABLED = _FAST_LINEAR_ENABLED, False
-    try:
-        yield
-    finally:
-        _FAST_LINEAR_ENABLED = previous
-
-
-def _fast_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    rows = x.numel() // x.shape[-1]
-    kernel = fast_kernel(rows)
-    if kernel == "chatforge_gemv":
-        return torch.ops.chatforge_cpu.linear(x, weight, bias)
-    if kernel == "chatforge_packed":
-        return torch.ops.chatforge_cpu.packed_linear(x, _packed_weight(weight, kernel), weight.shape[0], bias)
-    if kernel == "mkl_packed":
-        return _MKL_OPS._mkl_linear(x, _packed_weight(weight, kernel), weight, bias, rows)
-    if kernel == "onednn":
-        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
-
-
-# The same product as an opaque op for torch.compile: inductor otherwise lowers every linear to a
-# plain addmm, and the packed weight lives in a Python map that tracing cannot see into. Registered
-# through the low-level Library API: `torch.library.custom_op` adds ~50 us of Python to every call.
-_OPS = torch.library.Library("chatforge", "DEF")
-_OPS.define("fast_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-_OPS.impl("fast_linear", _fast_product, "CPU")
-
-
-@torch.library.register_fake("chatforge::fast_linear")
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)`; for a plain nn.Linear on a few fp32 CPU rows under no_grad, the same product
-    through the kernel that is faster on this CPU (see above)."""
-    if not (
-        _FAST_LINEAR_ENABLED
-        and type(layer) is nn.Linear  # a subclass or a hooked layer keeps its own forward
-        and not (layer._forward_hooks or layer._forward_pre_hooks)
-        and not torch.is_grad_enabled()
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and layer.weight.dtype == torch.float32
-    ):
-        return layer(x)
-    if torch.compiler.is_compiling():
-        # the one-row graph (dynamo specializes a size of 1; a symbolic size is >= 2, so this adds no
-        # guard): the graph calls the kernel itself, without the op's Python around it
-        if x.numel() == x.shape[-1]:
-            kernel = fast_kernel(1)
-            if kernel == "chatforge_gemv":
-                return torch.ops.chatforge_cpu.linear(x, layer.weight, layer.bias)
-            if kernel == "linear":
-                return F.linear(x, layer.weight, layer.bias)
-        # otherwise the op picks the kernel per call: choosing here would guard on the row count
-        return torch.ops.chatforge.fast_linear(x, layer.weight, layer.bias)
-    return _fast_product(x, layer.weight, layer.bias)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -253,7 +113,7 @@ class CausalSelfAttention(nn.Module):
         attn_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = linear(self.c_attn, x).split(C, dim=2)
+        q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v, pos_offset)
@@ -270,7 +130,7 @@ class CausalSelfAttention(nn.Module):
             mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(linear(self.c_proj, y))
+        return self.resid_dropout(self.c_proj(y))
 
 
 def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -295,7 +155,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(linear(self.c_proj, gelu_tanh(linear(self.c_fc, x))))
+        return self.dropout(self.c_proj(gelu_tanh(self.c_fc(x))))
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -382,7 +242,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
         """Next-token logits (B, T, vocab_size); keyword arguments as in `hidden_states`."""
-        return linear(self.lm_head, self.hidden_states(idx, **kwargs))
+        return self.lm_head(self.hidden_states(idx, **kwargs))
 
     @torch.no_grad()
     def resize_token_embeddings(self, vocab_size: int) -> None:

@@ -39,13 +39,14 @@ class ChatSession:
     params: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=128, temperature=0.7))
     history: list[Message] = field(default_factory=list)
     examples: list[str] | None = None  # offered at the start; default: from the checkpoint's training files
+    engine: Engine | None = None  # default: the plain engine (the command line passes the fused one)
 
     def __post_init__(self) -> None:
         if self.examples is None:
             self.examples = example_prompts(self.ckpt.path)[0]
         self.template = ChatTemplate(self.ckpt.tokenizer)
-        self.engine = Engine(self.ckpt.model.eval(), self.ckpt.tokenizer, max_batch_size=1,
-                             stop_token_ids=self.template.stop_ids)
+        self.engine = self.engine or Engine(self.ckpt.model.eval(), self.ckpt.tokenizer, max_batch_size=1,
+                                            stop_token_ids=self.template.stop_ids)
 
     def check(self, params: SamplingParams) -> None:
         """Raise RequestError naming the setting the engine cannot honour."""

@@ -12,35 +12,35 @@ TINY = dict(vocab_size=97, context_length=32, n_layer=2, n_head=2, n_embd=16)
 
 @pytest.fixture(autouse=True)
 def _restore_cpu_kernels():
-    """A test that builds chatforge's CPU kernels (a compiled engine does) uses them only itself:
+    """A test that builds chatforge's CPU kernels (a fused engine does) uses them only itself:
     every other test keeps torch's products, whatever order the tests run in."""
-    from chatforge import cpu_kernels
+    from chatforge.accel import kernels
 
-    before = dict(cpu_kernels._STATE)
+    before = dict(kernels._STATE)
     yield
-    cpu_kernels._STATE.update(before)
+    kernels._STATE.update(before)
 
 
 @pytest.fixture(scope="session")
 def ops():
     """chatforge's CPU kernels (torch.ops.chatforge_cpu), built here once (about 40 s); a test that
     needs them skips, with the reason, where the CPU has no AVX-512 or the build fails."""
-    from chatforge import cpu_kernels
+    from chatforge.accel import kernels
 
-    reason = cpu_kernels.unsupported_reason()
+    reason = kernels.unsupported_reason()
     if reason is not None:
         pytest.skip(f"chatforge's CPU kernels cannot be built here: {reason}")
-    if not cpu_kernels._build():
+    if not kernels._build():
         pytest.skip("chatforge's CPU kernels did not build here (see the warning)")
     return torch.ops.chatforge_cpu
 
 
 @pytest.fixture
 def active(ops):
-    """The kernels in use by chatforge.model.linear for this test."""
-    from chatforge import cpu_kernels
+    """The kernels in use by chatforge.accel.linear for this test."""
+    from chatforge.accel import kernels
 
-    cpu_kernels.set_active(True)
+    kernels.set_active(True)
     return ops
 
 

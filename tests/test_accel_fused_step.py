@@ -1,7 +1,7 @@
 """The fused decode step (chatforge_cpu::DecodeStep): GPT's forward for one new token a row, in one call.
 
 Everything here skips, with the reason, where chatforge's CPU kernels cannot be built (see
-test_cpu_kernels.py).
+test_kernels.py).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from chatforge import cpu_kernels
+from chatforge.accel import kernels
+from chatforge.accel.fused_step import FusedDecodeStep, _products, _weights, unsupported_reason
 from chatforge.generate.engine import Engine
-from chatforge.generate.fused_step import FusedDecodeStep, _products, _weights, unsupported_reason
 from chatforge.generate.params import SamplingParams
 from chatforge.model import GPT, GPTConfig
 
@@ -156,13 +156,13 @@ def test_it_declines_what_it_would_not_compute_as_the_model_does(active, model, 
 
 
 def test_it_needs_the_kernels_loaded(ops, model):
-    cpu_kernels.set_active(False)
+    kernels.set_active(False)
     assert unsupported_reason(model) == "chatforge's CPU kernels are not loaded"
 
 
 class Spy:
-    """The compiled engine's torch.compile'd forward, replaced by the model itself (nothing compiles),
-    counting the rows of each call."""
+    """The engine's decode forward past the fused step, replaced by the model itself, counting the rows
+    of each call."""
 
     def __init__(self, model: GPT) -> None:
         self.model, self.rows = model, []
@@ -172,11 +172,11 @@ class Spy:
         return self.model(tokens, **kwargs)
 
 
-def test_a_compiled_engine_decodes_up_to_32_rows_in_the_fused_step_and_more_in_the_graph(ops, model, monkeypatch):
-    compiled = Engine(model, ByteTokenizer(), max_batch_size=4, stop_token_ids=[], compile=True)
-    assert compiled._fused is not None
+def test_a_fused_engine_decodes_up_to_32_rows_in_the_fused_step_and_more_in_the_forward(ops, model, monkeypatch):
+    compiled = Engine(model, ByteTokenizer(), max_batch_size=4, stop_token_ids=[], fused=True)
+    assert compiled.fused and compiled.fused_reason is None
     spy = compiled._forward = Spy(model)
-    compiled.warm_up()  # every row count it can take is the fused step's: no graph to compile
+    compiled.warm_up()  # every row count it can take is the fused step's: nothing else runs
     assert spy.rows == []
     prompts = [[5, 6, 7], [1], [9, 9, 9, 9, 9, 2], [3, 4]]
     params = [SamplingParams(max_tokens=m, temperature=0, logprobs=1) for m in (9, 4, 6, 8)]
@@ -184,13 +184,14 @@ def test_a_compiled_engine_decodes_up_to_32_rows_in_the_fused_step_and_more_in_t
     assert [c.outputs[0].token_ids for c in compiled.generate(prompts, params)] == [
         c.outputs[0].token_ids for c in want]
     assert spy.rows == []
-    monkeypatch.setattr(cpu_kernels, "MAX_ROWS", 2)
+    monkeypatch.setattr(kernels, "MAX_ROWS", 2)
     got = compiled.generate(prompts, params)
-    assert spy.rows and min(spy.rows) == 3  # more rows than the fused step takes: the graph; fewer: fused
+    assert spy.rows and min(spy.rows) == 3  # more rows than the fused step takes: the forward; fewer: fused
     assert [c.outputs[0].token_ids for c in got] == [c.outputs[0].token_ids for c in want]
     lp = [t.logprob for c in got for t in c.outputs[0].logprobs]
     assert lp == pytest.approx([t.logprob for c in want for t in c.outputs[0].logprobs], abs=1e-4)
 
 
-def test_an_engine_that_is_not_compiled_never_uses_it(ops, model):
-    assert Engine(model, ByteTokenizer(), max_batch_size=2)._fused is None
+def test_an_engine_not_asked_for_it_never_uses_it(ops, model):
+    engine = Engine(model, ByteTokenizer(), max_batch_size=2, compile=True)
+    assert not engine.fused and engine.fused_reason == "not asked for"

@@ -1,4 +1,4 @@
-"""chatforge's own fp32 CPU products (chatforge/cpu_kernels.cpp), against F.linear.
+"""chatforge's own fp32 CPU products (chatforge/accel/kernels.cpp), against F.linear.
 
 They are built on this machine the first time (about 40 s); everything skips, with the reason,
 where the CPU has no AVX-512 or the build fails.
@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chatforge import cpu_kernels
-from chatforge.model import fast_kernel, linear
+from chatforge.accel import kernels
+from chatforge.accel.linear import fast_kernel, fast_linear
 
 # shapes with a K that is not a multiple of 16 or 64 (the masked tails), and O that is not a
 # multiple of 16 (the last panel's padding)
@@ -76,42 +76,42 @@ def test_a_wrong_call_is_a_clear_error_not_a_crash(ops):
         ops.packed_linear(torch.randn(4, 16), ops.pack(w), 40, None)  # a pack of 8 outputs, not 40
 
 
-def test_model_linear_uses_them_up_to_32_rows_once_loaded_and_torchs_products_otherwise(active):
+def test_fast_linear_uses_them_up_to_32_rows_once_loaded_and_torchs_products_otherwise(active):
     assert [fast_kernel(r) for r in (1, 2, 32)] == ["chatforge_gemv", "chatforge_packed", "chatforge_packed"]
     assert fast_kernel(33) not in ("chatforge_gemv", "chatforge_packed")  # MKL's gemm is faster from here
-    cpu_kernels.set_active(False)
+    kernels.set_active(False)
     assert fast_kernel(1) not in ("chatforge_gemv", "chatforge_packed")
 
 
 @pytest.mark.parametrize("rows", [1, 2, 16, 32, 33, 64])
-def test_model_linear_through_them_equals_the_layer(active, rows):
+def test_fast_linear_through_them_equals_the_layer(active, rows):
     torch.manual_seed(0)
     layer = torch.nn.Linear(96, 300)
     x = torch.randn(rows, 96)
     with torch.no_grad():
-        assert close(linear(layer, x), layer(x))
+        assert close(fast_linear(layer, x), layer(x))
 
 
-def test_model_linear_packs_again_after_the_weight_changes(active):
+def test_fast_linear_packs_again_after_the_weight_changes(active):
     """The packed copy must follow training (optimizer steps, fused AdamW too) and loads."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(32, 40)
     x = torch.randn(8, 32)
     with torch.no_grad():
-        linear(layer, x)
+        fast_linear(layer, x)
     for optimizer in (torch.optim.SGD(layer.parameters(), lr=1.0),
                       torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)):
         layer(x).sum().backward()
         optimizer.step()
         optimizer.zero_grad()
         with torch.no_grad():
-            assert close(linear(layer, x), layer(x))
+            assert close(fast_linear(layer, x), layer(x))
     with torch.no_grad():
         layer.load_state_dict({"weight": torch.randn(40, 32), "bias": torch.zeros(40)})
-        assert close(linear(layer, x), layer(x))
+        assert close(fast_linear(layer, x), layer(x))
 
 
 def test_they_are_not_built_when_switched_off(monkeypatch):
     monkeypatch.setenv("CHATFORGE_CPU_KERNELS", "0")
-    assert cpu_kernels.unsupported_reason() == "CHATFORGE_CPU_KERNELS=0"
-    assert cpu_kernels.load() is False and not cpu_kernels.active()
+    assert kernels.unsupported_reason() == "CHATFORGE_CPU_KERNELS=0"
+    assert kernels.load() is False and not kernels.active()

@@ -5,7 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from chatforge import cpu_kernels  # noqa: E402
+from chatforge.accel import kernels  # noqa: E402
 from chatforge.checkpoint import load_checkpoint  # noqa: E402
 from chatforge.errors import RequestError  # noqa: E402
 from chatforge.generate.beam import beam_search  # noqa: E402
@@ -237,12 +237,12 @@ def test_stop_ids_past_the_models_rows_are_dropped_not_crashed_on(pair):
 @pytest.mark.parametrize("steps", ["fused", "graphs"])
 def test_a_compiled_engine_gives_the_eager_engines_tokens_and_warm_up_compiles_every_graph(pair, steps):
     eager = Engine(pair[1], LetterTokenizer(), max_batch_size=8, stop_token_ids=[])
-    compiled = Engine(pair[1], LetterTokenizer(), max_batch_size=8, stop_token_ids=[], compile=True)
-    # where they build, the compiled engine's products are chatforge's own CPU kernels, and its steps
-    # of up to 32 rows the fused step (tests/test_fused_step.py); "graphs" sets that aside, so every
+    compiled = Engine(pair[1], LetterTokenizer(), max_batch_size=8, stop_token_ids=[], fused=True, compile=True)
+    # where they build, the engine's products are chatforge's own CPU kernels, and its steps of up to
+    # 32 rows the fused step (tests/test_accel_fused_step.py); "graphs" sets that aside, so every
     # step runs torch.compile's graphs (with the kernels' products inside), as where they cannot build
-    assert cpu_kernels.active() == (cpu_kernels.unsupported_reason() is None)
-    assert (compiled._fused is not None) == cpu_kernels.active()
+    assert kernels.active() == (kernels.unsupported_reason() is None)
+    assert compiled.fused == kernels.active()
     if steps == "graphs":
         compiled._fused = None
     elif compiled._fused is None:

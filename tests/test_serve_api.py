@@ -394,11 +394,12 @@ def test_build_app_from_a_checkpoint_names_the_model_and_the_database(tmp_path, 
 
     help_text = CliRunner().invoke(cli, ["serve", "--help"]).output
     for flag in ("--checkpoint", "--host", "--port", "--model-name", "--api-key", "--cors-origin", "--db",
-                 "--no-web", "--moderation", "--max-queue", "--compile", "CHATFORGE_API_KEY"):
+                 "--no-web", "--moderation", "--max-queue", "--no-fused", "--compile", "CHATFORGE_API_KEY"):
         assert flag in help_text
 
 
-def test_serve_compile_compiles_the_engines_decode_step_before_serving(tmp_path, tiny, monkeypatch):
+def test_serve_uses_the_fused_step_by_default_and_compiles_only_when_asked(tmp_path, tiny, monkeypatch):
+    from chatforge.accel import kernels
     from chatforge.checkpoint import save_checkpoint
     from chatforge.generate.engine import Engine
     from chatforge.serve.server import build_app
@@ -406,17 +407,20 @@ def test_serve_compile_compiles_the_engines_decode_step_before_serving(tmp_path,
     warmed = []
     monkeypatch.setattr(Engine, "warm_up", lambda self: warmed.append(self))  # the compile itself: test_engine
     save_checkpoint(tmp_path / "sft" / "checkpoint", *tiny)
-    plain = build_app(ServeConfig(checkpoint=str(tmp_path / "sft"), web=False))
-    assert not plain.state.chatforge.engine.compiled and not warmed
+    default = build_app(ServeConfig(checkpoint=str(tmp_path / "sft"), web=False)).state.chatforge.engine
+    assert default.fused == (kernels.unsupported_reason() is None) and not default.compiled
+    assert warmed == [default]  # packed before the first request
+    off = build_app(ServeConfig(checkpoint=str(tmp_path / "sft"), web=False, fused=False)).state.chatforge.engine
+    assert not off.fused and off.fused_reason == "not asked for"
     app = build_app(ServeConfig(checkpoint=str(tmp_path / "sft"), web=False, compile=True))
-    assert app.state.chatforge.engine.compiled and warmed == [app.state.chatforge.engine]
+    assert app.state.chatforge.engine.compiled and warmed[-1] is app.state.chatforge.engine
 
 
-def test_a_compiled_server_answers_concurrent_requests_through_the_fused_step_as_the_eager_engine(tiny, local, no_end):
+def test_a_fused_server_answers_concurrent_requests_through_the_fused_step_as_the_eager_engine(tiny, local, no_end):
     model, tok = tiny
-    engine = Engine(model, tok, max_batch_size=8, compile=True)
-    if engine._fused is None:
-        pytest.skip("chatforge's CPU kernels cannot be built here: the compiled engine runs torch.compile's graphs")
+    engine = Engine(model, tok, max_batch_size=8, fused=True)
+    if not engine.fused:
+        pytest.skip(f"no fused decode step here: {engine.fused_reason}")
     engine.warm_up()
     graph_calls = []
     engine._forward = lambda *a, **k: graph_calls.append(a)  # the fused step must take every decode step

@@ -1,6 +1,6 @@
-"""One decode step of the whole GPT in one call: chatforge's CPU kernels, for the compiled engine.
+"""One decode step of the whole GPT in one call: chatforge's CPU kernels, for the engine's fused path.
 
-`chatforge_cpu::DecodeStep` (chatforge/cpu_kernels.cpp) runs `GPT.forward` for one new token on each
+`chatforge_cpu::DecodeStep` (chatforge/accel/kernels.cpp) runs `GPT.forward` for one new token on each
 of R rows, each row at its own position in its own cache row, with no Python, graph or op dispatch
 between its products. In a compiled decode step those cost about 2 ms a token on GPT-2 small (the
 graph's wrapper, dynamo's guards, the op calls), a tenth of the step; measured paired in one
@@ -9,8 +9,8 @@ process, the fused step is 1.1-1.2x faster than the torch.compile'd forward at 1
 
 It covers what it can compute exactly as `GPT` does: the GPT class itself (not a subclass), plain
 nn.Linear / nn.LayerNorm / nn.Embedding layers without hooks, contiguous fp32 CPU weights, and at
-most `cpu_kernels.MAX_ROWS` rows (past that MKL's packed gemm is faster than chatforge's). Anything
-else keeps torch.compile's graph.
+most `kernels.MAX_ROWS` rows (past that MKL's packed gemm is faster than chatforge's). Anything
+else keeps the engine's other decode path (torch.compile's graph where compiled, else eager).
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ from torch.nn.modules.module import (
     register_module_parameter_registration_hook,
 )
 
-from chatforge import cpu_kernels
 from chatforge import model as gpt
+from chatforge.accel import kernels
+from chatforge.accel.linear import optimizer_steps, packed_weight
 from chatforge.model import GPT, KVCache
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why the fused step cannot run `model` here, or None when it can."""
-    if not cpu_kernels.active():
+    if not kernels.active():
         return "chatforge's CPU kernels are not loaded"
     if type(model) is not GPT:
         return f"the model is a {type(model).__name__}, not chatforge's GPT"
@@ -101,7 +102,7 @@ class FusedDecodeStep:
     def covers(self, rows: int) -> bool:
         """Whether this step can run `rows` rows of the model as it is now (after a layer was
         replaced, say, it may no longer)."""
-        if not (1 <= rows <= cpu_kernels.MAX_ROWS and cpu_kernels.active()):
+        if not (1 <= rows <= kernels.MAX_ROWS and kernels.active()):
             return False
         if self._assignments != _ASSIGNMENTS:
             self._assignments, self._key = _ASSIGNMENTS, None
@@ -113,8 +114,8 @@ class FusedDecodeStep:
         """(R, vocab) logits of tokens[r] at positions[r] of cache row r; writes their keys and values."""
         if not self.covers(len(tokens)):
             raise ValueError(f"the fused decode step cannot run {len(tokens)} rows of this model: "
-                             f"{self._reason or f'it takes 1..{cpu_kernels.MAX_ROWS} with its kernels loaded'}")
-        key = (tuple((w.data_ptr(), w._version) for w in self._weights), gpt._OPTIMIZER_STEPS)
+                             f"{self._reason or f'it takes 1..{kernels.MAX_ROWS} with its kernels loaded'}")
+        key = (tuple((w.data_ptr(), w._version) for w in self._weights), optimizer_steps())
         if key != self._key:
             self._key, self._one_row, self._many_rows = key, None, None
         with torch.no_grad():
@@ -123,7 +124,7 @@ class FusedDecodeStep:
     def _step(self, many: bool):
         c = self.model.config
         if many and self._many_rows is None:
-            packs = [gpt._packed_weight(w, "chatforge_packed") for w in _products(self.model)]
+            packs = [packed_weight(w, "chatforge_packed") for w in _products(self.model)]
             self._many_rows = torch.classes.chatforge_cpu.DecodeStep(self._weights, packs, c.n_head, c.layer_norm_eps)
         if not many and self._one_row is None:
             self._one_row = torch.classes.chatforge_cpu.DecodeStep(self._weights, [], c.n_head, c.layer_norm_eps)

@@ -1,8 +1,8 @@
 // chatforge's fp32 CPU products for decode: one row (gemv) and several rows (a panel-packed gemm),
 // both prefetching the weight stream 4 KB ahead of the loads; and on them DecodeStep, a whole decode
 // step of the GPT in one call. Built on the user's machine by
-// chatforge/cpu_kernels.py (torch.utils.cpp_extension) where the CPU has AVX-512; measured against
-// MKL, the kernel torch calls, in chatforge/cpu_kernels.py's docstring.
+// chatforge/accel/kernels.py (torch.utils.cpp_extension) where the CPU has AVX-512; measured against
+// MKL, the kernel torch calls, in chatforge/accel/kernels.py's docstring.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>

@@ -3,11 +3,11 @@
 Decoding one token reads every weight once, so a one-row product is as fast as the weight stream
 from memory, and a product of a few dozen rows not much slower when its arithmetic hides under that
 stream. MKL (what torch calls) falls short of both on this project's Xeon (Sapphire Rapids, 2
-threads); `cpu_kernels.cpp` prefetches the weight stream 4 KB ahead into L2 and, for 2-32 rows,
+threads); `kernels.cpp` prefetches the weight stream 4 KB ahead into L2 and, for 2-32 rows,
 reads a copy of the weight packed once in panels of 16 outputs, 16 rows to a tile, broadcasting x
 one element at a time. Measured on GPT-2 small's 49 decode products (`python
 benchmarks/bench_kernels.py`, two runs, paired in one process, against what
-`chatforge.model.linear` picks without them):
+`accel.linear.fast_kernel` picks without them):
 
     rows                1      2      4      8      16     32
     speed over MKL's    1.18-  1.07-  1.28-  1.32-  1.36-  1.06-
@@ -18,51 +18,32 @@ At 64 rows an earlier packed product (panels of 32 outputs, 12-row tiles) was 0.
 32 rows MKL's stays.
 
 On those products `DecodeStep` (a torch custom class) runs the whole one-token forward of
-`chatforge.model.GPT` for 1-32 rows in one call: see chatforge/generate/fused_step.py.
+`chatforge.model.GPT` for 1-32 rows in one call: see chatforge/accel/fused_step.py.
 
 `load()` builds the extension once (about 40 s; torch's extension cache keeps it) and from then on
-`chatforge.model.linear` uses it in this process; `Engine(compile=True)` calls it (and then decodes
-through `DecodeStep`). Nothing is built where the CPU lacks AVX-512, where there is no C++ compiler
-(a warning says why), or where CHATFORGE_CPU_KERNELS=0.
+`accel.linear` uses it in this process; `Engine(fused=True)` calls it (and then decodes through
+`DecodeStep`). Nothing is built where torch reports no AVX-512 (`cpu.kernels_unsupported_reason`),
+where there is no C++ compiler (a warning says why), or where CHATFORGE_CPU_KERNELS=0.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-MAX_ROWS = 32  # where chatforge.model.linear uses them: past it MKL's packed gemm is faster
+from chatforge.accel.cpu import kernels_unsupported_reason
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+MAX_ROWS = 32  # where accel.linear uses them: past it MKL's packed gemm is faster
 _STATE = {"active": False}
 
 
 def unsupported_reason() -> str | None:
-    """Why the kernels cannot be built here, or None when they can be."""
-    if os.environ.get("CHATFORGE_CPU_KERNELS", "1") == "0":
-        return "CHATFORGE_CPU_KERNELS=0"
-    if not cpu_has_avx512():
-        return "the CPU has no AVX-512"
-    return None
-
-
-def cpuinfo_field(name: str) -> str:
-    """A field of /proc/cpuinfo's first CPU ("vendor_id", "model name", "flags"), or "" where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(name):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def cpu_has_avx512() -> bool:
-    return {"avx512f", "fma"} <= set(cpuinfo_field("flags").split())
+    """Why the kernels cannot be built here, or None when they can."""
+    return kernels_unsupported_reason()
 
 
 def load() -> bool:
@@ -88,14 +69,14 @@ def _build() -> bool:
 
 
 def active() -> bool:
-    """Whether `chatforge.model.linear` uses these kernels in this process."""
+    """Whether `accel.linear` uses these kernels in this process."""
     return _STATE["active"]
 
 
 def set_active(flag: bool) -> None:
     """Use the loaded kernels, or MKL again (tests compare both); only after a successful load."""
     if flag and not (_build.cache_info().currsize and _build()):
-        raise RuntimeError("chatforge's CPU kernels are not loaded: call chatforge.cpu_kernels.load()")
+        raise RuntimeError("chatforge's CPU kernels are not loaded: call chatforge.accel.kernels.load()")
     _STATE["active"] = flag
 
 

@@ -30,13 +30,14 @@ from typing import Any
 import torch
 from torch.fx.experimental import _config as fx_config
 
-from chatforge import cpu_kernels
+from chatforge.accel import kernels
+from chatforge.accel.fused_step import FusedDecodeStep, unsupported_reason
+from chatforge.accel.linear import fast_view, sync_mode
 from chatforge.errors import RequestError
-from chatforge.generate.fused_step import FusedDecodeStep, unsupported_reason
 from chatforge.generate.params import MAX_LOGPROBS, SamplingParams
 from chatforge.generate.processors import LogitsPipeline, TokenHistory, sample_next, token_logprobs
 from chatforge.generate.text import IncrementalText
-from chatforge.model import GPT, KVCache, linear
+from chatforge.model import GPT, KVCache
 
 
 @dataclass
@@ -151,11 +152,24 @@ def _row_seed(seed: int | None, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") >> 1
 
 
+def preparing_line(fused: bool, compile: bool) -> str | None:
+    """What a command says before it makes an engine that takes a while to prepare, else None."""
+    parts = []
+    if fused and kernels.unsupported_reason() is None and not kernels.active():
+        parts.append("chatforge's fused decode step (its kernels build once, about 40 s)")
+    if compile:
+        parts.append("torch.compile's decode graphs (minutes)")
+    return "preparing " + " and ".join(parts) + "..." if parts else None
+
+
 class Engine:
     """Batched generation over a GPT; requests come and go between decode steps."""
 
     def __init__(self, model: GPT, tokenizer: Any, max_batch_size: int = 16,
-                 stop_token_ids: Sequence[int] | None = None, compile: bool = False) -> None:
+                 stop_token_ids: Sequence[int] | None = None, fused: bool = False, compile: bool = False) -> None:
+        """`fused`: decode 1-32 rows in chatforge's fused CPU step where its kernels build here (about
+        40 s once; `fused_reason` says why not elsewhere). `compile`: torch.compile the decode forward
+        (what the fused step leaves, or all of it), compiled on first use or in `warm_up`."""
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = model.config
         self.max_batch_size = max_batch_size
@@ -163,15 +177,13 @@ class Engine:
         self.device = p.device
         self.cache = SlotCache(self.config, max_batch_size, device=p.device, dtype=p.dtype)
         self._row_index = torch.arange(max_batch_size, device=p.device)
+        # every forward runs through the view: the model's weights, this CPU's fastest products
+        self._view = fast_view(self.model)
+        self._fused, self.fused_reason = self._fused_step(fused)
         # the decode forward; compiled, it runs as a few fused kernels without Python between the
         # matmuls (see `compile` in docs/architecture.md); prefill and beam search stay eager
         self.compiled = compile
-        self._fused: FusedDecodeStep | None = None
-        if compile and self.device.type == "cpu" and cpu_kernels.load():
-            # chatforge's own kernels built here: the whole step in one call where it covers the model
-            # and the row count, and its products inside torch.compile's graph otherwise
-            self._fused = FusedDecodeStep(model) if unsupported_reason(model) is None else None
-        self._forward = torch.compile(model, dynamic=True) if compile else model
+        self._forward = torch.compile(self._view, dynamic=True) if compile else self._view
         if stop_token_ids is None:
             specials = getattr(tokenizer, "special_ids", {})
             stop_token_ids = [specials[k] for k in ("eot", "end_turn") if k in specials]
@@ -185,6 +197,31 @@ class Engine:
         self.history: TokenHistory | None = None
         self.pipeline: LogitsPipeline | None = None
         self._ids = itertools.count()
+
+    def _fused_step(self, wanted: bool) -> tuple[FusedDecodeStep | None, str | None]:
+        """The fused decode step where it is wanted and runs here, else None and why not."""
+        if not wanted:
+            return None, "not asked for"
+        if self.device.type != "cpu":
+            return None, f"the model is on {self.device.type}, not the CPU"
+        reason = kernels.unsupported_reason()
+        if reason is None and not kernels.load():
+            reason = "chatforge's CPU kernels did not build (see the warning)"
+        reason = reason or unsupported_reason(self.model)
+        return (FusedDecodeStep(self.model), None) if reason is None else (None, reason)
+
+    @property
+    def fused(self) -> bool:
+        """Whether decode steps of 1-32 rows run in chatforge's fused CPU step."""
+        return self._fused is not None
+
+    def describe_decode(self) -> str:
+        """How this engine decodes, for a command's startup line."""
+        if self.fused:
+            rest = "torch.compile's graphs" if self.compiled else "torch's products"
+            return f"chatforge's fused CPU step for 1-{kernels.MAX_ROWS} rows, {rest} past that"
+        how = "torch.compile's graphs" if self.compiled else "torch's products"
+        return how + ("" if self.fused_reason == "not asked for" else f" (no fused step: {self.fused_reason})")
 
     # ---- the scheduler's public face ---------------------------------------------------------
 
@@ -264,6 +301,7 @@ class Engine:
         """Admit what fits, decode one token for every running row, and report what is new."""
         events: list[StreamEvent] = []
         self._drop_cancelled(events)
+        sync_mode(self._view, self.model)  # PPO switches the policy between training and rollouts
         old = len(self.rows)
         new_logits = self._admit(events)
         if not self.rows:
@@ -274,20 +312,20 @@ class Engine:
         return events
 
     def warm_up(self) -> None:
-        """Compile every decode graph the engine will run now rather than in the first requests (a no-op
-        when not compiled): one row, several rows in step, and rows at different positions, but only
-        those the fused step leaves to the graphs (none when it runs and there are at most 32 slots);
-        then pack the fused step's weights. Leaves the engine idle."""
-        if not self.compiled:
+        """Compile every decode graph the engine will run now rather than in the first requests: one
+        row, several rows in step, and rows at different positions, but only those the fused step
+        leaves to the graphs (none when it runs and there are at most 32 slots); then pack the fused
+        step's weights. A no-op when neither compiled nor fused. Leaves the engine idle."""
+        if not (self.compiled or self.fused):
             return
         if self.has_unfinished():
             raise RuntimeError("warm_up needs an idle engine")
         params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
         fused, self._fused = self._fused, None  # compile the graphs of the steps the fused one leaves to them
         try:
-            if fused is None:
+            if self.compiled and fused is None:
                 self.generate([[0, 0]], params)
-            if self.max_batch_size > (cpu_kernels.MAX_ROWS if fused else 1):
+            if self.compiled and self.max_batch_size > (kernels.MAX_ROWS if fused else 1):
                 self.generate([[0, 0], [0, 0]], params)
                 self.generate([[0, 0], [0, 0, 0]], params)
         finally:
@@ -339,12 +377,12 @@ class Engine:
     def _prefill(self, request: _Request) -> torch.Tensor:
         prompt = request.prompt_ids
         tmp = KVCache(self.config, 1, len(prompt), device=self.device, dtype=self.cache.k.dtype)
-        hidden = self.model.hidden_states(torch.tensor([prompt], device=self.device), kv_cache=tmp)[0]
+        hidden = self._view.hidden_states(torch.tensor([prompt], device=self.device), kv_cache=tmp)[0]
         if request.params.echo and request.logprobs_k is not None:
             logits = self.model.lm_head(hidden).float()
             request.prompt_logprobs = self._prompt_logprobs(logits, prompt, request.logprobs_k)
         else:  # only the last position's logits are needed: skip the LM head over the prompt
-            logits = linear(self.model.lm_head, hidden[-1:]).float()
+            logits = self._view.lm_head(hidden[-1:]).float()
         if request.params.max_tokens == 0:
             return logits[-1:]
         first = len(self.rows)
@@ -497,7 +535,7 @@ class Engine:
     def _run_beam_search(self, request: _Request, events: list[StreamEvent]) -> None:
         from chatforge.generate.beam import beam_search
 
-        hyps = beam_search(self.model, request.prompt_ids, request.params, request.stop_ids)
+        hyps = beam_search(self._view, request.prompt_ids, request.params, request.stop_ids)
         request.num_rows = request.params.n
         for i, hyp in enumerate(hyps[: request.params.n]):
             text = IncrementalText(request.params.stop, request.params.strip_leading_whitespace)
