@@ -115,3 +115,15 @@ def test_they_are_not_built_when_switched_off(monkeypatch):
     monkeypatch.setenv("CHATFORGE_CPU_KERNELS", "0")
     assert kernels.unsupported_reason() == "CHATFORGE_CPU_KERNELS=0"
     assert kernels.load() is False and not kernels.active()
+
+
+def test_the_reason_they_cannot_run_names_what_torch_reports_for_this_cpu(monkeypatch):
+    from chatforge.accel import cpu
+
+    monkeypatch.setattr(cpu, "capability", lambda: "SVE256")
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "aarch64")
+    assert kernels.unsupported_reason() == ("they need AVX-512; this aarch64 offers SVE256 "
+                                            "(torch.backends.cpu.get_cpu_capability())")
+    monkeypatch.setattr(cpu, "capability", lambda: "AVX512")
+    monkeypatch.setattr(cpu.sys, "platform", "darwin")
+    assert kernels.unsupported_reason() == "they are built with GCC's flags on Linux; this is darwin"
