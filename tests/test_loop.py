@@ -1,4 +1,4 @@
-"""The shared training loop: optimizer, schedule, accumulation, checkpoints and exact resume."""
+"""The training harness and the supervised step: optimizer, schedule, accumulation, checkpoints and exact resume."""
 
 import json
 from dataclasses import replace
@@ -12,7 +12,8 @@ from chatforge.checkpoint import load_checkpoint
 from chatforge.errors import CheckpointError, ConfigError
 from chatforge.model import GPT, GPTConfig, lm_loss
 from chatforge.train.distributed import DistInfo
-from chatforge.train.loop import TrainConfig, Trainer, build_optimizer
+from chatforge.train.loop import TrainConfig, build_optimizer
+from chatforge.train.supervised import supervised_trainer
 
 CFG = GPTConfig(vocab_size=50, context_length=16, n_layer=2, n_head=2, n_embd=16, dropout=0.1)
 
@@ -59,8 +60,8 @@ def make_trainer(out, callbacks=None, dropout=0.1, **overrides):
                     log_every=1, progress=False)
     settings.update(overrides)
     cfg = TrainConfig(**settings)
-    return Trainer(model, RandomTokens(batch_size=cfg.batch_size), cfg, out, DistInfo(),
-                   run_config={"data": "random"}, callbacks=callbacks)
+    return supervised_trainer(model, RandomTokens(batch_size=cfg.batch_size), cfg, out, DistInfo(),
+                              run_config={"data": "random"}, callbacks=callbacks)
 
 
 def losses(result):
@@ -100,9 +101,10 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
 
 def test_one_step_changes_every_trainable_weight(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=1)
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    model = trainer.stepper.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer.fit()
-    after = trainer.model.state_dict()
+    after = model.state_dict()
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     assert unchanged == []
 

@@ -14,22 +14,16 @@ from chatforge.model import GPT, GPTConfig, ScalarHeadModel
 from chatforge.train.distributed import DistInfo
 from chatforge.train.loop import TrainConfig
 from chatforge.train.ppo import (
-    AdaptiveKL,
     PPOConfig,
     PPOSettings,
     ValueHead,
     build_models,
     fit_prompt,
-    gae,
     make_rollout,
-    masked_mean,
-    masked_whiten,
-    policy_loss,
     response_logprobs,
     run_ppo,
-    token_rewards,
-    value_loss,
 )
+from chatforge.train.ppo_math import AdaptiveKL, gae, masked_mean, policy_loss, token_rewards, value_loss, whiten
 
 # ---- the math ------------------------------------------------------------------------------------
 
@@ -54,13 +48,26 @@ def test_masked_mean_and_whitening_ignore_masked_entries():
     x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, -50.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
     assert masked_mean(x, mask).item() == 2.5
-    w = masked_whiten(x, mask)
+    w = whiten(x, mask)
     kept = w[mask > 0]
     assert kept.mean().item() == pytest.approx(0.0, abs=1e-6)
     assert kept.pow(2).mean().item() == pytest.approx(1.0, abs=1e-4)
     assert (w[mask == 0] == 0).all()
-    unshifted = masked_whiten(x, mask, shift_mean=False)[mask > 0]
+    unshifted = whiten(x, mask, shift_mean=False)[mask > 0]
     assert unshifted.mean().item() == pytest.approx(2.5, abs=1e-5)
+
+
+def test_whitening_by_hand_locally_and_with_global_batch_statistics():
+    x = torch.tensor([[1.0, 3.0, 7.0], [5.0, 9.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    # masked entries 1, 3, 5: mean 3, variance (4 + 0 + 4) / 3 = 8/3
+    std = math.sqrt(8 / 3 + 1e-8)
+    expected = torch.tensor([[-2 / std, 0.0, 0.0], [2 / std, 0.0, 0.0]])
+    expected_unshifted = torch.tensor([[3 - 2 / std, 3.0, 0.0], [3 + 2 / std, 0.0, 0.0]])
+    for across_processes in (False, True):  # one process: the all-reduce adds nothing, float64 sums
+        torch.testing.assert_close(whiten(x, mask, across_processes=across_processes), expected, rtol=0, atol=1e-6)
+        unshifted = whiten(x, mask, shift_mean=False, across_processes=across_processes)
+        torch.testing.assert_close(unshifted, expected_unshifted, rtol=0, atol=1e-6)
 
 
 def test_per_token_rewards_are_the_kl_penalty_plus_the_score_at_the_last_answer_token():

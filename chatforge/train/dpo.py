@@ -21,9 +21,10 @@ from chatforge.chat import ChatTemplate
 from chatforge.checkpoint import load_checkpoint
 from chatforge.data.chat_readers import Preference, read_preference_splits
 from chatforge.errors import ConfigError, DataError
-from chatforge.model import ScalarHeadModel, plain_linear
+from chatforge.model import ScalarHeadModel
 from chatforge.train.distributed import DistInfo
-from chatforge.train.loop import Batch, TrainConfig, Trainer, TrainResult
+from chatforge.train.loop import TrainConfig, TrainResult
+from chatforge.train.supervised import Batch, supervised_trainer
 
 
 def _dpo_train_defaults() -> TrainConfig:
@@ -132,14 +133,13 @@ def with_reference_logprobs(model: nn.Module, encoded: list, pad_id: int, device
     """(chosen, rejected, (ref_chosen, ref_rejected)) for each pair, from the model before training."""
     model.eval()
     out = []
-    with plain_linear():
-        for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start : start + batch_size]
-            sides = []
-            for k in (0, 1):
-                ids, mask = collate_side([pair[k] for pair in chunk], pad_id)
-                sides.append(sequence_logprobs(model, ids.to(device), mask.to(device)).tolist())
-            out += [(c, r, (a, b)) for (c, r), a, b in zip(chunk, *sides)]
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        sides = []
+        for k in (0, 1):
+            ids, mask = collate_side([pair[k] for pair in chunk], pad_id)
+            sides.append(sequence_logprobs(model, ids.to(device), mask.to(device)).tolist())
+        out += [(c, r, (a, b)) for (c, r), a, b in zip(chunk, *sides)]
     return out
 
 
@@ -169,6 +169,6 @@ def run_dpo(cfg: DPOConfig, dist: DistInfo, resume: bool = False, overwrite: boo
         print(f"dpo: {len(train)} training pairs ({len(train_prefs)} prompts) / {len(val)} validation pairs; "
               f"beta {cfg.beta}; reference log-probs precomputed; from {cfg.init_from}")
     run_config = {k: v for k, v in asdict(cfg).items() if k not in ("train", "out")}
-    trainer = Trainer(model, objective, cfg.train, cfg.out, dist, tokenizer=ckpt.tokenizer, run_config=run_config,
-                      extra_config={"stage": "dpo"}, callbacks=callbacks)
+    trainer = supervised_trainer(model, objective, cfg.train, cfg.out, dist, tokenizer=ckpt.tokenizer,
+                                 run_config=run_config, extra_config={"stage": "dpo"}, callbacks=callbacks)
     return trainer.fit(resume=resume, overwrite=overwrite)

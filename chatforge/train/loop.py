@@ -1,17 +1,16 @@
-"""The one training loop every gradient-based stage runs on.
+"""The training harness every stage runs on: it drives a `Step` and owns everything around it.
 
-A stage (pretraining, SFT, reward model, DPO) supplies an `Objective`: the global batch of a
-step, the summed loss of a slice of it, and an evaluation. The loop owns everything else:
-AdamW with weight-decay groups, warmup + cosine learning rate, gradient accumulation, clipping,
-optional bf16 autocast, data parallelism, periodic evaluation, metrics as JSON lines, a progress
-bar, atomic checkpoints and exact resume.
+A stage supplies a `Step`: one optimizer iteration (`run(step)` returns its metrics), an evaluation,
+and what its checkpoint holds. The harness owns the rest: resuming from `out_dir/checkpoint`,
+periodic evaluation, metrics as JSON lines, a progress bar, atomic checkpoints (weights, optimizer,
+RNG, step) and exact resume. It knows nothing of which stage runs it. Two kinds of step exist:
+`chatforge.train.supervised.SupervisedStep` (pretraining, SFT, reward model, DPO: gradient
+accumulation over an `Objective`'s global batch) and `chatforge.train.ppo.PPOStep` (rollout,
+rewards, advantages, PPO epochs).
 
-Why the batch is global: every rank builds the same global batch for a step (from a generator
-seeded by (seed, step)) and takes its own rows. So the batch at step s does not depend on how
-many processes run or where a run was resumed, and the loss normalizer (e.g. the number of
-target tokens in the whole global batch) is known on every rank without communication. Hence
-2 processes with batch B reproduce 1 process with batch 2B, and a resumed run reproduces an
-uninterrupted one.
+This module also holds what both kinds share: `TrainConfig` (its warmup + cosine learning rate),
+AdamW with weight-decay groups (`build_optimizer`) and the model wrapping for `torch.compile` and
+data parallelism (`wrap_model`).
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,8 +33,6 @@ from tqdm.auto import tqdm
 from chatforge.checkpoint import (
     CHECKPOINT_SUBDIR,
     TRAINER_FILE,
-    WEIGHTS_FILE,
-    load_state_into,
     load_training_state,
     read_json,
     resolve_checkpoint_dir,
@@ -44,9 +40,8 @@ from chatforge.checkpoint import (
 )
 from chatforge.errors import CheckpointError, ConfigError
 from chatforge.files import strict_json
-from chatforge.train.distributed import DistInfo, all_gather_ints, all_reduce_sum, barrier
+from chatforge.train.distributed import DistInfo, all_gather_ints, barrier
 
-Batch = dict[str, torch.Tensor]
 METRICS_FILE = "metrics.jsonl"
 # Settings that may change between a run and its resumption without changing the trajectory
 # (max_steps may grow to extend a run; the cosine horizon then moves with it).
@@ -95,23 +90,26 @@ class TrainConfig:
         return floor + 0.5 * (self.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-class Objective(Protocol):
-    """What a stage plugs into the loop."""
+class Step(Protocol):
+    """What a stage plugs into the harness: one optimizer iteration and what its checkpoint holds."""
 
-    def batch(self, step: int) -> Batch:
-        """The global batch of `step` (tensors with the batch on dim 0); identical on every rank."""
+    optimizer: torch.optim.Optimizer  # its state is saved in the checkpoint and restored on resume
+    bar_keys: tuple[str, ...]  # metrics shown on the progress bar
 
-    def weight(self, batch: Batch) -> float:
-        """The normalizer of the step's loss, e.g. the number of target tokens in the global batch."""
+    def run(self, step: int) -> dict[str, float]:
+        """Train iteration `step` (0-based); its metrics, with "tokens" processed (for throughput)."""
 
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Summed loss over a slice of the batch, and summed extra metrics (divided by weight later)."""
-
-    def tokens(self, batch: Batch) -> int:
-        """Tokens processed in the global batch (for throughput)."""
-
-    def evaluate(self, model: nn.Module, max_batches: int) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
         """Held-out metrics, e.g. {"val/loss": ...}; run on the main process."""
+
+    def saved_models(self) -> tuple[nn.Module, dict[str, nn.Module]]:
+        """The checkpoint's main model and any saved beside it as NAME.safetensors."""
+
+    def checkpoint_config(self) -> dict:
+        """State of the step beyond weights and optimizer, written into the checkpoint's config.json."""
+
+    def restore(self, path: Path) -> None:
+        """Load the weights (and what `checkpoint_config` wrote) of the checkpoint at `path`."""
 
 
 @dataclass
@@ -133,6 +131,18 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
 
 
+def wrap_model(model: nn.Module, cfg: TrainConfig, dist: DistInfo) -> nn.Module:
+    """The module a step runs forward passes through: compiled if asked, in DDP under torchrun.
+
+    Gradients still land on `model`'s parameters, which is what the optimizer and clipping see.
+    """
+    fwd = torch.compile(model) if cfg.compile else model
+    if dist.distributed:
+        ids = [dist.device.index] if dist.device.type == "cuda" else None
+        fwd = DistributedDataParallel(fwd, device_ids=ids)
+    return fwd
+
+
 def keep_freed_memory() -> bool:
     """Stop glibc's malloc from giving a step's big buffers back to the OS, only to fault them in again.
 
@@ -150,10 +160,6 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
     return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
-
-
-def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
-    return {k: v[start:stop] for k, v in batch.items()}
 
 
 def rng_state() -> dict[str, Any]:
@@ -189,12 +195,11 @@ class MetricsLog:
 
 
 class Trainer:
-    """Runs an Objective on a model; writes `out_dir/metrics.jsonl` and `out_dir/checkpoint/`."""
+    """Runs a Step for cfg.max_steps iterations; writes `out_dir/metrics.jsonl` and `out_dir/checkpoint/`."""
 
     def __init__(
         self,
-        model: nn.Module,
-        objective: Objective,
+        stepper: Step,
         cfg: TrainConfig,
         out_dir: str | Path,
         dist_info: DistInfo,
@@ -204,37 +209,16 @@ class Trainer:
         extra_config: dict | None = None,
         callbacks: list[Callable[[int, dict], None]] | None = None,
     ) -> None:
-        self.model, self.objective, self.cfg, self.dist = model, objective, cfg, dist_info
+        self.stepper, self.cfg, self.dist = stepper, cfg, dist_info
         self.out_dir = Path(out_dir)
         self.tokenizer = tokenizer
         self.run_config = run_config or {}  # the stage's config; saved and checked on resume
         self.extra_config = extra_config or {}  # written into the checkpoint's config.json
         self.callbacks = callbacks or []
-        self.bar_keys = ("train/loss", "val/loss", "lr", "tokens_per_s")  # metrics shown on the progress bar
-        self.optimizer = build_optimizer(model, cfg)
         if dist_info.device.type == "cpu":
             keep_freed_memory()
-        self.step = 0
+        self.step = 0  # iterations done
         self.metrics = MetricsLog(self.out_dir / METRICS_FILE, dist_info.is_main)
-        self.forward_model = self._wrap(model)
-        self.world = dist_info.world_size
-        self.micro = cfg.micro_batch_size or cfg.batch_size // self.world
-        if cfg.batch_size % (self.world * self.micro):
-            raise ConfigError(
-                f"train config: batch_size ({cfg.batch_size}) must be a multiple of processes ({self.world}) "
-                f"x micro_batch_size ({self.micro})"
-            )
-        self.accum = cfg.batch_size // (self.world * self.micro)
-        self.autocast = (
-            torch.autocast(dist_info.device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
-        )
-
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        fwd = torch.compile(model) if self.cfg.compile else model
-        if self.dist.distributed:
-            ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-            fwd = DistributedDataParallel(fwd, device_ids=ids)
-        return fwd
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -245,23 +229,18 @@ class Trainer:
     def trainer_state(self) -> dict:
         return {"step": self.step, "train_config": asdict(self.cfg), "run_config": self.run_config}
 
-    def saved_models(self) -> tuple[nn.Module, dict[str, nn.Module]]:
-        """The checkpoint's main model and any saved beside it; a stage with several models overrides this."""
-        return self.model, {}
-
-    def restore_weights(self, path: Path) -> None:
-        load_state_into(self.model, path / WEIGHTS_FILE)
-
     def save(self) -> None:
+        """Write the checkpoint (main process), then wait for every process."""
         if self.dist.is_main:
-            main, extra = self.saved_models()
+            main, extra = self.stepper.saved_models()
             save_checkpoint(
                 self.checkpoint_dir,
                 main,
                 self.tokenizer,
-                training_state={"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng_state()},
+                training_state={"step": self.step, "optimizer": self.stepper.optimizer.state_dict(),
+                                "rng": rng_state()},
                 trainer_state=self.trainer_state(),
-                extra_config=self.extra_config,
+                extra_config={**self.extra_config, **self.stepper.checkpoint_config()},
                 extra_weights=extra,
             )
         barrier()
@@ -287,59 +266,22 @@ class Trainer:
         check_same_start(all_gather_ints(self.step, self.dist.device), self.checkpoint_dir)
 
     def load(self, path: Path) -> None:
+        """Continue the run saved at `path`: weights, optimizer, RNG and step; refuse changed settings."""
         path = resolve_checkpoint_dir(path)
         saved = read_json(path / TRAINER_FILE, "trainer state")
         check_same_config(saved.get("train_config", {}), asdict(self.cfg), path / TRAINER_FILE, "train config")
         check_same_config(saved.get("run_config", {}), self.run_config, path / TRAINER_FILE, "run config")
-        self.restore_weights(path)
+        self.stepper.restore(path)
         state = load_training_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.stepper.optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.metrics.truncate_after(self.step)
 
     # ---- the loop ----------------------------------------------------------------------------
 
-    def train_step(self, step: int) -> dict[str, float]:
-        cfg, model = self.cfg, self.forward_model
-        lr = cfg.lr_at(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        batch = self.objective.batch(step)
-        weight = float(self.objective.weight(batch))
-        rows = self.micro * self.accum
-        mine = slice_batch(batch, self.dist.rank * rows, (self.dist.rank + 1) * rows)
-        total = torch.zeros(1, dtype=torch.float64)
-        sums: dict[str, torch.Tensor] = {}
-        model.train()
-        for m in range(self.accum):
-            rows_m = slice_batch(mine, m * self.micro, (m + 1) * self.micro)
-            micro = {k: v.to(self.dist.device) for k, v in rows_m.items()}
-            sync = m == self.accum - 1 or not isinstance(model, DistributedDataParallel)
-            with (nullcontext() if sync else model.no_sync()), self.autocast:
-                loss_sum, extra = self.objective.loss(model, micro)
-            # DDP averages gradients over processes, so scale by world size to get sum / weight.
-            (loss_sum * (self.world / weight)).backward()
-            total += loss_sum.detach().double().cpu()
-            for k, v in extra.items():
-                sums[k] = sums.get(k, 0) + v.detach().double().cpu()
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        reduced = all_reduce_sum(torch.cat([total] + [sums[k].reshape(1) for k in sorted(sums)]))
-        out = {"train/loss": reduced[0].item() / weight, "lr": lr, "grad_norm": float(grad_norm),
-               "tokens": self.objective.tokens(batch)}
-        out.update({f"train/{k}": reduced[i + 1].item() / weight for i, k in enumerate(sorted(sums))})
-        return out
-
-    def evaluate(self) -> dict[str, float]:
-        self.model.eval()
-        with torch.no_grad(), self.autocast:
-            metrics = self.objective.evaluate(self.model, self.cfg.eval_batches)
-        self.model.train()
-        return metrics
-
     def fit(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
+        """Train to cfg.max_steps; on Ctrl-C save what was done (so `--resume` continues) and return."""
         self.prepare_start(resume, overwrite)
         cfg, result = self.cfg, TrainResult(step=self.step)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main),
@@ -351,16 +293,15 @@ class Trainer:
                 for callback in self.callbacks:
                     callback(self.step, record)
         except KeyboardInterrupt:
-            # Save what was done so `--resume` continues from here, then let the caller know.
             result.interrupted = True
-            self.save()
-            return self._finish(bar, result)
         self.save()
-        return self._finish(bar, result)
+        bar.close()
+        result.step = self.step
+        return result
 
     def _one_step(self, bar: tqdm) -> dict:
         t0 = time.perf_counter()
-        record = {"step": self.step + 1, **self.train_step(self.step)}
+        record = {"step": self.step + 1, **self.stepper.run(self.step)}
         dt = time.perf_counter() - t0
         record["tokens_per_s"] = record.pop("tokens") / dt
         record["step_time_s"] = dt
@@ -368,21 +309,16 @@ class Trainer:
         last = self.step == self.cfg.max_steps
         if self.step % self.cfg.eval_every == 0 or last:
             if self.dist.is_main:
-                record.update(self.evaluate())
+                record.update(self.stepper.evaluate())
             barrier()
         if self.step % self.cfg.log_every == 0 or last or any(k.startswith("val/") for k in record):
             self.metrics.write(record)
         bar.update(1)
-        bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in record.items() if k in self.bar_keys},
+        bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in record.items() if k in self.stepper.bar_keys},
                         refresh=False)
         if self.step % self.cfg.save_every == 0 and not last:
             self.save()
         return record
-
-    def _finish(self, bar: tqdm, result: TrainResult) -> TrainResult:
-        bar.close()
-        result.step = self.step
-        return result
 
 
 def check_same_start(steps: list[int], checkpoint_dir: Path) -> None:

@@ -1,6 +1,6 @@
 """PPO from a reward model with a KL penalty to the frozen SFT model (InstructGPT's RLHF step).
 
-One training step of the shared loop is one PPO iteration:
+One step of the training harness (`PPOStep.run`) is one PPO iteration:
 
 1. rollout: the policy answers a batch of prompts through the engine, pure sampling at
    `temperature` (no top-k/top-p, so the sampled distribution is the one whose log-probs PPO uses);
@@ -59,9 +59,10 @@ from chatforge.data.chat_readers import chat_paths, read_prompts
 from chatforge.errors import CheckpointError, ConfigError, DataError
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
-from chatforge.model import GPT, ScalarHeadModel, linear, lm_loss, plain_linear
+from chatforge.model import GPT, ScalarHeadModel, lm_loss
 from chatforge.train.distributed import DistInfo, all_reduce_sum
-from chatforge.train.loop import Batch, TrainConfig, Trainer, TrainResult
+from chatforge.train.loop import TrainConfig, Trainer, TrainResult, build_optimizer, wrap_model
+from chatforge.train.ppo_math import AdaptiveKL, gae, policy_loss, token_rewards, value_loss, whiten
 
 VALUE_FILE = "value"  # value.safetensors beside the policy's model.safetensors
 FROZEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -116,84 +117,6 @@ class PPOConfig:
     train: TrainConfig = field(default_factory=_ppo_train_defaults)
 
 
-# ---- the mechanics, each checked against a hand computation in tests/test_ppo.py ---------------
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the masked entries (mean kept when shift_mean is False, as for rewards)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    return (out if shift_mean else out + mean) * mask
-
-
-def token_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
-                  beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards -beta * kl_t with each row's score added at its last response token; and kl_t."""
-    kl = (logprobs - ref_logprobs) * mask
-    rewards = -beta * kl
-    rewards[torch.arange(len(scores)), last_index(mask)] += scores
-    return rewards * mask, kl
-
-
-def last_index(mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of each row's last masked position (0 for an empty row)."""
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    return (positions * (mask > 0)).argmax(1)
-
-
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
-        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalized advantage estimates and returns over response tokens (rows right-padded by mask)."""
-    T = rewards.shape[1]
-    advantages = torch.zeros_like(rewards)
-    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
-    for t in reversed(range(T)):
-        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < T else torch.zeros_like(running)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = (delta + gamma * lam * running) * mask[:, t]
-        advantages[:, t] = running
-    return advantages, (advantages + values) * mask
-
-
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate, masked mean over tokens; with clip fraction, approx KL and mean ratio."""
-    log_ratio = (logprobs - old_logprobs) * mask
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
-             "approx_kl": 0.5 * masked_mean(log_ratio**2, mask),
-             "ratio": masked_mean(ratio, mask)}
-    return loss, stats
-
-
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               cliprange_value: float) -> torch.Tensor:
-    """0.5 * max of the plain and the clipped squared errors, masked mean."""
-    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
-    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
-
-
-@dataclass
-class AdaptiveKL:
-    """Ziegler et al.'s controller: beta *= 1 + clip(KL/target - 1, ±0.2) * n / horizon."""
-
-    value: float
-    target: float
-    horizon: int
-
-    def update(self, kl: float, n: int) -> None:
-        error = float(np.clip(kl / self.target - 1, -0.2, 0.2))
-        self.value *= 1 + error * n / self.horizon
-
-
 # ---- models --------------------------------------------------------------------------------------
 
 
@@ -244,7 +167,7 @@ class ActorCritic(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.shared:
             hidden = self.policy.hidden_states(input_ids)
-            return linear(self.policy.lm_head, hidden), self.value(hidden)  # what GPT.forward computes
+            return self.policy.lm_head(hidden), self.value(hidden)  # what GPT.forward computes
         return self.policy(input_ids), self.value.values(input_ids)
 
     def describe_value(self) -> str:
@@ -375,23 +298,24 @@ def reward_model_scores(reward_model: ScalarHeadModel) -> RewardFn:
     def score(rollout: Rollout) -> torch.Tensor:
         reward_model.eval()
         device = next(reward_model.parameters()).device
-        with plain_linear():
-            return reward_model(rollout.ids.to(device), rollout.lengths.to(device)).float().cpu()  # bf16 -> fp32
+        return reward_model(rollout.ids.to(device), rollout.lengths.to(device)).float().cpu()  # bf16 -> fp32
 
     return score
 
 
-# ---- the trainer ---------------------------------------------------------------------------------
+# ---- the step ------------------------------------------------------------------------------------
 
 
-class PPOTrainer(Trainer):
-    """The shared loop with one PPO iteration (rollout + several optimizer steps) per step."""
+class PPOStep:
+    """One PPO iteration (rollout, rewards, advantages, `ppo_epochs` of minibatch updates): the harness's Step."""
 
     def __init__(self, model: ActorCritic, reference: GPT, reward_fn: RewardFn, tokenizer, prompts: list[list[int]],
-                 val_prompts: list[list[int]], settings: PPOSettings, cfg: TrainConfig, out_dir: str | Path,
-                 dist: DistInfo, ptx_data=None, **kwargs) -> None:
+                 val_prompts: list[list[int]], settings: PPOSettings, cfg: TrainConfig, dist: DistInfo,
+                 ptx_data=None) -> None:
         """prompts and val_prompts: token ids of generation prompts that fit the context (`fit_prompts`)."""
-        super().__init__(model, self, cfg, out_dir, dist, tokenizer=tokenizer, **kwargs)
+        self.model, self.cfg, self.dist = model, cfg, dist
+        self.optimizer = build_optimizer(model, cfg)  # the policy and the value model; never the frozen ones
+        self.forward_model = wrap_model(model, cfg, dist)
         if not prompts:
             raise DataError("ppo: no prompts")
         if settings.rollout_batch % (dist.world_size * settings.minibatch):
@@ -407,27 +331,16 @@ class PPOTrainer(Trainer):
                              stop_token_ids=[self.template.end_id])
         self.bar_keys = ("train/score", "train/kl", "train/beta", "train/response_length", "val/score")
 
-    # the loop's Objective protocol: PPO makes its own batches in train_step
-    def batch(self, step: int) -> Batch:
-        return {}
-
-    def weight(self, batch: Batch) -> float:
-        return 1.0
-
-    def tokens(self, batch: Batch) -> int:
-        return 0
-
-    def loss(self, model: nn.Module, batch: Batch):
-        raise NotImplementedError("PPO computes its losses in PPOTrainer.train_step")
-
     # ---- checkpoint: policy as the main model, the value model (or head) beside it, beta in config.json ----
 
     def saved_models(self) -> tuple[nn.Module, dict[str, nn.Module]]:
-        self.extra_config["kl_coef"] = self.kl.value
-        self.extra_config["value_head"] = "shared" if self.model.shared else "separate"  # what value.safetensors is
         return self.model.policy, {VALUE_FILE: self.model.value}
 
-    def restore_weights(self, path: Path) -> None:
+    def checkpoint_config(self) -> dict:
+        """beta, so that a resumed run continues the controller; and what value.safetensors holds."""
+        return {"kl_coef": self.kl.value, "value_head": "shared" if self.model.shared else "separate"}
+
+    def restore(self, path: Path) -> None:
         load_state_into(self.model.policy, path / WEIGHTS_FILE)
         load_value_weights(self.model, path / f"{VALUE_FILE}.safetensors")
         self.kl.value = float(read_json(path / "config.json", "config")["kl_coef"])
@@ -444,6 +357,7 @@ class PPOTrainer(Trainer):
 
     @torch.no_grad()
     def rollout(self, ids: list[list[int]], seeds: list[int], temperature: float, greedy: bool = False) -> Rollout:
+        """The policy's answers to `ids`, sampled with a seed per prompt (so a rank split or a resume repeats them)."""
         s, context = self.settings, self.model.policy.config.context_length
         params = [SamplingParams(max_tokens=min(s.max_new_tokens, context - len(i)), seed=self.cfg.seed * 1_000_003 + k,
                                  temperature=0.0 if greedy else temperature) for i, k in zip(ids, seeds)]
@@ -462,26 +376,16 @@ class PPOTrainer(Trainer):
         s, device = self.settings, self.dist.device
         ids = r.ids.to(device)
         self.model.eval()
-        with plain_linear():
-            logits, values = self.model(ids)
-            ref_logits = self.reference(ids)  # bf16 with --frozen-dtype bfloat16; response_logprobs casts it
+        logits, values = self.model(ids)
+        ref_logits = self.reference(ids)  # bf16 with --frozen-dtype bfloat16; response_logprobs casts it
         scores = self.reward_fn(r).to(device) - s.missing_eos_penalty * (~r.ended).float().to(device)
         return {"logprobs": response_logprobs(logits, ids, s.temperature),
                 "ref_logprobs": response_logprobs(ref_logits, ids, s.temperature),
                 "values": values[:, :-1].float(), "scores": scores,
                 "entropy": entropy_of(logits, s.temperature)}
 
-    def global_whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-        """masked_whiten with the mean and variance of the whole global batch (all processes)."""
-        if not self.dist.distributed:
-            return masked_whiten(x, mask, shift_mean)
-        sums = all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]).double().cpu())
-        mean = (sums[0] / sums[1]).to(x)
-        var = (all_reduce_sum(((x - mean) ** 2 * mask).sum().double().cpu().reshape(1))[0] / sums[1]).to(x)
-        out = (x - mean) * torch.rsqrt(var + 1e-8)
-        return (out if shift_mean else out + mean) * mask
-
-    def train_step(self, step: int) -> dict[str, float]:
+    def run(self, step: int) -> dict[str, float]:
+        """Answer this rank's prompts, score them, compute advantages, then update policy and value model."""
         s, device = self.settings, self.dist.device
         prompts, seeds = self.my_prompts(step)
         r = self.rollout(prompts, seeds, s.temperature)
@@ -489,9 +393,9 @@ class PPOTrainer(Trainer):
         mask = r.mask.to(device)
         rewards, kl = token_rewards(scored["logprobs"], scored["ref_logprobs"], scored["scores"], mask, self.kl.value)
         if s.whiten_rewards:
-            rewards = self.global_whiten(rewards, mask, shift_mean=False)
+            rewards = whiten(rewards, mask, shift_mean=False, across_processes=self.dist.distributed)
         advantages, returns = gae(rewards, scored["values"], mask, s.gamma, s.lam)
-        advantages = self.global_whiten(advantages, mask)
+        advantages = whiten(advantages, mask, across_processes=self.dist.distributed)
         data = {"ids": r.ids.to(device), "mask": mask, "old_logprobs": scored["logprobs"],
                 "old_values": scored["values"], "advantages": advantages, "returns": returns}
         stats = self.optimize(step, data)
@@ -512,6 +416,7 @@ class PPOTrainer(Trainer):
                 "tokens": int(r.lengths.sum())}
 
     def optimize(self, step: int, data: dict[str, torch.Tensor]) -> dict[str, float]:
+        """`ppo_epochs` seeded passes over the rollout in minibatches, one optimizer step each; mean statistics."""
         s, lr = self.settings, self.cfg.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -539,7 +444,9 @@ class PPOTrainer(Trainer):
         reduced = all_reduce_sum(torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64))
         return {f"train/{k}": reduced[i].item() / (updates * self.dist.world_size) for i, k in enumerate(sorted(sums))}
 
-    def minibatch_loss(self, mb: dict[str, torch.Tensor], step: int, epoch: int, start: int):
+    def minibatch_loss(self, mb: dict[str, torch.Tensor], step: int, epoch: int,
+                       start: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Clipped policy loss + vf_coef * clipped value loss (+ ptx_coef * LM loss), and its parts, detached."""
         s = self.settings
         logits, values = self.forward_model(mb["ids"])
         logprobs = response_logprobs(logits, mb["ids"], s.temperature)
@@ -559,7 +466,8 @@ class PPOTrainer(Trainer):
     # ---- evaluation: greedy answers to held-out prompts, scored by the reward function -----------
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module | None = None, max_batches: int = 0) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
+        """Greedy answers to the held-out prompts: their mean score, KL to the reference and length."""
         if not self.val_prompts:
             return {}
         prompts = self.val_prompts[: self.settings.val_prompts]
@@ -634,9 +542,10 @@ def run_ppo(cfg: PPOConfig, dist: DistInfo, resume: bool = False, overwrite: boo
 
         ptx = TokenDataset(cfg.ppo.ptx_data, "train", expected_tokenizer_hash=tokenizer.hash)
     run_config = {k: v for k, v in asdict(cfg).items() if k not in ("train", "out")}
-    trainer = PPOTrainer(model, reference, reward_fn or reward_model_scores(rm), tokenizer, prompts, val, cfg.ppo,
-                         cfg.train, cfg.out, dist, ptx_data=ptx, run_config=run_config,
-                         extra_config={"stage": "ppo"}, callbacks=callbacks)
+    step = PPOStep(model, reference, reward_fn or reward_model_scores(rm), tokenizer, prompts, val, cfg.ppo, cfg.train,
+                   dist, ptx_data=ptx)
+    trainer = Trainer(step, cfg.train, cfg.out, dist, tokenizer=tokenizer, run_config=run_config,
+                      extra_config={"stage": "ppo"}, callbacks=callbacks)
     if dist.is_main:
         print(f"ppo: {len(prompts)} prompts, {cfg.ppo.rollout_batch} answers per iteration, "
               f"{cfg.ppo.ppo_epochs} epochs of minibatches of {cfg.ppo.minibatch}; beta {cfg.ppo.init_kl_coef}"

@@ -1,4 +1,4 @@
-"""Pretraining: next-token prediction on token shards, on the shared training loop."""
+"""Pretraining: next-token prediction on token shards, a supervised step on the training harness."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from chatforge.errors import ConfigError
 from chatforge.model import GPT, IGNORE_INDEX, GPTConfig, lm_loss
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.distributed import DistInfo
-from chatforge.train.loop import Batch, TrainConfig, Trainer, TrainResult
+from chatforge.train.loop import TrainConfig, TrainResult
+from chatforge.train.supervised import Batch, supervised_trainer
 
 
 @dataclass
@@ -109,6 +110,6 @@ def run_pretrain(cfg: PretrainConfig, dist: DistInfo, resume: bool = False, over
               f"({model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), "
               f"{train.num_tokens:,} training tokens, {dist.world_size} process(es) on {dist.device}")
     run_config = {k: v for k, v in asdict(cfg).items() if k not in ("train", "out")}
-    trainer = Trainer(model, objective, cfg.train, cfg.out, dist, tokenizer=tokenizer,
-                      run_config=run_config, extra_config={"stage": "pretrain"}, callbacks=callbacks)
+    trainer = supervised_trainer(model, objective, cfg.train, cfg.out, dist, tokenizer=tokenizer, run_config=run_config,
+                                 extra_config={"stage": "pretrain"}, callbacks=callbacks)
     return trainer.fit(resume=resume, overwrite=overwrite)

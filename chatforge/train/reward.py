@@ -27,7 +27,8 @@ from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
 from chatforge.model import ScalarHeadModel, ranking_loss
 from chatforge.train.distributed import DistInfo
-from chatforge.train.loop import Batch, TrainConfig, Trainer, TrainResult
+from chatforge.train.loop import TrainConfig, TrainResult
+from chatforge.train.supervised import Batch, supervised_trainer
 
 
 def _reward_train_defaults() -> TrainConfig:
@@ -211,8 +212,8 @@ def run_reward(cfg: RewardConfig, dist: DistInfo, resume: bool = False, overwrit
         print(f"reward: {len(train_prefs)} training prompts ({pairs} pairs) / {len(val_prefs)} validation; "
               f"from {cfg.init_from}")
     run_config = {k: v for k, v in asdict(cfg).items() if k not in ("train", "out")}
-    trainer = Trainer(model, objective, cfg.train, cfg.out, dist, tokenizer=ckpt.tokenizer, run_config=run_config,
-                      extra_config={"stage": "reward"}, callbacks=callbacks)
+    trainer = supervised_trainer(model, objective, cfg.train, cfg.out, dist, tokenizer=ckpt.tokenizer,
+                                 run_config=run_config, extra_config={"stage": "reward"}, callbacks=callbacks)
     result = trainer.fit(resume=resume, overwrite=overwrite)
     if not result.interrupted and cfg.normalize_samples:
         # every rank computes the same statistics (same seeds), so save()'s barrier is reached by all

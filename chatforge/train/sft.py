@@ -15,7 +15,7 @@ Rows of a batch are built two ways:
   example, so a packed example computes exactly what it would alone.
 
 The order is a seeded shuffle per epoch, and the global batch of step s is rows [s·B, (s+1)·B)
-of the endless stream of epochs, so the loop's exact resume and data parallelism hold here too.
+of the endless stream of epochs, so the harness's exact resume and data parallelism hold here too.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from chatforge.data.readers import hold_out
 from chatforge.errors import ConfigError, DataError
 from chatforge.model import GPT, IGNORE_INDEX, lm_loss
 from chatforge.train.distributed import DistInfo
-from chatforge.train.loop import Batch, TrainConfig, Trainer, TrainResult
+from chatforge.train.loop import TrainConfig, TrainResult
+from chatforge.train.supervised import Batch, supervised_trainer
 
 
 def _sft_train_defaults() -> TrainConfig:
@@ -242,6 +243,6 @@ def run_sft(cfg: SFTConfig, dist: DistInfo, resume: bool = False, overwrite: boo
               f"{' (' + notes + ')' if notes else ''}; {'packed' if cfg.packing else 'padded'} rows of {seq_len}; "
               f"from {cfg.init_from}")
     run_config = {k: v for k, v in asdict(cfg).items() if k not in ("train", "out")} | {"data_stats": stats}
-    trainer = Trainer(model, objective, cfg.train, cfg.out, dist, tokenizer=tokenizer, run_config=run_config,
-                      extra_config={"stage": "sft", "chat_template": "chatforge"}, callbacks=callbacks)
+    trainer = supervised_trainer(model, objective, cfg.train, cfg.out, dist, tokenizer=tokenizer, run_config=run_config,
+                                 extra_config={"stage": "sft", "chat_template": "chatforge"}, callbacks=callbacks)
     return trainer.fit(resume=resume, overwrite=overwrite)
