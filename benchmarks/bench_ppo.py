@@ -19,8 +19,8 @@ process, so one's peak memory cannot hide another's:
     both          the two together
 
 Each process builds the models and the trainer as `chatforge ppo` does (`build_models`,
-`fit_prompts`, `PPOTrainer`) and runs `--warmup` untimed PPO iterations, then `--iterations` timed
-ones, calling `PPOTrainer.train_step` directly (no evaluation, no checkpoint). Figures are means over
+`fit_prompts`, `PPOStep`) and runs `--warmup` untimed PPO iterations, then `--iterations` timed
+ones, calling `PPOStep.run` directly (no evaluation, no checkpoint). Figures are means over
 the timed iterations:
 
 - rollout tokens/s: generated answer tokens / the rollout's wall time, where the rollout is the
@@ -119,9 +119,9 @@ def worker(args) -> dict:
 
     from chatforge.chat import ChatTemplate
     from chatforge.data.chat_readers import read_prompts
+    from chatforge.train.config import PPOConfig, PPOSettings, TrainConfig
     from chatforge.train.distributed import DistInfo
-    from chatforge.train.loop import TrainConfig
-    from chatforge.train.ppo import PPOConfig, PPOSettings, PPOTrainer, build_models, fit_prompts, reward_model_scores
+    from chatforge.train.ppo import PPOStep, build_models, fit_prompts, reward_model_scores
 
     torch.set_num_threads(args.threads)
     start_rss = rss_mb()
@@ -138,10 +138,9 @@ def worker(args) -> dict:
     model, reference, rm, tokenizer = build_models(cfg, dist.device)
     prompts = fit_prompts(read_prompts(cfg.prompts).messages, cfg.prompts, "--prompts", ChatTemplate(tokenizer),
                           model.policy.config.context_length, settings.max_new_tokens)
-    trainer = PPOTrainer(model, reference, reward_model_scores(rm), tokenizer, prompts, [], settings, cfg.train,
-                         cfg.out, dist)
+    trainer = PPOStep(model, reference, reward_model_scores(rm), tokenizer, prompts, [], settings, cfg.train, dist)
     for step in range(args.warmup):
-        trainer.train_step(step)
+        trainer.run(step)
     totals: dict[str, float] = {}
     last: dict = {}
     for name in ("rollout", "score_rollout", "optimize"):
@@ -150,7 +149,7 @@ def worker(args) -> dict:
     busy0, mine0 = cpu_ticks()
     t0 = time.perf_counter()
     for step in range(args.warmup, args.warmup + args.iterations):
-        trainer.train_step(step)
+        trainer.run(step)
         generated += int(last["rollout"].mask.sum())
         tokens += int(last["rollout"].lengths.sum())
     seconds = time.perf_counter() - t0

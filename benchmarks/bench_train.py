@@ -65,7 +65,8 @@ import torch.nn.functional as F
 from machine import cpu_model, cpu_ticks, load_average  # benchmarks/machine.py
 
 from chatforge.model import GPT, GPTConfig, lm_loss
-from chatforge.train.loop import TrainConfig, build_optimizer, keep_freed_memory
+from chatforge.train.config import TrainConfig
+from chatforge.train.loop import build_optimizer, keep_freed_memory
 
 MODES = ("eager", "compiled")
 MALLOCS = ("trainer", "glibc")  # keep_freed_memory() as Trainer does, or glibc's defaults

@@ -20,11 +20,7 @@ from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.evaluate import EvalConfig
 from chatforge.generate.params import SamplingParams
 from chatforge.serve.config import ServeConfig
-from chatforge.train.dpo import DPOConfig
-from chatforge.train.ppo import PPOConfig
-from chatforge.train.pretrain import PretrainConfig
-from chatforge.train.reward import RewardConfig
-from chatforge.train.sft import SFTConfig
+from chatforge.train.config import DPOConfig, PPOConfig, PretrainConfig, RewardConfig, SFTConfig
 
 BUILTIN = "built-in corpus"
 

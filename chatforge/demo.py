@@ -43,13 +43,22 @@ from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
 from chatforge.model import GPT
 from chatforge.tokenizer import Tokenizer
+from chatforge.train.config import (
+    DPOConfig,
+    ModelSize,
+    PPOConfig,
+    PPOSettings,
+    PretrainConfig,
+    RewardConfig,
+    SFTConfig,
+    TrainConfig,
+)
 from chatforge.train.distributed import DistInfo
-from chatforge.train.dpo import DPOConfig, run_dpo
-from chatforge.train.loop import TrainConfig
-from chatforge.train.ppo import PPOConfig, PPOSettings, run_ppo
-from chatforge.train.pretrain import LanguageModeling, ModelSize, PretrainConfig, run_pretrain
-from chatforge.train.reward import RewardConfig, run_reward, sample_answer_sets
-from chatforge.train.sft import SFTConfig, run_sft
+from chatforge.train.dpo import run_dpo
+from chatforge.train.ppo import run_ppo
+from chatforge.train.pretrain import LanguageModeling, run_pretrain
+from chatforge.train.reward import run_reward, sample_answer_sets
+from chatforge.train.sft import run_sft
 
 SAMPLE_PROMPTS = ("The capital of", "Seven plus five is", "Once upon a time,")
 

@@ -27,13 +27,13 @@ from tqdm.auto import tqdm
 
 from chatforge.chat import ChatTemplate
 from chatforge.checkpoint import Checkpoint, load_checkpoint
+from chatforge.data.chat_batches import conversation_loss, encode_example
 from chatforge.data.chat_readers import PromptRecord, read_conversations, read_prompts
 from chatforge.data.tasks import Scorer, build_tasks
 from chatforge.data.world import World
 from chatforge.files import atomic_write_text, strict_json
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
-from chatforge.train.sft import conversation_loss, encode_example
 
 
 @dataclass

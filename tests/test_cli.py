@@ -11,10 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from chatforge.cli import main
-from chatforge.train.dpo import DPOConfig
-from chatforge.train.loop import TrainConfig
-from chatforge.train.ppo import PPOConfig
-from chatforge.train.reward import RewardConfig
+from chatforge.train.config import DPOConfig, PPOConfig, RewardConfig, TrainConfig
 
 TINY_MODEL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--context-length", "32"]
 
@@ -287,3 +284,10 @@ def test_every_command_built_from_a_config_has_distinct_flags():
     for name, command in cli.commands.items():
         flags = [opt for p in command.params for opt in p.opts + p.secondary_opts]
         assert len(flags) == len(set(flags)), (name, sorted(f for f in flags if flags.count(f) > 1))
+
+
+def test_the_command_line_and_every_config_class_load_without_the_trainers():
+    code = ("import sys, chatforge.cli, chatforge.train.config, chatforge.serve.config\n"
+            "print(sorted(m for m in sys.modules if m.startswith('chatforge.train')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['chatforge.train', 'chatforge.train.config']"

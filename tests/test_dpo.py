@@ -11,9 +11,9 @@ from chatforge.checkpoint import load_checkpoint, save_checkpoint
 from chatforge.data.chat_readers import Preference
 from chatforge.errors import ConfigError
 from chatforge.model import GPT, GPTConfig
+from chatforge.train.config import DPOConfig, TrainConfig
 from chatforge.train.distributed import DistInfo
-from chatforge.train.dpo import DPOConfig, collate_side, dpo_loss, encode_pair, run_dpo, sequence_logprobs
-from chatforge.train.loop import TrainConfig
+from chatforge.train.dpo import collate_side, dpo_loss, encode_pair, run_dpo, sequence_logprobs
 
 QUESTIONS = ["What is the capital of Veloria?", "Where does Mira live?", "What is 3 plus 4?", "Who has a dog?"]
 

@@ -11,8 +11,9 @@ from chatforge import checkpoint as ckpt_mod
 from chatforge.checkpoint import load_checkpoint
 from chatforge.errors import CheckpointError, ConfigError
 from chatforge.model import GPT, GPTConfig, lm_loss
+from chatforge.train.config import TrainConfig
 from chatforge.train.distributed import DistInfo
-from chatforge.train.loop import TrainConfig, build_optimizer
+from chatforge.train.loop import build_optimizer
 from chatforge.train.supervised import supervised_trainer
 
 CFG = GPTConfig(vocab_size=50, context_length=16, n_layer=2, n_head=2, n_embd=16, dropout=0.1)

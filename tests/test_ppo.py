@@ -11,8 +11,8 @@ from chatforge.chat import ChatTemplate, Message
 from chatforge.checkpoint import load_checkpoint, model_state_dict, read_json, save_checkpoint
 from chatforge.errors import CheckpointError, ConfigError, DataError
 from chatforge.model import GPT, GPTConfig, ScalarHeadModel
+from chatforge.train.config import TrainConfig
 from chatforge.train.distributed import DistInfo
-from chatforge.train.loop import TrainConfig
 from chatforge.train.ppo import (
     PPOConfig,
     PPOSettings,

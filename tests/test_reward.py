@@ -10,8 +10,8 @@ from chatforge.chat import ChatTemplate, Message
 from chatforge.checkpoint import load_checkpoint, read_json, save_checkpoint
 from chatforge.errors import ConfigError
 from chatforge.model import GPT, GPTConfig, ScalarHeadModel, ranking_loss
+from chatforge.train.config import TrainConfig
 from chatforge.train.distributed import DistInfo
-from chatforge.train.loop import TrainConfig
 from chatforge.train.reward import (
     RankingObjective,
     RewardConfig,

@@ -8,20 +8,12 @@ import torch.nn.functional as F
 
 from chatforge.chat import ChatTemplate, Conversation, Message
 from chatforge.checkpoint import load_checkpoint, read_json, save_checkpoint
+from chatforge.data.chat_batches import collate, conversation_loss, encode_example, forward_logits, labels_from, pack
 from chatforge.errors import ConfigError
 from chatforge.model import GPT, IGNORE_INDEX, GPTConfig, lm_loss
+from chatforge.train.config import SFTConfig, TrainConfig
 from chatforge.train.distributed import DistInfo
-from chatforge.train.loop import TrainConfig
-from chatforge.train.sft import (
-    SFTConfig,
-    SupervisedChat,
-    collate,
-    encode_example,
-    forward_logits,
-    labels_from,
-    pack,
-    run_sft,
-)
+from chatforge.train.sft import SupervisedChat, run_sft
 
 
 def conv(*turns):
@@ -178,7 +170,6 @@ def test_sft_lowers_the_held_out_loss_and_changes_every_weight(tmp_path, pretrai
     after = ckpt.model.state_dict()
     assert [k for k in before if torch.equal(before[k], after[k])] == []
     assert read_json(ckpt.path / "config.json", "config")["stage"] == "sft"
-    from chatforge.train.sft import conversation_loss
 
     t = ChatTemplate(ckpt.tokenizer)
     held_out = [encode_example(t, c, 64) for c in CONVERSATIONS[:2]]

@@ -10,7 +10,7 @@ above rejected) and margin are logged, for training batches and held-out pairs.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -22,27 +22,10 @@ from chatforge.checkpoint import load_checkpoint
 from chatforge.data.chat_readers import Preference, read_preference_splits
 from chatforge.errors import ConfigError, DataError
 from chatforge.model import ScalarHeadModel
+from chatforge.train.config import DPOConfig
 from chatforge.train.distributed import DistInfo
-from chatforge.train.loop import TrainConfig, TrainResult
+from chatforge.train.loop import TrainResult
 from chatforge.train.supervised import Batch, supervised_trainer
-
-
-def _dpo_train_defaults() -> TrainConfig:
-    return TrainConfig(max_steps=200, batch_size=16, lr=5e-5, warmup_steps=10, weight_decay=0.0, eval_every=50,
-                       eval_batches=10, save_every=200)
-
-
-@dataclass
-class DPOConfig:
-    data: list[str] = field(default_factory=list)  # preference JSONL (chosen/rejected or ranked responses)
-    val: list[str] = field(default_factory=list)
-    init_from: str = ""  # the SFT checkpoint: the policy starts here and it is the reference
-    out: str = "runs/default/dpo"
-    beta: float = 0.1
-    skip_invalid: bool = False
-    val_fraction: float = 0.05
-    seq_len: int = 0  # 0: the model's context length
-    train: TrainConfig = field(default_factory=_dpo_train_defaults)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from chatforge.checkpoint import (
 )
 from chatforge.errors import CheckpointError, ConfigError
 from chatforge.files import strict_json
+from chatforge.train.config import TrainConfig
 from chatforge.train.distributed import DistInfo, all_gather_ints, barrier
 
 METRICS_FILE = "metrics.jsonl"
@@ -47,47 +47,6 @@ METRICS_FILE = "metrics.jsonl"
 # (max_steps may grow to extend a run; the cosine horizon then moves with it).
 RESUMABLE_CHANGES = {"max_steps", "eval_every", "eval_batches", "save_every", "log_every", "device",
                      "compile", "progress", "resume", "overwrite"}
-
-
-@dataclass
-class TrainConfig:
-    max_steps: int = 1000
-    batch_size: int = 32  # sequences per optimizer step, summed over processes and accumulation
-    micro_batch_size: int = 0  # sequences per forward pass and process; 0: batch_size / processes
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    dtype: str = "float32"  # or "bfloat16": autocast for matmuls, weights and optimizer stay fp32
-    eval_every: int = 100
-    eval_batches: int = 20
-    save_every: int = 500
-    log_every: int = 10
-    seed: int = 0
-    device: str = "auto"
-    compile: bool = False  # torch.compile the model (faster steps after a warm-up compile)
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"train config: dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-        for name in ("max_steps", "batch_size", "eval_every", "save_every", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"train config: {name} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"train config: lr must be positive, got {self.lr}")
-
-    def lr_at(self, step: int) -> float:
-        """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at max_steps."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        span = max(1, self.max_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        floor = self.lr * self.min_lr_ratio
-        return floor + 0.5 * (self.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
 class Step(Protocol):

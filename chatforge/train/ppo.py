@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,61 +60,13 @@ from chatforge.errors import CheckpointError, ConfigError, DataError
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
 from chatforge.model import GPT, ScalarHeadModel, lm_loss
+from chatforge.train.config import PPOConfig, PPOSettings, TrainConfig
 from chatforge.train.distributed import DistInfo, all_reduce_sum
-from chatforge.train.loop import TrainConfig, Trainer, TrainResult, build_optimizer, wrap_model
+from chatforge.train.loop import Trainer, TrainResult, build_optimizer, wrap_model
 from chatforge.train.ppo_math import AdaptiveKL, gae, policy_loss, token_rewards, value_loss, whiten
 
 VALUE_FILE = "value"  # value.safetensors beside the policy's model.safetensors
 FROZEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def _ppo_train_defaults() -> TrainConfig:
-    return TrainConfig(max_steps=40, batch_size=32, lr=1e-5, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,
-                       eval_every=10, eval_batches=2, save_every=20, log_every=1, grad_clip=1.0)
-
-
-@dataclass
-class PPOSettings:
-    rollout_batch: int = 32  # prompts answered per PPO iteration (global)
-    minibatch: int = 8  # answers per optimizer step and process
-    ppo_epochs: int = 2
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    init_kl_coef: float = 0.1  # beta
-    adaptive_kl: bool = True
-    kl_target: float = 6.0  # nats per answer
-    kl_horizon: int = 10000  # answers
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    whiten_rewards: bool = False
-    missing_eos_penalty: float = 1.0  # subtracted from the score of an answer cut off before <|end|>
-    ptx_coef: float = 0.0  # weight of the pretraining loss (needs ptx_data)
-    ptx_data: str = ""  # token shards (chatforge data prepare) for the ptx loss
-    val_prompts: int = 64  # held-out prompts answered at each evaluation
-    frozen_dtype: str = field(default="float32", metadata={
-        "help": "dtype of the frozen reference and reward model: float32, or bfloat16 for half their memory "
-                "(slower on a CPU without bf16 instructions)"})
-    shared_value_head: bool = field(default=False, metadata={
-        "help": "value head on the policy's trunk (one forward for logits and values; no value backbone)"})
-
-    def __post_init__(self) -> None:
-        if self.frozen_dtype not in FROZEN_DTYPES:
-            raise ConfigError(f"ppo config: frozen_dtype (--frozen-dtype) must be one of {list(FROZEN_DTYPES)}, "
-                              f"got {self.frozen_dtype!r}")
-
-
-@dataclass
-class PPOConfig:
-    prompts: list[str] = field(default_factory=list)  # {"prompt"} JSONL (RL prompts)
-    val: list[str] = field(default_factory=list)  # held-out prompts for evaluation
-    policy: str = ""  # the SFT checkpoint: the policy starts here and the reference stays here
-    reward_model: str = ""  # the reward model (chatforge reward); the value model starts from it
-    out: str = "runs/default/ppo"
-    ppo: PPOSettings = field(default_factory=PPOSettings)
-    train: TrainConfig = field(default_factory=_ppo_train_defaults)
 
 
 # ---- models --------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -15,28 +15,10 @@ from chatforge.data.shards import TokenDataset
 from chatforge.errors import ConfigError
 from chatforge.model import GPT, IGNORE_INDEX, GPTConfig, lm_loss
 from chatforge.tokenizer import Tokenizer
+from chatforge.train.config import PretrainConfig
 from chatforge.train.distributed import DistInfo
-from chatforge.train.loop import TrainConfig, TrainResult
+from chatforge.train.loop import TrainResult
 from chatforge.train.supervised import Batch, supervised_trainer
-
-
-@dataclass
-class ModelSize:
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    context_length: int = 256
-    dropout: float = 0.0
-
-
-@dataclass
-class PretrainConfig:
-    data: str = ""  # a directory made by `chatforge data prepare`
-    out: str = "runs/default/pretrain"
-    tokenizer: str = ""  # tokenizer.json or its directory; default: the one saved in `data`
-    init_from: str = ""  # continue from a checkpoint (ours or a Hugging Face GPT-2 directory)
-    model: ModelSize = field(default_factory=ModelSize)
-    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 class LanguageModeling:

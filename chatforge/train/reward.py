@@ -13,7 +13,7 @@ prompts score mean 0 and std 1 (gain and bias saved in the model), as InstructGP
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -26,28 +26,10 @@ from chatforge.errors import ConfigError, DataError
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
 from chatforge.model import ScalarHeadModel, ranking_loss
+from chatforge.train.config import RewardConfig
 from chatforge.train.distributed import DistInfo
-from chatforge.train.loop import TrainConfig, TrainResult
+from chatforge.train.loop import TrainResult
 from chatforge.train.supervised import Batch, supervised_trainer
-
-
-def _reward_train_defaults() -> TrainConfig:
-    return TrainConfig(max_steps=200, batch_size=16, lr=1e-4, warmup_steps=10, weight_decay=0.0,
-                       eval_every=50, eval_batches=10, save_every=200)
-
-
-@dataclass
-class RewardConfig:
-    data: list[str] = field(default_factory=list)  # {"prompt","chosen","rejected"} or {"prompt","responses"} JSONL
-    val: list[str] = field(default_factory=list)  # held-out preferences; default: val_fraction of data
-    init_from: str = ""  # the SFT checkpoint (backbone); the head starts fresh
-    out: str = "runs/default/rm"
-    skip_invalid: bool = False
-    val_fraction: float = 0.05
-    seq_len: int = 0  # 0: the model's context length
-    normalize_samples: int = 256  # SFT answers sampled to set gain and bias (0: no normalization)
-    normalize_temperature: float = 1.0
-    train: TrainConfig = field(default_factory=_reward_train_defaults)
 
 
 def response_ids(template: ChatTemplate, prompt: list[Message], response: str, seq_len: int) -> list[int]:

@@ -30,10 +30,10 @@ from chatforge.data.tasks import Scorer
 from chatforge.data.world import World
 from chatforge.evaluate import generate_answers
 from chatforge.files import strict_json
+from chatforge.train.config import DPOConfig, PPOConfig, PPOSettings, TrainConfig
 from chatforge.train.distributed import DistInfo
-from chatforge.train.dpo import DPOConfig, run_dpo
-from chatforge.train.loop import TrainConfig
-from chatforge.train.ppo import PPOConfig, PPOSettings, make_rollout, response_logprobs, run_ppo
+from chatforge.train.dpo import run_dpo
+from chatforge.train.ppo import make_rollout, response_logprobs, run_ppo
 from chatforge.train.reward import score_texts
 
 METHODS = ("ppo", "ppo-beta0", "dpo")

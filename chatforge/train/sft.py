@@ -20,115 +20,23 @@ of the endless stream of epochs, so the harness's exact resume and data parallel
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import torch
 from torch import nn
 
-from chatforge.chat import ChatTemplate, Conversation
+from chatforge.chat import ChatTemplate
 from chatforge.checkpoint import load_checkpoint
+from chatforge.data.chat_batches import Example, collate, conversation_loss, encode_example, forward_logits, pack
 from chatforge.data.chat_readers import read_conversations
 from chatforge.data.readers import hold_out
 from chatforge.errors import ConfigError, DataError
 from chatforge.model import GPT, IGNORE_INDEX, lm_loss
+from chatforge.train.config import SFTConfig
 from chatforge.train.distributed import DistInfo
-from chatforge.train.loop import TrainConfig, TrainResult
+from chatforge.train.loop import TrainResult
 from chatforge.train.supervised import Batch, supervised_trainer
-
-
-def _sft_train_defaults() -> TrainConfig:
-    return TrainConfig(max_steps=300, batch_size=16, lr=3e-4, warmup_steps=20, weight_decay=0.0,
-                       eval_every=50, eval_batches=10, save_every=200)
-
-
-@dataclass
-class SFTConfig:
-    data: list[str] = field(default_factory=list)  # conversation files (messages / Alpaca / ShareGPT)
-    val: list[str] = field(default_factory=list)  # held-out conversations; default: val_fraction of data
-    init_from: str = ""  # the pretrained checkpoint (ours or a Hugging Face GPT-2 directory)
-    out: str = "runs/default/sft"
-    format: str = "auto"  # "auto", "messages", "alpaca" or "sharegpt"
-    skip_invalid: bool = False  # skip (and count) bad records instead of stopping at the first
-    val_fraction: float = 0.05
-    packing: bool = True
-    seq_len: int = 0  # tokens per row; 0: the model's context length
-    train: TrainConfig = field(default_factory=_sft_train_defaults)
-
-
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]
-
-
-def encode_example(template: ChatTemplate, conv: Conversation, seq_len: int) -> Example | None:
-    """Inputs and next-token labels (IGNORE_INDEX where untrained), cut to seq_len; None if nothing trained."""
-    rendered = template.render(conv)
-    ids, mask = rendered.ids[: seq_len + 1], rendered.mask[: seq_len + 1]
-    labels = labels_from(ids, mask)
-    if all(label == IGNORE_INDEX for label in labels):
-        return None
-    return Example(ids[:-1], labels)
-
-
-def labels_from(ids: list[int], mask: list[bool]) -> list[int]:
-    """Next-token targets of ids[:-1]: the next token where it is trained, else IGNORE_INDEX."""
-    return [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
-
-
-def pack(order: list[int], lengths: list[int], seq_len: int) -> list[list[int]]:
-    """Lay examples (in `order`) end to end into rows of at most seq_len tokens; a row never splits one."""
-    rows: list[list[int]] = []
-    current: list[int] = []
-    used = 0
-    for i in order:
-        if current and used + lengths[i] > seq_len:
-            rows.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += lengths[i]
-    if current:
-        rows.append(current)
-    return rows
-
-
-def collate(examples: list[list[Example]], pad_id: int, width: int | None = None, packed: bool = True) -> Batch:
-    """Rows of examples into tensors; `doc_ids` and `position_ids` only for packed rows."""
-    width = width or max(sum(len(e.input_ids) for e in row) for row in examples)
-    B = len(examples)
-    input_ids = torch.full((B, width), pad_id, dtype=torch.long)
-    labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
-    doc_ids = torch.full((B, width), -1, dtype=torch.long)
-    position_ids = torch.zeros((B, width), dtype=torch.long)
-    for b, row in enumerate(examples):
-        at = 0
-        for d, e in enumerate(row):
-            n = len(e.input_ids)
-            input_ids[b, at : at + n] = torch.tensor(e.input_ids)
-            labels[b, at : at + n] = torch.tensor(e.labels)
-            doc_ids[b, at : at + n] = d
-            position_ids[b, at : at + n] = torch.arange(n)
-            at += n
-    batch = {"input_ids": input_ids, "labels": labels}
-    if packed:
-        batch |= {"doc_ids": doc_ids, "position_ids": position_ids}
-    return batch
-
-
-def packed_attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) boolean: position i sees j <= i of its own example (padding sees only padding)."""
-    T = doc_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
-
-
-def forward_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
-    if "doc_ids" in batch:
-        return model(batch["input_ids"], position_ids=batch["position_ids"],
-                     attn_mask=packed_attention_mask(batch["doc_ids"]))
-    return model(batch["input_ids"])
 
 
 class SupervisedChat:
@@ -179,20 +87,6 @@ class SupervisedChat:
 
     def evaluate(self, model: nn.Module, max_batches: int) -> dict[str, float]:
         return {f"val/{k}": v for k, v in conversation_loss(model, self.val, self.pad_id, self.batch_size).items()}
-
-
-@torch.no_grad()
-def conversation_loss(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 16) -> dict:
-    """Mean loss over the trained (assistant) tokens of `examples`, and its perplexity."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        rows = [[e] for e in examples[start : start + batch_size]]
-        batch = {k: v.to(device) for k, v in collate(rows, pad_id, packed=False).items()}
-        total += lm_loss(model(batch["input_ids"]), batch["labels"], reduction="sum").item()
-        count += int((batch["labels"] != IGNORE_INDEX).sum())
-    loss = total / max(count, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count}
 
 
 def load_examples(sources: list[str], template: ChatTemplate, seq_len: int, fmt: str, skip_invalid: bool,

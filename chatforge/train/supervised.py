@@ -26,8 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from chatforge.checkpoint import WEIGHTS_FILE, load_state_into
 from chatforge.errors import ConfigError
+from chatforge.train.config import TrainConfig
 from chatforge.train.distributed import DistInfo, all_reduce_sum
-from chatforge.train.loop import TrainConfig, Trainer, build_optimizer, wrap_model
+from chatforge.train.loop import Trainer, build_optimizer, wrap_model
 
 Batch = dict[str, torch.Tensor]
 

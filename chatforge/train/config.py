@@ -1,0 +1,179 @@
+"""Every training stage's settings: the dataclasses the command line's flags are generated from and
+checkpoints record, importable without torch or the trainers (`chatforge --help` loads none of them).
+
+Each stage module imports its config from here; a field's comment or `help` is what its flag shows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from chatforge.errors import ConfigError
+
+FROZEN_DTYPE_NAMES = ("float32", "bfloat16")  # PPO's frozen models: chatforge.train.ppo maps them to dtypes
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 32  # sequences per optimizer step, summed over processes and accumulation
+    micro_batch_size: int = 0  # sequences per forward pass and process; 0: batch_size / processes
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    dtype: str = "float32"  # or "bfloat16": autocast for matmuls, weights and optimizer stay fp32
+    eval_every: int = 100
+    eval_batches: int = 20
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False  # torch.compile the model (faster steps after a warm-up compile)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"train config: dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        for name in ("max_steps", "batch_size", "eval_every", "save_every", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train config: {name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train config: lr must be positive, got {self.lr}")
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at max_steps."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(1, self.max_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        floor = self.lr * self.min_lr_ratio
+        return floor + 0.5 * (self.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class ModelSize:
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    context_length: int = 256
+    dropout: float = 0.0
+
+
+@dataclass
+class PretrainConfig:
+    data: str = ""  # a directory made by `chatforge data prepare`
+    out: str = "runs/default/pretrain"
+    tokenizer: str = ""  # tokenizer.json or its directory; default: the one saved in `data`
+    init_from: str = ""  # continue from a checkpoint (ours or a Hugging Face GPT-2 directory)
+    model: ModelSize = field(default_factory=ModelSize)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _sft_train_defaults() -> TrainConfig:
+    return TrainConfig(max_steps=300, batch_size=16, lr=3e-4, warmup_steps=20, weight_decay=0.0,
+                       eval_every=50, eval_batches=10, save_every=200)
+
+
+@dataclass
+class SFTConfig:
+    data: list[str] = field(default_factory=list)  # conversation files (messages / Alpaca / ShareGPT)
+    val: list[str] = field(default_factory=list)  # held-out conversations; default: val_fraction of data
+    init_from: str = ""  # the pretrained checkpoint (ours or a Hugging Face GPT-2 directory)
+    out: str = "runs/default/sft"
+    format: str = "auto"  # "auto", "messages", "alpaca" or "sharegpt"
+    skip_invalid: bool = False  # skip (and count) bad records instead of stopping at the first
+    val_fraction: float = 0.05
+    packing: bool = True
+    seq_len: int = 0  # tokens per row; 0: the model's context length
+    train: TrainConfig = field(default_factory=_sft_train_defaults)
+
+
+def _reward_train_defaults() -> TrainConfig:
+    return TrainConfig(max_steps=200, batch_size=16, lr=1e-4, warmup_steps=10, weight_decay=0.0,
+                       eval_every=50, eval_batches=10, save_every=200)
+
+
+@dataclass
+class RewardConfig:
+    data: list[str] = field(default_factory=list)  # {"prompt","chosen","rejected"} or {"prompt","responses"} JSONL
+    val: list[str] = field(default_factory=list)  # held-out preferences; default: val_fraction of data
+    init_from: str = ""  # the SFT checkpoint (backbone); the head starts fresh
+    out: str = "runs/default/rm"
+    skip_invalid: bool = False
+    val_fraction: float = 0.05
+    seq_len: int = 0  # 0: the model's context length
+    normalize_samples: int = 256  # SFT answers sampled to set gain and bias (0: no normalization)
+    normalize_temperature: float = 1.0
+    train: TrainConfig = field(default_factory=_reward_train_defaults)
+
+
+def _ppo_train_defaults() -> TrainConfig:
+    return TrainConfig(max_steps=40, batch_size=32, lr=1e-5, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,
+                       eval_every=10, eval_batches=2, save_every=20, log_every=1, grad_clip=1.0)
+
+
+@dataclass
+class PPOSettings:
+    rollout_batch: int = 32  # prompts answered per PPO iteration (global)
+    minibatch: int = 8  # answers per optimizer step and process
+    ppo_epochs: int = 2
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    init_kl_coef: float = 0.1  # beta
+    adaptive_kl: bool = True
+    kl_target: float = 6.0  # nats per answer
+    kl_horizon: int = 10000  # answers
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    whiten_rewards: bool = False
+    missing_eos_penalty: float = 1.0  # subtracted from the score of an answer cut off before <|end|>
+    ptx_coef: float = 0.0  # weight of the pretraining loss (needs ptx_data)
+    ptx_data: str = ""  # token shards (chatforge data prepare) for the ptx loss
+    val_prompts: int = 64  # held-out prompts answered at each evaluation
+    frozen_dtype: str = field(default="float32", metadata={
+        "help": "dtype of the frozen reference and reward model: float32, or bfloat16 for half their memory "
+                "(slower on a CPU without bf16 instructions)"})
+    shared_value_head: bool = field(default=False, metadata={
+        "help": "value head on the policy's trunk (one forward for logits and values; no value backbone)"})
+
+    def __post_init__(self) -> None:
+        if self.frozen_dtype not in FROZEN_DTYPE_NAMES:
+            raise ConfigError(f"ppo config: frozen_dtype (--frozen-dtype) must be one of {list(FROZEN_DTYPE_NAMES)}, "
+                              f"got {self.frozen_dtype!r}")
+
+
+@dataclass
+class PPOConfig:
+    prompts: list[str] = field(default_factory=list)  # {"prompt"} JSONL (RL prompts)
+    val: list[str] = field(default_factory=list)  # held-out prompts for evaluation
+    policy: str = ""  # the SFT checkpoint: the policy starts here and the reference stays here
+    reward_model: str = ""  # the reward model (chatforge reward); the value model starts from it
+    out: str = "runs/default/ppo"
+    ppo: PPOSettings = field(default_factory=PPOSettings)
+    train: TrainConfig = field(default_factory=_ppo_train_defaults)
+
+
+def _dpo_train_defaults() -> TrainConfig:
+    return TrainConfig(max_steps=200, batch_size=16, lr=5e-5, warmup_steps=10, weight_decay=0.0, eval_every=50,
+                       eval_batches=10, save_every=200)
+
+
+@dataclass
+class DPOConfig:
+    data: list[str] = field(default_factory=list)  # preference JSONL (chosen/rejected or ranked responses)
+    val: list[str] = field(default_factory=list)
+    init_from: str = ""  # the SFT checkpoint: the policy starts here and it is the reference
+    out: str = "runs/default/dpo"
+    beta: float = 0.1
+    skip_invalid: bool = False
+    val_fraction: float = 0.05
+    seq_len: int = 0  # 0: the model's context length
+    train: TrainConfig = field(default_factory=_dpo_train_defaults)
