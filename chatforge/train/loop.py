@@ -8,9 +8,9 @@ RNG, step) and exact resume. It knows nothing of which stage runs it. Two kinds 
 accumulation over an `Objective`'s global batch) and `chatforge.train.ppo.PPOStep` (rollout,
 rewards, advantages, PPO epochs).
 
-This module also holds what both kinds share: `TrainConfig` (its warmup + cosine learning rate),
-AdamW with weight-decay groups (`build_optimizer`) and the model wrapping for `torch.compile` and
-data parallelism (`wrap_model`).
+This module also holds what both kinds share: AdamW with weight-decay groups (`build_optimizer`) and
+the model wrapping for `torch.compile` and data parallelism (`wrap_model`). `TrainConfig` (with its
+warmup + cosine learning rate) lives in `chatforge.train.config` with every stage's settings.
 """
 
 from __future__ import annotations
