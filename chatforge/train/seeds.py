@@ -45,6 +45,7 @@ class SeedSettings:
 
     ppo_steps: int = 40
     dpo_steps: int = 150
+    dpo_prompts: int = 0  # DPO trains on the first n preference prompts of RUN/tasks (0: all of them)
     beta: float = PPOSettings.init_kl_coef  # method "ppo" starts here; "ppo-beta0" always uses 0
     temperature: float = PPOSettings.temperature
     ptx_coef: float = 0.0  # on the run's own token shards (RUN/data)
@@ -53,7 +54,7 @@ class SeedSettings:
     def out_dir(self, run: Path, method: str, seed: int) -> Path:
         """RUN/seeds/<method>[-tag]-<seed>: a tag for each setting away from its default."""
         if method == "dpo":
-            return run / "seeds" / f"dpo-{seed}"
+            return run / "seeds" / (f"dpo-p{self.dpo_prompts}-{seed}" if self.dpo_prompts else f"dpo-{seed}")
         tag = f"-t{self.temperature:g}" if self.temperature != PPOSettings.temperature else ""
         tag += f"-ptx{self.ptx_coef:g}" if self.ptx_coef else ""
         tag += f"-beta{self.beta:g}" if method == "ppo" and self.beta != PPOSettings.init_kl_coef else ""
@@ -76,10 +77,15 @@ def train_ppo(run: Path, out: Path, seed: int, settings: SeedSettings, beta: flo
     run_ppo(cfg, DistInfo())
 
 
-def train_dpo(run: Path, out: Path, seed: int, steps: int) -> None:
+def train_dpo(run: Path, out: Path, seed: int, steps: int, prompts: int = 0) -> None:
     if (out / "checkpoint" / "trainer_state.json").exists():
         return
-    cfg = DPOConfig(data=[str(run / "tasks/prefs_train.jsonl")], val=[str(run / "tasks/prefs_val.jsonl")],
+    data = run / "tasks/prefs_train.jsonl"
+    if prompts:  # DPO first computes the reference's log-probs of every pair: fewer prompts, less of that
+        out.mkdir(parents=True, exist_ok=True)
+        (out / data.name).write_text("".join(data.read_text().splitlines(keepends=True)[:prompts]))
+        data = out / data.name
+    cfg = DPOConfig(data=[str(data)], val=[str(run / "tasks/prefs_val.jsonl")],
                     init_from=str(run / "sft"), out=str(out),
                     train=TrainConfig(max_steps=steps, batch_size=16, lr=5e-5, warmup_steps=10, weight_decay=0.0,
                                       eval_every=steps, save_every=steps, seed=seed, progress=False))
@@ -124,7 +130,7 @@ def compare_seeds(run: Path, seeds: Sequence[int], methods: Sequence[str] = METH
         for method in methods:
             out = settings.out_dir(run, method, seed)
             if method == "dpo":
-                train_dpo(run, out, seed, settings.dpo_steps)
+                train_dpo(run, out, seed, settings.dpo_steps, settings.dpo_prompts)
             else:
                 train_ppo(run, out, seed, settings, beta=settings.beta if method == "ppo" else 0.0)
             figures.setdefault(method, []).append(judge(run, out, world, sft, rm))
