@@ -386,17 +386,10 @@ fused_option = click.option(
 
 
 def make_engine(model, tokenizer, **kwargs: Any):
-    """An engine, saying so first when it takes a while to prepare (kernels, graphs) and how it decodes
-    after (on stderr: stdout carries the command's output)."""
-    from chatforge.generate.engine import Engine, preparing_line
+    """A prepared engine that reports on stderr (stdout carries the command's output)."""
+    from chatforge.generate.engine import prepared_engine
 
-    if line := preparing_line(kwargs.get("fused", False), kwargs.get("compile", False)):
-        click.echo(line, err=True)
-    engine = Engine(model, tokenizer, **kwargs)
-    engine.warm_up()
-    if kwargs.get("fused") or kwargs.get("compile"):
-        click.echo(f"decode: {engine.describe_decode()}", err=True)
-    return engine
+    return prepared_engine(model, tokenizer, lambda line: click.echo(line, err=True), **kwargs)
 
 
 @cli.command()

@@ -23,7 +23,7 @@ import itertools
 import math
 import secrets
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,14 +152,21 @@ def _row_seed(seed: int | None, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") >> 1
 
 
-def preparing_line(fused: bool, compile: bool) -> str | None:
-    """What a command says before it makes an engine that takes a while to prepare, else None."""
-    parts = []
-    if fused and kernels.unsupported_reason() is None and not kernels.active():
-        parts.append("chatforge's fused decode step (its kernels build once, about 40 s)")
-    if compile:
-        parts.append("torch.compile's decode graphs (minutes)")
-    return "preparing " + " and ".join(parts) + "..." if parts else None
+def prepared_engine(model: GPT, tokenizer: Any, say: Callable[[str], None], **kwargs: Any) -> Engine:
+    """`Engine(model, tokenizer, **kwargs)` with its kernels built, graphs compiled and weights packed
+    before the first request; `say` hears first what will take a while, then how the engine decodes
+    (when the fused step or compile was asked for). What `generate`, `chat` and `serve` start with."""
+    fused, compile = kwargs.get("fused", False), kwargs.get("compile", False)
+    slow = ["chatforge's fused decode step (its kernels build once, about 40 s)"] if (
+        fused and kernels.unsupported_reason() is None and not kernels.active()) else []
+    slow += ["torch.compile's decode graphs (minutes)"] if compile else []
+    if slow:
+        say("preparing " + " and ".join(slow) + "...")
+    engine = Engine(model, tokenizer, **kwargs)
+    engine.warm_up()
+    if fused or compile:
+        say(f"decode: {engine.describe_decode()}")
+    return engine
 
 
 class Engine:

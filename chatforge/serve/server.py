@@ -63,7 +63,7 @@ def pick_device(device: str) -> str:
 def build_app(config: ServeConfig) -> FastAPI:
     """Load the checkpoint, build the engine and the app (what `chatforge serve` runs)."""
     from chatforge.checkpoint import load_checkpoint
-    from chatforge.generate.engine import Engine, preparing_line
+    from chatforge.generate.engine import prepared_engine
     from chatforge.model import ScalarHeadModel
 
     if not config.checkpoint:
@@ -75,12 +75,9 @@ def build_app(config: ServeConfig) -> FastAPI:
         raise ConfigError(f"serve: {config.checkpoint} has no tokenizer.json")
     config.model_name = config.model_name or default_model_name(config.checkpoint)
     config.db_url = config.db_url or default_db_url(config.checkpoint)
-    if line := preparing_line(config.fused, config.compile):
-        print(line, flush=True)
-    engine = Engine(ckpt.model, ckpt.tokenizer, max_batch_size=config.max_batch_size, fused=config.fused,
-                    compile=config.compile)
-    engine.warm_up()  # before serving: the first requests would otherwise wait for the graphs and packs
-    print(f"decode: {engine.describe_decode()}", flush=True)
+    # prepared before serving: the first requests would otherwise wait for the kernels, graphs and packs
+    engine = prepared_engine(ckpt.model, ckpt.tokenizer, lambda line: print(line, flush=True),
+                             max_batch_size=config.max_batch_size, fused=config.fused, compile=config.compile)
     return create_app(engine, config, moderator=load_moderator(config.moderation),
                       examples=example_prompts(config.checkpoint))
 
