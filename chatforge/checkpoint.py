@@ -216,7 +216,8 @@ def load_hf_gpt2(path: str | Path, device: str | torch.device = "cpu", tokenizer
 
 
 def export_hf(model: GPT, tokenizer: Any | None, out_dir: str | Path) -> Path:
-    """Write a directory that `transformers.GPT2LMHeadModel.from_pretrained` loads."""
+    """Write a directory that `transformers.GPT2LMHeadModel.from_pretrained` loads; its tokenizer_config.json
+    carries the chat template (`hf.tokenizer_config`), so `apply_chat_template` and vLLM render our ids."""
     eot = tokenizer.eot_id if tokenizer is not None else None
     with atomic_directory(out_dir) as tmp:
         write_json(tmp / CONFIG_FILE, hf.config_to_hf(model.config, eot))

@@ -385,6 +385,12 @@ fused_option = click.option(
          "about 40 s); --no-fused: torch's products only.")
 
 
+tools_option = click.option(
+    "--tools", "use_tools", is_flag=True,
+    help="Offer the built-in calculator and calendar: the model sees them in its system turn, chatforge runs "
+         "the calls it writes and feeds the results back; calls and results are shown.")
+
+
 def make_engine(model, tokenizer, **kwargs: Any):
     """A prepared engine that reports on stderr (stdout carries the command's output)."""
     from chatforge.generate.engine import prepared_engine
@@ -400,17 +406,19 @@ def make_engine(model, tokenizer, **kwargs: Any):
 @click.option("--max-tokens", default=128, show_default=True)
 @click.option("--seed", default=None, type=int, help="Make sampling reproducible.")
 @fused_option
+@tools_option
 def chat(checkpoint: str, system: str, temperature: float, top_p: float, max_tokens: int, seed: int | None,
-         fused: bool) -> None:
+         fused: bool, use_tools: bool) -> None:
     """Chat in the terminal (streamed; /help lists the commands: /clear, /temperature, /top_p, /max_tokens ...)."""
     from chatforge.chat import ChatTemplate
     from chatforge.terminal import ChatSession, run_chat
+    from chatforge.tools import builtin_tools
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     ckpt = load_language_model(checkpoint, "chat")
     engine = make_engine(ckpt.model.eval(), ckpt.tokenizer, max_batch_size=1, fused=fused,
                          stop_token_ids=ChatTemplate(ckpt.tokenizer).stop_ids)
-    session = ChatSession(ckpt, system=system, params=params, engine=engine)
+    session = ChatSession(ckpt, system=system, params=params, engine=engine, tools=builtin_tools() if use_tools else {})
     session.check(params)
 
     def write(text: str) -> None:
@@ -434,29 +442,57 @@ def chat(checkpoint: str, system: str, temperature: float, top_p: float, max_tok
 @click.option("--compile", "compile_decode", is_flag=True,
               help="Also torch.compile the decode forward (the steps the fused one leaves), compiled first "
                    "(minutes); on AVX2 CPUs slower than the eager engine.")
+@tools_option
 @config_options(SamplingParams)
 def generate(checkpoint: str, prompts: tuple[str, ...], as_json: bool, max_batch_size: int, fused: bool,
-             compile_decode: bool, cfg) -> None:
-    """Generate with every decoding option: sampling, penalties, beams, stops, n/best_of, logprobs."""
+             compile_decode: bool, use_tools: bool, cfg) -> None:
+    """Generate with every decoding option: sampling, penalties, beams, stops, n/best_of, logprobs.
+    With --tools each prompt is a user's message to a chat model that may call the built-in tools."""
     ckpt = load_language_model(checkpoint, "generate")
     tok = ckpt.tokenizer
     engine = make_engine(ckpt.model, tok, max_batch_size=max_batch_size, fused=fused, compile=compile_decode)
     texts = list(prompts) or [""]
     ids = [tok.encode(t) if t else [tok.eot_id] for t in texts]
+    use = None
+    if use_tools:
+        ids, use, cfg = tool_prompts(tok, texts, cfg)
     if len(ids) == 1 and cfg.n == 1 and cfg.num_beams == 1 and not as_json:
-        click.echo(texts[0], nl=False)  # the prompt is always shown; --echo matters for --json logprobs
-        for event in engine.stream(ids[0], cfg):
-            click.echo(event.text, nl=False)
+        from chatforge.terminal import ToolEcho
+
+        click.echo(texts[0] + ("\n" if use else ""), nl=False)  # the prompt is always shown
+        echo = ToolEcho()
+        for event in engine.stream(ids[0], cfg, tool_use=use):
+            click.echo(echo.text(event), nl=False)
         click.echo()
         return
-    completions = engine.generate(ids, cfg)
+    completions = engine.generate(ids, cfg, tool_use=use)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(c) for c in completions], indent=2))
         return
     for number, (text, completion) in enumerate(zip(texts, completions), start=1):
         for out in completion.outputs:
             click.echo(f"--- prompt {number}, choice {out.index + 1} ({out.finish_reason})")
-            click.echo(text + out.text)
+            calls = "".join(f"[call] {t.call}\n[result] {t.result}\n" for t in out.tool_turns)
+            click.echo(text + ("\n" + calls if calls else "") + out.text)
+
+
+def tool_prompts(tokenizer: Any, texts: list[str], cfg: SamplingParams) -> tuple[list[list[int]], Any, SamplingParams]:
+    """`generate --tools`: each text as a user turn with the built-in tools declared, the tool use that
+    runs them, and chat-reply settings (special tokens add no text)."""
+    from chatforge.chat import ChatTemplate, Conversation, Message
+    from chatforge.generate.tool_loop import ToolUse
+    from chatforge.tools import builtin_tools
+
+    try:
+        template = ChatTemplate(tokenizer)
+    except KeyError:
+        raise click.UsageError("--tools needs a chat model (its tokenizer has no chat tokens)") from None
+    tools = builtin_tools()
+    specs = [t.spec() for t in tools.values()]
+    ids = [template.generation_prompt(Conversation([Message("user", t or " ")], tools=specs)) for t in texts]
+    cfg = dataclasses.replace(cfg, skip_special_tokens=True, strip_leading_whitespace=True,
+                              stop_token_ids=sorted(set(cfg.stop_token_ids) | set(template.stop_ids)))
+    return ids, ToolUse(tools), cfg
 
 
 cli.add_command(generate, "sample")  # the name issue 2 introduced; same command

@@ -49,9 +49,12 @@ def field_types(cls: type) -> dict[str, Any]:
 
 
 def leaves(cls: type, prefix: tuple[str, ...] = ()) -> list[Leaf]:
-    """Every non-dataclass field of a (nested) dataclass, with its default."""
+    """Every non-dataclass field of a (nested) dataclass, with its default; a field with metadata
+    `config: False` is set in code only (no flag, no file key)."""
     out, hints = [], field_types(cls)
     for f in dataclasses.fields(cls):
+        if f.metadata.get("config", True) is False:
+            continue
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             out += leaves(tp, prefix + (f.name,))

@@ -8,7 +8,8 @@ written as its own `output` tensor (a copy of `token_embd`), as that converter d
 The tokenizer is written as a "gpt2" BPE vocabulary: tokens in id order (byte-level strings, as in
 vocab.json), their merges, and token types (chat special tokens are CONTROL, so llama.cpp never
 produces them from plain text). Ids the tokenizer does not use (a model vocabulary padded past the
-tokenizer's) become `[PAD{id}]` tokens of type UNUSED.
+tokenizer's) become `[PAD{id}]` tokens of type UNUSED. A tokenizer with the chat special tokens also
+writes `tokenizer.chat_template` (chatforge.chat.CHAT_TEMPLATE, the Jinja twin of our template).
 
 The `gguf` package is imported only when exporting (`pip install chatforge[gguf]`).
 """
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from chatforge.chat import CHAT_TEMPLATE, has_chat_tokens
 from chatforge.checkpoint import load_checkpoint
 from chatforge.errors import CheckpointError, ConfigError
 from chatforge.files import temp_file_beside
@@ -162,6 +164,8 @@ def export_gguf(
         if "end_turn" in specials:
             writer.add_eot_token_id(specials["end_turn"])  # <|end|> closes a chat turn
         writer.add_add_bos_token(False)  # our prompts start with the first turn's token, not eot
+        if has_chat_tokens(tokenizer):
+            writer.add_chat_template(CHAT_TEMPLATE)
 
         for tname, tensor in gguf_tensors(model).items():
             array = tensor.numpy()

@@ -1,4 +1,5 @@
-"""Hugging Face GPT-2 interop, as pure conversion: configs, weight names and layouts, the tokenizer config.
+"""Hugging Face GPT-2 interop, as pure conversion: configs, weight names and layouts, the tokenizer config
+(with chatforge's chat template, so `apply_chat_template` and vLLM render what chatforge renders).
 
 The architectures are the same; only names and one layout differ. transformers keeps GPT-2's
 original `Conv1D` layers, whose weight is (in, out), the transpose of `nn.Linear`'s (out, in).
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from chatforge.chat import CHAT_TEMPLATE, has_chat_tokens
 from chatforge.errors import CheckpointError
 from chatforge.model import GPTConfig
 
@@ -85,9 +87,10 @@ def state_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def tokenizer_config(tokenizer: Any) -> dict:
-    """tokenizer_config.json: GPT2TokenizerFast over our tokenizer.json, with <|endoftext|> as bos, eos and unk."""
+    """tokenizer_config.json: GPT2TokenizerFast over our tokenizer.json, with <|endoftext|> as bos, eos and unk,
+    and `chat_template` (chatforge.chat.CHAT_TEMPLATE) when the tokenizer has the chat special tokens."""
     eot = tokenizer.decode([tokenizer.eot_id])
-    return {
+    config = {
         "tokenizer_class": "GPT2TokenizerFast",
         "bos_token": eot,
         "eos_token": eot,
@@ -95,3 +98,6 @@ def tokenizer_config(tokenizer: Any) -> dict:
         "model_max_length": 1_000_000_000,
         "add_prefix_space": False,
     }
+    if has_chat_tokens(tokenizer):
+        config["chat_template"] = CHAT_TEMPLATE
+    return config

@@ -2,7 +2,9 @@
 
 The session keeps the whole history; when it no longer fits the context (with room for the
 reply), the oldest turns after the system prompt are dropped whole and the user is told.
-Lines starting with "/" are commands (see HELP).
+Lines starting with "/" are commands (see HELP). With the built-in tools (`chatforge chat --tools`),
+the model sees the calculator and calendar in its system turn; a call it writes is shown as it is
+written, chatforge runs it, and its result is shown before the model goes on.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from chatforge.chat import ChatTemplate, Message
+from chatforge.chat import ChatTemplate, Conversation, Message
 from chatforge.checkpoint import Checkpoint
 from chatforge.data.examples import example_prompts
 from chatforge.errors import ChatforgeError, RequestError
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
+from chatforge.generate.tool_loop import ToolUse
+from chatforge.tools import Tool
 
 HELP = """commands:
   /clear               forget the conversation (the system prompt stays)
@@ -40,6 +44,7 @@ class ChatSession:
     history: list[Message] = field(default_factory=list)
     examples: list[str] | None = None  # offered at the start; default: from the checkpoint's training files
     engine: Engine | None = None  # default: the plain engine (the command line passes the fused one)
+    tools: dict[str, Tool] = field(default_factory=dict)  # built-in tools the model may call (run here)
 
     def __post_init__(self) -> None:
         if self.examples is None:
@@ -93,7 +98,8 @@ class ChatSession:
 
     def reply(self, text: str) -> Iterator[str]:
         """Stream the assistant's answer to `text`; notices about dropped turns come first, in brackets."""
-        candidate = self.messages() + [Message("user", text)]
+        candidate = Conversation(self.messages() + [Message("user", text)],
+                                 tools=[t.spec() for t in self.tools.values()])
         context = self.ckpt.model.config.context_length
         reserve = min(self.params.max_tokens, context // 2)
         ids, dropped = self.template.fit_to_context(candidate, context, reserve=reserve)
@@ -104,11 +110,43 @@ class ChatSession:
         self.history.append(Message("user", text))
         params = dataclasses.replace(self.params, max_tokens=min(self.params.max_tokens, context - len(ids)),
                                      strip_leading_whitespace=True, skip_special_tokens=True)
-        parts = []
-        for event in self.engine.stream(ids, params):
+        parts: list[str] = []
+        echo = ToolEcho()
+        use = ToolUse(self.tools) if self.tools else None
+        for event in self.engine.stream(ids, params, tool_use=use):
+            shown = echo.text(event)
+            if event.tool_turns:  # the answer so far, its calls and their results join the history
+                self._add_answer(parts)
+                self.history += [Message("tool_call", t.call) for t in event.tool_turns]
+                self.history += [Message("tool_result", t.result) for t in event.tool_turns]
+                parts = []
             parts.append(event.text)
-            yield event.text
-        self.history.append(Message("assistant", "".join(parts).strip()))
+            yield shown
+        self._add_answer(parts)
+
+    def _add_answer(self, parts: list[str]) -> None:
+        answer = "".join(parts).strip()
+        if answer:
+            self.history.append(Message("assistant", answer))
+
+
+class ToolEcho:
+    """What a stream event shows in a terminal: its text, a call as it is written (after "[call] ") and
+    each result the engine fed in (after "-> "), on lines of their own."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def text(self, event) -> str:
+        out = ""
+        if event.call is not None:
+            if event.call.index >= self.calls:
+                self.calls = event.call.index + 1
+                out += "\n[call] "
+            out += event.call.text
+        for turn in event.tool_turns:
+            out += f"\n[result] {turn.result}\n"
+        return out + event.text
 
 
 def run_chat(session: ChatSession, read: Callable[[str], str], write: Callable[[str], None]) -> None:

@@ -48,14 +48,33 @@ def error_of(excinfo: pytest.ExceptionInfo) -> str:
 
 def test_openai_messages_with_system_and_tool(tmp_path):
     rec = {"messages": [*OPENAI["messages"], {"role": "user", "content": "Weather?"},
-                        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "w"}}]},
-                        {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]}
+                        {"role": "assistant", "content": "", "tool_calls": [
+                            {"function": {"name": "w"}},
+                            {"id": "c2", "function": {"name": "w", "arguments": '{"city":"Kesh"}'}}]},
+                        {"role": "tool", "content": "sunny"}, {"role": "tool", "tool_call_id": "c2", "content": "rain"},
+                        {"role": "assistant", "content": "Sunny."}]}
     result = read_conversations(write_jsonl(tmp_path / "d.jsonl", [rec]))
     assert roles_and_contents(result.conversations[0]) == [
         ("system", "Be terse."), ("user", "Hi"), ("assistant", "Hello."), ("user", "Weather?"),
-        ("tool_call", '{"name": "w"}'), ("tool_result", "sunny"), ("assistant", "Sunny."),
+        # each call as the chat template writes it: canonical JSON, no arguments read as {}
+        ("tool_call", '{"name": "w", "arguments": {}}'), ("tool_call", '{"name": "w", "arguments": {"city": "Kesh"}}'),
+        ("tool_result", "sunny"), ("tool_result", "rain"), ("assistant", "Sunny."),
     ]
+    assert [m.call_id for m in result.conversations[0].messages][4:8] == [None, "c2", None, "c2"]
     assert result.formats == {"messages": 1} and result.skipped == 0 and result.families == [None]
+
+
+def test_openai_records_declare_their_tools_and_bad_tools_are_named(tmp_path):
+    weather = {"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}
+    rec = {"messages": [{"role": "user", "content": "Weather?"},
+                        {"role": "assistant", "tool_calls": [{"function": {"name": "w", "arguments": "{}"}}]}],
+           "tools": [weather]}
+    (conv,) = read_conversations(write_jsonl(tmp_path / "d.jsonl", [rec])).conversations
+    assert conv.tools == [weather["function"]]
+    bad = {**rec, "tools": [{"type": "function", "function": {"name": "no spaces allowed"}}]}
+    with pytest.raises(DataError) as excinfo:
+        read_conversations(write_jsonl(tmp_path / "b.jsonl", [bad]))
+    assert "tools[0].function.name" in error_of(excinfo)
 
 
 def test_alpaca_joins_input_and_reads_system(tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from chatforge.chat import CHAT_TEMPLATE
 from chatforge.checkpoint import save_checkpoint
 from chatforge.cli import main
 from chatforge.model import GPT, GPTConfig, ScalarHeadModel
@@ -110,6 +111,7 @@ def test_gguf_file_holds_every_tensor_the_metadata_and_the_vocabulary(model, sma
     assert field(reader, "tokenizer.ggml.eos_token_id") == tok.eot_id
     assert field(reader, "tokenizer.ggml.eot_token_id") == tok.special_ids["end_turn"]
     assert field(reader, "tokenizer.ggml.add_bos_token") is False
+    assert field(reader, "tokenizer.chat_template") == CHAT_TEMPLATE  # the template transformers and vLLM get
 
 
 def test_cli_exports_f16_from_a_checkpoint(model, small_tokenizer, tmp_path):
@@ -118,6 +120,7 @@ def test_cli_exports_f16_from_a_checkpoint(model, small_tokenizer, tmp_path):
     assert run_cli("export", "--checkpoint", tmp_path / "ckpt", "--format", "gguf", "--dtype", "f16", "--out", out) == 0
     reader = gguf.GGUFReader(out)
     assert field(reader, "general.file_type") == gguf.LlamaFileType.MOSTLY_F16
+    assert field(reader, "tokenizer.chat_template") == CHAT_TEMPLATE
     expected = expected_tensors(model)
     for t in reader.tensors:
         want = expected[t.name]

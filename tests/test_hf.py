@@ -1,10 +1,12 @@
-"""GPT-2 interop with transformers: the same logits both ways, and exported directories that load."""
+"""GPT-2 interop with transformers: the same logits both ways, exported directories that load, and the
+exported chat template that renders our token ids through `apply_chat_template`."""
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
+from chatforge.chat import CHAT_TEMPLATE, ChatTemplate, Conversation  # noqa: E402
 from chatforge.checkpoint import export_hf, load_checkpoint  # noqa: E402
 from chatforge.errors import CheckpointError  # noqa: E402
 from chatforge.model import GPT, GPTConfig  # noqa: E402
@@ -95,3 +97,64 @@ def test_hf_is_pure_conversion_that_imports_no_checkpoint_code():
     code = "import sys, chatforge.hf; print(sorted(m for m in sys.modules if m.startswith('chatforge.')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "chatforge.checkpoint" not in out and "chatforge.files" not in out
+
+
+# ---- the chat template in tokenizer_config.json ------------------------------------------------------
+
+WEATHER = {"name": "weather", "description": "The weather in a city ☀",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+CLOCK = {"name": "clock", "parameters": {"type": "object", "properties": {}}}
+TOOLS = [{"type": "function", "function": WEATHER}, {"type": "function", "function": CLOCK}]
+
+
+def call(name: str, arguments, call_id: str | None = None) -> dict:
+    return {"id": call_id or f"call_{name}", "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+CHATS = {
+    "system": ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 🙂"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And Veloria?"}], None),
+    "no-system": ([{"role": "user", "content": "What is 3 plus 3?"}, {"role": "assistant", "content": "6."}], None),
+    "developer": ([{"role": "developer", "content": "Be kind."}, {"role": "user", "content": "Hi"}], None),
+    "tools": ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Kesh?"}], TOOLS),
+    "tools-no-system": ([{"role": "user", "content": "Time?"}], [WEATHER, CLOCK]),  # bare function objects
+    "calls-and-results": ([
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Kesh and Mira's town?"},
+        {"role": "assistant", "content": "Checking.", "tool_calls": [
+            call("weather", {"city": "Kesh"}),  # a mapping: tojson writes it
+            call("weather", '{"city": "Mira\'s town ☀"}')]},  # a string: written as is (canonical JSON)
+        {"role": "tool", "tool_call_id": "call_weather", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "call_weather", "content": "rain"},
+        {"role": "assistant", "content": "Sunny in Kesh, rain there."}, {"role": "user", "content": "Time?"},
+        {"role": "assistant", "content": None, "tool_calls": [call("clock", {})]},  # a call with no text
+        {"role": "tool", "tool_call_id": "call_clock", "content": "noon"}], TOOLS),
+}
+
+
+@pytest.fixture(scope="module")
+def exported_tokenizer(tmp_path_factory, small_tokenizer):
+    tiny = GPT(GPTConfig(vocab_size=small_tokenizer.vocab_size, context_length=32, n_layer=1, n_head=2, n_embd=16))
+    out = export_hf(tiny, small_tokenizer, tmp_path_factory.mktemp("chat") / "hf")
+    return transformers.AutoTokenizer.from_pretrained(out), out
+
+
+def test_exported_tokenizer_config_carries_our_chat_template(exported_tokenizer):
+    import json
+
+    _, out = exported_tokenizer
+    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config["chat_template"] == CHAT_TEMPLATE
+
+
+@pytest.mark.parametrize("generation_prompt", [False, True])
+@pytest.mark.parametrize("name", list(CHATS))
+def test_apply_chat_template_gives_exactly_our_token_ids(exported_tokenizer, small_tokenizer, name,
+                                                         generation_prompt):
+    hf_tok, _ = exported_tokenizer
+    messages, tools = CHATS[name]
+    theirs = hf_tok.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt,
+                                        tokenize=True, return_dict=False)
+    template = ChatTemplate(small_tokenizer)
+    conv = Conversation.from_openai(messages, tools=tools, need_assistant=False)
+    ours = template.generation_prompt(conv) if generation_prompt else template.render(conv).ids
+    assert list(theirs) == ours

@@ -11,7 +11,7 @@ import chatforge
 ROOT = Path(chatforge.__file__).parent
 # lowest first; a module may import its own layer and those below it
 LAYERS = {
-    "core": {"model", "tokenizer", "chat", "checkpoint", "hf", "config", "errors", "files"},
+    "core": {"model", "tokenizer", "chat", "checkpoint", "hf", "config", "errors", "files", "tools"},
     "data": {"data"},
     "acceleration": {"accel"},
     "inference": {"generate"},

@@ -94,8 +94,9 @@ BAD_REQUESTS = [  # (endpoint, arguments, param)
     (chat, dict(messages=[]), "messages"),
     (chat, dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
      "messages[0].content"),
-    (chat, dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
-    (chat, dict(response_format={"type": "json_object"}), "response_format"),
+    (chat, dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}]),
+     "tools[0].function.parameters"),
+    (chat, dict(response_format={"type": "xml"}), "response_format.type"),
 ]
 
 

@@ -333,7 +333,9 @@ def _parse_conversation(obj: dict[str, Any], where: str, fmt: str) -> tuple[Conv
 
 
 def _from_messages(obj: dict[str, Any], where: str) -> Conversation:
-    return Conversation.from_openai(obj["messages"], where)
+    """OpenAI's chat format; a top-level "tools" list (as in OpenAI's fine-tuning files) is declared in the
+    system turn, so the model learns its calls beside the functions it was offered."""
+    return Conversation.from_openai(obj["messages"], where, tools=obj.get("tools"))
 
 
 def _from_alpaca(obj: dict[str, Any], where: str) -> Conversation:

@@ -37,6 +37,16 @@ from chatforge.errors import RequestError
 from chatforge.generate.params import MAX_LOGPROBS, SamplingParams
 from chatforge.generate.processors import LogitsPipeline, TokenHistory, sample_next, token_logprobs
 from chatforge.generate.text import IncrementalText
+from chatforge.generate.tool_loop import (
+    CallDelta,
+    CallReader,
+    ToolTurn,
+    ToolUse,
+    TurnIds,
+    result_tokens,
+    run_calls,
+    runs_all,
+)
 from chatforge.model import GPT, KVCache
 
 
@@ -52,9 +62,14 @@ class SequenceOutput:
     index: int
     token_ids: list[int]
     text: str
-    finish_reason: str | None  # "stop", "length", "cancelled"
-    logprobs: list[TokenLogprob] | None = None  # token_ids' entries, then the end token's when one stopped it
+    finish_reason: str | None  # "stop", "length", "cancelled", "tool_calls"
+    logprobs: list[TokenLogprob] | None = None  # sampled tokens' entries, then the end token's when one stopped it
     cumulative_logprob: float = 0.0
+    # with tool use (tool_loop.py): the calls left to the caller (finish_reason "tool_calls"), the calls
+    # the engine ran with their results, and the [start, end) spans of token_ids it fed in (not sampled)
+    tool_calls: list[str] = field(default_factory=list)
+    tool_turns: list[ToolTurn] = field(default_factory=list)
+    fed_spans: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def mean_logprob(self) -> float:
@@ -68,6 +83,7 @@ class Completion:
     outputs: list[SequenceOutput]
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with echo: None for the first token
     completion_tokens: int = 0  # every sampled token, stop tokens included
+    fed_tokens: int = 0  # tool results the engine fed in (input to the model, never sampled)
 
     @property
     def prompt_tokens(self) -> int:
@@ -84,6 +100,8 @@ class StreamEvent:
     token_ids: list[int]  # new tokens of the text (an end token that stopped it is not text)
     logprobs: list[TokenLogprob]  # with logprobs: one per sampled token, the end token included
     finish_reason: str | None = None
+    call: CallDelta | None = None  # with tool use: what this step added to a call being written
+    tool_turns: list[ToolTurn] = field(default_factory=list)  # calls the engine ran this step, with results
 
 
 class SlotCache(KVCache):
@@ -126,7 +144,9 @@ class _Request:
     outputs: dict[int, SequenceOutput] = field(default_factory=dict)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     completion_tokens: int = 0
+    fed_tokens: int = 0
     cancelled: bool = False
+    tool_use: ToolUse | None = None
 
     @property
     def done(self) -> bool:
@@ -144,6 +164,10 @@ class _Row:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     last_token: int = -1
+    calls: CallReader | None = None  # with tool use: the calls of the answer so far
+    rounds: int = 0  # tool rounds the engine ran for this row
+    tool_turns: list[ToolTurn] = field(default_factory=list)
+    fed_spans: list[tuple[int, int]] = field(default_factory=list)
 
 
 def _row_seed(seed: int | None, index: int) -> int:
@@ -198,6 +222,7 @@ class Engine:
         # lacks) can never be sampled, so it can never stop anything
         self.eos_ids = [t for t in stop_token_ids if 0 <= t < self.config.vocab_size]
         self.special_ids = frozenset(getattr(tokenizer, "special_ids", {}).values())
+        self.turn_ids = TurnIds.of(tokenizer)
         self.rows: list[_Row] = []
         self.waiting: deque[_Request] = deque()
         self.requests: dict[str, _Request] = {}
@@ -233,11 +258,14 @@ class Engine:
     # ---- the scheduler's public face ---------------------------------------------------------
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
-                    logprobs_limit: int = MAX_LOGPROBS) -> str:
-        """Validate and queue a request; it starts at the next step with enough free slots."""
+                    logprobs_limit: int = MAX_LOGPROBS, tool_use: ToolUse | None = None) -> str:
+        """Validate and queue a request; it starts at the next step with enough free slots. With
+        `tool_use`, the answer's tool calls are read as calls and built-in tools run (tool_loop.py)."""
         prompt = [int(t) for t in prompt_ids]
         params.validate(self.config.vocab_size, self.config.context_length, len(prompt), logprobs_limit)
         self.check_prompt(prompt)
+        if tool_use is not None:
+            self._check_tool_use(params, tool_use)
         rows = max(params.best_of or params.n, params.n)
         if rows > self.max_batch_size and params.num_beams == 1:
             raise RequestError(f"n/best_of of {rows} exceeds the engine's {self.max_batch_size} slots",
@@ -245,10 +273,20 @@ class Engine:
         rid = request_id or f"req-{next(self._ids)}"
         stop_ids = sorted(set(([] if params.ignore_eos else self.eos_ids) + list(params.stop_token_ids)))
         logprobs_k = params.logprobs if params.logprobs is not None else (0 if rows > params.n else None)
-        request = _Request(rid, prompt, params, stop_ids, rows, logprobs_k)
+        request = _Request(rid, prompt, params, stop_ids, rows, logprobs_k, tool_use=tool_use)
         self.requests[rid] = request
         self.waiting.append(request)
         return rid
+
+    def _check_tool_use(self, params: SamplingParams, use: ToolUse) -> None:
+        if self.turn_ids is None:
+            raise RequestError("tool calls need a tokenizer with the chat tokens (<|tool_call|>, <|tool_result|>)",
+                               param="tools")
+        if params.num_beams > 1:
+            raise RequestError("beam search cannot run tools; use num_beams=1", param="num_beams")
+        if use.run and params.grammar is not None:
+            raise RequestError("built-in tools cannot run under a grammar (response_format or a required call)",
+                               param="tools")
 
     def text_bytes(self, token: int, params: SamplingParams) -> bytes:
         """What `token` adds to the output text: its bytes, or nothing for a special token when the
@@ -301,7 +339,7 @@ class Engine:
         for i, o in enumerate(outputs):
             o.index = i
         return Completion(request.id, request.prompt_ids, outputs, request.prompt_logprobs,
-                          request.completion_tokens)
+                          request.completion_tokens, request.fed_tokens)
 
     @torch.no_grad()
     def step(self) -> list[StreamEvent]:
@@ -343,17 +381,19 @@ class Engine:
     # ---- blocking conveniences ---------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-                 logprobs_limit: int = MAX_LOGPROBS) -> list[Completion]:
+                 logprobs_limit: int = MAX_LOGPROBS, tool_use: ToolUse | None = None) -> list[Completion]:
         """Generate for a batch of prompts (each with its own params if a list is given)."""
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        ids = [self.add_request(p, sp, logprobs_limit=logprobs_limit) for p, sp in zip(prompts, plist)]
+        ids = [self.add_request(p, sp, logprobs_limit=logprobs_limit, tool_use=tool_use)
+               for p, sp in zip(prompts, plist)]
         while self.has_unfinished():
             self.step()
         return [self.pop_result(i) for i in ids]
 
-    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[StreamEvent]:
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
+               tool_use: ToolUse | None = None) -> Iterator[StreamEvent]:
         """Events of one request as they happen (other queued requests advance alongside)."""
-        rid = self.add_request(prompt_ids, params)
+        rid = self.add_request(prompt_ids, params, tool_use=tool_use)
         while rid in self.requests and not self.requests[rid].done:  # a cancelled request is dropped
             for event in self.step():
                 if event.request_id == rid:
@@ -402,7 +442,10 @@ class Engine:
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(_row_seed(request.params.seed, i))
             text = IncrementalText(request.params.stop, request.params.strip_leading_whitespace)
-            self.rows.append(_Row(request, i, gen, len(prompt), text))
+            calls = CallReader() if request.tool_use is not None else None
+            if calls is not None and prompt[-1] == self.turn_ids.call:  # the caller began the call (a forced one)
+                calls.start_call()
+            self.rows.append(_Row(request, i, gen, len(prompt), text, calls=calls))
         self._extend_state(request)
         return logits[-1:]
 
@@ -422,7 +465,8 @@ class Engine:
 
     def _rebuild_pipeline(self) -> None:
         self.pipeline = LogitsPipeline.from_params([r.request.params for r in self.rows],
-                                                   [r.request.stop_ids for r in self.rows], self.device)
+                                                   [r.request.stop_ids for r in self.rows], self.device,
+                                                   tokenizer=self.tokenizer)
 
     # ---- decode ------------------------------------------------------------------------------
 
@@ -489,6 +533,8 @@ class Engine:
             # drops "the one generated entry" after an echoed prompt): logprobs may be one longer than tokens
             row.logprobs.append(item)
             entry = [item]
+        if row.calls is not None and (token == self.turn_ids.call or row.calls.open or token in request.stop_ids):
+            return self._tool_token(row, i, token, entry)
         if token in request.stop_ids:
             return self._finish(row, "stop", [], entry, row.text.finish())
         row.tokens.append(token)
@@ -500,12 +546,65 @@ class Engine:
             return self._finish(row, "length", [token], entry, delta + row.text.finish())
         return StreamEvent(request.id, row.index, delta, [token], entry)
 
-    def _finish(self, row: _Row, reason: str, tokens: list[int], entry: list, delta: str) -> StreamEvent:
+    def _finish(self, row: _Row, reason: str, tokens: list[int], entry: list, delta: str,
+                calls: list[str] | None = None) -> StreamEvent:
         request = row.request
         request.outputs[row.index] = SequenceOutput(
             row.index, row.tokens, row.text.text, reason,
-            row.logprobs if request.logprobs_k is not None else None, row.cumulative_logprob)
+            row.logprobs if request.logprobs_k is not None else None, row.cumulative_logprob,
+            calls or [], row.tool_turns, row.fed_spans)
         return StreamEvent(request.id, row.index, delta, tokens, entry, reason)
+
+    # ---- tool calls (tool_loop.py) -----------------------------------------------------------
+
+    def _tool_token(self, row: _Row, i: int, token: int, entry: list) -> StreamEvent:
+        """A token of a call (its marker, its JSON) or the end of a turn, for a request with tool use."""
+        request, ids = row.request, self.turn_ids
+        if token in request.stop_ids:
+            calls = row.calls.end_turn()
+            if not calls:
+                return self._finish(row, "stop", [], entry, row.text.finish())
+            if not (runs_all(request.tool_use, calls) and row.rounds < request.tool_use.max_rounds):
+                return self._finish(row, "tool_calls", [], entry, row.text.finish(), calls)
+            return self._run_tools(row, i, token, entry, calls)
+        row.tokens.append(token)
+        delta = row.calls.start_call() if token == ids.call else row.calls.push(self.tokenizer.token_bytes(token))
+        if len(row.tokens) >= request.params.max_tokens or row.position + 1 > self.config.context_length:
+            return self._finish(row, "length", [token], entry, row.text.finish())
+        return StreamEvent(request.id, row.index, "", [token], entry, call=delta)
+
+    def _run_tools(self, row: _Row, i: int, end: int, entry: list, calls: list[str]) -> StreamEvent:
+        """Run the turn's calls and feed their results into the row; the row then samples again."""
+        request = row.request
+        turns = run_calls(request.tool_use, calls)
+        fed = result_tokens(self.turn_ids, turns, self.tokenizer.encode)
+        row.tokens.append(end)
+        room = min(request.params.max_tokens - len(row.tokens), self.config.context_length - row.position - 1)
+        if len(fed) > room:  # no room for the results and a word of answer: the budget is spent
+            return self._finish(row, "length", [end], entry, row.text.finish(), [])
+        row.rounds += 1
+        row.tool_turns += turns
+        row.fed_spans.append((len(row.tokens), len(row.tokens) + len(fed)))
+        row.tokens += fed
+        request.fed_tokens += len(fed)
+        self.history.extend_row(i, [*fed])
+        # the sampled <|end|> and every fed token but the last go into the cache now; the last one
+        # (<|assistant|>) is the row's next decode input, as a sampled token would be
+        self._feed_row(i, [end, *fed[:-1]])
+        row.last_token = fed[-1]
+        return StreamEvent(request.id, row.index, "", [end, *fed], entry, tool_turns=turns)
+
+    def _feed_row(self, i: int, tokens: list[int]) -> None:
+        """Run `tokens` through the model after row i's cached tokens, writing their keys and values."""
+        row = self.rows[i]
+        start, end = row.position, row.position + len(tokens)
+        tmp = KVCache(self.config, 1, end, device=self.device, dtype=self.cache.k.dtype)
+        tmp.k[:, 0, :, :start] = self.cache.k[:, i, :, :start]
+        tmp.v[:, 0, :, :start] = self.cache.v[:, i, :, :start]
+        self._view.hidden_states(torch.tensor([tokens], device=self.device), kv_cache=tmp, pos_offset=start)
+        self.cache.k[:, i, :, :end] = tmp.k[:, 0]
+        self.cache.v[:, i, :, :end] = tmp.v[:, 0]
+        row.position = end
 
     # ---- freeing rows ------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ the extras (top_k, min_p, repetition_penalty, min_tokens, beam search) follow tr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from chatforge.errors import RequestError
 
@@ -45,6 +46,11 @@ class SamplingParams:
     # special tokens (a role marker a model wanders into) add no text, as vLLM's skip_special_tokens; off by
     # default so completions and scoring keep every character; the chat endpoint and `chatforge chat` turn it on
     skip_special_tokens: bool = False
+    # structured output: the output must match this grammar, a GrammarSpec (a JSON object, a JSON Schema, a
+    # tool call; see chatforge/generate/grammar.py), its stop tokens allowed once the JSON is complete. Set by
+    # the server and the API, not a command-line flag (config False); typed Any so this module imports no
+    # grammar library
+    grammar: Any = field(default=None, metadata={"config": False})
 
     @property
     def greedy(self) -> bool:
@@ -84,6 +90,8 @@ class SamplingParams:
             (self.num_beams >= 1, "num_beams", f"num_beams must be >= 1, got {self.num_beams}"),
             (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size",
              f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}"),
+            (self.grammar is None or self.num_beams == 1, "num_beams",
+             "beam search cannot follow a grammar (response_format json / a required tool call); use num_beams=1"),
         ]
         for ok, param, message in checks:
             if not ok:

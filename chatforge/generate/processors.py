@@ -12,17 +12,21 @@ Order, applied to the model's float32 logits each step:
     3. presence/frequency  logits -= count*frequency + (count>0)*presence  scores, in logit units)
     4. no_repeat_ngram     -inf on tokens completing an n-gram seen before
     5. min_tokens          -inf on the row's stop ids until min_tokens exist
-    6. temperature         logits / T                                     (then the warpers shape
-    7. top_k               keep the k best (and ties with the k-th)        the distribution that is
-    8. top_p               keep the smallest nucleus with mass >= top_p    actually sampled)
-    9. min_p               drop tokens with prob < min_p * max prob
+    6. grammar             -inf on tokens the row's grammar forbids; stop  (structured output, grammar.py)
+                           ids allowed exactly when the JSON is complete
+    7. temperature         logits / T                                     (then the warpers shape
+    8. top_k               keep the k best (and ties with the k-th)        the distribution that is
+    9. top_p               keep the smallest nucleus with mass >= top_p    actually sampled)
+   10. min_p               drop tokens with prob < min_p * max prob
 
 Why this order: it is transformers' `_get_logits_processor` order (SequenceBias, RepetitionPenalty,
 NoRepeatNGram, MinNewTokensLength, then Temperature, TopK, TopP, MinP) and vLLM's (logit_bias before
 the sampler; in it repetition, frequency, presence, then temperature, top-k/top-p, min-p). The bias
 comes before the CTRL penalty because that penalty is multiplicative (order matters); it is the
 caller's edit of the model's logits, which the penalties then see. The -inf bans are absorbing
-(-inf*p, -inf/p and -inf+x stay -inf), so they may sit anywhere in 1-5. Temperature comes before
+(-inf*p, -inf/p and -inf+x stay -inf), so they may sit anywhere in 1-5. The grammar mask comes last of
+the bans and wins over them: a row whose allowed tokens were all banned samples uniformly among them, and
+a complete grammar allows the stop ids even before min_tokens (grammar.py). Temperature comes before
 top-p and min-p so they cut the distribution that is sampled (top-k does not care: it is monotone).
 Top-k runs before top-p, so top-p measures mass among the k survivors. Greedy rows (temperature 0,
 or beam search) get neutral warper values and are decided by argmax in `sample_next`.
@@ -36,7 +40,7 @@ sampling knobs, so the same text would score differently under greedy and sample
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -125,6 +129,16 @@ class TokenHistory:
             self._counts[rows, cols] += 1
         if self._seen is not None:
             self._seen[rows, cols] = True
+
+    def extend_row(self, row: int, tokens: Sequence[int]) -> None:
+        """Add tokens after one row's generated ones (tool results the engine fed in): they count as
+        generated, since everything after the prompt is the answer's."""
+        ids = [int(t) for t in tokens]
+        self.tokens[row] += ids
+        if ids and self._counts is not None:
+            self._counts[row] += torch.bincount(torch.tensor(ids), minlength=self.vocab_size).to(self._counts)
+        if ids and self._seen is not None:
+            self._seen[row, torch.tensor(ids, device=self.device)] = True
 
     def select(self, rows: Rows) -> TokenHistory:
         """A new history of the given rows, in that order (repeats allowed: n > 1 copies)."""
@@ -366,8 +380,9 @@ def is_greedy(p: SamplingParams) -> bool:
 
 
 def build_processors(params: list[SamplingParams], stop_ids: list[list[int]],
-                     device: torch.device | str) -> list[Processor]:
-    """The processors some row needs, in the module's documented order."""
+                     device: torch.device | str, tokenizer: Any = None) -> list[Processor]:
+    """The processors some row needs, in the module's documented order (`tokenizer`: what a row's
+    grammar is compiled against; needed only when some row has one)."""
     sampling = [not is_greedy(p) for p in params]
 
     def warp(name: str, neutral: float) -> list:
@@ -381,12 +396,21 @@ def build_processors(params: list[SamplingParams], stop_ids: list[list[int]],
                                        [p.frequency_penalty for p in params], device),
         NoRepeatNGram.build([p.no_repeat_ngram_size for p in params]),
         MinTokens.build([p.min_tokens for p in params], stops),
+        _grammar_mask(params, stops, tokenizer),
         Temperature.build(warp("temperature", 1.0), device),
         TopK.build(warp("top_k", 0), device),
         TopP.build(warp("top_p", 1.0), device),
         MinP.build(warp("min_p", 0.0), device),
     ]
     return [p for p in built if p is not None]
+
+
+def _grammar_mask(params: list[SamplingParams], stops: list[list[int]], tokenizer: Any) -> Processor | None:
+    if all(p.grammar is None for p in params):
+        return None  # no import of the grammar library for batches without structured output
+    from chatforge.generate.grammar import GrammarMask
+
+    return GrammarMask.build([p.grammar for p in params], [p.max_tokens for p in params], stops, tokenizer)
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
@@ -400,12 +424,14 @@ class LogitsPipeline:
     `greedy` is a (B,) bool tensor kept on the CPU so `sample_next` decides without a device sync;
     `generators[r]` is row r's seeded generator (None: global RNG). `select` and `add_rows` carry the
     generators over (a copied row shares its request's generator, so n copies draw different tokens
-    one after another, reproducibly).
+    one after another, reproducibly). A rebuilt grammar mask replays each row's generated tokens from
+    the history its matcher is called with, so rows keep their place in their grammar.
     """
 
     def __init__(self, params: list[SamplingParams], stop_ids: list[list[int]],
-                 generators: list[torch.Generator | None], device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
+                 generators: list[torch.Generator | None], device: torch.device | str = "cpu",
+                 tokenizer: Any = None) -> None:
+        self.device, self.tokenizer = torch.device(device), tokenizer
         self._set_rows(params, stop_ids, generators)
 
     def _set_rows(self, params: list[SamplingParams], stop_ids: list[list[int]],
@@ -414,14 +440,15 @@ class LogitsPipeline:
             raise ValueError("params, stop_ids and generators must have one entry per row")
         self.params, self.stop_ids, self.generators = list(params), [list(s) for s in stop_ids], list(generators)
         self.greedy = torch.tensor([is_greedy(p) for p in self.params], dtype=torch.bool)
-        self.processors = build_processors(self.params, self.stop_ids, self.device)
+        self.processors = build_processors(self.params, self.stop_ids, self.device, self.tokenizer)
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], stop_ids: list[list[int]],
-                    device: torch.device | str = "cpu") -> LogitsPipeline:
+                    device: torch.device | str = "cpu", tokenizer: Any = None) -> LogitsPipeline:
         """`stop_ids[r]`: row r's stop tokens (the model's end tokens unless ignore_eos, plus
-        stop_token_ids), which min_tokens suppresses."""
-        return cls(params, stop_ids, [make_generator(p.seed, device) for p in params], device)
+        stop_token_ids), which min_tokens suppresses and a grammar allows once complete; `tokenizer`:
+        the engine's, which rows with a grammar are compiled against."""
+        return cls(params, stop_ids, [make_generator(p.seed, device) for p in params], device, tokenizer)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -435,10 +462,11 @@ class LogitsPipeline:
     def select(self, rows: Rows) -> LogitsPipeline:
         idx = _row_list(rows)
         return LogitsPipeline([self.params[r] for r in idx], [self.stop_ids[r] for r in idx],
-                              [self.generators[r] for r in idx], self.device)
+                              [self.generators[r] for r in idx], self.device, self.tokenizer)
 
     def add_rows(self, other: LogitsPipeline) -> LogitsPipeline:
         """Append `other`'s rows after ours, in place; returns self."""
+        self.tokenizer = self.tokenizer if self.tokenizer is not None else other.tokenizer
         self._set_rows(self.params + other.params, self.stop_ids + other.stop_ids,
                        self.generators + other.generators)
         return self

@@ -38,6 +38,7 @@ from chatforge.serve.metrics import Metrics
 from chatforge.serve.runner import EngineRunner
 from chatforge.serve.schemas import ChatCompletionRequest, CompletionRequest
 from chatforge.serve.tokenize import tokenizer_router
+from chatforge.tools import builtin_tools
 
 log = logging.getLogger("chatforge.serve")
 
@@ -179,7 +180,8 @@ def create_app(engine: Engine, config: ServeConfig | None = None, *, moderator: 
     metrics = Metrics(gauges=runner.gauges)
     state = ServerState(engine=engine, runner=runner, tokenizer=tokenizer, template=template,
                         model_name=config.model_name or "chatforge", metrics=metrics, moderator=moderator,
-                        max_prompts=config.max_prompts, max_beams=max(16, engine.max_batch_size))
+                        max_prompts=config.max_prompts, max_beams=max(16, engine.max_batch_size),
+                        builtin_tools=builtin_tools() if config.builtin_tools else {})
     if examples is not None:
         state.examples, state.examples_source = list(examples[0]), examples[1]
 

@@ -32,6 +32,8 @@ class ServeConfig:
     db_url: str = setting("", "SQLAlchemy URL of the web page's conversation/feedback store (empty: "
                           "sqlite:///<run dir>/chatforge.db for <run dir>/<stage>/checkpoint, as the demo's; "
                           "else ./chatforge.db).", flag="db")
+    builtin_tools: bool = setting(False, "Offer the built-in calculator and calendar to every chat request: the "
+                                  "model sees them beside the request's tools and the server runs its calls.")
     moderation: str | None = setting(None, "Moderate inputs and outputs with this config file ('default': the "
                                      "built-in list). Default: off.")
     device: str = setting("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...")

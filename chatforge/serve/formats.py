@@ -26,12 +26,25 @@ import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from chatforge.generate.engine import Completion, StreamEvent, TokenLogprob
 from chatforge.generate.params import SamplingParams
+from chatforge.generate.tool_loop import ToolTurn
 from chatforge.serve.state import Prompt
+from chatforge.serve.tools import CallStream, FunctionCalling, openai_tool_calls, split_call
+
+# an answer's built-in tool calls and their results (chatforge's extra field beside content and tool_calls)
+TOOL_TURNS_FIELD = "tool_results"
+
+
+def tool_turn_object(turn: ToolTurn) -> dict[str, Any]:
+    """A built-in call the engine ran: the function it called (as in tool_calls) and what it answered."""
+    split = split_call(turn.call)
+    name, arguments = split if split is not None else ("", turn.call)
+    return {"type": "function", "function": {"name": name, "arguments": arguments}, "content": turn.result,
+            "ok": turn.ok}
 
 MIN_LOGPROB = -9999.0  # JSON has no -Infinity: banned tokens report this
 DROPPED_HEADER = "X-Chatforge-Dropped-Messages"  # with truncation "auto": how many old messages were left out
@@ -67,6 +80,8 @@ class FinishedChoice:
     tokens: list[int]  # the generated tokens kept (moderation may cut some)
     entries: list[TokenLogprob] | None  # their logprobs, when asked for (an end token that stopped it included)
     finish_reason: str | None
+    tool_calls: list[str] = field(default_factory=list)  # calls for the client, as generated
+    tool_turns: list[ToolTurn] = field(default_factory=list)  # built-in calls the engine ran, with results
 
 
 class ResponseFormat:
@@ -141,6 +156,11 @@ class ResponseFormat:
     def event_logprobs(self, index: int, prompt: Prompt, event: StreamEvent) -> Any:
         """The logprobs of what one step added to choice `index` (event.logprobs is not empty)."""
         raise NotImplementedError
+
+    def tool_chunks(self, index: int, event: StreamEvent) -> tuple[list[dict[str, Any]], str | None]:
+        """Chunks for the tool calls of one step of choice `index` (sent before its text), and the
+        choice's finish_reason as the endpoint names it. Completions have no tools."""
+        return [], event.finish_reason
 
 
 class CompletionFormat(ResponseFormat):
@@ -236,9 +256,11 @@ class ChatFormat(ResponseFormat):
     chunk_object = "chat.completion.chunk"
 
     def __init__(self, tokenizer: Any, params: SamplingParams, *, dropped_messages: int | None = None,
-                 **kw: Any) -> None:
+                 calling: FunctionCalling | None = None, **kw: Any) -> None:
         super().__init__(tokenizer, params, **kw)
         self.dropped_messages = dropped_messages
+        self.calling = calling
+        self._calls: dict[int, CallStream] = {}  # a streamed choice's calls
 
     @property
     def headers(self) -> dict[str, str]:
@@ -267,7 +289,51 @@ class ChatFormat(ResponseFormat):
 
     def finished_choice(self, out: FinishedChoice) -> dict[str, Any]:
         logprobs = self.logprobs(out.entries or []) if self.params.logprobs is not None else None
-        return self.choice(out.index, out.text, logprobs, out.finish_reason)
+        parallel = self.calling.parallel if self.calling else True
+        calls, unread = openai_tool_calls(out.tool_calls, parallel)
+        reason = self._reason(out.finish_reason, bool(calls))
+        choice = self.choice(out.index, out.text + unread, logprobs, reason)
+        message = choice["message"]
+        if calls:
+            message["tool_calls"] = calls
+            message["content"] = message["content"] or None
+            if self.calling is not None and self.calling.legacy:
+                message["function_call"] = calls[0]["function"]
+        if out.tool_turns:
+            message[TOOL_TURNS_FIELD] = [tool_turn_object(t) for t in out.tool_turns]
+        return choice
+
+    def _reason(self, reason: str | None, calls: bool) -> str | None:
+        """OpenAI's finish_reason: "tool_calls" only when calls go back (legacy functions: "function_call")."""
+        if reason != "tool_calls":
+            return reason
+        if not calls:
+            return "stop"
+        return "function_call" if self.calling is not None and self.calling.legacy else "tool_calls"
+
+    def tool_chunks(self, index: int, event: StreamEvent) -> tuple[list[dict[str, Any]], str | None]:
+        """A streamed step's call deltas and built-in tool turns as chunks, and the choice's finish_reason."""
+        if self.calling is None:
+            return [], event.finish_reason
+        stream = self._calls.get(index)
+        if stream is None:
+            skip = frozenset(self.calling.builtin) if self.calling.choice == "auto" else frozenset()
+            stream = self._calls[index] = CallStream(self.calling.parallel, skip)
+        deltas = stream.push(event.call.index, event.call.text) if event.call is not None else []
+        chunks = []
+        if event.tool_turns:
+            turns = [tool_turn_object(t) for t in event.tool_turns]
+            chunks.append(self.chunk([{"index": index, "delta": {TOOL_TURNS_FIELD: turns}, "logprobs": None,
+                                       "finish_reason": None}]))
+        if event.finish_reason is not None:
+            deltas += stream.finish()
+            unread = stream.unread()
+            if unread:
+                chunks.append(self.chunk([self.delta(index, unread)]))
+        if deltas:
+            chunks.insert(0, self.chunk([{"index": index, "delta": {"tool_calls": deltas}, "logprobs": None,
+                                          "finish_reason": None}]))
+        return chunks, self._reason(event.finish_reason, stream.sent_any)
 
     def event_logprobs(self, index: int, prompt: Prompt, event: StreamEvent) -> dict[str, Any]:
         return self.logprobs(event.logprobs)

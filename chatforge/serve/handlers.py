@@ -19,6 +19,7 @@ format (formats.py: `CompletionFormat` or `ChatFormat`) and hands both to one `G
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from typing import Any
 
 from fastapi import Request
@@ -26,13 +27,16 @@ from fastapi.responses import Response
 
 from chatforge.chat import Conversation
 from chatforge.errors import ChatforgeError, RequestError
+from chatforge.generate.grammar import GrammarError, GrammarSpec, shortest_output
 from chatforge.generate.params import MAX_LOGPROBS, SamplingParams
+from chatforge.generate.tool_loop import ToolUse
 from chatforge.serve.errors import APIError
 from chatforge.serve.formats import DROPPED_HEADER as DROPPED_HEADER  # the header's home is formats.py
 from chatforge.serve.formats import ChatFormat, CompletionFormat
 from chatforge.serve.jobs import GenerationJob
 from chatforge.serve.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 from chatforge.serve.state import Prompt, ServerState
+from chatforge.serve.tools import FunctionCalling, check_tool_messages, read_function_calling
 
 COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions; chat allows MAX_LOGPROBS (20)
 
@@ -92,19 +96,27 @@ def _message_text(content: Any, where: str) -> Any:
     return "".join(texts)
 
 
-def chat_conversation(state: ServerState, chat_messages: list[ChatMessage]) -> Conversation:
-    """The request's messages as a checked conversation (roles mapped, text parts joined)."""
+def chat_conversation(state: ServerState, chat_messages: list[ChatMessage],
+                      functions: list[dict[str, Any]] | None = None) -> Conversation:
+    """The request's messages (and declared functions) as a checked conversation: roles mapped, text parts
+    joined, calls and tool results kept; the legacy ``function_call`` and ``role: "function"`` read as a
+    tool call and a tool result."""
     if state.template is None:
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
     messages = []
     for i, m in enumerate(chat_messages):
-        item: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
-                                "content": _message_text(m.content, f"messages[{i}]")}
-        if m.tool_calls:
-            item["tool_calls"] = m.tool_calls
+        role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
+        item: dict[str, Any] = {"role": role, "content": _message_text(m.content, f"messages[{i}]")}
+        calls = m.tool_calls or ([{"function": m.function_call}] if m.function_call else None)
+        if calls:
+            item["tool_calls"] = calls
+        if m.tool_call_id is not None:
+            item["tool_call_id"] = m.tool_call_id
+        if role == "assistant" and calls and item["content"] is None:
+            item["content"] = ""
         messages.append(item)
     try:
-        conv = Conversation.from_openai(messages, where="request", need_assistant=False)
+        conv = Conversation.from_openai(messages, where="request", need_assistant=False, tools=functions)
     except ChatforgeError as e:
         raise APIError(400, str(e), param="messages") from None
     return conv
@@ -202,6 +214,47 @@ def check_stream_options(body: SamplingFields) -> bool:
     return bool(body.stream and body.stream_options and body.stream_options.include_usage)
 
 
+def structured_params(state: ServerState, body: ChatCompletionRequest, params: SamplingParams, prompt: Prompt,
+                      calling: FunctionCalling | None) -> tuple[SamplingParams, Prompt, ToolUse | None]:
+    """The request's params, prompt and tool use under its response_format and function calling.
+
+    ``none`` bans the call marker (a logit bias of -100, OpenAI's ban); ``auto`` reads the calls the model
+    writes and runs the built-in ones; ``required`` or a named function make the answer one call: the
+    prompt ends with the call marker and the call's JSON is decoded under a grammar, so it parses and
+    matches a declared function's parameters. ``response_format`` json_object / json_schema put the
+    whole answer under a grammar."""
+    try:
+        grammar = GrammarSpec.from_response_format(body.response_format)
+        if calling is not None and calling.forced:
+            if grammar is not None:
+                raise APIError(400, "response_format json cannot be combined with a required or named tool call: "
+                               "the answer is the call", param="response_format")
+            grammar = GrammarSpec.tool_call(calling.forced)
+    except GrammarError as e:
+        raise APIError(400, str(e), param=e.param) from None
+    if grammar is not None:
+        if params.num_beams > 1:
+            raise APIError(400, "beam search (num_beams > 1) cannot follow a grammar (response_format json or a "
+                           "required tool call)", param="num_beams")
+        params = replace(params, grammar=grammar)
+        shortest = shortest_output(grammar, state.tokenizer)
+        if shortest is not None and params.max_tokens < len(shortest) + 1:
+            raise APIError(400, f"max_tokens ({params.max_tokens}) leaves no room for the shortest answer the "
+                           f"schema allows ({len(shortest)} tokens and the end)", param="max_tokens")
+    if calling is None:
+        return params, prompt, None
+    if params.num_beams > 1:
+        raise APIError(400, "beam search (num_beams > 1) cannot be combined with tools", param="num_beams")
+    marker = state.template.tool_call_id
+    if calling.choice == "none":
+        return replace(params, logit_bias={**params.logit_bias, marker: -100.0}), prompt, None
+    if calling.forced:  # the answer is the call, and it goes back to the client, built-in or not
+        ids = prompt.ids + [marker]
+        params = replace(params, max_tokens=max(1, min(params.max_tokens, state.context_length - len(ids))))
+        return params, Prompt(ids, prompt.text), ToolUse()
+    return params, prompt, ToolUse(run=calling.builtin)
+
+
 # ---- the two endpoints -------------------------------------------------------------------------------
 
 
@@ -234,14 +287,12 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
     check_model(state, body.model)
-    if body.tools or body.functions:
-        raise APIError(400, "tools and functions are not supported by this server", param="tools")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
     include_usage = check_stream_options(body)
     if not body.messages:
         raise APIError(400, "messages must be a non-empty list", param="messages")
-    conv = chat_conversation(state, body.messages)
+    calling = read_function_calling(body, state.builtin_tools)
+    check_tool_messages(body.messages)
+    conv = chat_conversation(state, body.messages, calling.functions if calling else None)
     if body.top_logprobs is not None:
         if not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
@@ -263,10 +314,12 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     user_texts = [m.content for m in conv.messages if m.role == "user"]
     stop_ids = state.template.stop_ids if state.template is not None else []
     params = build_params(state, body, max_tokens=max_tokens, logprobs=logprobs, stop_token_ids=stop_ids, chat=True)
+    params, prompt, tool_use = structured_params(state, body, params, prompt, calling)
     check_params(state, params, [prompt], stream=bool(body.stream), logprobs_limit=MAX_LOGPROBS,
                  prompt_param="messages", logprobs_param="top_logprobs")
     fmt = ChatFormat(state.tokenizer, params, dropped_messages=dropped if body.truncation == "auto" else None,
-                     **_format_args(state, params, include_usage))
-    job = GenerationJob(state, [prompt], params, fmt, logprobs_limit=MAX_LOGPROBS, user_texts=user_texts)
+                     calling=calling, **_format_args(state, params, include_usage))
+    job = GenerationJob(state, [prompt], params, fmt, logprobs_limit=MAX_LOGPROBS, user_texts=user_texts,
+                        tool_use=tool_use)
     return await _answer(job, bool(body.stream), request)
 

@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from chatforge.errors import ChatforgeError
 from chatforge.generate.engine import Completion, StreamEvent
 from chatforge.generate.params import SamplingParams
+from chatforge.generate.tool_loop import ToolUse
 from chatforge.serve.errors import APIError, from_user_error, server_error
 from chatforge.serve.formats import FinishedChoice, ResponseFormat
 from chatforge.serve.moderation import OutputGuard
@@ -102,8 +103,10 @@ class GenerationJob:
     `user_texts` are what input moderation checks (default: the prompts' texts)."""
 
     def __init__(self, state: ServerState, prompts: list[Prompt], params: SamplingParams, fmt: ResponseFormat, *,
-                 logprobs_limit: int, user_texts: list[str] | None = None) -> None:
+                 logprobs_limit: int, user_texts: list[str] | None = None, tool_use: ToolUse | None = None) -> None:
         self.state, self.prompts, self.params, self.fmt = state, prompts, params, fmt
+        self.tool_use = tool_use
+        self.fed_tokens = 0  # tool results the engine fed in: input to the model, counted as prompt tokens
         self.logprobs_limit = logprobs_limit
         self.user_texts = user_texts if user_texts is not None else [p.text for p in prompts]
         self.started = time.monotonic()
@@ -115,7 +118,7 @@ class GenerationJob:
 
     @property
     def prompt_tokens(self) -> int:
-        return sum(len(p.ids) for p in self.prompts)
+        return sum(len(p.ids) for p in self.prompts) + self.fed_tokens
 
     def usage(self) -> dict[str, int]:
         return self.fmt.usage(self.prompt_tokens, self.completion_tokens)
@@ -158,7 +161,7 @@ class GenerationJob:
     # ---- the runner job ----------------------------------------------------------------------
 
     def submit(self) -> Job:
-        subs = [SubRequest(p.ids, self.params, self.logprobs_limit) for p in self.prompts]
+        subs = [SubRequest(p.ids, self.params, self.logprobs_limit, self.tool_use) for p in self.prompts]
         try:
             self.job = self.state.runner.submit(subs)
         except QueueFull as e:
@@ -208,6 +211,7 @@ class GenerationJob:
                     remaining.discard(message.sub)
                 elif isinstance(message, Finished):
                     self.completion_tokens += message.completion.completion_tokens
+                    self.fed_tokens += message.completion.fed_tokens
                     remaining.discard(message.sub)
                 elif isinstance(message, Failed):
                     remaining.clear()
@@ -252,7 +256,8 @@ class GenerationJob:
                     tokens, reason = tokens[:keep], "content_filter"
                     entries = entries[:keep] if entries is not None else None
                 choices.append(self.fmt.finished_choice(
-                    FinishedChoice(i * self.n + out.index, prompt, completion, text, tokens, entries, reason)))
+                    FinishedChoice(i * self.n + out.index, prompt, completion, text, tokens, entries, reason,
+                                   out.tool_calls, out.tool_turns)))
         choices.sort(key=lambda c: c["index"])
         return self.fmt.response(choices, self.usage())
 
@@ -308,7 +313,8 @@ class GenerationJob:
         c = self.choices.get((i, event.index))
         if c is None or c.finished or event.finish_reason == "cancelled":
             return []
-        text, reason = event.text, event.finish_reason
+        text = event.text
+        tool_chunks, reason = self.fmt.tool_chunks(c.index, event)
         if self.state.moderator is not None:
             if c.guard is None:
                 c.guard = self.new_guard()
@@ -323,8 +329,8 @@ class GenerationJob:
         if reason is not None:
             c.finished = True
         if not text and logprobs is None and reason is None:
-            return []
-        return [self.fmt.chunk([self.fmt.delta(c.index, text, logprobs, reason)])]
+            return tool_chunks
+        return tool_chunks + [self.fmt.chunk([self.fmt.delta(c.index, text, logprobs, reason)])]
 
     def _cancel_if_all_finished(self, i: int) -> None:
         if all(self.choices[(i, j)].finished for j in range(self.n)):

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from chatforge.generate.engine import Completion, Engine, StreamEvent, TokenLogprob
 from chatforge.generate.params import MAX_LOGPROBS, SamplingParams
+from chatforge.generate.tool_loop import ToolUse
 
 log = logging.getLogger("chatforge.serve")
 
@@ -96,6 +97,7 @@ class SubRequest:
     prompt_ids: list[int]
     params: SamplingParams
     logprobs_limit: int = MAX_LOGPROBS
+    tool_use: ToolUse | None = None
 
 
 def _rows_needed(params: SamplingParams) -> int:
@@ -275,7 +277,8 @@ class EngineRunner:
         added = []
         for i, (sub, rid) in enumerate(zip(job.subs, job.rids)):
             try:
-                self.engine.add_request(sub.prompt_ids, sub.params, request_id=rid, logprobs_limit=sub.logprobs_limit)
+                self.engine.add_request(sub.prompt_ids, sub.params, request_id=rid, logprobs_limit=sub.logprobs_limit,
+                                        tool_use=sub.tool_use)
             except Exception as e:  # validated before submit, so unexpected: fail this job only
                 for r in added:
                     self.engine.cancel(r)

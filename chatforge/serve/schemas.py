@@ -72,6 +72,7 @@ class ChatMessage(_Body):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None  # legacy: an assistant's one call
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -80,7 +81,10 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[Any] | None = None
-    functions: list[Any] | None = None
+    tool_choice: Union[str, dict[str, Any], None] = None  # noqa: UP007
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None  # legacy function calling: the same path as tools
+    function_call: Union[str, dict[str, Any], None] = None  # noqa: UP007
     response_format: dict[str, Any] | None = None
     # extra: "auto" drops the oldest whole turns after the system prompt when the conversation outgrows
     # the context, as OpenAI's Responses API and `chatforge chat` do (Chat Completions itself answers 400)

@@ -33,6 +33,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     examples: list[str] = field(default_factory=lambda: list(GENERIC_EXAMPLES))  # what the page offers to ask
     examples_source: str = "generic"  # "training": from the model's own training files
+    builtin_tools: dict[str, Any] = field(default_factory=dict)  # name -> chatforge.tools.Tool, run by the engine
 
     @property
     def context_length(self) -> int:

@@ -143,6 +143,9 @@ class PPOSettings:
                 "(slower on a CPU without bf16 instructions)"})
     shared_value_head: bool = field(default=False, metadata={
         "help": "value head on the policy's trunk (one forward for logits and values; no value backbone)"})
+    tools: bool = field(default=False, metadata={
+        "help": "rollouts run the built-in calculator and calendar when the policy calls them; their results "
+                "are fed in, never trained on (no loss, KL, entropy or value target)"})
 
     def __post_init__(self) -> None:
         if self.frozen_dtype not in FROZEN_DTYPE_NAMES:

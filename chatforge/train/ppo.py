@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from chatforge.chat import ChatTemplate, Message
+from chatforge.chat import ChatTemplate, Conversation, Message
 from chatforge.checkpoint import (
     TOKENIZER_FILE,
     WEIGHTS_FILE,
@@ -59,7 +59,9 @@ from chatforge.data.chat_readers import chat_paths, read_prompts
 from chatforge.errors import CheckpointError, ConfigError, DataError
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
+from chatforge.generate.tool_loop import ToolUse
 from chatforge.model import GPT, ScalarHeadModel, lm_loss
+from chatforge.tools import builtin_tools
 from chatforge.train.config import PPOConfig, PPOSettings, TrainConfig
 from chatforge.train.distributed import DistInfo, all_reduce_sum
 from chatforge.train.loop import Trainer, TrainResult, build_optimizer, wrap_model
@@ -176,13 +178,16 @@ class Rollout:
     """A batch of answered prompts, right-padded; per-token tensors are aligned with ids[:, 1:]."""
 
     ids: torch.Tensor  # (B, T) prompt + response
-    mask: torch.Tensor  # (B, T-1) 1 where the predicted token is a response token
+    mask: torch.Tensor  # (B, T-1) 1 where the predicted token is one the policy sampled (not a fed tool result)
     lengths: torch.Tensor  # (B,) real tokens per row
     ended: torch.Tensor  # (B,) the answer closed with <|end|>
     responses: list[list[int]]
 
 
-def make_rollout(prompts: list[list[int]], responses: list[list[int]], ended: list[bool], pad_id: int) -> Rollout:
+def make_rollout(prompts: list[list[int]], responses: list[list[int]], ended: list[bool], pad_id: int,
+                 fed: list[list[tuple[int, int]]] | None = None) -> Rollout:
+    """Right-padded prompt + response rows. `fed`: per row, the [start, end) spans of the response that the
+    engine fed in (tool results): they are not the policy's actions, so their mask is 0."""
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     width = max(lengths)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -190,20 +195,24 @@ def make_rollout(prompts: list[list[int]], responses: list[list[int]], ended: li
     for b, (p, r) in enumerate(zip(prompts, responses)):
         ids[b, : len(p) + len(r)] = torch.tensor(p + r)
         mask[b, len(p) - 1 : len(p) + len(r) - 1] = 1.0  # positions whose next token is a response token
+        for start, end in (fed[b] if fed else []):
+            mask[b, len(p) - 1 + start : len(p) - 1 + end] = 0.0
     return Rollout(ids, mask, torch.tensor(lengths), torch.tensor(ended), responses)
 
 
-def fit_prompt(template: ChatTemplate, messages: list[Message], context: int, max_new_tokens: int) -> list[int] | None:
-    """The ids the policy continues: old turns dropped until `max_new_tokens` fit after the prompt.
+def fit_prompt(template: ChatTemplate, messages: list[Message], context: int, max_new_tokens: int,
+               tools: list[dict] | None = None) -> list[int] | None:
+    """The ids the policy continues: old turns dropped until `max_new_tokens` fit after the prompt (the
+    `tools` declared in the system turn stay).
 
     When the system prompt and the latest turn alone leave less room than that, they are kept alone
     and the answer gets the room there is (a shorter answer beats no prompt); None when not even one
     answer token fits.
     """
     try:
-        return template.fit_to_context(messages, context, reserve=max_new_tokens)[0]
+        return template.fit_to_context(Conversation(messages, tools=tools or []), context, reserve=max_new_tokens)[0]
     except DataError:
-        ids = template.generation_prompt(latest_turns(messages))
+        ids = template.generation_prompt(Conversation(latest_turns(messages), tools=tools or []))
         return ids if len(ids) < context else None
 
 
@@ -213,13 +222,13 @@ def latest_turns(messages: list[Message]) -> list[Message]:
 
 
 def fit_prompts(prompts: list[list[Message]], sources: list[str], flag: str, template: ChatTemplate, context: int,
-                max_new_tokens: int) -> list[list[int]]:
+                max_new_tokens: int, tools: list[dict] | None = None) -> list[list[int]]:
     """`fit_prompt` for every prompt up front, so one too long for the context stops the run before it starts."""
     out = []
     for index, messages in enumerate(prompts):
-        ids = fit_prompt(template, messages, context, max_new_tokens)
+        ids = fit_prompt(template, messages, context, max_new_tokens, tools)
         if ids is None:
-            need = len(template.generation_prompt(latest_turns(messages)))
+            need = len(template.generation_prompt(Conversation(latest_turns(messages), tools=tools or [])))
             raise DataError(f"{locate_prompt(sources, index)} ({flag}): needs {need} tokens even with only its "
                             f"system prompt and latest turn, and the policy's context is {context}; expected at most "
                             f"{context - 1} so that at least one answer token fits (shorten or remove it)")
@@ -281,6 +290,8 @@ class PPOStep:
         self.kl = AdaptiveKL(settings.init_kl_coef, settings.kl_target, settings.kl_horizon)
         self.engine = Engine(model.policy, tokenizer, max_batch_size=max(settings.rollout_batch, settings.val_prompts),
                              stop_token_ids=[self.template.end_id])
+        # with tools, rollouts run the built-in tools; the results they feed in are not actions (make_rollout)
+        self.tool_use = ToolUse(builtin_tools()) if settings.tools else None
         self.bar_keys = ("train/score", "train/kl", "train/beta", "train/response_length", "val/score")
 
     # ---- checkpoint: policy as the main model, the value model (or head) beside it, beta in config.json ----
@@ -314,13 +325,14 @@ class PPOStep:
         params = [SamplingParams(max_tokens=min(s.max_new_tokens, context - len(i)), seed=self.cfg.seed * 1_000_003 + k,
                                  temperature=0.0 if greedy else temperature) for i, k in zip(ids, seeds)]
         self.model.policy.eval()
-        responses, ended = [], []
-        for c in self.engine.generate(ids, params):
+        responses, ended, fed = [], [], []
+        for c in self.engine.generate(ids, params, tool_use=self.tool_use):
             out = c.outputs[0]
             stopped = out.finish_reason == "stop"
             responses.append(list(out.token_ids) + ([self.template.end_id] if stopped else []))
             ended.append(stopped)
-        return make_rollout(ids, responses, ended, self.template.eot_id)
+            fed.append(out.fed_spans)
+        return make_rollout(ids, responses, ended, self.template.eot_id, fed)
 
     @torch.no_grad()
     def score_rollout(self, r: Rollout) -> dict[str, torch.Tensor]:
@@ -482,10 +494,11 @@ def run_ppo(cfg: PPOConfig, dist: DistInfo, resume: bool = False, overwrite: boo
     torch.manual_seed(cfg.train.seed)
     model, reference, rm, tokenizer = build_models(cfg, dist.device)
     template, context = ChatTemplate(tokenizer), model.policy.config.context_length
+    tools = [t.spec() for t in builtin_tools().values()] if cfg.ppo.tools else None  # declared in every prompt
     prompts = fit_prompts(read_prompts(cfg.prompts).messages, cfg.prompts, "--prompts", template, context,
-                          cfg.ppo.max_new_tokens)
+                          cfg.ppo.max_new_tokens, tools)
     val = read_prompts(cfg.val).messages[: cfg.ppo.val_prompts] if cfg.val else []
-    val = fit_prompts(val, cfg.val, "--val", template, context, cfg.ppo.max_new_tokens)
+    val = fit_prompts(val, cfg.val, "--val", template, context, cfg.ppo.max_new_tokens, tools)
     ptx = None
     if cfg.ppo.ptx_coef:
         if not cfg.ppo.ptx_data:

@@ -56,15 +56,21 @@ def last_index(mask: torch.Tensor) -> torch.Tensor:
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
         lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalized advantage estimates and returns over response tokens (rows right-padded by mask)."""
+    """Generalized advantage estimates and returns over the policy's actions (mask 1), rows right-padded.
+
+    Positions with mask 0 inside an answer (tool results the engine fed in) are not actions: the action
+    before them is followed by the action after them, so the recursion steps over them, carrying the
+    running estimate and the next value across; they get no advantage and no return."""
     T = rewards.shape[1]
     advantages = torch.zeros_like(rewards)
     running = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
+    next_value = torch.zeros_like(running)
     for t in reversed(range(T)):
-        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < T else torch.zeros_like(running)
+        acts = mask[:, t] > 0
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = (delta + gamma * lam * running) * mask[:, t]
-        advantages[:, t] = running
+        running = torch.where(acts, delta + gamma * lam * running, running)
+        next_value = torch.where(acts, values[:, t], next_value)
+        advantages[:, t] = running * mask[:, t]
     return advantages, (advantages + values) * mask
 
 
