@@ -132,7 +132,7 @@ class ChatSession:
 
 class ToolEcho:
     """What a stream event shows in a terminal: its text, a call as it is written (after "[call] ") and
-    each result the engine fed in (after "-> "), on lines of their own."""
+    each result the engine fed in (after "[result] "), on lines of their own."""
 
     def __init__(self) -> None:
         self.calls = 0

@@ -147,6 +147,29 @@ def test_legacy_functions_map_onto_the_same_path(client):
     assert json.loads(message.function_call.arguments) == {"city": "Kesh"}
 
 
+def test_legacy_functions_stream_function_call_deltas(client):
+    name, arguments, finish = None, "", None
+    for chunk in ask(client, "Weather in Kesh?", functions=[WEATHER["function"]], stream=True):
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            assert not choice.delta.tool_calls
+            if choice.delta.function_call is not None:
+                name = choice.delta.function_call.name or name
+                arguments += choice.delta.function_call.arguments or ""
+    assert (name, json.loads(arguments), finish) == ("get_weather", {"city": "Kesh"}, "function_call")
+
+
+def test_a_forced_call_cut_by_max_tokens_still_comes_back_whole(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    whole = ask(client, "Hello", tools=[WEATHER], tool_choice="required", temperature=0)
+    # a budget that ends on the call's last token: no room for <|end|>; the grammar closed the JSON in time
+    r = ask(client, "Hello", tools=[WEATHER], tool_choice="required", temperature=0,
+            max_tokens=whole.usage.completion_tokens - 1)
+    assert r.choices[0].finish_reason == "length"
+    (call,) = r.choices[0].message.tool_calls
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+
+
 def test_builtin_tools_run_on_the_server_and_show_with_their_results(builtin_client, client):
     r = ask(builtin_client, "What is 12*7?", tools=[WEATHER])
     message = r.choices[0].message

@@ -516,7 +516,9 @@ class Engine:
         row.tokens.append(token)
         delta = row.calls.start_call() if token == ids.call else row.calls.push(self.tokenizer.token_bytes(token))
         if len(row.tokens) >= request.params.max_tokens or row.position + 1 > self.config.context_length:
-            return self._finish(row, "length", [token], entry, row.text.finish())
+            # out of tokens inside a call: the calls written so far go back, cut as they are (a grammar's
+            # call is complete JSON by the last token), with finish_reason "length"
+            return self._finish(row, "length", [token], entry, row.text.finish(), row.calls.end_turn())
         return StreamEvent(request.id, row.index, "", [token], entry, call=delta)
 
     def _run_tools(self, row: _Row, i: int, end: int, entry: list, calls: list[str]) -> StreamEvent:

@@ -39,6 +39,19 @@ from chatforge.serve.tools import CallStream, FunctionCalling, openai_tool_calls
 TOOL_TURNS_FIELD = "tool_results"
 
 
+def legacy_delta(deltas: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tool-call deltas as the legacy ``function_call`` delta: the first call's name once, then its
+    argument fragments (legacy function calling has one call per answer)."""
+    function: dict[str, Any] = {}
+    for d in deltas:
+        if d["index"] != 0:
+            continue
+        if "name" in d["function"]:
+            function["name"] = d["function"]["name"]
+        function["arguments"] = function.get("arguments", "") + d["function"]["arguments"]
+    return {"function_call": function} if function else {}
+
+
 def tool_turn_object(turn: ToolTurn) -> dict[str, Any]:
     """A built-in call the engine ran: the function it called (as in tool_calls) and what it answered."""
     split = split_call(turn.call)
@@ -331,8 +344,8 @@ class ChatFormat(ResponseFormat):
             if unread:
                 chunks.append(self.chunk([self.delta(index, unread)]))
         if deltas:
-            chunks.insert(0, self.chunk([{"index": index, "delta": {"tool_calls": deltas}, "logprobs": None,
-                                          "finish_reason": None}]))
+            delta = legacy_delta(deltas) if self.calling.legacy else {"tool_calls": deltas}
+            chunks.insert(0, self.chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]))
         return chunks, self._reason(event.finish_reason, stream.sent_any)
 
     def event_logprobs(self, index: int, prompt: Prompt, event: StreamEvent) -> dict[str, Any]:

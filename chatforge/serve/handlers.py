@@ -225,11 +225,12 @@ def structured_params(state: ServerState, body: ChatCompletionRequest, params: S
     whole answer under a grammar."""
     try:
         grammar = GrammarSpec.from_response_format(body.response_format)
+        json_answer = grammar is not None
         if calling is not None and calling.forced:
-            if grammar is not None:
+            if json_answer:
                 raise APIError(400, "response_format json cannot be combined with a required or named tool call: "
                                "the answer is the call", param="response_format")
-            grammar = GrammarSpec.tool_call(calling.forced)
+            grammar = forced_call_grammar(calling)
     except GrammarError as e:
         raise APIError(400, str(e), param=e.param) from None
     if grammar is not None:
@@ -252,7 +253,20 @@ def structured_params(state: ServerState, body: ChatCompletionRequest, params: S
         ids = prompt.ids + [marker]
         params = replace(params, max_tokens=max(1, min(params.max_tokens, state.context_length - len(ids))))
         return params, Prompt(ids, prompt.text), ToolUse()
+    if json_answer:  # a JSON answer has no room for a call: its grammar allows no call marker
+        return params, prompt, None
     return params, prompt, ToolUse(run=calling.builtin)
+
+
+def forced_call_grammar(calling: FunctionCalling) -> GrammarSpec:
+    """The grammar of a required or named call; a schema the grammar library cannot enforce is a 400 on the
+    request's own field (tools, or the legacy functions), naming the function."""
+    try:
+        return GrammarSpec.tool_call(calling.forced)
+    except GrammarError as e:
+        field = "functions" if calling.legacy else "tools"
+        raise APIError(400, f"{field}: a required call must follow its function's parameters, and one of them "
+                       f"cannot be enforced as a grammar: {e}", param=field) from None
 
 
 # ---- the two endpoints -------------------------------------------------------------------------------
@@ -290,7 +304,9 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     include_usage = check_stream_options(body)
     if not body.messages:
         raise APIError(400, "messages must be a non-empty list", param="messages")
-    calling = read_function_calling(body, state.builtin_tools)
+    # beam search explores answers, not calls: a server's built-in tools sit out a beam request that declares none
+    builtin = {} if (body.num_beams or 1) > 1 and not (body.tools or body.functions) else state.builtin_tools
+    calling = read_function_calling(body, builtin)
     check_tool_messages(body.messages)
     conv = chat_conversation(state, body.messages, calling.functions if calling else None)
     if body.top_logprobs is not None:
