@@ -9,6 +9,7 @@ import pytest
 
 from chatforge.chat import Message
 from chatforge.data.chat_readers import (
+    Preference,
     chat_paths,
     detect_format,
     read_conversations,
@@ -263,16 +264,59 @@ def test_skip_invalid_counts_and_keeps_the_good(tmp_path):
 # Preferences
 
 
+def answer(text: str) -> list[Message]:
+    """A plain response as `Preference.responses` holds it: one assistant message."""
+    return [Message("assistant", text)]
+
+
 def test_preferences_both_shapes_and_chat_prompts(tmp_path):
     chat_prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     rows = [{"prompt": "2+2?", "chosen": "4", "rejected": "5", "family": "math"},
             {"prompt": chat_prompt, "responses": ["Hello.", "Hi there, friend!", "Go away."]}]
     prefs = read_preferences(write_jsonl(tmp_path / "p.jsonl", rows)).preferences
-    assert prefs[0].prompt == [Message("user", "2+2?")] and prefs[0].responses == ["4", "5"]
-    assert prefs[0].family == "math" and prefs[0].pairs() == [("4", "5")]
+    assert prefs[0].prompt == [Message("user", "2+2?")] and prefs[0].responses == [answer("4"), answer("5")]
+    assert prefs[0].family == "math" and prefs[0].pairs() == [(answer("4"), answer("5"))]
+    assert prefs[0].texts() == ["4", "5"] and prefs[0].tools == []
     assert prefs[1].prompt == [Message("system", "Be brief."), Message("user", "Hi")]
-    assert prefs[1].responses[0] == "Hello." and len(prefs[1].pairs()) == 3
-    assert prefs[1].pairs()[1] == ("Hello.", "Go away.")
+    assert prefs[1].responses[0] == answer("Hello.") and len(prefs[1].pairs()) == 3
+    assert prefs[1].pairs()[1] == (answer("Hello."), answer("Go away."))
+
+
+CALCULATOR = {"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}}
+
+
+def used_calculator(result: str = "84", final: str = "It is 84.") -> list[dict]:
+    """A response in TRL's conversational format: a call, its result, then the answer."""
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "calculator", "arguments": '{"expression": "12*7"}'}}
+    return [{"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": result},
+            {"role": "assistant", "content": final}]
+
+
+def test_responses_may_be_answers_with_tool_turns_and_records_declare_their_tools(tmp_path):
+    rows = [{"prompt": "12*7?", "chosen": used_calculator(), "rejected": "It is 85.", "tools": [CALCULATOR]},
+            {"prompt": "12*7?", "responses": [used_calculator(), "84.", used_calculator("85", "It is 85.")]}]
+    first, ranked = read_preferences(write_jsonl(tmp_path / "p.jsonl", rows)).preferences
+    call = Message("tool_call", '{"name": "calculator", "arguments": {"expression": "12*7"}}')
+    with_tools = [call, Message("tool_result", "84"), Message("assistant", "It is 84.")]
+    assert first.responses == [with_tools, answer("It is 85.")]
+    assert [m.call_id for m in first.responses[0]] == ["call_1", "call_1", None]  # kept for a round trip
+    assert first.tools == [CALCULATOR["function"]] and ranked.tools == []
+    assert first.conversation(first.responses[0]).messages == [Message("user", "12*7?"), *with_tools]
+    assert first.conversation().tools == first.tools
+    assert ranked.responses[1] == answer("84.") and len(ranked.pairs()) == 3
+    with pytest.raises(ValueError, match="tool turns"):
+        first.texts()
+
+
+def test_a_string_response_is_the_same_as_one_assistant_message(tmp_path):
+    rows = [{"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"},
+            {"prompt": "q", "chosen": "a", "rejected": "b"}]
+    as_messages, as_text = read_preferences(write_jsonl(tmp_path / "p.jsonl", rows)).preferences
+    assert as_messages.responses == as_text.responses
+    # a Preference made in code takes either too
+    assert Preference([Message("user", "q")], ["a", answer("b")]).responses == as_text.responses
 
 
 BAD_PREFERENCES = [
@@ -294,6 +338,33 @@ BAD_PREFERENCES = [
                  id="prompt-not-user-last"),
     pytest.param({"prompt": [{"role": "robot", "content": "q"}], "chosen": "a", "rejected": "b"},
                  "prompt[0]: unknown role 'robot'", id="prompt-bad-role"),
+    # responses with tool turns: errors name the field and the message
+    pytest.param({"prompt": "q", "chosen": used_calculator(), "rejected": used_calculator()},
+                 "'chosen' and 'rejected' are the same", id="same-tool-pair"),
+    pytest.param({"prompt": "q", "responses": [used_calculator(), "b", used_calculator()]},
+                 "responses[2] repeats responses[0]", id="duplicate-tool-response"),
+    pytest.param({"prompt": "q", "chosen": [], "rejected": "b"}, "'chosen' is an empty list", id="empty-list"),
+    pytest.param({"prompt": "q", "chosen": {"role": "assistant", "content": "a"}, "rejected": "b"},
+                 "'chosen' is a JSON object; expected a non-empty string or a list of OpenAI messages",
+                 id="message-not-in-list"),
+    pytest.param({"prompt": "q", "chosen": "a", "rejected": [{"role": "user", "content": "b"}]},
+                 "rejected[0]: role 'user' in a response; expected 'assistant' or 'tool'", id="user-in-response"),
+    pytest.param({"prompt": "q", "chosen": used_calculator()[1:], "rejected": "b"},
+                 "chosen[0]: the response starts with a tool result", id="starts-with-result"),
+    pytest.param({"prompt": "q", "chosen": used_calculator()[:2], "rejected": "b"},
+                 "chosen[1]: the response ends with a tool result", id="ends-with-result"),
+    pytest.param({"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}, *used_calculator()[1:]],
+                  "rejected": "b"}, "chosen[1]: a tool result without a call before it", id="result-without-call"),
+    pytest.param({"prompt": "q", "chosen": "a", "rejected": [*used_calculator()[:1], {"role": "tool", "content": ""},
+                                                             {"role": "assistant", "content": "b"}]},
+                 "rejected[1]: empty content in a tool message", id="empty-result"),
+    pytest.param({"prompt": "q", "responses": ["a", [{"role": "assistant", "content": "b", "tool_calls": [
+                  {"function": {"name": "calculator", "arguments": "12*7"}}]}]]},
+                 "responses[1][0].tool_calls[0].function.arguments: not valid JSON", id="bad-call-arguments"),
+    pytest.param({"prompt": "q", "chosen": "a", "rejected": [{"role": "assistant", "content": 3}]},
+                 "rejected[0]: 'content' must be a string", id="content-type"),
+    pytest.param({"prompt": "q", "chosen": "a", "rejected": "b", "tools": [{"name": "no spaces"}]},
+                 "tools[0].name: expected 1 to 64 letters", id="bad-tools"),
 ]
 
 

@@ -6,7 +6,7 @@ import statistics
 import pytest
 import torch
 
-from chatforge.chat import ChatTemplate, Message
+from chatforge.chat import ChatTemplate, Conversation, Message
 from chatforge.checkpoint import load_checkpoint, read_json, save_checkpoint
 from chatforge.errors import ConfigError
 from chatforge.model import GPT, GPTConfig, ScalarHeadModel, ranking_loss
@@ -17,6 +17,7 @@ from chatforge.train.reward import (
     RewardConfig,
     collate_groups,
     pair_metrics,
+    response_ids,
     run_reward,
     sample_answer_sets,
     sample_answers,
@@ -73,6 +74,53 @@ def test_pair_metrics_by_hand():
     # group 1 pairs: (3,1) ok, (3,2) ok, (1,2) wrong -> 2/3; margins 2, 1, -1 -> 2/3. group 2: 0/1, margin -1
     assert m["accuracy"].item() == pytest.approx(2 / 3 + 0)
     assert m["margin"].item() == pytest.approx(2 / 3 - 1)
+
+
+@pytest.mark.parametrize("seq_len", [64, 9])
+def test_a_text_response_is_the_generation_prompt_the_text_and_end_as_it_always_was(small_tokenizer, seq_len):
+    template = ChatTemplate(small_tokenizer)
+    prompt = [Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello."),
+              Message("user", QUESTIONS[1])]
+    before = template.generation_prompt(prompt) + small_tokenizer.encode("In Kesh.") + [template.end_id]
+    assert response_ids(template, prompt, "In Kesh.", seq_len) == before[-seq_len:]
+    assert response_ids(template, prompt, [Message("assistant", "In Kesh.")], seq_len) == before[-seq_len:]
+
+
+CALCULATOR = {"name": "calc", "parameters": {"type": "object"}}
+
+
+def used_calc(result: str, answer: str = "It is 84.") -> list[Message]:
+    """An answer that used a tool: the call, its result, the final answer."""
+    return [Message("tool_call", '{"name": "calc", "arguments": {"x": "12*7"}}'), Message("tool_result", result),
+            Message("assistant", answer)]
+
+
+def test_a_response_with_tool_turns_is_scored_on_the_whole_conversation(small_tokenizer):
+    template = ChatTemplate(small_tokenizer)
+    prompt = Conversation([Message("user", "12*7?")], tools=[CALCULATOR])
+    ids = response_ids(template, prompt, used_calc("84"), 1000)
+    assert ids == template.render(Conversation([*prompt.messages, *used_calc("84")], [CALCULATOR])).ids
+    assert ids[-1] == template.end_id  # read at the closing <|end|> of the final answer
+    torch.manual_seed(0)
+    model = ScalarHeadModel(GPT(GPTConfig(vocab_size=small_tokenizer.vocab_size, context_length=256, n_layer=1,
+                                          n_head=2, n_embd=16))).eval()
+    right, wrong = score_texts(model, template, [prompt, prompt], [used_calc("84"), used_calc("85")])
+    assert right != wrong  # the tool's result is read: only it differs
+
+
+def test_reward_training_on_a_file_mixing_text_and_tool_turn_responses(tmp_path, sft_checkpoint):
+    call = {"id": "c1", "type": "function", "function": {"name": "calc", "arguments": '{"x": "3+4"}'}}
+    used = [{"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "7"}, {"role": "assistant", "content": "Kesh."}]
+    records = [{"prompt": QUESTIONS[0], "chosen": used, "rejected": "I do not know, sorry.",
+                "tools": [{"type": "function", "function": CALCULATOR}]},
+               {"prompt": QUESTIONS[1], "responses": ["Kesh.", used, "I do not know, sorry."]}]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records * 4))
+    cfg = reward_config(tmp_path, sft_checkpoint)
+    cfg.data, cfg.val, cfg.normalize_samples = [str(data)], [str(data)], 4
+    final = [m for m in run_reward(cfg, DistInfo()).metrics if "val/accuracy" in m][-1]
+    assert final["val/accuracy"] == 1.0
 
 
 def test_normalization_makes_the_given_answers_score_mean_0_std_1(tiny_model, small_tokenizer):

@@ -270,3 +270,202 @@ def test_api_routes_want_the_servers_key_when_it_has_one():
     with TestClient(app) as client:
         assert client.get("/api/conversations").status_code == 401
         assert client.get("/api/conversations", headers={"Authorization": "Bearer sk-state"}).json() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Tool turns: the built-in calls an answer made, kept with it
+
+
+def turn(expression="12*7", result="84", ok=True, **where):
+    """A built-in calculator call as the server's `tool_results` sends it, with `at` / `round` when given."""
+    return {"type": "function", "function": {"name": "calculator", "arguments": f'{{"expression": "{expression}"}}'},
+            "content": result, "ok": ok, **where}
+
+
+def test_an_answer_keeps_its_tool_turns_and_the_functions_the_model_was_shown(store):
+    conv, (user,) = chat(store, turns=["What is 12*7 and 1/0?"])
+    tools = [{"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}}]
+    content = "Let me see. It is 84; 1/0 fails."
+    answer = store.add_message(conv["id"], "assistant", content, tool_turns=[
+        turn(at=12), turn("1/0", "error: division by zero", ok=False, at=len(content) - 10)], tools=tools)
+    assert answer["tool_turns"] == [turn(at=12, round=0),
+                                    turn("1/0", "error: division by zero", ok=False, at=len(content) - 10, round=1)]
+    assert answer["tools"] == [{"name": "calculator", "parameters": {"type": "object"}}]  # bare function objects
+    shown = store.get_conversation(conv["id"])["messages"]
+    assert shown[1]["tool_turns"] == answer["tool_turns"] and shown[0]["tool_turns"] == []
+    assert shown[0]["tools"] is None
+    store.rate(answer["id"], 1)
+    (rated,) = store.rated_answers()
+    assert rated["tool_turns"] == answer["tool_turns"] and rated["tools"] == answer["tools"]
+    # the model saw the answer's text: the context of a later turn is plain text, as the page sends it
+    assert store.context(answer["id"])[-1] == {"role": "assistant", "content": content}
+    plain = store.add_message(conv["id"], "assistant", "84.", parent_id=user["id"])
+    assert plain["tool_turns"] == [] and plain["tools"] is None
+
+
+def test_tool_turns_default_to_before_the_text_and_rounds_follow_their_place(store):
+    conv, (user,) = chat(store, turns=["q"])
+    add = lambda turns: store.add_message(conv["id"], "assistant", "abcdef", parent_id=user["id"],  # noqa: E731
+                                          tool_turns=turns)["tool_turns"]
+    # no place given: before the text, one round; calls at one place are one round unless told otherwise
+    assert [(t["at"], t["round"]) for t in add([turn(), turn()])] == [(0, 0), (0, 0)]
+    assert [(t["at"], t["round"]) for t in add([turn(at=2), turn(at=2), turn(at=4)])] == [(2, 0), (2, 0), (4, 1)]
+    assert [(t["at"], t["round"]) for t in add([turn(round=3), turn(round=4)])] == [(0, 0), (0, 1)]
+    objects = add([{"function": {"name": "calendar", "arguments": {"operation": "today"}}, "content": "2024-05-01"}])
+    assert objects[0]["function"]["arguments"] == '{"operation": "today"}' and objects[0]["ok"] is True
+    assert add([]) == [] and add(None) == []
+
+
+@pytest.mark.parametrize("turns, message", [
+    ("calculator", "tool_turns must be a list"),
+    (["84"], r"tool_turns\[0\]: expected an object"),
+    ([{"content": "84"}], r"tool_turns\[0\].function: expected"),
+    ([turn(result=None)], r"tool_turns\[0\].content: expected the tool's result as a string"),
+    ([turn(ok="yes")], r"tool_turns\[0\].ok: expected true or false"),
+    ([turn(at=7)], r"tool_turns\[0\].at: expected a character offset into the answer \(0 to 6\), got 7"),
+    ([turn(at=-1)], r"tool_turns\[0\].at"),
+    ([turn(at=4), turn(at=2)], r"tool_turns\[1\].at: 2 comes before the previous turn's 4"),
+    ([turn(round=-1)], r"tool_turns\[0\].round"),
+    ([turn()] * 65, "65 tool turns; expected at most 64"),
+])
+def test_tool_turns_are_checked_against_their_answer(store, turns, message):
+    conv, (user,) = chat(store, turns=["q"])
+    with pytest.raises(StoreError, match=message):
+        store.add_message(conv["id"], "assistant", "abcdef", parent_id=user["id"], tool_turns=turns)
+
+
+def test_only_answers_have_tool_turns_and_declared_tools_are_checked(store):
+    conv, (user, answer) = chat(store)
+    with pytest.raises(StoreError, match="only an answer"):
+        store.add_message(conv["id"], "user", "again", parent_id=answer["id"], tool_turns=[turn()])
+    with pytest.raises(StoreError, match="tools"):
+        store.add_message(conv["id"], "assistant", "x", parent_id=user["id"], tools=[{"name": "bad name"}])
+
+
+def test_a_comparison_keeps_each_answers_tool_turns_on_it_and_on_its_messages(store):
+    conv, (user,) = chat(store, turns=["What is 12*7?"])
+    tools = [{"name": "calculator"}]
+    c = store.add_comparison("It is 84.", "About 80.", "a", conversation_id=conv["id"], parent_id=user["id"],
+                             tool_turns_a=[turn()], tools=tools)
+    assert c["tool_turns_a"] == [turn(at=0, round=0)] and c["tool_turns_b"] == [] and c["tools"] == tools
+    assert store.list_comparisons()[0]["tool_turns_a"] == c["tool_turns_a"]
+    a, b = store.get_message(c["message_a_id"]), store.get_message(c["message_b_id"])
+    assert (a["tool_turns"], b["tool_turns"]) == (c["tool_turns_a"], [])
+    assert a["tools"] == b["tools"] == tools  # one request's settings made both
+    outside = store.add_comparison("A", "B", "b", prompt="p", tool_turns_b=[turn(at=1)])
+    assert outside["tool_turns_b"] == [turn(at=1, round=0)] and outside["tools"] is None
+    with pytest.raises(StoreError, match="tool_turns_b"):
+        store.add_comparison("A", "B", "b", prompt="p", tool_turns_b=[turn(at=2)])  # past the end of "B"
+
+
+# The tables as the first release of the store made them (SQLAlchemy's DDL for SQLite), before tool turns.
+OLD_SCHEMA = """
+CREATE TABLE conversations (id INTEGER NOT NULL, title VARCHAR(200) NOT NULL, system_prompt TEXT NOT NULL,
+    settings JSON NOT NULL, active_leaf_id INTEGER, created_at DATETIME NOT NULL, updated_at DATETIME NOT NULL,
+    PRIMARY KEY (id));
+CREATE INDEX ix_conversations_updated_at ON conversations (updated_at);
+CREATE TABLE messages (id INTEGER NOT NULL, conversation_id INTEGER NOT NULL, parent_id INTEGER,
+    role VARCHAR(16) NOT NULL, content TEXT NOT NULL, system TEXT, params JSON, model VARCHAR(200),
+    finish_reason VARCHAR(32), created_at DATETIME NOT NULL, PRIMARY KEY (id),
+    FOREIGN KEY(conversation_id) REFERENCES conversations (id) ON DELETE CASCADE,
+    FOREIGN KEY(parent_id) REFERENCES messages (id) ON DELETE CASCADE);
+CREATE INDEX ix_messages_conversation_id ON messages (conversation_id);
+CREATE INDEX ix_messages_parent_id ON messages (parent_id);
+CREATE TABLE comparisons (id INTEGER NOT NULL, conversation_id INTEGER, prompt JSON NOT NULL,
+    answer_a TEXT NOT NULL, answer_b TEXT NOT NULL, choice VARCHAR(8) NOT NULL, message_a_id INTEGER,
+    message_b_id INTEGER, params JSON, model VARCHAR(200), created_at DATETIME NOT NULL, PRIMARY KEY (id),
+    FOREIGN KEY(conversation_id) REFERENCES conversations (id) ON DELETE CASCADE,
+    FOREIGN KEY(message_a_id) REFERENCES messages (id) ON DELETE SET NULL,
+    FOREIGN KEY(message_b_id) REFERENCES messages (id) ON DELETE SET NULL);
+CREATE INDEX ix_comparisons_conversation_id ON comparisons (conversation_id);
+CREATE TABLE ratings (id INTEGER NOT NULL, message_id INTEGER NOT NULL, value INTEGER NOT NULL,
+    created_at DATETIME NOT NULL, updated_at DATETIME NOT NULL, PRIMARY KEY (id), UNIQUE (message_id),
+    FOREIGN KEY(message_id) REFERENCES messages (id) ON DELETE CASCADE);
+INSERT INTO conversations VALUES (1, 'Capital?', '', '{}', 3, '2024-01-01 00:00:00', '2024-01-01 00:00:00');
+INSERT INTO messages VALUES (1, 1, NULL, 'user', 'Capital?', NULL, NULL, NULL, NULL, '2024-01-01 00:00:00');
+INSERT INTO messages VALUES (2, 1, 1, 'assistant', 'Kesh.', '', '{}', 'm', 'stop', '2024-01-01 00:00:00');
+INSERT INTO messages VALUES (3, 1, 1, 'assistant', 'Mars.', '', '{}', 'm', 'stop', '2024-01-01 00:00:00');
+INSERT INTO ratings VALUES (1, 2, 1, '2024-01-01 00:00:00', '2024-01-01 00:00:00');
+INSERT INTO ratings VALUES (2, 3, -1, '2024-01-01 00:00:00', '2024-01-01 00:00:00');
+INSERT INTO comparisons VALUES (1, NULL, '[{"role": "user", "content": "p"}]', 'A', 'B', 'a', NULL, NULL, NULL,
+    NULL, '2024-01-01 00:00:00');
+"""
+
+
+def old_database(path):
+    """A SQLite file as the store wrote it before answers kept tool turns, with a chat, thumbs and a comparison."""
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        db.executescript(OLD_SCHEMA)
+    db.close()
+    return path
+
+
+def test_a_database_from_before_tool_turns_opens_and_gains_the_columns(tmp_path):
+    import sqlite3
+
+    path = old_database(tmp_path / "old.db")
+    store = Store(path)
+    messages = store.get_conversation(1)["messages"]
+    assert [(m["content"], m["tool_turns"], m["tools"]) for m in messages] == [("Capital?", [], None),
+                                                                            ("Mars.", [], None)]
+    assert [a["rating"] for a in store.rated_answers()] == [1, -1]
+    assert store.list_comparisons()[0]["tool_turns_a"] == []
+    new = store.add_message(1, "assistant", "It is Kesh.", parent_id=1, tool_turns=[turn(at=3)])
+    store.close()
+    with sqlite3.connect(path) as db:  # the columns are in the file now, nullable; old rows hold NULL
+        columns = {row[1]: row for row in db.execute("PRAGMA table_info(messages)")}
+        assert columns["tool_turns"][3] == 0 and columns["tools"][3] == 0  # notnull = 0
+        assert db.execute("SELECT tool_turns FROM messages WHERE id = 2").fetchone() == (None,)
+    db.close()
+    again = Store(path, create=False)  # a second open adds nothing and finds what was written
+    assert again.get_message(new["id"])["tool_turns"] == [turn(at=3, round=0)]
+    again.close()
+
+
+def test_the_api_routes_carry_tool_turns_and_record_the_servers_built_in_tools():
+    fastapi = pytest.importorskip("fastapi", reason="fastapi is not installed (the server's dependencies)")
+    pytest.importorskip("httpx", reason="httpx is not installed (FastAPI's test client needs it)")
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from chatforge.serve.web import attach_web
+    from chatforge.tools import builtin_tools
+
+    app = fastapi.FastAPI()
+    attach_web(app, "sqlite://")
+    app.state.chatforge = SimpleNamespace(builtin_tools=builtin_tools())  # chatforge serve --builtin-tools
+    specs = [t.spec() for t in builtin_tools().values()]
+    with TestClient(app) as client:
+        cid = client.post("/api/conversations", json={}).json()["id"]
+        user = client.post(f"/api/conversations/{cid}/messages", json={"role": "user", "content": "12*7?"}).json()
+        assert user["tools"] is None  # a user turn was not made with tools
+        url = f"/api/conversations/{cid}/messages"
+        answer = client.post(url, json={"role": "assistant", "content": "It is 84.", "parent_id": user["id"],
+                                        "tool_turns": [turn()]})
+        assert answer.status_code == 201, answer.text
+        assert answer.json()["tool_turns"] == [turn(at=0, round=0)]
+        assert answer.json()["tools"] == specs  # left out: what this server declared to the model
+        plain = client.post(url, json={"role": "assistant", "content": "84", "parent_id": user["id"]}).json()
+        assert plain["tools"] == specs and plain["tool_turns"] == []  # shown the tools, did not call one
+        told = client.post(url, json={"role": "assistant", "content": "84!", "parent_id": user["id"], "tools": None})
+        assert told.json()["tools"] is None
+        shown = client.get(f"/api/conversations/{cid}").json()["messages"]
+        assert shown[-1]["id"] == told.json()["id"]
+        client.post(f"/api/conversations/{cid}/branch", json={"message_id": answer.json()["id"]})
+        assert client.get(f"/api/conversations/{cid}").json()["messages"][-1]["tool_turns"] == [turn(at=0, round=0)]
+        comparison = client.post("/api/comparisons", json={
+            "conversation_id": cid, "parent_id": user["id"], "answer_a": "84", "answer_b": "It is 84.",
+            "choice": "b", "tool_turns_b": [turn(at=3)]}).json()
+        assert (comparison["tool_turns_a"], comparison["tool_turns_b"]) == ([], [turn(at=3, round=0)])
+        assert comparison["tools"] == specs
+        assert client.get("/api/comparisons").json()[0]["tool_turns_b"] == comparison["tool_turns_b"]
+        # a malformed turn is a 422 (its shape) or a 400 (its place in the answer)
+        bad_shape = client.post(url, json={"role": "assistant", "content": "x", "parent_id": user["id"],
+                                           "tool_turns": [{"content": "84"}]})
+        assert bad_shape.status_code == 422
+        bad_place = client.post(url, json={"role": "assistant", "content": "x", "parent_id": user["id"],
+                                           "tool_turns": [turn(at=5)]})
+        assert bad_place.status_code == 400 and "character offset" in bad_place.json()["detail"]

@@ -126,7 +126,8 @@ def fake_app(db_url: str, api_key: str | None = None):
     """The web routes plus a fake OpenAI endpoint. Answers, by the last user message:
     ``xss…`` -> `XSS_ANSWER`; ``slow…`` -> "tick " every 25 ms (`SLOW_TICKS` of them); ``fail…`` -> "Partial"
     then an error event in the stream; ``flaky…`` -> the same the first time, then as anything else;
-    ``refuse…`` -> a 400 error; anything else -> "Answer N to: MESSAGE", N counting the answers made.
+    ``refuse…`` -> a 400 error; ``tool…`` -> an answer that ran two rounds of built-in tools (`tool_events`);
+    anything else -> "Answer N to: MESSAGE", N counting the answers made.
 
     Like the real server, its context holds only so much (`FAKE_TURNS` messages after the system prompt):
     with ``"truncation": "auto"`` it leaves out the oldest whole turns and says how many in the
@@ -173,6 +174,8 @@ def fake_app(db_url: str, api_key: str | None = None):
             return StreamingResponse(failing_events(), media_type="text/event-stream")
         if last.startswith("refuse"):
             return too_long()
+        if last.startswith("tool"):
+            return StreamingResponse(tool_events(next(counter)), media_type="text/event-stream", headers=headers)
         if last.startswith("xss"):
             pieces, newline = [XSS_IMG, " and ", XSS_SCRIPT, " & <b>bold</b>"], "\r\n"
         else:
@@ -198,6 +201,39 @@ async def events(pieces: list[str], newline: str):
         await asyncio.sleep(0.005)
         yield data[half:]
     yield f"data: [DONE]{newline}{newline}".encode()
+
+
+def tool_result(expression: str, content: str, ok: bool = True) -> dict:
+    """A built-in calculator call the server ran, as its `tool_results` delta sends it."""
+    return {"type": "function", "function": {"name": "calculator", "arguments": json.dumps({"expression": expression})},
+            "content": content, "ok": ok}
+
+
+TOOL_OK = tool_result("12*7", "84")
+TOOL_FAILED = tool_result(XSS_IMG, f"error: {XSS_SCRIPT}", ok=False)  # markup in a tool's text
+TOOL_BEFORE = "Let me compute. 🧮 "  # text written before the first call (an emoji: two UTF-16 units, one point)
+
+
+def tool_answer(n: int) -> tuple[str, str, str]:
+    """The fake's answer N with tools: the text before round 1, between rounds 1 and 2, and after round 2."""
+    return TOOL_BEFORE, f"Answer {n}: it is 84", " and that one failed."
+
+
+def tool_chunk(turns: list[dict]) -> dict:
+    return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": "fake-model",
+            "choices": [{"index": 0, "delta": {"tool_results": turns}, "logprobs": None, "finish_reason": None}]}
+
+
+async def tool_events(n: int):
+    """What `chatforge serve --builtin-tools` streams for an answer that ran the calculator twice: text,
+    a `tool_results` delta (the engine ran a call), more text, a failed call, the rest."""
+    before, between, after = tool_answer(n)
+    frames = [chunk(role=True), chunk(before), tool_chunk([TOOL_OK]), chunk(between), tool_chunk([TOOL_FAILED]),
+              chunk(after), chunk(finish="stop")]
+    for frame in frames:
+        yield f"data: {json.dumps(frame)}\n\n".encode()
+        await asyncio.sleep(0.005)
+    yield b"data: [DONE]\n\n"
 
 
 async def failing_events():
@@ -368,6 +404,133 @@ def test_model_and_user_text_is_shown_as_text_and_never_runs(page, expect, fake)
     assert page.locator("main img, main script, main b").count() == 0
 
 
+def answer_parts(page, selector: str) -> list[str]:
+    """An answer's pieces in order: its text ("T:...") and its tool cards ("C:" and the card's summary)."""
+    return page.locator(selector).evaluate(
+        "node => [...node.childNodes].map(n => n.nodeType === Node.TEXT_NODE ? 'T:' + n.data"
+        " : 'C:' + n.querySelector('summary').textContent)")
+
+
+def tool_parts(n: int) -> list[str]:
+    """What the page shows of the fake's answer N with tools: the cards where the calls happened."""
+    before, between, after = tool_answer(n)
+    return [f"T:{before}", "C:calculator · 12*7 → 84", f"T:{between}",
+            f"C:⚠ calculator · {XSS_IMG} → {TOOL_FAILED['content']}", f"T:{after}"]
+
+
+def tool_turns(n: int) -> list[dict]:
+    """The fake's answer N's tool turns as stored: each where it happened (code points), in its round."""
+    before, between, _ = tool_answer(n)
+    return [{**TOOL_OK, "at": len(before), "round": 0}, {**TOOL_FAILED, "at": len(before + between), "round": 1}]
+
+
+def tool_messages(n: int) -> list[dict]:
+    """The fake's answer N with tools as exported: the OpenAI messages the model wrote and read."""
+    before, between, after = tool_answer(n)
+
+    def call(i: int, turn: dict) -> dict:
+        return {"id": f"call_{i}", "type": "function", "function": turn["function"]}
+
+    return [{"role": "assistant", "content": before, "tool_calls": [call(1, TOOL_OK)]},
+            {"role": "tool", "tool_call_id": "call_1", "content": TOOL_OK["content"]},
+            {"role": "assistant", "content": between, "tool_calls": [call(2, TOOL_FAILED)]},
+            {"role": "tool", "tool_call_id": "call_2", "content": TOOL_FAILED["content"]},
+            {"role": "assistant", "content": after}]
+
+
+def check_cards(page, expect, scope: str) -> None:
+    """The two tool cards in `scope`: collapsed to one line, open on a click, text only; the failed one marked."""
+    cards = page.locator(f"{scope} .tool-card")
+    expect(cards).to_have_count(2)
+    ok, failed = cards.nth(0), cards.nth(1)
+    expect(failed).to_have_class(re.compile(r"\berror\b"))
+    expect(ok).not_to_have_class(re.compile(r"\berror\b"))
+    expect(ok.locator(".tool-detail")).to_be_hidden()  # collapsed
+    ok.locator("summary").click()
+    expect(ok.locator(".tool-detail")).to_be_visible()
+    expect(ok.locator("dt")).to_have_text(["Tool", "Arguments", "Result"])
+    expect(ok.locator("dd")).to_have_text(["calculator", '{\n  "expression": "12*7"\n}', "84"])
+    failed.locator("summary").click()
+    expect(failed.locator("dt")).to_have_text(["Tool", "Arguments", "Error"])
+    expect(failed.locator("dd").nth(2)).to_have_text(TOOL_FAILED["content"])
+    ok.locator("summary").click()
+    expect(ok.locator(".tool-detail")).to_be_hidden()  # and closed again
+    page.wait_for_timeout(300)  # time for an injected image to fail to load and fire onerror
+    assert page.evaluate("window.__pwned") is None
+    assert page.locator("main img, main script").count() == 0
+
+
+def test_built_in_tool_calls_show_as_cards_in_the_answer_are_kept_and_export_as_tool_turns(page, expect, fake):
+    server, app = fake
+    page.goto(server.url)
+    send(page, "tool time: what is 12*7?")
+    expect(page.locator(".msg.assistant .tool-card")).to_have_count(2)
+    idle(page)
+    assert answer_parts(page, ".msg.assistant .content") == tool_parts(1)  # each card where its call happened
+    check_cards(page, expect, ".msg.assistant")
+    store = app.state.chat_store
+    (conv,) = store.list_conversations()
+    answer = store.get_conversation(conv["id"])["messages"][-1]
+    assert answer["content"] == "".join(tool_answer(1)) and answer["tool_turns"] == tool_turns(1)
+    assert answer["tools"] is None  # the fake serves no built-in tools of its own
+
+    page.reload()  # read back from the database: the same cards in the same places
+    page.click("#conversations li .open")
+    expect(page.locator(".msg.assistant .tool-card")).to_have_count(2)
+    assert answer_parts(page, ".msg.assistant .content") == tool_parts(1)
+    check_cards(page, expect, ".msg.assistant")
+
+    page.click(".msg.assistant .regenerate")  # a second version, thumbs on both: a pair with its tool turns
+    expect(page.locator(".branch-pos")).to_have_text("2/2")
+    idle(page)
+    assert answer_parts(page, ".msg.assistant .content") == tool_parts(2)
+    assert app.state.requests[-1]["messages"] == [{"role": "user", "content": "tool time: what is 12*7?"}]
+    page.click(".thumb.down")
+    expect(page.locator(".thumb.down")).to_have_attribute("aria-pressed", "true")
+    page.click(".branch-prev")
+    expect(page.locator(".branch-pos")).to_have_text("1/2")
+    assert answer_parts(page, ".msg.assistant .content") == tool_parts(1)
+    page.click(".thumb.up")
+    expect(page.locator(".thumb.up")).to_have_attribute("aria-pressed", "true")
+    (record,), stats = preference_records(store)
+    assert (record["chosen"], record["rejected"]) == (tool_messages(1), tool_messages(2))
+    assert [t["function"]["name"] for t in record["tools"]] == ["calculator", "calendar"]  # the built-in ones
+
+
+def test_a_comparison_shows_each_answers_tool_cards_and_exports_their_tool_turns(page, expect, fake, db_url,
+                                                                                 tmp_path):
+    from click.testing import CliRunner
+
+    server, app = fake
+    page.goto(server.url)
+    page.check("#compare-mode")
+    send(page, "tool compare")
+    expect(page.locator("#prefer-a")).to_be_enabled()
+    parts = {side: answer_parts(page, f"#answer-{side}") for side in "ab"}
+    assert sorted(parts.values()) == [tool_parts(1), tool_parts(2)]
+    n = {side: 1 if parts[side] == tool_parts(1) else 2 for side in "ab"}
+    check_cards(page, expect, "#answer-a")
+    check_cards(page, expect, "#answer-b")
+    page.click("#prefer-b")
+    expect(page.locator("#compare")).to_be_hidden()
+    expect(page.locator(".branch-pos")).to_have_text("2/2")
+    assert answer_parts(page, ".msg.assistant .content") == tool_parts(n["b"])  # the preferred answer goes on
+    page.click(".branch-prev")
+    expect(page.locator(".branch-pos")).to_have_text("1/2")
+    assert answer_parts(page, ".msg.assistant .content") == tool_parts(n["a"])
+    (comparison,) = app.state.chat_store.list_comparisons()
+    assert (comparison["tool_turns_a"], comparison["tool_turns_b"]) == (tool_turns(n["a"]), tool_turns(n["b"]))
+
+    out = tmp_path / "prefs.jsonl"
+    result = CliRunner().invoke(feedback, ["export", "--db", db_url, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (record["chosen"], record["rejected"]) == (tool_messages(n["b"]), tool_messages(n["a"]))
+    (pref,) = read_preferences(out).preferences
+    assert [m.role for m in pref.responses[0]] == ["assistant", "tool_call", "tool_result", "assistant",
+                                                   "tool_call", "tool_result", "assistant"]
+
+
 def test_errors_are_shown_and_the_unanswered_message_can_be_answered_again_or_replaced(page, expect, fake):
     server, app = fake
     page.goto(server.url)
@@ -475,7 +638,7 @@ def test_a_comparison_made_in_the_browser_becomes_a_pair_the_reward_model_trains
     assert "1 preference record (1 from comparisons" in result.output
     (pref,) = read_preferences(out).preferences
     assert [(m.role, m.content) for m in pref.prompt] == [("system", "Answer in one word."), ("user", "Which city?")]
-    assert pref.responses == [b, a]
+    assert pref.texts() == [b, a]
 
     torch.manual_seed(0)
     sft = tmp_path / "sft"
@@ -716,3 +879,50 @@ def test_a_long_chat_with_the_real_server_goes_on_past_the_models_context(page, 
     messages = app.state.chat_store.get_conversation(conv["id"])["messages"]
     assert [m["content"] for m in messages if m["role"] == "user"] == questions
     assert all(m["content"].strip() for m in messages)
+
+
+def test_the_real_server_runs_a_built_in_tool_and_the_page_shows_keeps_and_records_it(page, expect, db_url):
+    """`chatforge serve --builtin-tools` with a tiny model that learnt one calculator conversation by heart."""
+    from memorize import memorize
+
+    from chatforge.chat import Conversation, Message, tools_block
+    from chatforge.tokenizer import Tokenizer
+    from chatforge.tools import builtin_tools
+
+    try:
+        from chatforge.serve.app import ServeConfig, create_app
+    except ImportError as e:
+        pytest.skip(f"the OpenAI-compatible server is not importable (chatforge.serve.app: {e})")
+    from chatforge.generate.engine import Engine
+
+    specs = [t.spec() for t in builtin_tools().values()]  # what the server shows the model
+    call = Message("tool_call", json.dumps({"name": "calculator", "arguments": {"expression": "12*7"}}))
+    lesson = Conversation([Message("user", "What is 12*7?"), call, Message("tool_result", "84"),
+                           Message("assistant", "It is 84.")], tools=specs)
+    tokenizer = Tokenizer.train([tools_block(specs)] + [m.content for m in lesson.messages] * 20, vocab_size=600)
+    model = memorize(tokenizer, [lesson], context_length=512)
+    app = create_app(Engine(model, tokenizer, max_batch_size=4),
+                     ServeConfig(model_name="tiny", db_url=db_url, builtin_tools=True))
+    with LiveServer(app) as server:
+        page.goto(server.url)
+        expect(page.locator("#model")).to_have_value("tiny")
+        page.fill("#temperature", "0")  # greedy: what the model learnt
+        page.fill("#max-tokens", "64")  # the tools' specs in the system turn take half the context
+        send(page, "What is 12*7?")
+        expect(page.locator(".msg.assistant .tool-card")).to_have_count(1, timeout=30_000)
+        idle(page)
+        expect(page.locator("#status")).to_have_text("")
+        assert answer_parts(page, ".msg.assistant .content") == ["C:calculator · 12*7 → 84", "T:It is 84."]
+        page.click(".msg.assistant .tool-card summary")
+        expect(page.locator(".msg.assistant .tool-card dd")).to_have_text(
+            ["calculator", '{\n  "expression": "12*7"\n}', "84"])
+        page.reload()
+        page.click("#conversations li .open")
+        expect(page.locator(".msg.assistant .tool-card")).to_have_count(1)
+        assert answer_parts(page, ".msg.assistant .content") == ["C:calculator · 12*7 → 84", "T:It is 84."]
+    (conv,) = app.state.chat_store.list_conversations()
+    answer = app.state.chat_store.get_conversation(conv["id"])["messages"][-1]
+    assert answer["tool_turns"] == [{"type": "function", "function": {"name": "calculator",
+                                                                       "arguments": '{"expression": "12*7"}'},
+                                     "content": "84", "ok": True, "at": 0, "round": 0}]
+    assert answer["tools"] == specs  # the server recorded the functions the model was shown

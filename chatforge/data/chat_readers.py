@@ -11,7 +11,10 @@ JSON Lines (``.jsonl``) or JSON array (``.json``) files, one record per line or 
   - ``sharegpt``: ``{"conversations": [{"from", "value"}], "system" (optional)}``, ``from`` one of
     `SHAREGPT_ROLES` (``function_call`` is a tool call, ``observation``/``tool`` a tool result).
 - Preferences (`read_preferences`): ``{"prompt", "chosen", "rejected"}`` or ranked
-  ``{"prompt", "responses": [best, ..., worst]}``.
+  ``{"prompt", "responses": [best, ..., worst]}``. A response is a string (one assistant turn) or,
+  as in TRL's conversational format, a list of OpenAI messages of roles ``assistant`` and ``tool``
+  (an answer that used tools: its calls, their results and what followed), starting and ending
+  with an assistant message. A top-level ``"tools"`` list declares the functions the prompt offered.
 - RL prompts (`read_prompts`): ``{"prompt"}`` or ``{"messages"}``; a trailing assistant turn (a
   reference answer) is set aside.
 
@@ -28,12 +31,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from chatforge.chat import Conversation, Message
+from chatforge.chat import OPENAI_ROLES, Conversation, Message, normalize_tools
 from chatforge.data.readers import (
     JSONL_SUFFIXES,
     PARQUET_SUFFIXES,
@@ -74,6 +77,9 @@ CONVERSATION_EXPECTED = (
     'or ShareGPT {"conversations": [...]} record'
 )
 PREFERENCE_EXPECTED = 'a record {"prompt", "chosen", "rejected"} or {"prompt", "responses": [best, ..., worst]}'
+_RESPONSE_TYPE = "a non-empty string or a list of OpenAI messages (roles 'assistant' and 'tool')"
+_RANKED_TYPE = f"a list of at least 2 different responses, best first, each {_RESPONSE_TYPE}"
+_RESPONSE_ROLES = ("assistant", "tool_result")  # what may follow the prompt within one answer
 PROMPT_EXPECTED = 'a record {"prompt": "..."} or {"messages": [{"role", "content"}, ...]} ending with a user turn'
 _PROMPT_TYPE = "a string or a list of {'role', 'content'} messages"
 
@@ -91,18 +97,41 @@ class ReadResult:
     skipped_examples: list[str] = field(default_factory=list)
 
 
+Response = list[Message]  # one answer: assistant turns, with the tool calls and results between them
+
+
 @dataclass
 class Preference:
-    """A prompt and its responses ordered best to worst (at least two, all different)."""
+    """A prompt and its responses ordered best to worst (at least two, all different).
+
+    Each response is a list of messages: one assistant message for a plain answer, or an answer
+    that used tools (calls, results, what followed). A string given here is read as one assistant
+    message. `tools` are the functions the prompt offered (bare OpenAI function objects), rendered
+    in the system turn as SFT renders them.
+    """
 
     prompt: list[Message]
-    responses: list[str]
+    responses: list[Response]
     family: str | None = None
+    tools: list[dict[str, Any]] = field(default_factory=list)
 
-    def pairs(self) -> list[tuple[str, str]]:
+    def __post_init__(self) -> None:
+        self.responses = [[Message("assistant", r)] if isinstance(r, str) else list(r) for r in self.responses]
+
+    def pairs(self) -> list[tuple[Response, Response]]:
         """Every (better, worse) pair of responses, as a reward model or DPO trains on them."""
         r = self.responses
         return [(r[i], r[j]) for i in range(len(r)) for j in range(i + 1, len(r))]
+
+    def conversation(self, response: Sequence[Message] = ()) -> Conversation:
+        """The prompt, then `response`, with the prompt's tools: what the chat template renders."""
+        return Conversation([*self.prompt, *response], self.tools)
+
+    def texts(self) -> list[str]:
+        """The responses as text, for callers of plain answers; ValueError when one used tools."""
+        if any(len(r) != 1 or r[0].role != "assistant" for r in self.responses):
+            raise ValueError("a response with tool turns has no single text; read `responses` instead")
+        return [r[0].content for r in self.responses]
 
 
 @dataclass
@@ -429,32 +458,82 @@ def _parse_preference(obj: dict[str, Any], where: str) -> Preference:
     responses = _responses(obj, where)
     prompt = prompt_messages(obj["prompt"], where)
     _require_user_last(prompt, where, "prompt")
-    return Preference(prompt, responses, _optional_str(obj, "family", where))
+    tools = normalize_tools(obj.get("tools"), f"{where}: tools")
+    return Preference(prompt, responses, _optional_str(obj, "family", where), tools)
 
 
-def _responses(obj: dict[str, Any], where: str) -> list[str]:
+def _responses(obj: dict[str, Any], where: str) -> list[Response]:
     if "responses" in obj:
         return _ranked_responses(obj["responses"], where)
     if "chosen" not in obj and "rejected" not in obj:
         missing = f"no 'chosen'/'rejected' or 'responses' ({_keys(obj)})"
         raise DataError(f"{where}: {missing}; expected {PREFERENCE_EXPECTED}")
-    chosen, rejected = _required_text(obj, "chosen", where), _required_text(obj, "rejected", where)
+    for key in ("chosen", "rejected"):
+        if obj.get(key) is None:
+            raise DataError(f"{where}: missing {key!r} ({_keys(obj)})")
+    chosen, rejected = (_response(obj[key], where, key) for key in ("chosen", "rejected"))
     if chosen == rejected:
-        raise DataError(f"{where}: 'chosen' and 'rejected' are the same text; expected two different responses")
+        raise DataError(f"{where}: 'chosen' and 'rejected' are the same response; expected two different ones")
     return [chosen, rejected]
 
 
-def _ranked_responses(value: Any, where: str) -> list[str]:
-    expected = "a list of at least 2 different non-empty strings, best first"
+def _ranked_responses(value: Any, where: str) -> list[Response]:
     if not isinstance(value, list) or len(value) < 2:
         got = f"a list of {len(value)}" if isinstance(value, list) else f"a JSON {json_type(value)}"
-        raise DataError(f"{where}: 'responses' is {got}; expected {expected}")
-    for i, r in enumerate(value):
-        if not isinstance(r, str) or not r.strip():
-            got = "empty" if isinstance(r, str) else f"a JSON {json_type(r)}"
-            raise DataError(f"{where}: responses[{i}] is {got}; expected {expected}")
-    first = {r: i for i, r in reversed(list(enumerate(value)))}
-    for i, r in enumerate(value):
-        if first[r] != i:
-            raise DataError(f"{where}: responses[{i}] repeats responses[{first[r]}]; expected {expected}")
-    return list(value)
+        raise DataError(f"{where}: 'responses' is {got}; expected {_RANKED_TYPE}")
+    responses = [_response(r, where, f"responses[{i}]") for i, r in enumerate(value)]
+    # Messages compare as they render (a call's id is not rendered, so it is not compared).
+    first = {tuple(r): i for i, r in reversed(list(enumerate(responses)))}
+    for i, r in enumerate(responses):
+        if first[tuple(r)] != i:
+            raise DataError(f"{where}: responses[{i}] repeats responses[{first[tuple(r)]}]; expected {_RANKED_TYPE}")
+    return responses
+
+
+def _response(value: Any, where: str, key: str) -> Response:
+    """One response: a string is one assistant turn; a list is an answer with tool turns (`_tool_response`)."""
+    name = key if key.endswith("]") else repr(key)  # 'chosen', responses[2]
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: {name} is empty; expected non-empty text")
+        return [Message("assistant", value)]
+    if not isinstance(value, list) or not value:
+        got = "an empty list" if isinstance(value, list) else f"a JSON {json_type(value)}"
+        raise DataError(f"{where}: {name} is {got}; expected {_RESPONSE_TYPE}")
+    return _tool_response(value, where, key)
+
+
+def _tool_response(value: list[Any], where: str, key: str) -> Response:
+    """An answer as OpenAI messages: assistant first and last, each tool result after a call.
+
+    It ends with an assistant message, text or calls only: either way its last token is the
+    `<|end|>` of a turn the model wrote, where the reward model reads its score. An answer that
+    stops at a call is whole (OpenAI's finish_reason "tool_calls": the client runs the tool), so
+    "call the calculator" may be preferred to a guess. A tool result last is refused: the model
+    never wrote that turn, and nothing it said after reading the result would be judged.
+    """
+    roles = [_response_role(m, f"{where}: {key}[{i}]") for i, m in enumerate(value)]
+    if roles[0] != "assistant" or roles[-1] != "assistant":
+        i, end = (0, "starts") if roles[0] != "assistant" else (len(roles) - 1, "ends")
+        raise DataError(f"{where}: {key}[{i}]: the response {end} with a tool result; expected an assistant message")
+    for i in range(1, len(roles)):
+        if roles[i] == "tool_result" and not (roles[i - 1] == "tool_result" or value[i - 1].get("tool_calls")):
+            raise DataError(f"{where}: {key}[{i}]: a tool result without a call before it; expected it "
+                            "after an assistant message with 'tool_calls' (or after another tool result)")
+    return Conversation.from_openai(value, where, need_assistant=False, field=key).messages
+
+
+def _response_role(message: Any, where: str) -> str:
+    """The role (ours) of one message of a response, checked: assistant or tool, not empty."""
+    if not isinstance(message, dict):
+        raise DataError(f"{where}: got a JSON {json_type(message)}; expected an object with 'role' and 'content'")
+    role = message.get("role")
+    role = OPENAI_ROLES.get(role, role) if isinstance(role, str) else role
+    if role not in _RESPONSE_ROLES:
+        raise DataError(f"{where}: role {message.get('role')!r} in a response; expected 'assistant' or 'tool' "
+                        "(the prompt holds the other turns)")
+    content = message.get("content")
+    if isinstance(content, str) and not content.strip() and (content or not message.get("tool_calls")):
+        expected = "text or 'tool_calls'" if role == "assistant" else "non-empty text"
+        raise DataError(f"{where}: empty content in a {message['role']} message; expected {expected}")
+    return role

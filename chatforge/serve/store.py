@@ -13,13 +13,28 @@ Schema (ids are integers; times are UTC):
   ``system`` prompt, sampling ``params`` (JSON), ``model`` and ``finish_reason`` they were made
   with. Regenerating an answer adds a sibling (same parent); the shown branch is the path from the
   root to ``active_leaf_id``. A user turn follows an answer (or starts the tree); an answer
-  follows a user turn.
+  follows a user turn. An answer also keeps ``tool_turns`` (JSON, NULL: none): the server's
+  built-in tool calls it made and their results, and ``tools`` (JSON, NULL: none or unknown): the
+  functions the model was shown (their specs, as `chatforge.tools.Tool.spec` writes them).
 - ``ratings``: thumbs on answers. ``id``, ``message_id`` (unique), ``value`` (+1 up, -1 down).
 - ``comparisons``: two answers to one prompt and which one the user preferred. ``id``,
   ``conversation_id`` (NULL for a comparison made outside a conversation), ``prompt`` (JSON: the
   OpenAI messages the answers were made from, system turn included, ending with the user turn),
   ``answer_a``, ``answer_b``, ``choice`` (``a`` | ``b`` | ``tie``), ``message_a_id`` and
-  ``message_b_id`` (the answers, stored as sibling messages too), ``params``, ``model``.
+  ``message_b_id`` (the answers, stored as sibling messages too), ``params``, ``model``,
+  ``tool_turns_a``, ``tool_turns_b`` and ``tools`` (as on messages).
+
+A tool turn is the server's ``tool_results`` item (``{"type": "function", "function": {"name",
+"arguments"}, "content", "ok"}``) plus where it happened: ``at``, the number of characters (code
+points) of the answer's content written before the call, and ``round``, counting the answer's tool
+rounds from 0 (the calls of one round were written together, then all their results read). The
+turns are kept in a JSON column of the answer because they are part of it: always written and read
+with its content, never queried on their own, like ``params`` and ``prompt``.
+
+Tables are created when missing (``create_all``), which never alters a table that exists; so that a
+database from before a column was added still opens, `Store` adds each missing column to an existing
+table on open (``ALTER TABLE … ADD COLUMN``; every column added later is nullable, so old rows read
+as "none"). Older chatforge versions ignore the extra columns.
 
 Deleting a conversation deletes its messages, their ratings and its comparisons.
 
@@ -29,15 +44,30 @@ Errors a user can cause raise `StoreError` (`NotFoundError` for an unknown id).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, create_engine, delete, event, func, select
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    inspect,
+    select,
+    text,
+)
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -47,6 +77,7 @@ DEFAULT_DB_URL = "sqlite:///chatforge.db"
 ROLES = ("user", "assistant")
 CHOICES = ("a", "b", "tie")
 TITLE_CHARS = 60
+MAX_TOOL_TURNS = 64  # built-in calls in one answer (the engine runs at most a few rounds of a few calls)
 #: Use as `parent_id` to mean "after the message the shown branch ends at".
 ACTIVE = object()
 
@@ -102,6 +133,9 @@ class MessageRow(Base):
     model: Mapped[str | None] = mapped_column(String(200), nullable=True)
     finish_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    # added after the first release: nullable, so `_add_missing_columns` can add them to an old database
+    tool_turns: Mapped[list | None] = mapped_column(JSON, nullable=True)  # answers: built-in calls and results
+    tools: Mapped[list | None] = mapped_column(JSON, nullable=True)  # answers: the functions the model was shown
 
 
 class RatingRow(Base):
@@ -129,6 +163,10 @@ class ComparisonRow(Base):
     params: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     model: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    # added after the first release (see MessageRow)
+    tool_turns_a: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    tool_turns_b: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    tools: Mapped[list | None] = mapped_column(JSON, nullable=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +221,38 @@ def _sqlite_pragmas(dbapi_connection, in_file: bool) -> None:
     cursor.close()
 
 
+def _add_missing_columns(engine: Engine) -> list[str]:
+    """Add to each existing table the (nullable) columns it lacks; returns them as ``table.column``.
+
+    ``create_all`` creates missing tables but never alters one that exists, so a database written before
+    a column was added would otherwise fail on every query that reads that column. Tables that do not
+    exist are left alone (not a chatforge database, or not created yet)."""
+    added = []
+    existing = set(inspect(engine).get_table_names())
+    quote = engine.dialect.identifier_preparer.quote
+    for table in Base.metadata.sorted_tables:
+        if table.name not in existing:
+            continue
+        have = {c["name"] for c in inspect(engine).get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have:
+                continue
+            if not column.nullable:  # only nullable columns can be added to rows that exist
+                raise StoreError(f"database: table {table.name} lacks column {column.name}, which cannot be "
+                                 "added to an existing table; expected a database written by `chatforge serve`")
+            kind = column.type.compile(dialect=engine.dialect)
+            try:
+                with engine.begin() as connection:
+                    connection.execute(text(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} "
+                                            f"{kind}"))
+            except DBAPIError as e:  # another process may have added it meanwhile
+                if column.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                    raise StoreError(f"database: cannot add column {column.name} to table {table.name} of an "
+                                     f"older database ({e.orig}); open it once with write access") from e
+            added.append(f"{table.name}.{column.name}")
+    return added
+
+
 # ---------------------------------------------------------------------------------------------
 # The repository
 
@@ -191,10 +261,13 @@ class Store:
     """Conversations, messages, ratings and comparisons in one database (tables created on open)."""
 
     def __init__(self, url: str | Path = DEFAULT_DB_URL, create: bool = True) -> None:
+        """Open the database: with `create`, make the tables it lacks; either way, add the columns its
+        existing tables lack (a database from an older chatforge)."""
         self.url = database_url(url)
         self.engine = make_engine(self.url)
         if create:
             Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:
@@ -270,16 +343,22 @@ class Store:
 
     def add_message(self, conversation_id: int, role: str, content: str, parent_id: int | None | object = ACTIVE,
                     system: str | None = None, params: dict | None = None, model: str | None = None,
-                    finish_reason: str | None = None) -> dict:
+                    finish_reason: str | None = None, tool_turns: list[dict] | None = None,
+                    tools: list[dict] | None = None) -> dict:
         """Add a turn after `parent_id` (default: where the shown branch ends) and show its branch.
 
-        An answer records the system prompt it was made with (`system`; default: the conversation's).
-        The first user turn names an untitled conversation.
+        An answer records the system prompt it was made with (`system`; default: the conversation's),
+        the built-in tool calls it made with their results (`tool_turns`, see the module docstring) and
+        the functions the model was shown (`tools`). The first user turn names an untitled conversation.
         """
         if role not in ROLES:
             raise StoreError(f"message: unknown role {role!r}; expected one of {list(ROLES)}")
         if not isinstance(content, str) or not content.strip():
             raise StoreError(f"message: empty content in {_a(role)} turn; expected non-empty text")
+        if role == "assistant":
+            tool_turns, tools = _checked_tool_turns(tool_turns, content, "message"), _checked_tools(tools, "message")
+        elif tool_turns or tools:
+            raise StoreError("message: only an answer (role 'assistant') has tool_turns or tools")
         with self._session() as s:
             conv = _get(s, ConversationRow, conversation_id, "conversation")
             parent = conv.active_leaf_id if parent_id is ACTIVE else parent_id
@@ -289,7 +368,7 @@ class Store:
             row = MessageRow(conversation_id=conversation_id, parent_id=parent, role=role, content=content,
                              system=system if role == "assistant" else None,
                              params=params if role == "assistant" else None, model=model,
-                             finish_reason=finish_reason)
+                             finish_reason=finish_reason, tool_turns=tool_turns or None, tools=tools or None)
             s.add(row)
             s.flush()
             conv.active_leaf_id = row.id
@@ -349,7 +428,7 @@ class Store:
 
     def rated_answers(self) -> list[dict]:
         """Every rated answer: ``message_id``, ``conversation_id``, ``prompt`` (its context, ending with
-        the user turn it answers), ``content`` and ``rating``, oldest first."""
+        the user turn it answers), ``content``, ``tool_turns``, ``tools`` and ``rating``, oldest first."""
         with self._session() as s:
             rated = select(MessageRow.conversation_id).join(RatingRow, RatingRow.message_id == MessageRow.id)
             # every message of every conversation with a rating, read once: contexts are walked in memory
@@ -360,15 +439,21 @@ class Store:
                 message = messages[message_id]
                 out.append({"message_id": message.id, "conversation_id": message.conversation_id,
                             "prompt": _context(s, messages[message.parent_id], message.system, messages),
-                            "content": message.content, "rating": value})
+                            "content": message.content, "tool_turns": message.tool_turns or [],
+                            "tools": message.tools or None, "rating": value})
             return out
 
     # ---- comparisons ------------------------------------------------------------------------
 
     def add_comparison(self, answer_a: str, answer_b: str, choice: str, *, conversation_id: int | None = None,
                        parent_id: int | None = None, prompt: list[dict] | None = None, system: str | None = None,
-                       params: dict | None = None, model: str | None = None, add_messages: bool = True) -> dict:
+                       params: dict | None = None, model: str | None = None, add_messages: bool = True,
+                       tool_turns_a: list[dict] | None = None, tool_turns_b: list[dict] | None = None,
+                       tools: list[dict] | None = None) -> dict:
         """Record two answers to one prompt and the user's choice ("a", "b" or "tie").
+
+        Each answer may carry its built-in tool turns (`tool_turns_a`, `tool_turns_b`); `tools` are the
+        functions the model was shown for both (one request's settings made both answers).
 
         The prompt is the context of `parent_id` (a user turn of `conversation_id`; the system turn is
         `system`, default the conversation's) or, outside a conversation, `prompt` (OpenAI messages
@@ -385,6 +470,9 @@ class Store:
                              "(messages ending with a user turn)")
         if parent_id is not None and conversation_id is None:
             raise StoreError("comparison: parent_id needs the conversation_id it belongs to")
+        turns = [_checked_tool_turns(tool_turns_a, answer_a, "comparison: tool_turns_a"),
+                 _checked_tool_turns(tool_turns_b, answer_b, "comparison: tool_turns_b")]
+        tools = _checked_tools(tools, "comparison")
         if prompt is not None:
             prompt = _checked_prompt(prompt)
         with self._session() as s:
@@ -404,7 +492,8 @@ class Store:
                 if add_messages:
                     rows = [MessageRow(conversation_id=conversation_id, parent_id=parent_id, role="assistant",
                                        content=text, system=system, params=params, model=model,
-                                       finish_reason="stop") for text in (answer_a, answer_b)]
+                                       finish_reason="stop", tool_turns=side or None, tools=tools or None)
+                            for text, side in zip((answer_a, answer_b), turns)]
                     s.add_all(rows)
                     s.flush()
                     message_ids = [r.id for r in rows]
@@ -412,7 +501,8 @@ class Store:
                 conv.updated_at = _now()
             row = ComparisonRow(conversation_id=conversation_id, prompt=prompt, answer_a=answer_a, answer_b=answer_b,
                                 choice=choice, message_a_id=message_ids[0], message_b_id=message_ids[1],
-                                params=params, model=model)
+                                params=params, model=model, tool_turns_a=turns[0] or None,
+                                tool_turns_b=turns[1] or None, tools=tools or None)
             s.add(row)
             s.flush()
             return _comparison_dict(row)
@@ -523,6 +613,65 @@ def _checked_prompt(prompt: Any) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in messages]
 
 
+def _checked_tool_turns(turns: Any, content: str, where: str) -> list[dict[str, Any]]:
+    """An answer's tool turns in the stored form (see the module docstring), checked against its content.
+
+    Each is ``{"type": "function", "function": {"name", "arguments"}, "content", "ok", "at", "round"}``:
+    ``arguments`` an object is kept as its JSON text; ``ok`` defaults to true and ``at`` to 0 (the calls
+    came before the answer's text). Without ``round``, turns at the same ``at`` one after the other are
+    one round; rounds are renumbered 0, 1, … in order."""
+    if turns is None:
+        return []
+    if not isinstance(turns, list):
+        raise StoreError(f"{where}: tool_turns must be a list, got {type(turns).__name__}")
+    if len(turns) > MAX_TOOL_TURNS:
+        raise StoreError(f"{where}: {len(turns)} tool turns; expected at most {MAX_TOOL_TURNS}")
+    length = len(content)
+    out: list[dict[str, Any]] = []
+    previous: tuple[int, Any] | None = None
+    for i, turn in enumerate(turns):
+        at_i = f"{where}: tool_turns[{i}]"
+        if not isinstance(turn, dict):
+            raise StoreError(f"{at_i}: expected an object, got {type(turn).__name__}")
+        function = turn.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise StoreError(f"{at_i}.function: expected {{'name': str, 'arguments': str}}")
+        arguments = function.get("arguments", "")
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        result, ok = turn.get("content"), turn.get("ok", True)
+        if not isinstance(result, str):
+            raise StoreError(f"{at_i}.content: expected the tool's result as a string, got {type(result).__name__}")
+        if not isinstance(ok, bool):
+            raise StoreError(f"{at_i}.ok: expected true or false, got {ok!r}")
+        at, given_round = turn.get("at", 0), turn.get("round")
+        if isinstance(at, bool) or not isinstance(at, int) or not 0 <= at <= length:
+            raise StoreError(f"{at_i}.at: expected a character offset into the answer (0 to {length}), got {at!r}")
+        if out and at < out[-1]["at"]:
+            raise StoreError(f"{at_i}.at: {at} comes before the previous turn's {out[-1]['at']}; expected the "
+                             "turns in the order they happened")
+        if given_round is not None and (isinstance(given_round, bool) or not isinstance(given_round, int)
+                                        or given_round < 0):
+            raise StoreError(f"{at_i}.round: expected a round number (0, 1, …), got {given_round!r}")
+        key = (at, given_round)
+        round_ = 0 if previous is None else out[-1]["round"] + (key != previous)
+        previous = key
+        out.append({"type": "function", "function": {"name": function["name"], "arguments": arguments},
+                    "content": result, "ok": ok, "at": at, "round": round_})
+    return out
+
+
+def _checked_tools(tools: Any, where: str) -> list[dict[str, Any]]:
+    """The functions the model was shown, as bare function objects (OpenAI's tool form accepted)."""
+    from chatforge.chat import normalize_tools
+    from chatforge.errors import DataError
+
+    try:
+        return normalize_tools(tools, f"{where}: tools")
+    except DataError as e:
+        raise StoreError(str(e)) from e
+
+
 def _conversation_dict(c: ConversationRow) -> dict:
     return {"id": c.id, "title": c.title, "system_prompt": c.system_prompt, "settings": c.settings or {},
             "active_leaf_id": c.active_leaf_id, "created_at": _iso(c.created_at), "updated_at": _iso(c.updated_at)}
@@ -531,10 +680,13 @@ def _conversation_dict(c: ConversationRow) -> dict:
 def _message_dict(m: MessageRow) -> dict:
     return {"id": m.id, "conversation_id": m.conversation_id, "parent_id": m.parent_id, "role": m.role,
             "content": m.content, "system": m.system, "params": m.params, "model": m.model,
-            "finish_reason": m.finish_reason, "created_at": _iso(m.created_at)}
+            "finish_reason": m.finish_reason, "tool_turns": m.tool_turns or [], "tools": m.tools or None,
+            "created_at": _iso(m.created_at)}
 
 
 def _comparison_dict(c: ComparisonRow) -> dict:
     return {"id": c.id, "conversation_id": c.conversation_id, "prompt": c.prompt, "answer_a": c.answer_a,
             "answer_b": c.answer_b, "choice": c.choice, "message_a_id": c.message_a_id,
-            "message_b_id": c.message_b_id, "params": c.params, "model": c.model, "created_at": _iso(c.created_at)}
+            "message_b_id": c.message_b_id, "params": c.params, "model": c.model,
+            "tool_turns_a": c.tool_turns_a or [], "tool_turns_b": c.tool_turns_b or [], "tools": c.tools or None,
+            "created_at": _iso(c.created_at)}

@@ -10,16 +10,26 @@ GET      /api/conversations/{id}                one, with ``messages``: the show
 PATCH    /api/conversations/{id}                ``{title?, system_prompt?, settings?}``
 DELETE   /api/conversations/{id}                with its messages, ratings and comparisons
 POST     /api/conversations/{id}/messages       add a turn ``{role, content, parent_id?, system?,
-                                                params?, model?, finish_reason?}``
+                                                params?, model?, finish_reason?, tool_turns?,
+                                                tools?}``
 POST     /api/conversations/{id}/branch         show the branch through ``{message_id}``
 PUT      /api/messages/{id}/rating              ``{rating: 1 | -1 | 0}`` on an answer
 GET      /api/comparisons                       every comparison, oldest first
 POST     /api/comparisons                       ``{answer_a, answer_b, choice: a|b|tie,
-                                                conversation_id + parent_id | prompt, ...}``
+                                                conversation_id + parent_id | prompt,
+                                                tool_turns_a?, tool_turns_b?, tools?, ...}``
 GET      /api/examples                          prompts the empty page offers: ``{examples: [str],
                                                 source: "training" | "generic"}``
 GET      /favicon.ico                           the page's icon (an SVG), public like the page
 =======  =====================================  ==============================================
+
+An answer's ``tool_turns`` are the built-in tool calls the server ran while making it, as its
+``tool_results`` delta sent them (``{"type": "function", "function": {"name", "arguments"}, "content",
+"ok"}``), each with ``at``: how many characters (code points) of the answer came before the call, and
+``round``: which tool round of the answer it belongs to (see `store`). ``tools`` are the functions the
+model was shown; left out, they are this server's built-in tools (``app.state.chatforge.builtin_tools``,
+which ``chatforge serve --builtin-tools`` declares to every chat request, so to the answers the page
+saves), and ``null`` or ``[]`` says none. Conversations and comparisons return both as stored.
 
 The examples are the server's (``app.state.chatforge.examples`` and ``.examples_source``: prompts
 from the model's training files, see `chatforge.data.examples`) when it has any, else the generic
@@ -43,7 +53,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from chatforge.data.examples import GENERIC_EXAMPLES  # what any chat model can take a go at
-from chatforge.serve.store import ACTIVE, NotFoundError, Store, StoreError
+from chatforge.serve.store import ACTIVE, MAX_TOOL_TURNS, NotFoundError, Store, StoreError
 
 log = logging.getLogger("chatforge.serve")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -75,6 +85,26 @@ class ConversationPatch(BaseModel):
     settings: Settings | None = None
 
 
+class ToolFunctionIn(BaseModel):
+    name: str = Field(..., max_length=200)
+    arguments: str | dict[str, Any] = Field("", max_length=MAX_TEXT)
+
+
+class ToolTurnIn(BaseModel):
+    """A built-in call the server ran for an answer, and its result (`store` checks it against the answer)."""
+
+    type: Literal["function"] = "function"
+    function: ToolFunctionIn
+    content: str = Field(..., max_length=MAX_TEXT)
+    ok: bool = True
+    at: int | None = Field(None, ge=0)  # characters of the answer before the call; left out: 0
+    round: int | None = Field(None, ge=0)
+
+
+ToolTurns = list[ToolTurnIn] | None
+Tools = list[dict[str, Any]] | None
+
+
 class MessageIn(BaseModel):
     role: Literal["user", "assistant"]
     content: str = Field(..., max_length=MAX_TEXT)
@@ -83,6 +113,8 @@ class MessageIn(BaseModel):
     params: Settings | None = None
     model: str | None = Field(None, max_length=200)
     finish_reason: str | None = Field(None, max_length=32)
+    tool_turns: ToolTurns = Field(None, max_length=MAX_TOOL_TURNS)
+    tools: Tools = Field(None, max_length=100)  # left out: the server's built-in tools
 
 
 class BranchIn(BaseModel):
@@ -103,6 +135,18 @@ class ComparisonIn(BaseModel):
     system: str | None = Field(None, max_length=MAX_SHORT)
     params: Settings | None = None
     model: str | None = Field(None, max_length=200)
+    tool_turns_a: ToolTurns = Field(None, max_length=MAX_TOOL_TURNS)
+    tool_turns_b: ToolTurns = Field(None, max_length=MAX_TOOL_TURNS)
+    tools: Tools = Field(None, max_length=100)  # left out: the server's built-in tools
+
+
+def _turns(turns: ToolTurns) -> list[dict[str, Any]] | None:
+    return None if turns is None else [t.model_dump(exclude_none=True) for t in turns]
+
+
+def _tools(app: FastAPI, body: BaseModel) -> list[dict[str, Any]] | None:
+    """The functions the model was shown: the body's when it names them, else the server's built-in tools."""
+    return body.tools if "tools" in body.model_fields_set else served_tools(app)
 
 
 def attach_web(app: FastAPI, db_url: str, api_key: str | None = None) -> None:
@@ -156,11 +200,13 @@ def attach_web(app: FastAPI, db_url: str, api_key: str | None = None) -> None:
         return Response(status_code=204)
 
     @router.post("/conversations/{conversation_id}/messages", status_code=201)
-    def add_message(conversation_id: int, body: MessageIn) -> dict:
+    def add_message(conversation_id: int, body: MessageIn, request: Request) -> dict:
         parent = body.parent_id if "parent_id" in body.model_fields_set else ACTIVE
+        tools = _tools(request.app, body) if body.role == "assistant" else body.tools
         with _errors():
             return store.add_message(conversation_id, body.role, body.content, parent, system=body.system,
-                                     params=body.params, model=body.model, finish_reason=body.finish_reason)
+                                     params=body.params, model=body.model, finish_reason=body.finish_reason,
+                                     tool_turns=_turns(body.tool_turns), tools=tools)
 
     @router.post("/conversations/{conversation_id}/branch")
     def select_branch(conversation_id: int, body: BranchIn) -> dict:
@@ -177,12 +223,13 @@ def attach_web(app: FastAPI, db_url: str, api_key: str | None = None) -> None:
         return store.list_comparisons()
 
     @router.post("/comparisons", status_code=201)
-    def add_comparison(body: ComparisonIn) -> dict:
+    def add_comparison(body: ComparisonIn, request: Request) -> dict:
         with _errors():
             return store.add_comparison(body.answer_a, body.answer_b, body.choice,
                                         conversation_id=body.conversation_id, parent_id=body.parent_id,
                                         prompt=body.prompt, system=body.system, params=body.params,
-                                        model=body.model)
+                                        model=body.model, tool_turns_a=_turns(body.tool_turns_a),
+                                        tool_turns_b=_turns(body.tool_turns_b), tools=_tools(request.app, body))
 
     @router.get("/examples")
     def examples(request: Request) -> dict:
@@ -200,6 +247,14 @@ def attach_web(app: FastAPI, db_url: str, api_key: str | None = None) -> None:
     def favicon() -> FileResponse:
         return FileResponse(FAVICON, media_type="image/svg+xml",
                             headers={"Cache-Control": "max-age=86400", "X-Content-Type-Options": "nosniff"})
+
+
+def served_tools(app: FastAPI) -> list[dict[str, Any]]:
+    """The specs of the built-in tools this server declares to every chat request (none without
+    ``--builtin-tools``, or when the page is served without the model server)."""
+    state = getattr(app.state, "chatforge", None)
+    builtin = getattr(state, "builtin_tools", None) or {}
+    return [tool.spec() for tool in builtin.values()]
 
 
 def served_examples(app: FastAPI) -> dict:

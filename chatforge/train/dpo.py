@@ -2,7 +2,10 @@
 
 For each (prompt, chosen, rejected) pair — a ranked record gives all its C(K,2) pairs — the loss is
 -log sigmoid(beta * [(log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))]),
-where log pi(y) sums the log-probs of the response's tokens and its closing `<|end|>`. The reference
+where log pi(y) sums the log-probs of the response's trained tokens, those the chat template's mask
+marks as the model's own: an assistant's text, its tool calls and each turn's closing `<|end|>`. In
+an answer that used tools, the tool results are context the policy reads, not a choice it made, so
+they are left out of the sum (a plain text answer is its tokens and `<|end|>`). The reference
 is the starting (SFT) model; its log-probs are computed once before training, so it never sits in
 memory beside the policy. beta * (log pi - log ref) is the implicit reward; its accuracy (chosen
 above rejected) and margin are logged, for training batches and held-out pairs.
@@ -10,6 +13,7 @@ above rejected) and margin are logged, for training batches and held-out pairs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 
 import numpy as np
@@ -17,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chatforge.chat import ChatTemplate
+from chatforge.chat import ChatTemplate, Message
 from chatforge.checkpoint import load_checkpoint
 from chatforge.data.chat_readers import Preference, read_preference_splits
 from chatforge.errors import ConfigError, DataError
@@ -38,28 +42,40 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
                         "accuracy": (chosen > rejected).float().sum(), "margin": (chosen - rejected).detach().sum()}
 
 
-def encode_pair(template: ChatTemplate, pref: Preference, better: str, worse: str, seq_len: int):
-    prompt = template.generation_prompt(pref.prompt)
-    out = []
-    for response in (better, worse):
-        answer = template.tokenizer.encode(response) + [template.end_id]
-        ids = (prompt + answer)[-seq_len:]
-        out.append((ids, min(len(answer), len(ids) - 1)))  # (tokens, how many at the end are the answer)
-    return out
+Side = tuple[list[int], list[bool]]  # a response's token ids and which of them its log-prob sums
 
 
-def collate_side(rows: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_response(template: ChatTemplate, pref: Preference, response: Sequence[Message], seq_len: int) -> Side:
+    """The rendered prompt and response, cut from the left to seq_len, and the response's trained tokens.
+
+    The prompt is never summed, even its own assistant turns: only the template's mask over the
+    response is kept. A token cut to be the first has nothing before it and is not summed either.
+    """
+    prompt = template.render(pref.conversation()).ids
+    whole = template.render(pref.conversation(response))
+    trained = [False] * len(prompt) + whole.mask[len(prompt):]
+    return whole.ids[-seq_len:], [False] + trained[-seq_len:][1:]
+
+
+def encode_pair(template: ChatTemplate, pref: Preference, better: Sequence[Message], worse: Sequence[Message],
+                seq_len: int) -> tuple[Side, Side]:
+    """The (chosen, rejected) sides of one pair."""
+    return encode_response(template, pref, better, seq_len), encode_response(template, pref, worse, seq_len)
+
+
+def collate_side(rows: list[Side], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and the (B, T-1) mask of the positions that predict a trained token."""
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width - 1))
-    for b, (seq, n_answer) in enumerate(rows):
+    for b, (seq, trained) in enumerate(rows):
         ids[b, : len(seq)] = torch.tensor(seq)
-        mask[b, len(seq) - 1 - n_answer : len(seq) - 1] = 1.0  # positions that predict answer tokens
+        mask[b, : len(seq) - 1] = torch.tensor(trained[1:], dtype=torch.float32)  # position t predicts token t+1
     return ids, mask
 
 
 def sequence_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B,) sum of log-probs of the masked (answer) tokens."""
+    """(B,) sum of log-probs of the masked (trained response) tokens."""
     logp = F.log_softmax(model(ids)[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     return (logp * mask).sum(1)
 
@@ -127,6 +143,7 @@ def with_reference_logprobs(model: nn.Module, encoded: list, pad_id: int, device
 
 
 def pairs_of(template: ChatTemplate, prefs: list[Preference], seq_len: int) -> list:
+    """Every (better, worse) pair of every preference, encoded."""
     return [encode_pair(template, p, better, worse, seq_len) for p in prefs for better, worse in p.pairs()]
 
 

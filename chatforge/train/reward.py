@@ -3,8 +3,11 @@
 Each preference record is one prompt and its K responses ranked best to worst. All of a
 prompt's responses go in one batch element, (K_max, T) token rows, so the C(K,2) pairs share
 one forward pass per response and the loss is normalized per prompt (`ranking_loss`). A
-response is scored at its closing `<|end|>`: the template's generation prompt, the response,
-`<|end|>`; when that is longer than the context, the oldest prompt tokens are cut.
+response is scored on the whole conversation, at its closing `<|end|>`: the chat template's
+rendering of the prompt (with the tools it declared) and the response, which for an answer that
+used tools holds its calls, their results and what followed, so the score reads them all. A plain
+text answer renders as the generation prompt, the text and `<|end|>`. When that is longer than
+the context, the oldest tokens are cut.
 
 After training, the reward is normalized so that the SFT policy's own answers to the training
 prompts score mean 0 and std 1 (gain and bias saved in the model), as InstructGPT did before PPO.
@@ -13,13 +16,14 @@ prompts score mean 0 and std 1 (gain and bias saved in the model), as InstructGP
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from dataclasses import asdict
 
 import numpy as np
 import torch
 from torch import nn
 
-from chatforge.chat import ChatTemplate, Message
+from chatforge.chat import ChatTemplate, Conversation, Message
 from chatforge.checkpoint import load_checkpoint
 from chatforge.data.chat_readers import Preference, read_preference_splits
 from chatforge.errors import ConfigError, DataError
@@ -32,14 +36,21 @@ from chatforge.train.loop import TrainResult
 from chatforge.train.supervised import Batch, supervised_trainer
 
 
-def response_ids(template: ChatTemplate, prompt: list[Message], response: str, seq_len: int) -> list[int]:
-    """Generation prompt + response + <|end|>, cut from the left to seq_len tokens."""
-    ids = template.generation_prompt(prompt) + template.tokenizer.encode(response) + [template.end_id]
-    return ids[-seq_len:]
+def response_ids(template: ChatTemplate, prompt: Conversation | Sequence[Message], response: str | Sequence[Message],
+                 seq_len: int) -> list[int]:
+    """The rendered prompt (its tools included) and response, cut from the left to seq_len tokens.
+
+    A string is one assistant turn: generation prompt + text + `<|end|>`. A list of messages may
+    hold tool turns; it ends with an assistant turn, so the last token is an `<|end|>` the model wrote.
+    """
+    conv = prompt if isinstance(prompt, Conversation) else Conversation(list(prompt))
+    answer = [Message("assistant", response)] if isinstance(response, str) else list(response)
+    return template.render(Conversation([*conv.messages, *answer], conv.tools)).ids[-seq_len:]
 
 
 def encode_preferences(template: ChatTemplate, prefs: list[Preference], seq_len: int) -> list[list[list[int]]]:
-    return [[response_ids(template, p.prompt, r, seq_len) for r in p.responses] for p in prefs]
+    """Each preference's responses as token rows, best first."""
+    return [[response_ids(template, p.conversation(), r, seq_len) for r in p.responses] for p in prefs]
 
 
 def collate_groups(groups: list[list[list[int]]], pad_id: int) -> Batch:
@@ -159,9 +170,10 @@ def set_normalization(model: ScalarHeadModel, template: ChatTemplate, prompts: l
 
 
 @torch.no_grad()
-def score_texts(model: ScalarHeadModel, template: ChatTemplate, prompts: list[list[Message]], responses: list[str],
-                batch_size: int = 32) -> list[float]:
-    """Rewards of (prompt, response) pairs."""
+def score_texts(model: ScalarHeadModel, template: ChatTemplate, prompts: Sequence[Conversation | list[Message]],
+                responses: Sequence[str | list[Message]], batch_size: int = 32) -> list[float]:
+    """Rewards of (prompt, response) pairs; a prompt may be a Conversation with tools, a response a list of
+    messages with tool turns (see `response_ids`)."""
     seq_len = model.config.context_length
     device = next(model.parameters()).device
     out: list[float] = []
@@ -200,6 +212,8 @@ def run_reward(cfg: RewardConfig, dist: DistInfo, resume: bool = False, overwrit
     if not result.interrupted and cfg.normalize_samples:
         # every rank computes the same statistics (same seeds), so save()'s barrier is reached by all
         policy = load_checkpoint(cfg.init_from, device=dist.device)
+        # plain text answers to the prompts, tools not offered: an answer sampled without the tool loop
+        # cannot hold a call's result, so a call in it would be scored as broken text
         prompts = [train_prefs[i % len(train_prefs)].prompt for i in range(cfg.normalize_samples)]
         answers = sample_answers(policy, prompts, cfg.normalize_temperature, cfg.train.seed)
         stats = set_normalization(model, template, prompts, answers)

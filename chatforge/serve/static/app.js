@@ -5,6 +5,8 @@
 // Requests never ask for more than the model's context holds: max_tokens is fitted to the context length
 // /v1/models reports, and every request lets the server leave out the oldest turns (truncation "auto").
 // Every text that comes from a user or a model is put on the page with textContent, never as markup.
+// Built-in tool calls the server ran for an answer (its `tool_results` deltas) show as small collapsible
+// cards inside the answer, where they happened, and are stored with it (`tool_turns`).
 'use strict';
 
 (() => {
@@ -14,6 +16,7 @@
   const DEFAULT_MAX_TOKENS = 256; // when the context is long enough, or unknown
   const DROPPED_HEADER = 'X-Chatforge-Dropped-Messages';
   const MAX_EXAMPLES = 6; // the empty page stays short
+  const CARD_SUMMARY_CHARS = 48; // arguments and result in a card's one-line summary
 
   const $ = (id) => document.getElementById(id);
   const state = {
@@ -225,13 +228,39 @@
     }
   }
 
-  // Stream one chat completion; onText gets the whole answer so far. Never throws: returns
-  // {text, finish, stopped, error, dropped}, `dropped` counting the oldest messages the server left out.
-  async function streamChat(messages, onText, signal) {
+  // The number of characters (Unicode code points, as the server and the store count them) of `text`.
+  function codePoints(text) {
+    return Array.from(text).length;
+  }
+
+  // A built-in tool call the server ran, as the store keeps it: where in the answer it happened (`at`: code
+  // points of the text before it) and which tool round it was part of.
+  function toolTurn(item, at, round) {
+    const fn = item.function || {};
+    return {
+      type: 'function',
+      function: {
+        name: typeof fn.name === 'string' ? fn.name : '',
+        arguments: typeof fn.arguments === 'string' ? fn.arguments : JSON.stringify(fn.arguments ?? ''),
+      },
+      content: typeof item.content === 'string' ? item.content : JSON.stringify(item.content ?? ''),
+      ok: item.ok !== false,
+      at,
+      round,
+    };
+  }
+
+  // Stream one chat completion; onUpdate gets the whole answer so far and its tool turns. Never throws:
+  // returns {text, turns, finish, stopped, error, dropped}, `dropped` counting the oldest messages the
+  // server left out.
+  async function streamChat(messages, onUpdate, signal) {
     const settings = currentSettings();
     // truncation 'auto': a chat longer than the context goes on without its oldest turns instead of failing
     const body = { model: settings.model, messages, stream: true, truncation: 'auto', ...samplingParams() };
     let text = '';
+    let points = 0; // code points of text
+    const turns = []; // built-in tool calls the server ran, with their results
+    let rounds = 0;
     let finish = null;
     let dropped = 0;
     try {
@@ -247,19 +276,29 @@
         if (Number.isInteger(chunk.dropped_messages)) dropped = Math.max(dropped, chunk.dropped_messages);
         const choice = (chunk.choices || [])[0];
         if (!choice) continue;
-        if (choice.delta && typeof choice.delta.content === 'string' && choice.delta.content) {
-          text += choice.delta.content;
-          onText(text);
+        const delta = choice.delta || {};
+        // a round of built-in calls the engine ran: before the text that follows it
+        if (Array.isArray(delta.tool_results) && delta.tool_results.length) {
+          for (const item of delta.tool_results) {
+            if (item && typeof item === 'object') turns.push(toolTurn(item, points, rounds));
+          }
+          rounds += 1;
+          onUpdate(text, turns);
+        }
+        if (typeof delta.content === 'string' && delta.content) {
+          text += delta.content;
+          points += codePoints(delta.content);
+          onUpdate(text, turns);
         }
         if (choice.finish_reason) finish = choice.finish_reason;
       }
     } catch (e) {
       if ((signal && signal.aborted) || e.name === 'AbortError') {
-        return { text, finish: 'stopped', stopped: true, dropped };
+        return { text, turns, finish: 'stopped', stopped: true, dropped };
       }
-      return { text, finish, error: e, dropped };
+      return { text, turns, finish, error: e, dropped };
     }
-    return { text, finish: finish || 'stop', dropped };
+    return { text, turns, finish: finish || 'stop', dropped };
   }
 
   // A quiet note, not an error: the answer is fine, the model just did not see the start of the chat.
@@ -454,8 +493,8 @@
     const params = samplingParams();
     const model = currentSettings().model;
     const system = systemPrompt();
-    const result = await streamChat(messages, (text) => {
-      content.textContent = text;
+    const result = await streamChat(messages, (text, turns) => {
+      fillAnswer(content, text, turns);
       scrollDown();
     }, controller.signal);
     $('stop').disabled = true; // still busy until the answer is stored: the next turn must follow it
@@ -468,7 +507,7 @@
       if (result.text.trim() && !result.error) {
         await api('POST', `/api/conversations/${conversationId}/messages`, {
           role: 'assistant', content: result.text, parent_id: user.id, system, params, model,
-          finish_reason: result.finish,
+          finish_reason: result.finish, tool_turns: result.turns,
         });
         await reloadConversation(conversationId, view);
       }
@@ -535,8 +574,8 @@
     const pending = {
       user, system: systemPrompt(), params: samplingParams(), model: currentSettings().model,
     };
-    const show = (id) => (text) => {
-      $(id).textContent = text;
+    const show = (id) => (text, turns) => {
+      fillAnswer($(id), text, turns);
     };
     const [a, b] = await Promise.all([
       streamChat(messages, show('answer-a'), controller.signal),
@@ -556,7 +595,7 @@
       render();
       return;
     }
-    state.compare = { ...pending, a: a.text, b: b.text };
+    state.compare = { ...pending, a: a.text, b: b.text, turnsA: a.turns, turnsB: b.turns };
     for (const btn of choiceButtons()) btn.disabled = false;
     render();
   }
@@ -569,7 +608,7 @@
       const conversationId = state.conversation.id;
       await api('POST', '/api/comparisons', {
         conversation_id: conversationId, parent_id: c.user.id, answer_a: c.a, answer_b: c.b, choice,
-        system: c.system, params: c.params, model: c.model,
+        system: c.system, params: c.params, model: c.model, tool_turns_a: c.turnsA, tool_turns_b: c.turnsB,
       });
       closeCompare();
       await reloadConversation(conversationId, state.view);
@@ -589,11 +628,82 @@
 
   const FINISH_NOTES = { stopped: 'stopped', length: 'cut at max tokens', content_filter: 'filtered' };
 
+  function clip(text, limit = CARD_SUMMARY_CHARS) {
+    const line = text.replace(/\s+/g, ' ').trim();
+    return line.length > limit ? `${line.slice(0, limit - 1)}…` : line;
+  }
+
+  function parsedArguments(text) {
+    try {
+      return JSON.parse(text);
+    } catch (e) {
+      return undefined; // not JSON: shown as written
+    }
+  }
+
+  // A call's arguments in a few words: the values of its argument object ("12*7"; "weekday, 2024-01-01").
+  function shortArguments(text) {
+    const args = parsedArguments(text);
+    if (!args || typeof args !== 'object' || Array.isArray(args)) return text;
+    return Object.values(args).map((v) => (typeof v === 'string' ? v : JSON.stringify(v))).join(', ');
+  }
+
+  // One built-in tool call as a collapsible card: "calculator · 12*7 → 84"; open, the call's name, its
+  // arguments and its result (or error). Text only.
+  function toolCard(turn, index) {
+    const fn = turn.function || {};
+    const name = fn.name || 'tool';
+    const args = typeof fn.arguments === 'string' ? fn.arguments : JSON.stringify(fn.arguments ?? '');
+    const result = typeof turn.content === 'string' ? turn.content : JSON.stringify(turn.content ?? '');
+    const failed = turn.ok === false;
+    const card = el('details', failed ? 'tool-card error' : 'tool-card');
+    card.dataset.index = String(index);
+    const summary = el('summary');
+    if (failed) summary.append(el('span', 'tool-flag', '⚠ '));
+    summary.append(el('span', 'tool-name', name), el('span', 'tool-args', ` · ${clip(shortArguments(args))}`),
+      el('span', 'tool-arrow', ' → '), el('span', 'tool-result', clip(result)));
+    summary.title = failed ? 'A tool call that failed: click for details' : 'A tool call: click for details';
+    const parsed = parsedArguments(args);
+    const details = el('dl', 'tool-detail');
+    details.append(el('dt', '', 'Tool'), el('dd', 'tool-detail-name', name),
+      el('dt', '', 'Arguments'),
+      el('dd', 'tool-detail-args', parsed === undefined ? args : JSON.stringify(parsed, null, 2)),
+      el('dt', '', failed ? 'Error' : 'Result'), el('dd', 'tool-detail-result', result));
+    card.append(summary, details);
+    return card;
+  }
+
+  // Put an answer's text into `node`, its tool cards where they happened (each turn's `at`: code points
+  // of the text before it). Cards the user opened stay open while the answer streams on.
+  function fillAnswer(node, text, turns) {
+    if (!turns || !turns.length) {
+      node.textContent = text;
+      return;
+    }
+    const open = new Set([...node.children].filter((c) => c.tagName === 'DETAILS' && c.open)
+      .map((c) => c.dataset.index));
+    const chars = Array.from(text); // code points, as `at` counts them
+    const parts = [];
+    let done = 0;
+    turns.forEach((turn, i) => {
+      const at = Math.min(chars.length, Math.max(done, Number.isInteger(turn.at) ? turn.at : 0));
+      if (at > done) parts.push(document.createTextNode(chars.slice(done, at).join('')));
+      done = at;
+      const card = toolCard(turn, i);
+      if (open.has(String(i))) card.open = true;
+      parts.push(card);
+    });
+    if (done < chars.length) parts.push(document.createTextNode(chars.slice(done).join('')));
+    node.replaceChildren(...parts);
+  }
+
   function renderMessage(message, isLast) {
     const node = el('div', `msg ${message.role}`);
     node.dataset.id = message.id;
     node.append(el('div', 'role', message.role === 'user' ? 'You' : 'Assistant'));
-    node.append(el('div', 'content', message.content));
+    const content = el('div', 'content');
+    fillAnswer(content, message.content, message.tool_turns);
+    node.append(content);
     const actions = el('div', 'actions');
     const siblings = message.siblings || [message.id];
     if (siblings.length > 1) {
