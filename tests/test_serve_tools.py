@@ -266,3 +266,10 @@ def test_structured_output_errors_name_the_field(client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format.type"
     r = post(response_format={"type": "json_schema", "json_schema": {"name": "f", "schema": SCHEMA}}, max_tokens=2)
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+def test_tokenize_counts_a_chat_with_tools_as_the_chat_endpoint_does(builtin_client):
+    messages = [{"role": "user", "content": "Hello"}]
+    r = httpx.post(builtin_client[1].url + "/tokenize", json={"messages": messages, "tools": [WEATHER]}, timeout=30)
+    usage = ask(builtin_client, "Hello", tools=[WEATHER], max_tokens=1).usage
+    assert r.json()["count"] == usage.prompt_tokens

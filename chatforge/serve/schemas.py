@@ -99,6 +99,7 @@ class TokenizeRequest(_Body):
     prompt: str | None = None
     content: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Any] | None = None  # with messages: declared in the system turn, as on /v1/chat/completions
     add_generation_prompt: bool = True
     return_token_strs: bool = False
     with_pieces: bool = False

@@ -4,7 +4,8 @@ The shapes are vLLM's and llama.cpp's, both accepted, so either kind of client w
 
 - ``/tokenize``: ``{"prompt": text}`` (vLLM) or ``{"content": text}`` (llama.cpp), or ``{"messages":
   [...], "add_generation_prompt": true}`` (rendered with the chat template, as /v1/chat/completions
-  would render them) -> ``{"tokens": [ids], "count", "max_model_len"}``; with ``return_token_strs``
+  would render them, with ``tools`` and the server's built-in tools declared) -> ``{"tokens": [ids], "count",
+  "max_model_len"}``; with ``return_token_strs``
   (vLLM) ``token_strs`` too, with ``with_pieces`` (llama.cpp) ``tokens`` become ``[{"id", "piece"}]``.
 - ``/detokenize``: ``{"tokens": [ids]}`` -> ``{"prompt": text, "content": text}`` (vLLM's and
   llama.cpp's names for the same text).
@@ -14,6 +15,7 @@ Text is encoded as /v1/completions encodes a prompt: special-token strings a use
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -21,6 +23,7 @@ from fastapi import APIRouter, Request
 from chatforge.serve.errors import APIError
 from chatforge.serve.handlers import chat_conversation
 from chatforge.serve.schemas import DetokenizeRequest, TokenizeRequest
+from chatforge.serve.tools import read_function_calling
 
 
 def _state(request: Request) -> Any:
@@ -39,7 +42,11 @@ def _ids(state: Any, body: TokenizeRequest) -> list[int]:
         raise APIError(400, "expected exactly one of prompt, content (text) or messages (a chat), got "
                        f"{', '.join(given) or 'none'}", param="prompt")
     if body.messages is not None:
-        conv = chat_conversation(state, body.messages)
+        # the functions a chat request would declare: the server's built-in tools and the body's tools
+        declared = SimpleNamespace(tools=body.tools, functions=None, tool_choice=None, function_call=None,
+                                   parallel_tool_calls=None)
+        calling = read_function_calling(declared, state.builtin_tools)
+        conv = chat_conversation(state, body.messages, calling.functions if calling else None)
         rendered = state.template.render(conv).ids
         return rendered + [state.template.role_ids["assistant"]] if body.add_generation_prompt else rendered
     return state.tokenizer.encode(body.prompt if body.prompt is not None else body.content)
