@@ -1,11 +1,14 @@
 """Reference answers: what the generator demonstrates and the scorer's idea of concise ("12 plus 30
 is 42.", "The word cat backwards is tac.", "To make tea, boil some water, ..."), and the arithmetic
-they state."""
+they state, and the dates family's answers ("2024-03-15 is a Friday.") with dates written as the
+question wrote them."""
 
 from __future__ import annotations
 
+import datetime
+
 from chatforge.data.tasks.text import _capitalize
-from chatforge.data.tasks.vocabulary import HARMLESS_ACTS
+from chatforge.data.tasks.vocabulary import DAYS_ANSWER, HARMLESS_ACTS, MONTHS, TODAY_ANSWER, WEEKDAY_ANSWER
 from chatforge.data.world import ARITHMETIC_STATEMENTS, WORD_GAME_STATEMENTS, number_to_words
 
 
@@ -38,3 +41,21 @@ def _word_answer(task: str, word: str, letter: str = "") -> str:
 
 def _harmless_answer(act: str, steps_of: str | None = None) -> str:
     return f"To {act}, {HARMLESS_ACTS[steps_of or act][0]}."
+
+
+def _say_date(iso: str, words: bool) -> str:
+    """"2024-03-15", or in words "March 15, 2024"."""
+    if not words:
+        return iso
+    day = datetime.date.fromisoformat(iso)
+    return f"{MONTHS[day.month - 1]} {day.day}, {day.year}"
+
+
+def _date_answer(kind: str, dates: tuple[str, ...], value: str, words: bool) -> str:
+    """The concise answer of a dates question: its weekday, its day count, or today's date (``value``)."""
+    said = [_say_date(d, words) for d in dates]
+    if kind == "weekday":
+        return _capitalize(WEEKDAY_ANSWER.format(d=said[0], x=value))
+    if kind == "days":
+        return DAYS_ANSWER.format(x=value, d1=said[0], d2=said[1])
+    return TODAY_ANSWER.format(d=_say_date(value, words))

@@ -6,6 +6,15 @@ with harmful requests in configurable shares (``TaskConfig``), the way real demo
 uneven; validation demonstrations are clean. The rule-based ``Labeler`` ranks K candidate responses
 per preference prompt: right over wrong, the right refusal behaviour, concise over padded.
 
+Tool families (on when the mix gives them a weight) follow the same plan with their own kinds of
+noise: of the right demonstrations, ``unaided_share`` (calc and dates) answer without the tool, in the
+head; of the wrong ones, half misuse the tool (a wrong expression, date or argument, whose result
+the answer then states; for a functions prompt no function fits, a needless call) and half are a
+wrong answer without a call. Their rankings hold the right transcript, the right answer without the
+tool, the wrong answer, each misuse, the padded transcript and a refusal, ranked by the labeler.
+Transcripts are written as OpenAI messages, with a top-level ``"tools"`` where the prompt declares
+functions (``read_conversations``, ``read_preferences`` and ``read_prompts`` read them).
+
 Everything random goes through ``random.Random`` seeded with strings, one stream per output file, so
 the same world, seed and config always give the same files, and changing one count leaves the
 other files as they were.
@@ -15,16 +24,25 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from chatforge.chat import Message
-from chatforge.data.tasks.config import TaskConfig
+from chatforge.chat import Conversation, Message
+from chatforge.data.tasks.calls import Response, final_text, response_json, with_final
+from chatforge.data.tasks.config import TaskConfig, meta_config
 from chatforge.data.tasks.families import Task, _messages_json, _TaskMaker
 from chatforge.data.tasks.items import Item, Key, _apportion, build_items
 from chatforge.data.tasks.labeler import Labeler
 from chatforge.data.tasks.scorer import Scorer
-from chatforge.data.tasks.vocabulary import FAMILIES, FILLER_CLOSERS, FILLER_OPENERS, RESTATEMENTS
+from chatforge.data.tasks.vocabulary import (
+    ALL_FAMILIES,
+    FAMILIES,
+    FILLER_CLOSERS,
+    FILLER_OPENERS,
+    RESTATEMENTS,
+    TOOL_FAMILIES,
+)
 from chatforge.data.world import World
 from chatforge.errors import ConfigError
 from chatforge.files import atomic_write, strict_json
@@ -41,12 +59,22 @@ def _restate(question: str, text: str, rng: random.Random) -> str:
     return rng.choice(RESTATEMENTS).format(q=question, a=text)
 
 
-def _styled(text: str, style: str, question: str, rng: random.Random) -> str:
+def _styled(response: Response, style: str, question: str, rng: random.Random) -> Response:
+    """The response in a labeler's style; a transcript's final answer is what gets padded or restated."""
+    text = final_text(response)
     if style == "padded":
-        return _pad(text, rng)
+        return with_final(response, _pad(text, rng))
     if style == "verbose":
-        return _restate(question, text, rng)
-    return text
+        return with_final(response, _restate(question, text, rng))
+    return response
+
+
+def _messages(response: Response) -> tuple[Message, ...]:
+    return (Message("assistant", response),) if isinstance(response, str) else response
+
+
+def _has_tool_turns(messages: tuple[Message, ...]) -> bool:
+    return any(m.role in ("tool_call", "tool_result") for m in messages)
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,16 +84,22 @@ def _styled(text: str, style: str, question: str, rng: random.Random) -> str:
 
 @dataclass(frozen=True)
 class Demo:
-    """An SFT conversation: a prompt and one demonstrated assistant turn."""
+    """An SFT conversation: a prompt and one demonstrated answer (an assistant turn, or calls, results
+    and the assistant's answer)."""
 
     messages: tuple[Message, ...]
     family: str
     key: Key
-    correct: bool  # right content; for harmful requests, refused
+    correct: bool  # right content (and right tool use); for harmful requests, refused
     style: str  # "concise", "padded" or "verbose"
+    tools: tuple[dict[str, Any], ...] = ()  # the functions the prompt declares
+    kind: str = "plain"  # tool families: "tool", "unaided", "wrong" or "misused" (see the module docstring)
 
     def to_json(self) -> dict:
-        return {"messages": _messages_json(self.messages), "family": self.family}
+        if not self.tools and not _has_tool_turns(self.messages):
+            return {"messages": _messages_json(self.messages), "family": self.family}
+        out: dict[str, Any] = {"messages": Conversation(list(self.messages)).to_openai()}
+        return out | ({"tools": list(self.tools)} if self.tools else {}) | {"family": self.family}
 
 
 @dataclass(frozen=True)
@@ -73,12 +107,14 @@ class Ranking:
     """A preference prompt and its responses, best first."""
 
     prompt: tuple[Message, ...]
-    responses: tuple[str, ...]
+    responses: tuple[Response, ...]
     family: str
     key: Key
+    tools: tuple[dict[str, Any], ...] = ()  # the functions the prompt declares
 
     def to_json(self) -> dict:
-        return {"prompt": _messages_json(self.prompt), "responses": list(self.responses), "family": self.family}
+        out = {"prompt": _messages_json(self.prompt), "responses": [response_json(r) for r in self.responses]}
+        return out | ({"tools": list(self.tools)} if self.tools else {}) | {"family": self.family}
 
 
 @dataclass
@@ -118,7 +154,7 @@ class _Builder:
     def quotas(self, split: str, n: int) -> dict[str, int]:
         """How many records of each family, by the mix, among families that have items in ``split``."""
         shares = self.config.mix.shares()
-        families = [f for f in FAMILIES if self.items[split][f] and shares[f] > 0]
+        families = [f for f in ALL_FAMILIES if self.items[split][f] and shares[f] > 0]
         if n and not families:
             raise ConfigError(f"no task items in split {split!r}; raise its share or the world's size")
         return dict(zip(families, _apportion(n, [shares[f] for f in families]))) if families else {}
@@ -128,7 +164,7 @@ class _Builder:
         ``distinct`` a few other phrasings are tried before a prompt is repeated."""
         items = self.items[split][family]
         out: list[Task] = []
-        seen: set[tuple[Message, ...]] = set()
+        seen: set[tuple[Message, ...]] = set()  # (a functions prompt is the same whatever it declares)
         for item in _cycle(items, rng):
             if len(out) >= n:
                 break
@@ -146,11 +182,29 @@ class _Builder:
         for family, count in self.quotas(split, n).items():
             tasks = self.draw(split, family, count, rng)
             styles, rights = self.noise_plan(family, count, rng) if noisy else (["concise"] * count, [True] * count)
-            for task, style, right in zip(tasks, styles, rights):
-                text = _styled(task.answer if right else task.wrong, style, task.question, rng)
-                demos.append(Demo((*task.prompt, Message("assistant", text)), family, task.key, right, style))
+            if family not in TOOL_FAMILIES:
+                for task, style, right in zip(tasks, styles, rights):
+                    text = _styled(task.answer if right else task.wrong, style, task.question, rng)
+                    demos.append(Demo((*task.prompt, Message("assistant", text)), family, task.key, right, style))
+                continue
+            for task, style, right, kind in zip(tasks, styles, rights, self.tool_plan(family, rights, rng)):
+                response = _styled(_demonstrated(task, kind), style, task.question, rng)
+                demos.append(Demo((*task.prompt, *_messages(response)), family, task.key, right, style, task.tools,
+                                  kind))
         rng.shuffle(demos)
         return demos
+
+    def tool_plan(self, family: str, rights: list[bool], rng: random.Random) -> list[str]:
+        """How each tool-family demonstration answers, in exact shares: of the right ones ``unaided_share``
+        without the tool (calc and dates only), of the wrong ones half misusing it."""
+        n_right = sum(rights)
+        n_unaided = round(n_right * self.config.unaided_share) if family != "functions" else 0
+        n_misused = (len(rights) - n_right) // 2
+        right_kinds = ["unaided"] * n_unaided + ["tool"] * (n_right - n_unaided)
+        wrong_kinds = ["misused"] * n_misused + ["wrong"] * (len(rights) - n_right - n_misused)
+        rng.shuffle(right_kinds)
+        rng.shuffle(wrong_kinds)
+        return [right_kinds.pop() if right else wrong_kinds.pop() for right in rights]
 
     def noise_plan(self, family: str, n: int, rng: random.Random) -> tuple[list[str], list[bool]]:
         """Exact shares (not coin flips) so a small file still has the configured noise."""
@@ -169,15 +223,17 @@ class _Builder:
         out: list[Ranking] = []
         for family, count in self.quotas(split, n).items():
             for task in self.draw(split, family, count, rng, distinct=True):
-                candidates = self.candidates(task, rng)
+                tools = family in TOOL_FAMILIES
+                candidates = self.tool_candidates(task, rng) if tools else self.candidates(task, rng)
                 if extra is not None:
                     candidates += list(extra(list(task.prompt)))
-                ranked = self.labeler.rank(task.prompt, candidates)
-                out.append(Ranking(task.prompt, tuple(ranked), family, task.key))
+                prompt = Conversation(list(task.prompt), list(task.tools)) if tools else task.prompt
+                ranked = self.labeler.rank(prompt, candidates, family if tools else None)
+                out.append(Ranking(task.prompt, tuple(ranked), family, task.key, task.tools))
         rng.shuffle(out)
         return out
 
-    def candidates(self, task: Task, rng: random.Random) -> list[str]:
+    def candidates(self, task: Task, rng: random.Random) -> list[Response]:
         """K rule-made responses: the right one concise, padded, restated and cut short, the wrong one
         concise and padded, and one more of the other behaviour (a refusal; for harmful requests,
         another refusal). The cut-short answer teaches the reward model that brevity alone is not
@@ -191,6 +247,14 @@ class _Builder:
         rest = rights[:first] + rights[first + 1 :] + others
         return [rights[first], *rng.sample(rest, k - 1)]
 
+    def tool_candidates(self, task: Task, rng: random.Random) -> list[Response]:
+        """K responses to a tool family's prompt: the right transcript, and K - 1 of: the right answer
+        without the tool, the wrong answer, each misuse of the tool, the right transcript padded, a refusal."""
+        others = [r for r in (task.unaided, task.wrong, *task.misused) if r is not None]
+        others += [_styled(task.answer, "padded", task.question, rng), task.alternative]
+        k = min(rng.randint(self.config.min_candidates, self.config.max_candidates), len(others) + 1)
+        return [task.answer, *rng.sample(others, k - 1)]
+
     def prompts(self, split: str, n: int, purpose: str) -> list[Task]:
         rng = self.rng(purpose)
         out = [t for family, count in self.quotas(split, n).items()
@@ -200,8 +264,21 @@ class _Builder:
 
     def eval(self, n_per_family: int) -> list[Task]:
         rng = self.rng("eval")
-        return [t for family in FAMILIES if self.items["heldout"][family]
+        return [t for family in self.families() if self.items["heldout"][family]
                 for t in self.draw("heldout", family, n_per_family, rng, distinct=True)]
+
+    def families(self) -> tuple[str, ...]:
+        """The families written: the plain ones, and the tool families the mix turns on."""
+        return FAMILIES + self.config.tool_families
+
+
+def _demonstrated(task: Task, kind: str) -> Response:
+    """A tool family's demonstration of one kind (``Builder.tool_plan``)."""
+    if kind == "unaided" and task.unaided is not None:
+        return task.unaided
+    if kind == "misused":
+        return task.misused[0]
+    return task.wrong if kind == "wrong" else task.answer
 
 
 def _cut_short(answer: str) -> str:
@@ -236,7 +313,7 @@ def build_tasks(world: World, seed: int = 0, config: TaskConfig | None = None,
         rl_train=b.prompts("rl", config.rl_train, "rl_train"),
         rl_val=b.prompts("heldout", config.rl_val, "rl_val"),
         eval=b.eval(config.eval_per_family),
-        items=b.items,
+        items={s: {f: b.items[s][f] for f in b.families()} for s in b.items},
     )
 
 
@@ -273,8 +350,8 @@ def write_tasks(out_dir: str | Path, world: World, seed: int = 0, config: TaskCo
         "version": 1,
         "seed": seed,
         "world_seed": world.seed,
-        "config": asdict(config),
-        "families": list(FAMILIES),
+        "config": meta_config(config),
+        "families": list(FAMILIES + config.tool_families),
         "counts": {name: len(recs) for name, recs in records.items()},
         "items": {s: {f: len(items) for f, items in by_family.items()} for s, by_family in tasks.items.items()},
     }

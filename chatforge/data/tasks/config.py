@@ -1,11 +1,17 @@
 """What the task world builds: ``FamilyMix`` (each family's share of the SFT, preference and RL
-files) and ``TaskConfig`` (counts, split shares, the labelers' noise, candidates per ranking)."""
+files) and ``TaskConfig`` (counts, split shares, the labelers' noise, candidates per ranking).
+
+The tool families (``calc``, ``dates``, ``functions``) have share 0 by default, so the default files
+are byte for byte what they were before tool families existed: the tool settings (``TOOL_FIELDS``)
+and the tool families' mix weights are left out of ``tasks.json`` while no tool family is on
+(``meta_config``). ``TaskConfig.with_tools()`` turns them on with ``TOOL_MIX``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+import datetime
+from dataclasses import asdict, dataclass, field, fields, replace
 
-from chatforge.data.tasks.vocabulary import SPLITS
+from chatforge.data.tasks.vocabulary import SPLITS, TODAY, TOOL_FAMILIES
 from chatforge.errors import ConfigError
 
 
@@ -19,6 +25,9 @@ class FamilyMix:
     words: float = 0.15
     harmful: float = 0.125
     harmless: float = 0.125
+    calc: float = 0.0  # tool families: off unless given a weight (see TOOL_MIX)
+    dates: float = 0.0
+    functions: float = 0.0
 
     def shares(self) -> dict[str, float]:
         weights = {f.name: float(getattr(self, f.name)) for f in fields(self)}
@@ -28,6 +37,7 @@ class FamilyMix:
         return {k: w / total for k, w in weights.items()}
 
 
+TOOL_MIX = {"calc": 0.15, "dates": 0.10, "functions": 0.15}  # weights `TaskConfig.with_tools` gives them
 COUNT_FIELDS = ("sft_train", "sft_val", "prefs_train", "prefs_val", "rl_train", "rl_val", "eval_per_family")
 
 
@@ -58,13 +68,21 @@ class TaskConfig:
     arithmetic_items_per_op: int = 500  # distinct (a, b) per operation in the item pool
     min_candidates: int = 4  # rule-made responses per preference prompt (before extra_candidates)
     max_candidates: int = 6
+    # Tool families (used only when one has a weight in `mix`).
+    declare_builtin_tools: bool = True  # calc/dates records declare the calculator and calendar in the system
+    # turn; False: no declaration (the model learns their API from demonstrations, as Toolformer did; both
+    # specs cost ~600 tokens, too many for a 128-token context)
+    today: str = TODAY  # the calendar's fixed clock in data and evaluation (YYYY-MM-DD)
+    unaided_share: float = 0.15  # calc/dates demonstrations answered right without the tool (in the head)
+    functions_fit_share: float = 0.7  # functions prompts where a declared function answers the request
+    max_functions: int = 4  # functions declared per functions prompt: 1 to this many
 
     def __post_init__(self) -> None:
         for name in COUNT_FIELDS:
             if getattr(self, name) < 0:
                 raise ConfigError(f"task config: {name} must be >= 0, got {getattr(self, name)}")
         for name in ("padded_share", "verbose_share", "wrong_share", "harmful_comply_share", "system_prompt_share",
-                     "arithmetic_words_share"):
+                     "arithmetic_words_share", "unaided_share", "functions_fit_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"task config: {name} must be in [0, 1], got {getattr(self, name)}")
         if self.padded_share + self.verbose_share > 1.0:
@@ -77,7 +95,22 @@ class TaskConfig:
         if not 1 <= self.arithmetic_items_per_op <= 700:  # 2-digit x 1-digit has only 720 pairs
             raise ConfigError(f"task config: arithmetic_items_per_op must be in 1..700, "
                               f"got {self.arithmetic_items_per_op}")
+        if not 1 <= self.max_functions <= 4:
+            raise ConfigError(f"task config: max_functions must be in 1..4, got {self.max_functions}")
+        try:
+            datetime.date.fromisoformat(self.today)
+        except (TypeError, ValueError):
+            raise ConfigError(f"task config: today must be a date YYYY-MM-DD, got {self.today!r}") from None
         self.mix.shares()
+
+    @property
+    def tool_families(self) -> tuple[str, ...]:
+        """The tool families with a weight in the mix: the ones written, and evaluated."""
+        return tuple(f for f in TOOL_FAMILIES if getattr(self.mix, f) > 0)
+
+    def with_tools(self, **weights: float) -> TaskConfig:
+        """The same recipe with the tool families on (``TOOL_MIX``'s weights, or the ones given)."""
+        return replace(self, mix=replace(self.mix, **(TOOL_MIX | weights)))
 
     def scaled(self, factor: float) -> TaskConfig:
         """The same recipe with every count multiplied by factor (at least 1 each): a smaller or larger set."""
@@ -85,3 +118,17 @@ class TaskConfig:
 
     def split_shares(self) -> dict[str, float]:
         return {s: float(getattr(self, f"split_{s}")) for s in SPLITS}
+
+
+TOOL_FIELDS = ("declare_builtin_tools", "today", "unaided_share", "functions_fit_share", "max_functions")
+
+
+def meta_config(config: TaskConfig) -> dict:
+    """The config as ``tasks.json`` records it; without tool families, exactly as before they existed."""
+    out = asdict(config)
+    if not config.tool_families:
+        for name in TOOL_FIELDS:
+            del out[name]
+        for name in TOOL_FAMILIES:
+            del out["mix"][name]
+    return out

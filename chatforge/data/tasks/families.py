@@ -1,20 +1,56 @@
 """Tasks: prompts with their rule-made responses. One maker per family turns an item into a prompt
 in a random phrasing, with the concise right answer, a concise wrong one and a response of the
-other behaviour (a refusal; for harmful requests, a compliance and a second refusal)."""
+other behaviour (a refusal; for harmful requests, a compliance and a second refusal).
+
+Tool families' right answers are transcripts (calls.py): the call, its result, then the answer that
+states it. Their tasks also carry the right answer given without the tool (``unaided``: computed in
+the head, or a fact from memory) and the ways of misusing a tool (``misused``: a call with wrong
+arguments whose result is then stated, a right call whose result the answer contradicts, a call
+where no declared function fits). The results in them are what the tools return (the calculator,
+the calendar on the config's fixed clock, the world's functions), so evaluation's engine feeds a
+model the same results the data showed.
+
+- ``calc``: arithmetic's questions; the call is ``calculator(expression="12 * 7")`` in digits, whatever
+  the question's style.
+- ``dates``: a date's weekday, the days from one date to another, today's date (``calendar``).
+- ``functions``: a fact question beside 1 to ``max_functions`` declared world functions; with
+  ``functions_fit_share`` one of them answers it (call it with the subject), otherwise none does
+  (answer from what the model knows, without a call).
+"""
 
 from __future__ import annotations
 
+import datetime
+import json
 import random
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from chatforge.chat import Message
-from chatforge.data.tasks.answers import _apply, _arithmetic_answer, _harmless_answer, _times, _word_answer
+from chatforge.data.tasks.answers import (
+    _apply,
+    _arithmetic_answer,
+    _date_answer,
+    _harmless_answer,
+    _say_date,
+    _times,
+    _word_answer,
+)
+from chatforge.data.tasks.calls import Response, builtin_specs, function_name, function_spec, transcript, world_tools
 from chatforge.data.tasks.config import TaskConfig
 from chatforge.data.tasks.items import Item, Key
 from chatforge.data.tasks.text import _capitalize
-from chatforge.data.tasks.vocabulary import COMPLIANCES, HARMLESS_ACTS, REFUSALS, SYSTEM_PROMPTS
+from chatforge.data.tasks.vocabulary import (
+    COMPLIANCES,
+    DAYS_QUESTIONS,
+    HARMLESS_ACTS,
+    REFUSALS,
+    SYSTEM_PROMPTS,
+    TODAY_QUESTIONS,
+    WEEKDAY_QUESTIONS,
+)
 from chatforge.data.world import (
     ARITHMETIC_QUESTIONS,
     ATTRIBUTES,
@@ -24,6 +60,9 @@ from chatforge.data.world import (
     World,
     number_to_words,
 )
+from chatforge.tools import WEEKDAYS, calculate, days_between, run_tool_call, weekday
+
+CALC_SYMBOLS = {"plus": "+", "minus": "-", "times": "*"}
 
 
 @dataclass(frozen=True)
@@ -33,17 +72,21 @@ class Task:
     family: str
     key: Key
     prompt: tuple[Message, ...]
-    answer: str  # the concise right response (a refusal for harmful requests)
-    wrong: str  # a concise wrong one (compliance for harmful requests)
-    alternative: str  # another response of the wrong behaviour kind: a refusal, or a second refusal if harmful
+    answer: Response  # the concise right response (a refusal for harmful requests; a transcript with tools)
+    wrong: Response  # a concise wrong one (compliance for harmful requests)
+    alternative: Response  # another response of the wrong behaviour kind: a refusal, or a second refusal if harmful
     related: tuple[Key, ...] = ()  # other items the prompt reveals (a follow-up's first turn)
+    tools: tuple[dict[str, Any], ...] = ()  # functions the prompt declares (OpenAI function objects)
+    unaided: Response | None = None  # tool families: the right answer without a call (None: there is none)
+    misused: tuple[Response, ...] = ()  # tool families: transcripts that misuse a tool
 
     @property
     def question(self) -> str:
         return self.prompt[-1].content
 
     def to_json(self) -> dict:
-        return {"prompt": _messages_json(self.prompt), "family": self.family}
+        out: dict[str, Any] = {"prompt": _messages_json(self.prompt), "family": self.family}
+        return out | {"tools": list(self.tools)} if self.tools else out
 
 
 def _messages_json(messages: Sequence[Message]) -> list[dict[str, str]]:
@@ -56,12 +99,12 @@ class _TaskMaker:
     def __init__(self, world: World, config: TaskConfig) -> None:
         self.world = world
         self.config = config
+        self.functions = world_tools(world)
 
     def make(self, item: Item, rng: random.Random) -> Task:
         task = getattr(self, f"_{item.family}")(item, rng)
         if rng.random() < self.config.system_prompt_share:
-            task = Task(task.family, task.key, (Message("system", rng.choice(SYSTEM_PROMPTS)), *task.prompt),
-                        task.answer, task.wrong, task.alternative, task.related)
+            task = replace(task, prompt=(Message("system", rng.choice(SYSTEM_PROMPTS)), *task.prompt))
         return task
 
     def _wrong_value(self, subject: str, attribute: str, rng: random.Random) -> str:
@@ -96,6 +139,10 @@ class _TaskMaker:
                     (("fact", subject, first.name),))
 
     def _arithmetic(self, item: Item, rng: random.Random) -> Task:
+        return self._arithmetic_task(item, rng)[0]
+
+    def _arithmetic_task(self, item: Item, rng: random.Random) -> tuple[Task, bool]:
+        """The task, and whether its numbers are in words."""
         _, op, a_text, b_text = item.key
         a, b = int(a_text), int(b_text)
         words = rng.random() < self.config.arithmetic_words_share
@@ -104,7 +151,7 @@ class _TaskMaker:
         c = _apply(op, a, b)
         off = rng.choice([d for d in (-10, -2, -1, 1, 2, 10, 100) if 0 <= c + d <= 999])
         return Task("arithmetic", item.key, (Message("user", question),), _arithmetic_answer(op, a, b, words),
-                    _arithmetic_answer(op, a, b, words, c + off), rng.choice(REFUSALS))
+                    _arithmetic_answer(op, a, b, words, c + off), rng.choice(REFUSALS)), words
 
     def _words(self, item: Item, rng: random.Random) -> Task:
         _, task, word = item.key
@@ -145,3 +192,105 @@ class _TaskMaker:
         wrong = _harmless_answer(other if rng.random() < 0.5 else act, steps_of=other)
         return Task("harmless", item.key, (Message("user", template.format(act=act)),), _harmless_answer(act),
                     wrong, rng.choice(REFUSALS))
+
+    # ---- tool families ---------------------------------------------------------------------------
+
+    def _builtin_tools(self) -> tuple[dict[str, Any], ...]:
+        return tuple(builtin_specs()) if self.config.declare_builtin_tools else ()
+
+    def _calc(self, item: Item, rng: random.Random) -> Task:
+        """Arithmetic's task, answered through the calculator; a wrong call has one operand off by one."""
+        plain, words = self._arithmetic_task(item, rng)
+        _, op, a_text, b_text = item.key
+        a, b = int(a_text), int(b_text)
+        step = rng.choice((-1, 1))
+        bad_a, bad_b = (a + step, b) if rng.random() < 0.5 else (a, b + step)
+        bad = _arithmetic_answer(op, a, b, words, _apply(op, bad_a, bad_b))
+        misused = (_calculator_call(op, bad_a, bad_b, bad), _calculator_call(op, a, b, plain.wrong))
+        return replace(plain, family="calc", answer=_calculator_call(op, a, b, plain.answer),
+                       tools=self._builtin_tools(), unaided=plain.answer, misused=misused)
+
+    def _dates(self, item: Item, rng: random.Random) -> Task:
+        """A weekday, a day count or today's date through the calendar; a wrong call is a day off."""
+        kind, dates = item.key[1], item.key[2:]
+        words = rng.random() < 0.5
+        said = [_say_date(d, words) for d in dates]
+        if kind == "weekday":
+            question = rng.choice(WEEKDAY_QUESTIONS).format(d=said[0])
+            args, bad_args = {"date": dates[0]}, {"date": _shift(dates[0], rng.choice((-1, 1)))}
+        elif kind == "days":
+            question = rng.choice(DAYS_QUESTIONS).format(d1=said[0], d2=said[1])
+            args = {"start": dates[0], "end": dates[1]}
+            bad_args = {"start": dates[0], "end": _shift(dates[1], rng.choice((-1, 1)))}
+        else:
+            question, dates = TODAY_QUESTIONS[int(dates[0])], ()
+            args, bad_args = {}, {"date": self.config.today}  # the weekday of today is not its date
+        operation = {"weekday": "weekday", "days": "days_between", "today": "today"}[kind]
+        value, bad_value = self._calendar(operation, args), self._calendar("weekday" if kind == "today" else
+                                                                          operation, bad_args)
+        wrong_value = _wrong_date_value(kind, value, rng)
+        right, wrong = (_date_answer(kind, dates, v, words) for v in (value, wrong_value))
+        bad = f"Today is {bad_value}." if kind == "today" else _date_answer(kind, dates, bad_value, words)
+        bad_operation = "weekday" if kind == "today" else operation
+        call = ("calendar", {"operation": operation, **args}, value)
+        misused = (transcript([("calendar", {"operation": bad_operation, **bad_args}, bad_value)], bad),
+                   transcript([call], wrong))
+        return Task("dates", item.key, (Message("user", _capitalize(question)),), transcript([call], right), wrong,
+                    rng.choice(REFUSALS), tools=self._builtin_tools(), unaided=None if kind == "today" else right,
+                    misused=misused)
+
+    def _calendar(self, operation: str, args: dict[str, str]) -> str:
+        if operation == "weekday":
+            return weekday(args["date"])
+        if operation == "days_between":
+            return days_between(args["start"], args["end"])
+        return self.config.today
+
+    def _functions(self, item: Item, rng: random.Random) -> Task:
+        """A fact question beside 1-4 declared world functions: call the one that fits, or answer directly."""
+        _, subject, attribute = item.key
+        attr = ATTRIBUTES[attribute]
+        question = attr.question(subject, rng.randrange(len(attr.questions)))
+        right, wrong = self._fact_parts(subject, attribute, rng)
+        fits = rng.random() < self.config.functions_fit_share
+        n = rng.randint(1, self.config.max_functions)
+        declared = rng.sample([a for a in ATTRIBUTES if a != attribute], n - fits) + [attribute] * fits
+        rng.shuffle(declared)
+        kind = attr.subject_kind
+        if fits:
+            other = rng.choice([e.name for e in self.world.entities_of(kind) if e.name != subject])
+            answer = self._function_call(attribute, kind, subject, right)
+            other_value = self.world.lookup(other, attribute)
+            misused = (self._function_call(attribute, kind, other, attr.answer(subject, other_value)),
+                       self._function_call(attribute, kind, subject, wrong))
+            unaided: Response | None = right
+        else:  # the needless call: a declared function (one about this subject's kind when there is one)
+            needless = next((a for a in declared if ATTRIBUTES[a].subject_kind == kind), declared[0])
+            answer, unaided = right, None
+            misused = (self._function_call(needless, ATTRIBUTES[needless].subject_kind, subject, right),)
+        return Task("functions", item.key, (Message("user", question),), answer, wrong, rng.choice(REFUSALS),
+                    tools=tuple(function_spec(a) for a in declared), unaided=unaided, misused=misused)
+
+    def _function_call(self, attribute: str, kind: str, subject: str, final: str) -> Response:
+        """`get_<attribute>({kind: subject})`, the world's result (an error for a subject of another kind), `final`."""
+        name, args = function_name(attribute), {kind: subject}
+        result = run_tool_call(json.dumps({"name": name, "arguments": args}), self.functions).content
+        return transcript([(name, args, result)], final)
+
+
+def _calculator_call(op: str, a: int, b: int, final: str) -> Response:
+    expression = f"{a} {CALC_SYMBOLS[op]} {b}"
+    return transcript([("calculator", {"expression": expression}, calculate(expression))], final)
+
+
+def _shift(iso: str, days: int) -> str:
+    return (datetime.date.fromisoformat(iso) + datetime.timedelta(days=days)).isoformat()
+
+
+def _wrong_date_value(kind: str, value: str, rng: random.Random) -> str:
+    """Another weekday, a count off by one or a week, or a day near today."""
+    if kind == "weekday":
+        return rng.choice([w for w in WEEKDAYS if w != value])
+    if kind == "days":
+        return str(int(value) + rng.choice([d for d in (-7, -1, 1, 7) if int(value) + d > 1]))
+    return _shift(value, rng.choice((-1, 1, 7)))

@@ -8,12 +8,21 @@ so it is always a fact from the same split.
 
 from __future__ import annotations
 
+import datetime
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from chatforge.data.tasks.config import TaskConfig
-from chatforge.data.tasks.vocabulary import FAMILIES, HARMFUL_ACTS, HARMLESS_ACTS, REQUEST_TEMPLATES, SPLITS, WORD_TASKS
+from chatforge.data.tasks.vocabulary import (
+    ALL_FAMILIES,
+    HARMFUL_ACTS,
+    HARMLESS_ACTS,
+    REQUEST_TEMPLATES,
+    SPLITS,
+    TODAY_QUESTIONS,
+    WORD_TASKS,
+)
 from chatforge.data.world import COLOURS, COUNTABLE_ITEMS, PETS, PRODUCTS, PROFESSIONS, World
 
 Key = tuple[str, ...]
@@ -82,6 +91,26 @@ def _arithmetic_keys(rng: random.Random, per_op: int) -> list[Key]:
     return keys
 
 
+DATES_PER_KIND = 400  # weekday dates and day spans in the pool
+_FIRST_DAY = datetime.date(2000, 1, 1).toordinal()
+_LAST_DAY = datetime.date(2039, 12, 31).toordinal()
+
+
+def _date_keys(rng: random.Random) -> list[Key]:
+    """Weekday questions over 2000-2039, spans of 2 to 400 days, and one item per "today" phrasing."""
+    def day(ordinal: int) -> str:
+        return datetime.date.fromordinal(ordinal).isoformat()
+
+    weekdays = rng.sample(range(_FIRST_DAY, _LAST_DAY + 1), DATES_PER_KIND)
+    spans: dict[tuple[int, int], None] = {}
+    while len(spans) < DATES_PER_KIND:
+        start = rng.randint(_FIRST_DAY, _LAST_DAY - 400)
+        spans[(start, start + rng.randint(2, 400))] = None
+    return ([("dates", "weekday", day(d)) for d in weekdays]
+            + [("dates", "days", day(a), day(b)) for a, b in spans]
+            + [("dates", "today", str(i)) for i in range(len(TODAY_QUESTIONS))])
+
+
 def build_items(world: World, seed: int = 0, config: TaskConfig | None = None) -> dict[str, dict[str, list[Item]]]:
     """The items of every split and family: ``items[split][family]``, each item in exactly one split."""
     config = config or TaskConfig()
@@ -102,10 +131,18 @@ def build_items(world: World, seed: int = 0, config: TaskConfig | None = None) -
     split_of: dict[Key, str] = {}
     for group, keys in groups.items():
         split_of.update(_cut(keys, shares, rng(group)))
-    items: dict[str, dict[str, list[Item]]] = {s: {f: [] for f in FAMILIES} for s in SPLITS}
+    date_keys = _date_keys(rng("dates-pool"))
+    split_of.update(_cut(date_keys, shares, rng("dates")))
+    items: dict[str, dict[str, list[Item]]] = {s: {f: [] for f in ALL_FAMILIES} for s in SPLITS}
     for group, keys in groups.items():
         for key in keys:
             items[split_of[key]][group].append(Item(group, key))
+    for key in groups["arithmetic"]:  # the same questions, with the calculator
+        items[split_of[key]]["calc"].append(Item("calc", key))
+    for key in fact_keys:  # the same facts, beside declared functions
+        items[split_of[key]]["functions"].append(Item("functions", key))
+    for key in date_keys:
+        items[split_of[key]]["dates"].append(Item("dates", key))
     for key in fact_keys:  # a follow-up's first turn reveals a fact too: only one from the same split
         _, subject, attribute = key
         partners = tuple(a for a in world.entity(subject).attributes

@@ -1,12 +1,22 @@
 """The labeler: ranks K candidate responses per preference prompt by the scorer's rules (right over
 wrong, the right refusal behaviour, concise over padded). It stands in for human labelers'
-judgement when rankings are made; it never judges held-out answers -- only the scorer does."""
+judgement when rankings are made; it never judges held-out answers -- only the scorer does.
+
+Responses may be transcripts (calls, results, the answer). Among responses the scorer values alike,
+a tool family's are ordered by how they used the tool: a right call with a right answer, then a
+right answer without a call, then the rest. So the labeler prefers a correct call over a correct
+answer computed in the head, and both over a wrong answer; a call with wrong arguments (or a needless
+call, or a result the answer contradicts) scores 0, so it never comes before an honest right answer.
+For functions prompts where a declared function fits, a right answer from memory scores 0 (the
+request asked for the function) but still comes before the wrong ones among the zeros."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from chatforge.data.tasks.scorer import Prompt, Scorer
+from chatforge.chat import Message
+from chatforge.data.tasks.calls import Response, as_response, final_text, response_key
+from chatforge.data.tasks.scorer import Prompt, Score, Scorer
 from chatforge.data.tasks.text import _norm
 
 
@@ -36,18 +46,34 @@ class Labeler:
         self.near_misses_first = near_misses_first
         self.over_refusals_last = over_refusals_last
 
-    def rank(self, prompt: Prompt, responses: Sequence[str]) -> list[str]:
-        unique = list(dict.fromkeys(r for r in responses if r.strip()))
-        scores = self.scorer.score_all(prompt, unique)
-        reference = set(_norm(self.scorer.reference(prompt) or "").split())
+    def rank(self, prompt: Prompt, responses: Sequence[str | Sequence[Message]],
+             family: str | None = None) -> list[Response]:
+        """The responses best first (strings stay strings; transcripts come back as tuples); `family` is
+        the prompt's label, for the scorer."""
+        unique = list(dict.fromkeys(r for r in map(as_response, responses) if r and _says_something(r)))
+        scores = self.scorer.score_all(prompt, unique, family)
+        reference = set(_norm(self.scorer.reference(prompt, family) or "").split())
 
         def nearness(i: int) -> float:  # share of the right answer's words, for wrong answers only
             if not self.near_misses_first or scores[i].value > 0 or not reference:
                 return 0.0
-            return round(len(reference & set(_norm(unique[i]).split())) / len(reference), 2)
+            return round(len(reference & set(_norm(final_text(unique[i])).split())) / len(reference), 2)
 
-        over_refusal = self.over_refusals_last and self.scorer.family(prompt) == "harmless"
+        over_refusal = self.over_refusals_last and self.scorer.family(prompt, family) == "harmless"
         order = sorted(range(len(unique)),
-                       key=lambda i: (-scores[i].value, over_refusal and scores[i].refused, -nearness(i),
-                                      scores[i].padded, scores[i].length, unique[i]))
+                       key=lambda i: (-scores[i].value, -_tool_use(scores[i]), over_refusal and scores[i].refused,
+                                      -nearness(i), scores[i].padded, scores[i].length, response_key(unique[i])))
         return [unique[i] for i in order]
+
+
+def _says_something(response: Response) -> bool:
+    """Whether a response says anything: text that is not blank, or a transcript."""
+    return bool(response.strip()) if isinstance(response, str) else True
+
+
+def _tool_use(score: Score) -> int:
+    """2: a right call and a right answer; 1: a right answer without a call; 0: anything else (and
+    every response of a family without tools, so their order is as it always was)."""
+    if score.called is None or not score.correct:
+        return 0
+    return 2 if score.call_correct else 1 if not score.called else 0

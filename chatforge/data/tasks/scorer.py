@@ -8,16 +8,38 @@ The ``Scorer`` is the ground truth for evaluation and never a training signal. `
 - otherwise 1, minus ``PAD_PENALTY`` (0.25) when the response is padded (filler phrases, a
   restatement of the question, a repeated sentence, or more than twice the words of the concise
   reference answer plus 12).
+
+A response is a string or a transcript (calls, results, the answer after them; see calls.py); the
+answer is judged on what the assistant says after its last tool result, padding on all it says.
+Tool families also check the calls, and a response scores 0 when any call is wrong, whatever it says
+after it (a right answer after a wrong call is luck, not a right answer):
+
+- ``calc``: each call is ``calculator`` with an expression worth the question's result (any
+  equivalent expression: "12*7", "7 * 12"); answering right without a call is right too (``called``
+  is False: evaluation reports how often the tool was used);
+- ``dates``: each call is ``calendar`` with the question's operation and dates; a right answer
+  without a call is right;
+- ``functions``: when a declared function fits the question, the answer must come from calling it
+  with the question's subject (``should_call``: an unaided answer scores 0, the request asked for
+  the function); when none fits, any call is wrong and the answer must come directly.
+
+A calc question is arithmetic's question; the scorer reads it as calc when the prompt declares the
+calculator, the response calls a tool, or the caller says so (``family="calc"``: the records' label,
+since without a declaration the prompt text is the same). Likewise a fact question is ``functions``
+when world functions are declared.
 """
 
 from __future__ import annotations
 
+import datetime
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
-from chatforge.chat import Conversation, Message
-from chatforge.data.tasks.answers import _apply, _arithmetic_answer, _harmless_answer, _word_answer
+from chatforge.chat import Conversation, Message, read_tool_call, split_tools_block
+from chatforge.data.tasks.answers import _apply, _arithmetic_answer, _date_answer, _harmless_answer, _word_answer
+from chatforge.data.tasks.calls import Response, final_text, function_name, spoken_text
 from chatforge.data.tasks.text import (
     _COMPLIANCE,
     _has_phrase,
@@ -31,11 +53,16 @@ from chatforge.data.tasks.text import (
 )
 from chatforge.data.tasks.vocabulary import (
     _STATIC_POOLS,
+    DAYS_QUESTIONS,
     HARMFUL_ACTS,
     HARMLESS_ACTS,
+    MONTHS,
     PAD_PENALTY,
     REFUSALS,
     REQUEST_TEMPLATES,
+    TODAY,
+    TODAY_QUESTIONS,
+    WEEKDAY_QUESTIONS,
     WORD_TASKS,
 )
 from chatforge.data.world import (
@@ -48,8 +75,14 @@ from chatforge.data.world import (
     Entity,
     World,
 )
+from chatforge.errors import DataError
+from chatforge.tools import WEEKDAYS, ToolError, days_between, evaluate, weekday
 
 Prompt = str | Conversation | Sequence[Message] | Sequence[dict]
+Call = tuple[str, dict[str, Any]]
+DATE = r"\d{4}-\d{2}-\d{2}|[a-z]+ \d{1,2} \d{4}"  # a date in normalised text: ISO, or "march 15 2024"
+_DATES_IN_TEXT = re.compile(r"\b\d{4}-\d{2}-\d{2}\b|\b(?:" + "|".join(MONTHS) + r") \d{1,2},? \d{4}\b",
+                            re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -63,6 +96,10 @@ class Score:
     padded: bool  # filler, a restated question, a repeated sentence, or far longer than needed
     length: int  # words (whitespace-separated), independent of any tokenizer
     value: float  # 0, 1 - PAD_PENALTY, or 1
+    # tool families (None elsewhere, unless the response calls a tool anyway):
+    called: bool | None = None  # the response made at least one call
+    call_correct: bool | None = None  # every call named the right tool with the right arguments (None: no call)
+    should_call: bool | None = None  # functions: a declared function fits (True) or none does (False)
 
 
 @dataclass(frozen=True)
@@ -73,6 +110,10 @@ class _Check:
     question: str
     reference: str
     is_correct: Callable[[str], bool] | None  # None: correctness does not apply (harmful)
+    judge: Callable[[str, dict[str, Any]], bool] | None = None  # is a call (name, arguments) the right one
+    tools: bool = False  # a tool family: report whether and how it called
+    must_call: bool | None = None  # functions: a call is needed (True) or wrong (False)
+    function: str = ""  # facts: the world function that answers the question (get_<attribute>)
 
 
 def _as_messages(prompt: Prompt) -> list[Message]:
@@ -81,6 +122,32 @@ def _as_messages(prompt: Prompt) -> list[Message]:
     if isinstance(prompt, Conversation):
         return list(prompt.messages)
     return [m if isinstance(m, Message) else Message(m["role"], m["content"]) for m in prompt]
+
+
+def _declared(prompt: Prompt, messages: list[Message]) -> set[str]:
+    """The names of the functions a prompt declares: a Conversation's tools or its system turn's block."""
+    tools = list(prompt.tools) if isinstance(prompt, Conversation) else []
+    if messages and messages[0].role == "system":
+        tools += split_tools_block(messages[0].content)[1] or []
+    return {t["name"] for t in tools}
+
+
+def _calls(response: Response) -> list[Call | None]:
+    """Each call of a transcript as (name, arguments); None for one that is not a readable call."""
+    if isinstance(response, str):
+        return []
+    out: list[Call | None] = []
+    for m in response:
+        if m.role == "tool_call":
+            try:
+                out.append(read_tool_call(m.content))
+            except DataError:
+                out.append(None)
+    return out
+
+
+def _as_response(response: str | Sequence[Message]) -> Response:
+    return response if isinstance(response, str) else tuple(response)
 
 
 class Scorer:
@@ -94,8 +161,9 @@ class Scorer:
     harmful -- a refusal with no instructions after it.
     """
 
-    def __init__(self, world: World) -> None:
+    def __init__(self, world: World, today: str = TODAY) -> None:
         self.world = world
+        self.today = datetime.date.fromisoformat(today)
         self._entities = {e.name.lower(): e for e in world.entities}
         self._pools = self._value_pools(world)
         self._facts = [(_template_regex(q, {"s": r"[a-z][a-z'-]*"}), attr)
@@ -109,6 +177,9 @@ class Scorer:
         self._words = [(_template_regex(q, {"w": r"[a-z]+", "c": r"[a-z]"}), task)
                        for task in WORD_TASKS for q in WORD_GAME_QUESTIONS[task]]
         self._requests = [_template_regex(t, {"act": r"[a-z][a-z' -]*?"}) for t in REQUEST_TEMPLATES]
+        self._dates = [(_template_regex(q, {"d": DATE}), "weekday") for q in WEEKDAY_QUESTIONS]
+        self._dates += [(_template_regex(q, {"d1": DATE, "d2": DATE}), "days") for q in DAYS_QUESTIONS]
+        self._today = {_norm(q) for q in TODAY_QUESTIONS}
 
     @staticmethod
     def _value_pools(world: World) -> dict[str, list[str]]:
@@ -135,39 +206,64 @@ class Scorer:
 
     # ---- scoring -------------------------------------------------------------------------
 
-    def score(self, prompt: Prompt, response: str) -> Score:
-        """Score ``response`` as the assistant's reply to ``prompt`` (its last user turn is the question)."""
-        return self._score(self._parse(_as_messages(prompt)), response)
+    def score(self, prompt: Prompt, response: str | Sequence[Message], family: str | None = None) -> Score:
+        """Score ``response`` (a string or a transcript) as the assistant's reply to ``prompt`` (its last
+        user turn is the question); ``family`` is the record's label, read where the text cannot tell."""
+        return self._score(self._read(prompt, family), _as_response(response))
 
-    def score_all(self, prompt: Prompt, responses: Sequence[str]) -> list[Score]:
+    def score_all(self, prompt: Prompt, responses: Sequence[str | Sequence[Message]],
+                  family: str | None = None) -> list[Score]:
         """``score`` for several responses to one prompt, reading the prompt once."""
-        check = self._parse(_as_messages(prompt))
-        return [self._score(check, r) for r in responses]
+        check = self._read(prompt, family)
+        return [self._score(check, _as_response(r)) for r in responses]
 
-    def family(self, prompt: Prompt) -> str:
-        check = self._parse(_as_messages(prompt))
+    def family(self, prompt: Prompt, family: str | None = None) -> str:
+        check = self._read(prompt, family)
         return check.family if check else "unknown"
 
-    def reference(self, prompt: Prompt) -> str | None:
-        """The concise right response to ``prompt`` (a refusal for harmful requests), or None if unknown."""
-        check = self._parse(_as_messages(prompt))
+    def reference(self, prompt: Prompt, family: str | None = None) -> str | None:
+        """The concise right answer to ``prompt`` (a refusal for harmful requests), or None if unknown;
+        for tool families, what the answer says after the call."""
+        check = self._read(prompt, family)
         return check.reference if check else None
 
-    def _score(self, check: _Check | None, response: str) -> Score:
-        refused = is_refusal(response)
-        length = len(response.split())
+    def _score(self, check: _Check | None, response: Response) -> Score:
+        text, spoken, calls = final_text(response), spoken_text(response), _calls(response)
+        refused = is_refusal(spoken)
+        length = len(spoken.split())
+        called = bool(calls) if calls or (check is not None and check.tools) else None
         if check is None:
-            return Score("unknown", None, False, refused, is_padded(response), length, 0.0)
-        padded = is_padded(response, check.question, check.reference)
+            return Score("unknown", None, False, refused, is_padded(spoken), length, 0.0, called,
+                         False if calls else None)
+        padded = is_padded(spoken, check.question, check.reference)
+        judge = check.judge or (lambda name, args: False)  # a family no tool answers: every call is wrong
+        call_correct = all(c is not None and judge(*c) for c in calls) if calls else None
         if check.is_correct is None:  # harmful: refuse, and give no instructions anyway
-            correct, good = None, refused and not _COMPLIANCE.search(_norm(response))
+            correct, good = None, refused and not _COMPLIANCE.search(_norm(spoken))
         else:
-            correct = check.is_correct(response)
+            correct = check.is_correct(text)
             good = correct and not refused
+        good = good and call_correct is not False and not (check.must_call and not calls)
         value = (1.0 - PAD_PENALTY * padded) if good else 0.0
-        return Score(check.family, correct, check.is_correct is None, refused, padded, length, value)
+        return Score(check.family, correct, check.is_correct is None, refused, padded, length, value, called,
+                     call_correct, check.must_call)
 
     # ---- recognising prompts -------------------------------------------------------------
+
+    def _read(self, prompt: Prompt, family: str | None) -> _Check | None:
+        """The prompt's check, made a tool family's when the prompt declares its tools or `family` says so."""
+        messages = _as_messages(prompt)
+        check = self._parse(messages)
+        if check is None:
+            return None
+        declared = _declared(prompt, messages)
+        if check.family == "arithmetic" and (family == "calc" or "calculator" in declared):
+            return replace(check, family="calc", tools=True)
+        if check.family == "facts" and (family == "functions" or any(n.startswith("get_") for n in declared)):
+            judge = check.judge or (lambda name, args: False)
+            return replace(check, family="functions", tools=True, must_call=check.function in declared,
+                           judge=lambda name, args: name in declared and judge(name, args))
+        return check
 
     def _parse(self, messages: list[Message]) -> _Check | None:
         users = [m.content for m in messages if m.role == "user"]
@@ -175,7 +271,8 @@ class Scorer:
             return None
         question = users[-1]
         q = _norm(question)
-        for parse in (self._parse_fact, self._parse_arithmetic, self._parse_word, self._parse_request):
+        for parse in (self._parse_fact, self._parse_arithmetic, self._parse_word, self._parse_request,
+                      self._parse_date):
             check = parse(question, q)
             if check is not None:
                 return check
@@ -217,7 +314,14 @@ class Scorer:
             present = value.lower() in forms or _has_phrase(normed, value.lower())
             return present and not any(o in forms or (" " in o and _has_phrase(normed, o)) for o in others)
 
-        return _Check(family, question, attr.answer(entity.name, value), is_correct)
+        function = function_name(attr.name)
+
+        def judge(name: str, args: dict[str, Any]) -> bool:
+            given = args.get(attr.subject_kind)
+            return name == function and set(args) == {attr.subject_kind} and isinstance(given, str) \
+                and given.strip().lower() == entity.name.lower()
+
+        return _Check(family, question, attr.answer(entity.name, value), is_correct, judge, function=function)
 
     def _parse_arithmetic(self, question: str, q: str) -> _Check | None:
         for regex, op in self._arithmetic:
@@ -234,7 +338,7 @@ class Scorer:
                 numbers = _numbers(response)
                 return bool(numbers) and numbers[-1] == c
 
-            return _Check("arithmetic", question, reference, is_correct)
+            return _Check("arithmetic", question, reference, is_correct, _calculator_judge(c))
         return None
 
     def _parse_word(self, question: str, q: str) -> _Check | None:
@@ -260,6 +364,86 @@ class Scorer:
             return all(k in forms for k in keywords)
 
         return _Check("harmless", question, _harmless_answer(act), is_correct)
+
+
+    def _parse_date(self, question: str, q: str) -> _Check | None:
+        """A weekday, a day count or today's date: always the dates family (the calendar answers it)."""
+        if q in self._today:
+            today = self.today.isoformat()
+            return _Check("dates", question, _date_answer("today", (), today, False),
+                          lambda text: set(_dates_in(text)) == {self.today},
+                          _calendar_judge({"operation": "today"}), tools=True)
+        for regex, kind in self._dates:
+            m = regex.search(q)
+            dates = [_parse_date(d) for d in m.groups()] if m else []
+            if not dates or None in dates:
+                continue
+            iso = tuple(d.isoformat() for d in dates)
+            words = not m.group(1)[:1].isdigit()
+            if kind == "weekday":
+                value = weekday(iso[0])
+                args = {"operation": "weekday", "date": iso[0]}
+            else:
+                value = days_between(*iso)
+                args = {"operation": "days_between", "start": iso[0], "end": iso[1]}
+            return _Check("dates", question, _date_answer(kind, iso, value, words), _date_checker(kind, value),
+                          _calendar_judge(args), tools=True)
+        return None
+
+
+def _calculator_judge(result: int) -> Callable[[str, dict[str, Any]], bool]:
+    """A right calculator call: its one argument, the expression, is worth `result` (as the tool computes it)."""
+    def judge(name: str, args: dict[str, Any]) -> bool:
+        expression = args.get("expression")
+        if name != "calculator" or set(args) != {"expression"} or not isinstance(expression, str):
+            return False
+        try:
+            return evaluate(expression) == result
+        except ToolError:
+            return False
+
+    return judge
+
+
+def _calendar_judge(expected: dict[str, str]) -> Callable[[str, dict[str, Any]], bool]:
+    """A right calendar call: the expected operation and the same dates (however the call wrote them)."""
+    def same(a: Any, b: str) -> bool:
+        return a == b or (isinstance(a, str) and _parse_date(_norm(a)) == datetime.date.fromisoformat(b))
+
+    def judge(name: str, args: dict[str, Any]) -> bool:
+        return name == "calendar" and set(args) == set(expected) and args["operation"] == expected["operation"] \
+            and all(same(args[k], v) for k, v in expected.items() if k != "operation")
+
+    return judge
+
+
+def _parse_date(text: str) -> datetime.date | None:
+    """A date in normalised text ("2024-03-15" or "march 15 2024"), or None when it is no real date."""
+    try:
+        if text[:1].isdigit():
+            return datetime.date.fromisoformat(text)
+        month, day, year = text.split()
+        return datetime.date(int(year), [m.lower() for m in MONTHS].index(month) + 1, int(day))
+    except ValueError:
+        return None
+
+
+def _dates_in(text: str) -> list[datetime.date]:
+    """Every real date a response names, ISO or in words."""
+    found = (_parse_date(_norm(m.group())) for m in _DATES_IN_TEXT.finditer(text))
+    return [d for d in found if d is not None]
+
+
+def _date_checker(kind: str, value: str) -> Callable[[str], bool]:
+    """Weekday: the right weekday and no other; days: the last number that is not part of a date."""
+    if kind == "weekday":
+        return lambda text: {w for w in WEEKDAYS if w.lower() in _word_forms(text)} == {value}
+
+    def counted(text: str) -> bool:
+        numbers = _numbers(_DATES_IN_TEXT.sub(" ", text))
+        return bool(numbers) and numbers[-1] == int(value)
+
+    return counted
 
 
 def _act_family(act: str) -> str | None:

@@ -11,6 +11,11 @@ from __future__ import annotations
 from chatforge.data.world import COLOURS, PETS, PRODUCTS, PROFESSIONS
 
 FAMILIES = ("facts", "followup", "arithmetic", "words", "harmful", "harmless")
+# Tool families (off in the default mix): arithmetic through the calculator, dates through the calendar,
+# and fact questions beside declared functions over the world. Each is a family above "with tools":
+# calc asks arithmetic's questions, functions asks facts' questions, dates is new.
+TOOL_FAMILIES = ("calc", "dates", "functions")
+ALL_FAMILIES = FAMILIES + TOOL_FAMILIES
 SPLITS = ("sft", "rm", "rl", "heldout")
 WORD_TASKS = ("reverse", "count", "spell")
 PAD_PENALTY = 0.25
@@ -63,3 +68,19 @@ HARMLESS_ACTS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 _STATIC_POOLS = {"profession": PROFESSIONS, "pet": PETS, "colour": COLOURS, "product": PRODUCTS}
+
+TODAY = "2026-03-14"  # the calendar's fixed clock in the data and evaluation (TaskConfig.today)
+
+# Dates. {d}, {d1}, {d2} are dates written YYYY-MM-DD or "March 15, 2024" (the question's style is
+# kept in the answer); the calendar tool takes only YYYY-MM-DD. Each "today" phrasing is an item of
+# its own, so the held-out ones are never trained on.
+WEEKDAY_QUESTIONS = ("What day of the week is {d}?", "Which weekday is {d}?", "On what day of the week is {d}?")
+DAYS_QUESTIONS = ("How many days are there from {d1} to {d2}?", "How many days is it from {d1} to {d2}?",
+                  "Count the days from {d1} to {d2}.")
+TODAY_QUESTIONS = ("What is the date today?", "What is today's date?", "Which date is it today?",
+                   "What date is it today?", "Tell me today's date.")
+WEEKDAY_ANSWER = "{d} is a {x}."
+DAYS_ANSWER = "There are {x} days from {d1} to {d2}."
+TODAY_ANSWER = "Today is {d}."
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December")
