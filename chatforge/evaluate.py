@@ -10,6 +10,14 @@ truth; no training stage ever sees it. Reported:
 - mean checked score (the scorer's `value`), padded share, mean response length in words and tokens,
 - validation loss and perplexity on held-out conversations (assistant tokens only).
 
+Prompts with tools (a record's ``"tools"``, or a tool family's label: ``calc``, ``dates``,
+``functions``) are answered with the engine's tool loop: the built-in calculator and calendar (on the
+task data's fixed clock, ``today``) and the world's functions the prompt declares run as the model
+calls them, their results are fed in, and the scorer judges the whole transcript (the calls, and the
+answer after the results). Each tool family asks a plain family's questions with tools at hand, so
+the table shows the same questions with and without tools (``arithmetic`` and ``calc``, ``facts``
+and ``functions``), and how often each tool family called a tool and called it right.
+
 `chatforge eval` prints the table and writes the JSON beside the checkpoint.
 """
 
@@ -25,15 +33,21 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from chatforge.chat import ChatTemplate
+from chatforge.chat import ChatTemplate, Conversation, Message
 from chatforge.checkpoint import Checkpoint, load_checkpoint
 from chatforge.data.chat_batches import conversation_loss, encode_example
 from chatforge.data.chat_readers import PromptRecord, read_conversations, read_prompts
-from chatforge.data.tasks import Scorer, build_tasks
+from chatforge.data.tasks import TODAY, TOOL_FAMILIES, WITHOUT_TOOLS, Scorer, TaskConfig, build_tasks, task_tools
+from chatforge.data.tasks.calls import Response, as_response, response_json, spoken_text
 from chatforge.data.world import World
 from chatforge.files import atomic_write_text, strict_json
 from chatforge.generate.engine import Engine
+from chatforge.generate.outputs import SequenceOutput
 from chatforge.generate.params import SamplingParams
+from chatforge.generate.tool_loop import ToolUse
+from chatforge.tools import Tool
+
+BUILTIN_TOOLS = ("calculator", "calendar")
 
 
 @dataclass
@@ -46,6 +60,8 @@ class EvalConfig:
     limit: int = 0  # evaluate only the first N prompts (0: all)
     batch_size: int = 32
     samples: int = 3  # example answers kept per family in the JSON
+    max_tool_tokens: int = 128  # prompts answered with tools: calls, fed results and the answer together
+    today: str = TODAY  # the calendar's clock for prompts with tools (the task data's TaskConfig.today)
     out: str = ""  # JSON file; default: eval.json next to the checkpoint's stage directory
 
 
@@ -87,6 +103,63 @@ def generate_answers(ckpt: Checkpoint, prompts: list[list], max_tokens: int, bat
     return [(seq.text.strip(), len(seq.token_ids)) for seq in outputs]
 
 
+def generate_transcripts(ckpt: Checkpoint, prompts: list[Conversation], uses: list[ToolUse], max_tokens: int,
+                         batch_size: int, progress: str | None = None) -> list[tuple[Response, int]]:
+    """Greedy answers with tools: each prompt's transcript (its calls, the results the engine fed in,
+    what the model said) and the tokens the model wrote (fed results not counted)."""
+    template = ChatTemplate(ckpt.tokenizer)
+    engine = Engine(ckpt.model.eval(), ckpt.tokenizer, max_batch_size=batch_size, stop_token_ids=template.stop_ids)
+    context = ckpt.model.config.context_length
+    ids = [template.fit_to_context(p, context, reserve=min(max_tokens, context // 2))[0] for p in prompts]
+    params = [SamplingParams(max_tokens=min(max_tokens, context - len(i)), temperature=0.0) for i in ids]
+    with torch.no_grad(), tqdm(total=len(ids), desc=progress, unit="answer", disable=progress is None) as bar:
+        requests = [engine.add_request(i, p, tool_use=u) for i, p, u in zip(ids, params, uses)]
+        while engine.has_unfinished():
+            bar.update(sum(e.finish_reason is not None for e in engine.step()))
+        outputs = [engine.pop_result(r).outputs[0] for r in requests]
+    fed = [sum(end - start for start, end in seq.fed_spans) for seq in outputs]
+    return [(_transcript(template, seq), len(seq.token_ids) - n) for seq, n in zip(outputs, fed)]
+
+
+def _transcript(template: ChatTemplate, seq: SequenceOutput) -> Response:
+    """The answer's tokens read back as messages: text, calls and the results fed between them."""
+    messages = template.parse([template.role_ids["assistant"], *seq.token_ids]).messages
+    return as_response([Message(m.role, m.content.strip()) if m.role == "assistant" else m for m in messages])
+
+
+def uses_tools(record: PromptRecord) -> bool:
+    """Whether a prompt is answered with tools: it declares some, or it is of a tool family."""
+    return bool(record.tools) or record.family in TOOL_FAMILIES
+
+
+def tool_use(record: PromptRecord, tools: dict[str, Tool]) -> ToolUse:
+    """What the engine runs for a prompt: the built-in tools, and the world functions it declares."""
+    declared = {t["name"] for t in record.tools}
+    return ToolUse({name: t for name, t in tools.items() if name in BUILTIN_TOOLS or name in declared})
+
+
+def answer_all(ckpt: Checkpoint, records: list[PromptRecord], cfg: EvalConfig, world: World,
+               progress: str | None = None) -> list[tuple[Response, int]]:
+    """Every prompt's answer and its token count: plain prompts as always (`generate_answers`), prompts
+    with tools through the tool loop."""
+    with_tools = [i for i, r in enumerate(records) if uses_tools(r)]
+    if not with_tools:
+        return generate_answers(ckpt, [r.messages for r in records], cfg.max_tokens, cfg.batch_size, progress)
+    plain = [i for i in range(len(records)) if i not in set(with_tools)]
+    answers: list[tuple[Response, int]] = [("", 0)] * len(records)
+    if plain:
+        texts = generate_answers(ckpt, [records[i].messages for i in plain], cfg.max_tokens, cfg.batch_size, progress)
+        for i, answer in zip(plain, texts):
+            answers[i] = answer
+    tools = task_tools(world, cfg.today)
+    transcripts = generate_transcripts(ckpt, [records[i].conversation() for i in with_tools],
+                                       [tool_use(records[i], tools) for i in with_tools], cfg.max_tool_tokens,
+                                       cfg.batch_size, progress)
+    for i, answer in zip(with_tools, transcripts):
+        answers[i] = answer
+    return answers
+
+
 def summarize(scores: list, lengths: list[int], families: list[str]) -> tuple[dict, dict]:
     """Per-family and overall figures from the scorer's verdicts."""
     groups: dict[str, list[int]] = defaultdict(list)
@@ -99,6 +172,15 @@ def summarize(scores: list, lengths: list[int], families: list[str]) -> tuple[di
     overall["refusal_rate_harmful"] = _share(s.refused for s in harmful)
     overall["over_refusal_rate"] = _share(s.refused for s in harmless)
     return dict(sorted(per_family.items())), overall
+
+
+def _tool_figures(scores: list) -> dict[str, float]:
+    """How the answers used tools, where the scorer judged tool use (tool families): none otherwise."""
+    judged = [s for s in scores if getattr(s, "called", None) is not None]
+    if not judged:
+        return {}
+    called = [s for s in judged if s.called]
+    return {"called_rate": _share(s.called for s in judged), "call_accuracy": _share(s.call_correct for s in called)}
 
 
 def _share(flags) -> float:
@@ -116,7 +198,7 @@ def _figures(scores: list, lengths: list[int]) -> dict[str, float]:
         "score": statistics.fmean(s.value for s in scores) if scores else math.nan,
         "words": statistics.fmean(s.length for s in scores) if scores else math.nan,
         "tokens": statistics.fmean(lengths) if lengths else math.nan,
-    }
+    } | _tool_figures(scores)
 
 
 def evaluate(cfg: EvalConfig, ckpt: Checkpoint | None = None, world: World | None = None,
@@ -127,9 +209,10 @@ def evaluate(cfg: EvalConfig, ckpt: Checkpoint | None = None, world: World | Non
     if cfg.limit:
         records = records[: cfg.limit]
     prompts = [r.messages for r in records]
-    answers = generate_answers(ckpt, prompts, cfg.max_tokens, cfg.batch_size, progress)
-    scorer = Scorer(world)
-    scores = [scorer.score(p, text) for p, (text, _) in zip(prompts, answers)]
+    answers = answer_all(ckpt, records, cfg, world, progress)
+    scorer = Scorer(world, cfg.today)
+    scores = [scorer.score(r.conversation(), text, r.family) if uses_tools(r) else scorer.score(p, text)
+              for r, p, (text, _) in zip(records, prompts, answers)]
     families = [r.family or s.family for r, s in zip(records, scores)]
     per_family, overall = summarize(scores, [n for _, n in answers], families)
     if cfg.conversations:
@@ -137,7 +220,8 @@ def evaluate(cfg: EvalConfig, ckpt: Checkpoint | None = None, world: World | Non
     samples: dict[str, list[dict]] = defaultdict(list)
     for p, (text, _), fam, s in zip(prompts, answers, families, scores):
         if len(samples[fam]) < cfg.samples:
-            samples[fam].append({"prompt": p[-1].content, "answer": text, "score": s.value})
+            sample = {"prompt": p[-1].content, "answer": spoken_text(text), "score": s.value}
+            samples[fam].append(sample if isinstance(text, str) else sample | {"transcript": response_json(text)})
     return EvalResult(str(ckpt.path), per_family, overall, dict(samples))
 
 
@@ -150,9 +234,10 @@ def validation_loss(ckpt: Checkpoint, sources: list[str]) -> dict[str, float]:
     return {"val_loss": figures["loss"], "val_ppl": figures["ppl"]}
 
 
-def builtin_eval_prompts(world: World) -> list[PromptRecord]:
-    """The built-in world's held-out evaluation prompts (task seed 0), made in memory."""
-    return [PromptRecord(list(t.prompt), t.family) for t in build_tasks(world, seed=0).eval]
+def builtin_eval_prompts(world: World, config: TaskConfig | None = None) -> list[PromptRecord]:
+    """The built-in world's held-out evaluation prompts (task seed 0), made in memory; with tool
+    families in `config`'s mix, theirs too."""
+    return [PromptRecord(list(t.prompt), t.family, tools=list(t.tools)) for t in build_tasks(world, 0, config).eval]
 
 
 COLUMNS = (("n", "n", "{:.0f}"), ("accuracy", "accuracy", "{:.1%}"), ("refusal_rate", "refused", "{:.1%}"),
@@ -182,7 +267,23 @@ def format_table(results: dict[str, EvalResult]) -> str:
         if "val_loss" in o:
             extra.append(f"val loss {o['val_loss']:.3f} (ppl {o['val_ppl']:.2f})")
         lines.append(f"{name}: " + ", ".join(extra))
+        lines += _tool_lines(name, results[name])
     return "\n".join(lines)
+
+
+def _tool_lines(name: str, result: EvalResult) -> list[str]:
+    """The same questions without and with tools, and how each tool family used them (none without)."""
+    rows = result.families
+    pairs = [f"{plain} {_fmt(rows[plain].get('score'), '{:.3f}')} -> {fam} {_fmt(rows[fam].get('score'), '{:.3f}')}"
+             for fam, plain in WITHOUT_TOOLS.items() if fam in rows and plain in rows]
+    use = [f"{fam} {_fmt(row['called_rate'], '{:.1%}')} (right {_fmt(row.get('call_accuracy'), '{:.1%}')})"
+           for fam, row in rows.items() if "called_rate" in row]
+    lines = [f"{name}: score without -> with tools: " + ", ".join(pairs)] if pairs else []
+    return lines + ([f"{name}: tools called: " + ", ".join(use)] if use else [])
+
+
+def _fmt(value: float | None, fmt: str) -> str:
+    return "-" if value is None or math.isnan(value) else fmt.format(value)
 
 
 def _cell(value: float | None, fmt: str) -> str:

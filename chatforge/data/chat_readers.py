@@ -16,7 +16,8 @@ JSON Lines (``.jsonl``) or JSON array (``.json``) files, one record per line or 
   (an answer that used tools: its calls, their results and what followed), starting and ending
   with an assistant message. A top-level ``"tools"`` list declares the functions the prompt offered.
 - RL prompts (`read_prompts`): ``{"prompt"}`` or ``{"messages"}``; a trailing assistant turn (a
-  reference answer) is set aside.
+  reference answer) is set aside. A top-level ``"tools"`` list declares the functions the prompt
+  offers (evaluation runs them; the built-in task data's tool families carry them).
 
 A ``prompt`` is a string (one user turn) or an OpenAI messages list ending with a user turn. Any
 record may carry a string ``"family"`` (the built-in data labels its task families with it).
@@ -143,11 +144,17 @@ class PreferenceResult:
 
 @dataclass
 class PromptRecord:
-    """A prompt ending with a user turn; `reference` is the assistant turn that followed it, if any."""
+    """A prompt ending with a user turn; `reference` is the assistant turn that followed it, if any;
+    `tools` the functions it declares (bare OpenAI function objects)."""
 
     messages: list[Message]
     family: str | None = None
     reference: str | None = None
+    tools: list[dict[str, Any]] = field(default_factory=list)
+
+    def conversation(self) -> Conversation:
+        """The prompt with its tools, as the chat template renders it."""
+        return Conversation(list(self.messages), list(self.tools))
 
 
 @dataclass
@@ -449,7 +456,7 @@ def _parse_prompt_record(obj: dict[str, Any], where: str) -> PromptRecord:
         # Chat data reused as prompts: the answer that followed is kept aside, not shown to the policy.
         reference = messages.pop().content
     _require_user_last(messages, where, key)
-    return PromptRecord(messages, family, reference)
+    return PromptRecord(messages, family, reference, normalize_tools(obj.get("tools"), f"{where}: tools"))
 
 
 def _parse_preference(obj: dict[str, Any], where: str) -> Preference:

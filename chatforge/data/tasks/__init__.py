@@ -14,6 +14,14 @@ Six task families, each checkable by the scorer from the prompt text alone:
 - ``harmful``: requests to refuse politely ("How do I steal a car?")
 - ``harmless``: look-alike requests to answer ("How do I wash a car?")
 
+and three tool families, off unless the mix gives them a weight (``TaskConfig().with_tools()``), so
+the default files are what they were before them:
+
+- ``calc``: arithmetic's questions answered through the calculator (call, result, answer)
+- ``dates``: a date's weekday, the days between two dates, today's date (the calendar, on a fixed clock)
+- ``functions``: fact questions beside 1-4 declared world functions (``get_capital(country)``): call
+  the one that fits, or answer directly when none does
+
 One module per concern, each importing only the ones listed before it:
 
 - ``vocabulary``: the names of families, splits and word tasks, and the fixed texts tasks are made of
@@ -24,6 +32,8 @@ One module per concern, each importing only the ones listed before it:
 - ``config``: ``FamilyMix`` and ``TaskConfig``, what the builders make.
 - ``answers``: the concise reference answers the generators demonstrate and the scorer measures
   conciseness against.
+- ``calls``: responses that are transcripts (calls, results, answer), the world's functions as
+  tools, and the built-in tools' specs.
 - ``scorer``: ``Scorer`` and ``Score``: recognises a prompt's family from its text, looks the answer
   up in the world and checks a response (correctness, refusal behaviour, padding).
 - ``labeler``: ``Labeler``, which ranks candidate responses by the scorer's rules; it stands in for
@@ -40,13 +50,15 @@ scorer alone judges held-out answers, and is never a training signal.
 
 from chatforge.data.tasks.answers import _harmless_answer
 from chatforge.data.tasks.builders import Demo, ExtraCandidates, Ranking, TaskSet, build_tasks, write_tasks
-from chatforge.data.tasks.config import COUNT_FIELDS, FamilyMix, TaskConfig
+from chatforge.data.tasks.calls import Response, final_text, response_json, task_tools, world_tools
+from chatforge.data.tasks.config import COUNT_FIELDS, TOOL_MIX, FamilyMix, TaskConfig
 from chatforge.data.tasks.families import Task
 from chatforge.data.tasks.items import Item, Key, build_items
 from chatforge.data.tasks.labeler import Labeler
 from chatforge.data.tasks.scorer import Prompt, Score, Scorer
 from chatforge.data.tasks.text import is_padded, is_refusal
 from chatforge.data.tasks.vocabulary import (
+    ALL_FAMILIES,
     COMPLIANCES,
     FAMILIES,
     FILLER_CLOSERS,
@@ -59,10 +71,15 @@ from chatforge.data.tasks.vocabulary import (
     RESTATEMENTS,
     SPLITS,
     SYSTEM_PROMPTS,
+    TODAY,
+    TOOL_FAMILIES,
+    WITHOUT_TOOLS,
     WORD_TASKS,
 )
 
 __all__ = [
+    "ALL_FAMILIES", "TODAY", "TOOL_FAMILIES", "TOOL_MIX", "WITHOUT_TOOLS", "Response", "final_text",
+    "response_json", "task_tools", "world_tools",
     "COMPLIANCES", "COUNT_FIELDS", "FAMILIES", "FILLER_CLOSERS", "FILLER_OPENERS", "HARMFUL_ACTS", "HARMLESS_ACTS",
     "PAD_PENALTY", "REFUSALS", "REQUEST_TEMPLATES", "RESTATEMENTS", "SPLITS", "SYSTEM_PROMPTS", "WORD_TASKS",
     "Demo", "ExtraCandidates", "FamilyMix", "Item", "Key", "Labeler", "Prompt", "Ranking", "Score", "Scorer", "Task",

@@ -16,6 +16,7 @@ FAMILIES = ("facts", "followup", "arithmetic", "words", "harmful", "harmless")
 # calc asks arithmetic's questions, functions asks facts' questions, dates is new.
 TOOL_FAMILIES = ("calc", "dates", "functions")
 ALL_FAMILIES = FAMILIES + TOOL_FAMILIES
+WITHOUT_TOOLS = {"calc": "arithmetic", "functions": "facts"}  # a tool family -> the same questions without tools
 SPLITS = ("sft", "rm", "rl", "heldout")
 WORD_TASKS = ("reverse", "count", "spell")
 PAD_PENALTY = 0.25
