@@ -407,3 +407,35 @@ def test_wrong_harmless_answers_give_another_acts_steps_under_either_acts_name(t
                 elif other != act and response == _harmless_answer(act, steps_of=other):
                     kinds["the asked act's name, another act's steps"] += 1
     assert kinds["another act's whole answer"] > 0 and kinds["the asked act's name, another act's steps"] > 0, kinds
+
+
+# The sha256 of every file the default configs write (the demo's two scales), recorded before the tool
+# families existed: adding families that are off by default must not change a byte, or the demo's
+# checkpoints and eval.json would move.
+DEFAULT_FILES = {
+    1.0: {"sft_train": "acc504163afd3d18f9ed97b417324380b16dc0c8c996be2c9389a5a851a21947",
+          "sft_val": "b91a281b88074db8d562869ccbb614e6c5fed340b3b7f2fbdfa639e8c7886409",
+          "prefs_train": "11ce0e040dffe583b5b7912c3bc7c138fac374bf92220f63b80b00aaf8dd211b",
+          "prefs_val": "fc50d35d47c1fee14f971eba0d1f32302c466bae163c6b4f2fe66be0e7322344",
+          "rl_train": "3402e91dc785ae36a7e482ac4c4b5601f8d82b783ba4f0a84be77821f97b1998",
+          "rl_val": "29b0127181d9905f5af567d01a147cd2c68803e0b3380fb860be5732bb54b6ef",
+          "eval": "58b87b9a7ee28719f4b7ed0b526ffad7d06619e337680df96045e32b92e57c00",
+          "tasks": "6e2be4948ebacbb6654e3a6ce4717c30e91cae8c807e7dcbba66cf8dd5af14f8"},
+    0.1: {"sft_train": "b98231928a0c759ef2f3f8dfd935ab56e4a6502d93fd76c67eb505923141b4a1",
+          "sft_val": "c9ce92fe9bea50940216bc0909cf018c263e8c922c1065ab9a3c04c72f179df1",
+          "prefs_train": "0dda391ea02ca2ec85a7c1a511fc3ce2e21b220b33e16511d70967b92faf0459",
+          "prefs_val": "d4952643ce9741c9bf37528233c2a4082c031cebe30c33d2d642cadd0e60d5f8",
+          "rl_train": "97983ae1ad976e4bb029052c35368ce72467dddaeeaf0602f8ce1fc10f0e7925",
+          "rl_val": "fee3ea672e63939878f14f44807e82cda526a2c1b2214959657b6a6fccdf8a27",
+          "eval": "54b82977431048db3ec649da80d84ce69393abd5818531a9d5be90b0dbd4c52f",
+          "tasks": "03fe14fabfdbf305c2edb28e496046426e0ec1df3bce507f20df228a9188eb04"},
+}
+
+
+@pytest.mark.parametrize("scale", sorted(DEFAULT_FILES))
+def test_the_default_config_writes_the_same_files_as_before_tool_families(tmp_path, world, scale):
+    import hashlib
+
+    paths = write_tasks(tmp_path, world, seed=0, config=TaskConfig().scaled(scale))
+    digests = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in paths.items()}
+    assert digests == DEFAULT_FILES[scale]
