@@ -188,13 +188,17 @@ def data_world(out: str, size_mb: float, world_seed: int, seed: int) -> None:
 @click.option("--world", "world_file", default="", help="world.json to build on (default: the built-in world).")
 @click.option("--world-seed", default=0, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-def data_tasks(out: str, world_file: str, world_seed: int, seed: int) -> None:
+@click.option("--tools", is_flag=True, help="Add the tool families: calc, dates and functions.")
+@click.option("--declare-builtin-tools/--no-declare-builtin-tools", default=True, show_default=True,
+              help="With --tools: declare the calculator and calendar in calc and dates prompts.")
+def data_tasks(out: str, world_file: str, world_seed: int, seed: int, tools: bool, declare_builtin_tools: bool) -> None:
     """Write the built-in task data: SFT conversations, ranked preferences, RL prompts, held-out eval."""
-    from chatforge.data.tasks import write_tasks
+    from chatforge.data.tasks import TaskConfig, write_tasks
     from chatforge.data.world import World
 
     world = World.load(world_file) if world_file else World.build(seed=world_seed)
-    paths = write_tasks(out, world, seed=seed)
+    config = TaskConfig(declare_builtin_tools=declare_builtin_tools)
+    paths = write_tasks(out, world, seed=seed, config=config.with_tools() if tools else config)
     for name, path in paths.items():
         click.echo(f"{name}: {path}")
 

@@ -189,6 +189,27 @@ def test_rankings_put_the_right_call_first_and_agree_with_the_scorer(tasks, scor
             assert scores[0].called and scores[0].call_correct, ranking
 
 
+def test_every_tool_item_makes_a_task_whose_right_answer_scores_one_and_whose_misuses_score_zero(world, scorer):
+    import random
+
+    from chatforge.data.tasks import build_items
+    from chatforge.data.tasks.families import _TaskMaker
+
+    maker, rng = _TaskMaker(world, SMALL), random.Random(0)
+    items = build_items(world, 0, SMALL)
+    for split in SPLITS:
+        for family in TOOL_FAMILIES:
+            for item in items[split][family][:: 3 if family == "calc" else 1]:
+                task = maker.make(item, rng)
+                prompt = Conversation(list(task.prompt), list(task.tools))
+                right, wrong, *misused = scorer.score_all(prompt, [task.answer, task.wrong, *task.misused], family)
+                assert right.value == 1.0 and wrong.value == 0.0, task
+                assert all(m.value == 0.0 and m.called for m in misused), task
+                if task.unaided is not None:
+                    unaided = scorer.score(prompt, task.unaided, family)
+                    assert unaided.correct and unaided.called is False, task
+
+
 # ---- the scorer on hand-made transcripts ------------------------------------------------------------
 
 
@@ -310,3 +331,16 @@ def test_a_model_that_memorized_tool_conversations_scores_one_with_tools_and_the
     table = format_table({"sft": result})
     assert "score without -> with tools: arithmetic" in table and "-> calc 1.000" in table
     assert "tools called: calc 100.0% (right 100.0%)" in table
+
+
+def test_data_tasks_writes_the_tool_families_when_asked(tmp_path):
+    from test_cli import run_cli  # tests/ is on sys.path (pytest prepends it)
+
+    assert run_cli("data", "tasks", "--out", tmp_path / "plain") == 0
+    assert run_cli("data", "tasks", "--out", tmp_path / "tools", "--tools", "--no-declare-builtin-tools") == 0
+    plain = read_prompts(tmp_path / "plain" / "eval.jsonl").prompts
+    tools = read_prompts(tmp_path / "tools" / "eval.jsonl").prompts
+    assert {r.family for r in plain} == set(FAMILIES)
+    assert {r.family for r in tools} == set(FAMILIES + TOOL_FAMILIES)
+    assert not any(r.tools for r in tools if r.family in ("calc", "dates"))
+    assert all(r.tools for r in tools if r.family == "functions")

@@ -212,7 +212,7 @@ class _TaskMaker:
 
     def _dates(self, item: Item, rng: random.Random) -> Task:
         """A weekday, a day count or today's date through the calendar; a wrong call is a day off."""
-        kind, dates = item.key[1], item.key[2:]
+        kind, dates = item.key[1], item.key[2:] if item.key[1] != "today" else ()
         words = rng.random() < 0.5
         said = [_say_date(d, words) for d in dates]
         if kind == "weekday":
@@ -223,7 +223,7 @@ class _TaskMaker:
             args = {"start": dates[0], "end": dates[1]}
             bad_args = {"start": dates[0], "end": _shift(dates[1], rng.choice((-1, 1)))}
         else:
-            question, dates = TODAY_QUESTIONS[int(dates[0])], ()
+            question = TODAY_QUESTIONS[int(item.key[2])]
             args, bad_args = {}, {"date": self.config.today}  # the weekday of today is not its date
         operation = {"weekday": "weekday", "days": "days_between", "today": "today"}[kind]
         value, bad_value = self._calendar(operation, args), self._calendar("weekday" if kind == "today" else
