@@ -286,6 +286,8 @@ def test_the_labeler_prefers_a_right_call_then_a_right_answer_then_the_wrong_one
     assert ranked[:2] == [tool, "12 times 7 is 84."] and set(ranked[2:]) == {wrong_args, "12 times 7 is 94."}
     # a list of messages is the same response as the tuple; one assistant message is its text
     assert Labeler(scorer).rank(prompt, [list(tool), [Message("assistant", "x")], tool]) == [tool, "x"]
+    # as are OpenAI messages, as the preference files write a transcript
+    assert Labeler(scorer).rank(prompt, [Conversation(list(tool)).to_openai(), "12 times 7 is 84."])[0] == tool
 
 
 def test_world_functions_answer_from_the_world(world):

@@ -109,11 +109,14 @@ def with_final(response: Response, final: str) -> Response:
     return (*response[:-1], Message("assistant", final))
 
 
-def as_response(response: str | Sequence[Message]) -> Response:
-    """A string, or a transcript as a tuple; a transcript of one assistant message is its string."""
+def as_response(response: str | Sequence[Message] | Sequence[dict[str, Any]]) -> Response:
+    """A string, or a transcript as a tuple (OpenAI messages, as the files write them, are read); a
+    transcript of one assistant message is its string."""
     if isinstance(response, str):
         return response
     messages = tuple(response)
+    if messages and all(isinstance(m, dict) for m in messages):
+        messages = tuple(Conversation.from_openai(list(messages), "response", need_assistant=False).messages)
     return messages[0].content if len(messages) == 1 and messages[0].role == "assistant" else messages
 
 

@@ -32,9 +32,11 @@ Key = tuple[str, ...]
 class Item:
     """An underlying item: every phrasing of it lands in the split of its ``key``.
 
-    Keys: ("fact", subject, attribute) for facts and follow-ups alike, ("arithmetic", op, a, b),
-    ("words", task, word), ("harmful"|"harmless", template, act). A follow-up item also lists the
-    subject's other attributes in the same split (``partners``), which its first turn may ask about.
+    Keys: ("fact", subject, attribute) for facts, follow-ups and functions alike, ("arithmetic", op, a,
+    b) for arithmetic and calc, ("words", task, word), ("harmful"|"harmless", template, act), and
+    ("dates", "weekday", date) / ("dates", "days", start, end) / ("dates", "today", phrasing). A
+    follow-up item also lists the subject's other attributes in the same split (``partners``), which
+    its first turn may ask about.
     """
 
     family: str
