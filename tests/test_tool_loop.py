@@ -258,3 +258,15 @@ def test_a_fed_tokens_log_prob_changes_no_loss_kl_entropy_or_value_target():
     advantages, _ = gae(rewards, values, mask, 1.0, 1.0)
     expected = rewards[0, 2] + rewards[0, 6] + rewards[0, 7] - values[0, 2]  # gamma = lambda = 1: the sum ahead
     assert advantages[0, 2].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_ppo_prompts_declare_each_records_tools(memorizer):
+    from chatforge.chat import Conversation
+    from chatforge.train.ppo import fit_prompts
+
+    _, template = memorizer
+    messages = [Message("user", "Weather in Kesh?")]
+    weather = {"name": "weather", "parameters": {"type": "object"}}
+    ids = fit_prompts([messages, messages], ["rl.jsonl"], "--prompts", template, 320, 16, [[weather], []])
+    assert ids[0] == template.generation_prompt(Conversation(messages, tools=[weather]))
+    assert ids[1] == template.generation_prompt(messages)  # no tools: the prompt as it always was

@@ -222,13 +222,15 @@ def latest_turns(messages: list[Message]) -> list[Message]:
 
 
 def fit_prompts(prompts: list[list[Message]], sources: list[str], flag: str, template: ChatTemplate, context: int,
-                max_new_tokens: int, tools: list[dict] | None = None) -> list[list[int]]:
-    """`fit_prompt` for every prompt up front, so one too long for the context stops the run before it starts."""
+                max_new_tokens: int, tools: list[list[dict]] | None = None) -> list[list[int]]:
+    """`fit_prompt` for every prompt up front (with `tools`, each prompt's declared functions), so one too
+    long for the context stops the run before it starts."""
     out = []
     for index, messages in enumerate(prompts):
-        ids = fit_prompt(template, messages, context, max_new_tokens, tools)
+        declared = tools[index] if tools else None
+        ids = fit_prompt(template, messages, context, max_new_tokens, declared)
         if ids is None:
-            need = len(template.generation_prompt(Conversation(latest_turns(messages), tools=tools or [])))
+            need = len(template.generation_prompt(Conversation(latest_turns(messages), tools=declared or [])))
             raise DataError(f"{locate_prompt(sources, index)} ({flag}): needs {need} tokens even with only its "
                             f"system prompt and latest turn, and the policy's context is {context}; expected at most "
                             f"{context - 1} so that at least one answer token fits (shorten or remove it)")
@@ -494,11 +496,13 @@ def run_ppo(cfg: PPOConfig, dist: DistInfo, resume: bool = False, overwrite: boo
     torch.manual_seed(cfg.train.seed)
     model, reference, rm, tokenizer = build_models(cfg, dist.device)
     template, context = ChatTemplate(tokenizer), model.policy.config.context_length
-    tools = [t.spec() for t in builtin_tools().values()] if cfg.ppo.tools else None  # declared in every prompt
-    prompts = fit_prompts(read_prompts(cfg.prompts).messages, cfg.prompts, "--prompts", template, context,
-                          cfg.ppo.max_new_tokens, tools)
-    val = read_prompts(cfg.val).messages[: cfg.ppo.val_prompts] if cfg.val else []
-    val = fit_prompts(val, cfg.val, "--val", template, context, cfg.ppo.max_new_tokens, tools)
+    builtin = [t.spec() for t in builtin_tools().values()] if cfg.ppo.tools else []  # declared in every prompt
+    records = read_prompts(cfg.prompts).prompts
+    prompts = fit_prompts([r.messages for r in records], cfg.prompts, "--prompts", template, context,
+                          cfg.ppo.max_new_tokens, [builtin + r.tools for r in records])
+    val_records = read_prompts(cfg.val).prompts[: cfg.ppo.val_prompts] if cfg.val else []
+    val = fit_prompts([r.messages for r in val_records], cfg.val, "--val", template, context, cfg.ppo.max_new_tokens,
+                      [builtin + r.tools for r in val_records])
     ptx = None
     if cfg.ppo.ptx_coef:
         if not cfg.ppo.ptx_data:

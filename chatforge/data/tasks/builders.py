@@ -146,7 +146,7 @@ class _Builder:
         self.world, self.seed, self.config = world, seed, config
         self.items = build_items(world, seed, config)
         self.maker = _TaskMaker(world, config)
-        self.labeler = Labeler(Scorer(world))
+        self.labeler = Labeler(Scorer(world, config.today))
 
     def rng(self, purpose: str) -> random.Random:
         return random.Random(f"chatforge-tasks:{self.world.seed}:{self.seed}:{purpose}")
