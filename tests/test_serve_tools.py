@@ -147,6 +147,16 @@ def test_legacy_functions_map_onto_the_same_path(client):
     assert json.loads(message.function_call.arguments) == {"city": "Kesh"}
 
 
+def test_a_legacy_function_result_goes_back_in(client):
+    messages = [{"role": "user", "content": "Weather in Kesh?"},
+                {"role": "assistant", "content": None,
+                 "function_call": {"name": "get_weather", "arguments": '{"city": "Kesh"}'}},
+                {"role": "function", "name": "get_weather", "content": "sunny"}]
+    r = client[0].chat.completions.create(model="tiny", messages=messages, functions=[WEATHER["function"]],
+                                          temperature=0, max_tokens=60)
+    assert r.choices[0].message.content == "Sunny in Kesh."
+
+
 def test_legacy_functions_stream_function_call_deltas(client):
     name, arguments, finish = None, "", None
     for chunk in ask(client, "Weather in Kesh?", functions=[WEATHER["function"]], stream=True):
@@ -201,6 +211,10 @@ def test_builtin_tools_run_on_the_server_and_show_with_their_results(builtin_cli
     ({"tools": [WEATHER], "messages": [{"role": "user", "content": "x"},
                                        {"role": "tool", "tool_call_id": "call_x", "content": "sunny"}]},
      "messages[1].tool_call_id"),
+    ({"functions": [WEATHER["function"]], "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": "{}"}},
+        {"role": "function", "name": "get_time", "content": "noon"}]}, "messages[2].name"),
 ])
 def test_bad_tool_input_is_a_400_naming_the_field(client, body, param):
     payload = {"model": "tiny", "messages": [{"role": "user", "content": "Weather in Kesh?"}], **body}

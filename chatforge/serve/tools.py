@@ -157,11 +157,18 @@ def _named(value: Any, param: str) -> str:
 
 
 def check_tool_messages(messages: Sequence[Any]) -> None:
-    """Every ``role: "tool"`` message answers a call an earlier assistant message made (by its id)."""
+    """Every ``role: "tool"`` message answers a call an earlier assistant message made (by its id), and
+    every legacy ``role: "function"`` message a ``function_call`` of its ``name``."""
     calls: set[str] = set()
+    functions: set[str] = set()
     for i, m in enumerate(messages):
         if m.role == "assistant":
             calls |= {c.get("id") for c in (m.tool_calls or []) if isinstance(c, dict) and c.get("id")}
+            functions |= {m.function_call.get("name")} if isinstance(m.function_call, dict) else set()
+        elif m.role == "function":
+            if m.name not in functions:
+                raise APIError(400, f"messages[{i}].name: {m.name!r} matches no function_call of an earlier "
+                               "assistant message", param=f"messages[{i}].name")
         elif m.role == "tool":
             if m.tool_call_id is None:
                 raise APIError(400, f"messages[{i}].tool_call_id: a tool message needs the id of the call it "
