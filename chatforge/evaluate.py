@@ -86,21 +86,29 @@ class EvalResult:
                    figures(data["overall"]), data.get("samples", {}))
 
 
-def generate_answers(ckpt: Checkpoint, prompts: list[list], max_tokens: int, batch_size: int,
-                     progress: str | None = None) -> list[tuple[str, int]]:
-    """Greedy answers (text, token count) to conversations that end with a user turn; with
-    `progress`, a progress bar of that name counts the finished answers."""
+def greedy_outputs(ckpt: Checkpoint, prompts: list, max_tokens: int, batch_size: int,
+                   progress: str | None = None, uses: list[ToolUse | None] | None = None) -> list[SequenceOutput]:
+    """Each conversation's greedy answer (ending with a user turn; each fitted to the context with room
+    for the reply), with `uses[i]` as prompt i's tool use; with `progress`, a progress bar of that name
+    counts the finished answers."""
     template = ChatTemplate(ckpt.tokenizer)
     engine = Engine(ckpt.model.eval(), ckpt.tokenizer, max_batch_size=batch_size, stop_token_ids=template.stop_ids)
     context = ckpt.model.config.context_length
     ids = [template.fit_to_context(p, context, reserve=min(max_tokens, context // 2))[0] for p in prompts]
     params = [SamplingParams(max_tokens=min(max_tokens, context - len(i)), temperature=0.0) for i in ids]
+    uses = uses or [None] * len(ids)
     with torch.no_grad(), tqdm(total=len(ids), desc=progress, unit="answer", disable=progress is None) as bar:
-        requests = [engine.add_request(i, p) for i, p in zip(ids, params)]
+        requests = [engine.add_request(i, p, tool_use=u) for i, p, u in zip(ids, params, uses)]
         while engine.has_unfinished():
             bar.update(sum(e.finish_reason is not None for e in engine.step()))
-        outputs = [engine.pop_result(r).outputs[0] for r in requests]
-    return [(seq.text.strip(), len(seq.token_ids)) for seq in outputs]
+        return [engine.pop_result(r).outputs[0] for r in requests]
+
+
+def generate_answers(ckpt: Checkpoint, prompts: list[list], max_tokens: int, batch_size: int,
+                     progress: str | None = None) -> list[tuple[str, int]]:
+    """Greedy answers (text, token count) to conversations that end with a user turn."""
+    return [(seq.text.strip(), len(seq.token_ids))
+            for seq in greedy_outputs(ckpt, prompts, max_tokens, batch_size, progress)]
 
 
 def generate_transcripts(ckpt: Checkpoint, prompts: list[Conversation], uses: list[ToolUse], max_tokens: int,
@@ -108,15 +116,7 @@ def generate_transcripts(ckpt: Checkpoint, prompts: list[Conversation], uses: li
     """Greedy answers with tools: each prompt's transcript (its calls, the results the engine fed in,
     what the model said) and the tokens the model wrote (fed results not counted)."""
     template = ChatTemplate(ckpt.tokenizer)
-    engine = Engine(ckpt.model.eval(), ckpt.tokenizer, max_batch_size=batch_size, stop_token_ids=template.stop_ids)
-    context = ckpt.model.config.context_length
-    ids = [template.fit_to_context(p, context, reserve=min(max_tokens, context // 2))[0] for p in prompts]
-    params = [SamplingParams(max_tokens=min(max_tokens, context - len(i)), temperature=0.0) for i in ids]
-    with torch.no_grad(), tqdm(total=len(ids), desc=progress, unit="answer", disable=progress is None) as bar:
-        requests = [engine.add_request(i, p, tool_use=u) for i, p, u in zip(ids, params, uses)]
-        while engine.has_unfinished():
-            bar.update(sum(e.finish_reason is not None for e in engine.step()))
-        outputs = [engine.pop_result(r).outputs[0] for r in requests]
+    outputs = greedy_outputs(ckpt, prompts, max_tokens, batch_size, progress, uses)
     fed = [sum(end - start for start, end in seq.fed_spans) for seq in outputs]
     return [(_transcript(template, seq), len(seq.token_ids) - n) for seq, n in zip(outputs, fed)]
 
