@@ -65,6 +65,17 @@ def test_pretrain_writes_a_checkpoint_and_metrics_and_sample_continues_it(prepar
     assert outs[0] == outs[1] and "choice 2" in outs[0]  # a seed makes sampling reproducible
 
 
+def test_pretraining_can_train_on_windows_shorter_than_the_context(prepared_data, tmp_path, capsys):
+    from chatforge.checkpoint import load_checkpoint
+
+    assert run_cli(*pretrain_args(prepared_data, tmp_path / "pt", "--seq-len", "16")) == 0
+    assert load_checkpoint(tmp_path / "pt").model.config.context_length == 32
+    last = json.loads((tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert round(last["tokens_per_s"] * last["step_time_s"]) == 4 * 16  # batch 4 of 16-token windows
+    assert run_cli(*pretrain_args(prepared_data, tmp_path / "x", "--seq-len", "33")) == 2
+    assert "seq_len (33) must be at most the model's context (32)" in capsys.readouterr().err
+
+
 def test_export_hf_writes_a_directory_transformers_loads(prepared_data, tmp_path):
     transformers = pytest.importorskip("transformers")
     assert run_cli(*pretrain_args(prepared_data, tmp_path / "pt", "--max-steps", "1")) == 0

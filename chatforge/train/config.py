@@ -70,6 +70,10 @@ class PretrainConfig:
     out: str = "runs/default/pretrain"
     tokenizer: str = ""  # tokenizer.json or its directory; default: the one saved in `data`
     init_from: str = ""  # continue from a checkpoint (ours or a Hugging Face GPT-2 directory)
+    seq_len: int = field(default=0, metadata={
+        "help": "train on windows of this many tokens, shorter than the context if you like: a small model "
+                "learns far faster from short windows, and a chat model's later positions are trained by SFT "
+                "on long conversations; 0: the context length"})
     model: ModelSize = field(default_factory=ModelSize)
     train: TrainConfig = field(default_factory=TrainConfig)
 

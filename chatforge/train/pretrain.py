@@ -85,6 +85,9 @@ def run_pretrain(cfg: PretrainConfig, dist: DistInfo, resume: bool = False, over
     model = build_model(cfg, tokenizer).to(dist.device)
     seq_len = model.config.context_length if cfg.init_from else cfg.model.context_length
     seq_len = min(seq_len, cfg.model.context_length)
+    if cfg.seq_len > seq_len:
+        raise ConfigError(f"pretrain: seq_len ({cfg.seq_len}) must be at most the model's context ({seq_len})")
+    seq_len = cfg.seq_len or seq_len
     torch.manual_seed(cfg.train.seed + dist.rank)  # dropout differs per process, as in any DDP run
     objective = LanguageModeling(train, val, cfg.train.batch_size, seq_len, cfg.train.seed)
     if dist.is_main:
