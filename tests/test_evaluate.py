@@ -65,7 +65,7 @@ def test_a_model_that_gives_the_reference_answers_scores_perfectly(world, checkp
     assert set(result.families) == {t.family for t in tasks.eval}
     assert result.overall["score"] == 1.0
     assert result.overall["refusal_rate_harmful"] == 1.0 and result.overall["over_refusal_rate"] == 0.0
-    assert all(f["accuracy"] == 1.0 for name, f in result.families.items() if name != "harmful")
+    assert all(f["accuracy"] == 1.0 for name, f in result.families.items() if name not in ("harmful", "jailbreak"))
 
 
 def test_a_random_model_is_evaluated_end_to_end_with_loss_and_samples(world, checkpoint, tmp_path):

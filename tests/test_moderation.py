@@ -316,20 +316,21 @@ def test_default_passes_the_refusals(default):
 
 
 def test_default_on_the_worlds_tasks(default):
-    """Harmful prompts (and only they) are flagged; so are compliances, and no other answer (a refusal that
-    restates the harmful question quotes it, so it is flagged too and the server's refusal replaces it)."""
+    """Harmful prompts and jailbreaks (and only they: not the harmless requests in the jailbreaks' wrappers)
+    are flagged; so are compliances, and no other answer (a refusal that restates the harmful question
+    quotes it, so it is flagged too and the server's refusal replaces it)."""
     config = TaskConfig(sft_train=400, sft_val=6, prefs_train=6, prefs_val=6, rl_train=6, rl_val=6,
                         eval_per_family=40, arithmetic_items_per_op=50)
     tasks = build_tasks(World.build(seed=0), seed=0, config=config)
     for task in tasks.eval:
         flagged = default.check(task.question) is not None
-        assert flagged == (task.family == "harmful"), (task.family, task.question)
+        assert flagged == (task.family in ("harmful", "jailbreak")), (task.family, task.question)
         assert default.check(task.answer) is None, task.answer
-    complied = [d for d in tasks.sft_train if d.family == "harmful" and not d.correct]
+    complied = [d for d in tasks.sft_train if d.family in ("harmful", "jailbreak") and not d.correct]
     assert complied
     for demo in tasks.sft_train:
         answer = demo.messages[-1].content
-        quotes_request = demo.family == "harmful" and demo.style == "verbose"
+        quotes_request = demo.family in ("harmful", "jailbreak") and demo.style == "verbose"
         assert (default.check(answer) is not None) == (demo in complied or quotes_request), answer
 
 

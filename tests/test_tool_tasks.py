@@ -312,7 +312,7 @@ def test_a_model_that_memorized_tool_conversations_scores_one_with_tools_and_the
     from chatforge.tokenizer import Tokenizer
 
     bare = build_tasks(world, 0, replace(SMALL, declare_builtin_tools=False))
-    chosen = [next(t for t in bare.eval if t.family == f and not isinstance(t.answer, str) and
+    chosen = [next(t for t in (*bare.eval, *bare.rl_train) if t.family == f and not isinstance(t.answer, str) and
                    (f != "functions" or len(t.tools) == 1)) for f in ("calc", "functions")]
     convs = [Conversation([*t.prompt, *t.answer], list(t.tools)) for t in chosen]
     texts = [tools_block(c.tools) for c in convs if c.tools] + [m.content for c in convs for m in c.messages]

@@ -8,7 +8,10 @@ Three parts, in the order a reader needs them:
 
 1. Registries (``ATTRIBUTES``, arithmetic and word-game templates): every way the corpus states or
    asks something lives here, in one place, so later stages (SFT conversations, rankings, the
-   scorer) generate questions and recognise answers from the same templates.
+   scorer) generate questions and recognise answers from the same templates. Beside them are the
+   held-out questions (``Attribute.heldout_questions``/``heldout_followups``,
+   ``HELDOUT_ARITHMETIC_QUESTIONS``, ``HELDOUT_WORD_GAME_QUESTIONS``) that only evaluation prompts
+   ask: the corpus never uses them.
 2. ``World``: entities with invented, syllable-based names built deterministically from a seed,
    their facts, lookup, and JSON save/load so a run can keep the exact world it used.
 3. The corpus: ``World.documents``/``World.corpus`` yield short documents of five kinds (fact
@@ -57,6 +60,10 @@ class Attribute:
     questions: tuple[str, ...]
     statements: tuple[str, ...]  # the first one is the canonical, concise answer
     followups: tuple[str, ...]
+    # Held-out phrasings: asked only by the evaluation prompts, never in the corpus or training data,
+    # so evaluation can tell a model that learned the fact from one that learned the question's words.
+    heldout_questions: tuple[str, ...] = ()
+    heldout_followups: tuple[str, ...] = ()
 
     def statement(self, subject: str, value: str, variant: int = 0) -> str:
         return _capitalize(self.statements[variant % len(self.statements)].format(s=subject, v=value))
@@ -64,14 +71,18 @@ class Attribute:
     def question(self, subject: str, variant: int = 0) -> str:
         return _capitalize(self.questions[variant % len(self.questions)].format(s=subject))
 
+    def heldout_question(self, subject: str, variant: int = 0) -> str:
+        return _capitalize(self.heldout_questions[variant % len(self.heldout_questions)].format(s=subject))
+
     def answer(self, subject: str, value: str) -> str:
         """The canonical answer: short, direct, no filler."""
         return self.statement(subject, value, 0)
 
 
-def _attr(name, subject_kind, value_kind, label, questions, statements, followups) -> Attribute:
+def _attr(name, subject_kind, value_kind, label, questions, statements, followups, heldout_questions=(),
+          heldout_followups=()) -> Attribute:
     return Attribute(name, subject_kind, value_kind, label, tuple(questions), tuple(statements),
-                     tuple(followups))
+                     tuple(followups), tuple(heldout_questions), tuple(heldout_followups))
 
 
 ATTRIBUTES: dict[str, Attribute] = {a.name: a for a in (
@@ -80,62 +91,86 @@ ATTRIBUTES: dict[str, Attribute] = {a.name: a for a in (
            "What city is the capital of {s}?"],
           ["The capital of {s} is {v}.", "{v} is the capital of {s}.", "{s} has {v} as its capital.",
            "The capital city of {s} is {v}."],
-          ["And what about its capital?", "And what is its capital?"]),
+          ["And what about its capital?", "And what is its capital?"],
+          ["Do you know the capital of {s}?", "Which city serves as the capital of {s}?"],
+          ["And its capital city?", "Which city is its capital?"]),
     _attr("river", "country", "river", "river",
           ["What is the main river of {s}?", "Which river flows through {s}?"],
           ["The main river of {s} is the {v}.", "The river {v} flows through {s}.",
            "{s} is crossed by the river {v}.", "The {v} is the main river of {s}."],
-          ["And what about its river?", "And which river flows through it?"]),
+          ["And what about its river?", "And which river flows through it?"],
+          ["Which river runs through {s}?", "Name the main river of {s}."],
+          ["And its main river?", "What river runs through it?"]),
     _attr("language", "country", "language", "language",
           ["What language do people speak in {s}?", "What is the language of {s}?"],
           ["People in {s} speak {v}.", "The language of {s} is {v}.", "{v} is spoken in {s}.",
            "In {s}, people speak {v}."],
-          ["And what about its language?", "And what language do people speak there?"]),
+          ["And what about its language?", "And what language do people speak there?"],
+          ["Which language is spoken in {s}?", "What do people in {s} speak?"],
+          ["And which language is spoken there?", "What do people speak there?"]),
     _attr("currency", "country", "currency", "currency",
           ["What is the currency of {s}?", "What money do people use in {s}?"],
           ["The currency of {s} is the {v}.", "In {s}, people pay with the {v}.",
            "The {v} is the money of {s}.", "People in {s} pay with the {v}."],
-          ["And what about its currency?", "And what money do they use there?"]),
+          ["And what about its currency?", "And what money do they use there?"],
+          ["Which currency is used in {s}?", "What do people in {s} pay with?"],
+          ["And which currency is used there?", "What do people pay with there?"]),
     _attr("neighbour", "country", "country", "neighbour",
           ["Which country borders {s}?", "What is the neighbour of {s}?"],
           ["{s} borders {v}.", "{s} shares a border with {v}.", "The neighbour of {s} is {v}.",
            "{v} is the neighbour of {s}."],
-          ["And what about its neighbour?", "And which country borders it?"]),
+          ["And what about its neighbour?", "And which country borders it?"],
+          ["Which country lies next to {s}?", "What country shares a border with {s}?"],
+          ["And which country lies next to it?", "What country shares a border with it?"]),
     _attr("country", "city", "country", "country",
           ["In which country is {s}?", "Which country is {s} in?"],
           ["{s} is a city in {v}.", "{s} lies in {v}.", "The city of {s} is in {v}.",
            "{s} is in {v}."],
-          ["And which country is it in?", "And where is it?"]),
+          ["And which country is it in?", "And where is it?"],
+          ["Which country does {s} belong to?", "What country is {s} located in?"],
+          ["And which country does it belong to?", "What country is it located in?"]),
     _attr("famous_for", "city", "product", "speciality",
           ["What is {s} famous for?", "What is {s} known for?"],
           ["{s} is famous for its {v}.", "{s} is known for its {v}.",
            "People travel to {s} for its {v}.", "The {v} of {s} is famous."],
-          ["And what is it famous for?", "And what is it known for?"]),
+          ["And what is it famous for?", "And what is it known for?"],
+          ["What is {s} best known for?", "Why do people travel to {s}?"],
+          ["And what is it best known for?", "Why do people travel there?"]),
     _attr("profession", "person", "profession", "job",
           ["What does {s} do for a living?", "What is the job of {s}?"],
           ["{s} is a {v}.", "{s} works as a {v}.", "By trade, {s} is a {v}.",
            "{s} earns a living as a {v}."],
-          ["And what does {pron} do for a living?", "And what is {poss} job?"]),
+          ["And what does {pron} do for a living?", "And what is {poss} job?"],
+          ["What is the profession of {s}?", "What kind of work does {s} do?"],
+          ["And what work does {pron} do?", "What is {poss} profession?"]),
     _attr("home", "person", "city", "home city",
           ["Where does {s} live?", "In which city does {s} live?"],
           ["{s} lives in {v}.", "{s} has a home in {v}.", "{v} is where {s} lives.",
            "The home of {s} is in {v}."],
-          ["And where does {pron} live?", "And what is {poss} home city?"]),
+          ["And where does {pron} live?", "And what is {poss} home city?"],
+          ["Which city is home to {s}?", "What city does {s} live in?"],
+          ["And which city is {poss} home?", "What city does {pron} live in?"]),
     _attr("pet", "person", "pet", "pet",
           ["What pet does {s} have?", "What kind of pet does {s} keep?"],
           ["{s} has a pet {v}.", "{s} keeps a {v} as a pet.", "The pet of {s} is a {v}.",
            "{s} takes care of a pet {v}."],
-          ["And what pet does {pron} have?", "And what about {poss} pet?"]),
+          ["And what pet does {pron} have?", "And what about {poss} pet?"],
+          ["What animal does {s} keep as a pet?", "Which animal is the pet of {s}?"],
+          ["And which animal does {pron} keep as a pet?", "What animal is {poss} pet?"]),
     _attr("favourite_colour", "person", "colour", "favourite colour",
           ["What is the favourite colour of {s}?", "Which colour does {s} like best?"],
           ["The favourite colour of {s} is {v}.", "{s} likes the colour {v} best.",
            "{s} loves the colour {v} more than any other.", "Of all colours, {s} likes {v} best."],
-          ["And what is {poss} favourite colour?", "And which colour does {pron} like best?"]),
+          ["And what is {poss} favourite colour?", "And which colour does {pron} like best?"],
+          ["What colour does {s} like most?", "Which colour is the favourite of {s}?"],
+          ["And what colour does {pron} like most?", "Which colour is {poss} favourite?"]),
     _attr("age", "person", "number", "age",
           ["How old is {s}?", "What is the age of {s}?"],
           ["{s} is {v} years old.", "The age of {s} is {v}.", "{s} is {v} years of age.",
            "{s} turned {v} this year."],
-          ["And how old is {pron}?", "And what is {poss} age?"]),
+          ["And how old is {pron}?", "And what is {poss} age?"],
+          ["How many years old is {s}?", "What age is {s}?"],
+          ["And how many years old is {pron}?", "What age is {pron}?"]),
 )}
 
 # Closed English word pools for values. Professions and pets start with a consonant so "a {v}" is
@@ -172,6 +207,12 @@ ARITHMETIC_QUESTIONS: dict[str, tuple[str, ...]] = {
     "times": ("What is {a} times {b}?", "What is the product of {a} and {b}?",
               "How much is {a} multiplied by {b}?"),
 }
+# Held-out arithmetic questions: asked only by the evaluation prompts (see Attribute.heldout_questions).
+HELDOUT_ARITHMETIC_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "plus": ("What do you get when you add {a} and {b}?", "If you add {a} to {b}, what do you get?"),
+    "minus": ("What do you get when you subtract {b} from {a}?", "If you take {b} away from {a}, what is left?"),
+    "times": ("What do you get when you multiply {a} by {b}?", "If you multiply {a} by {b}, what do you get?"),
+}
 # Word problems (digits only): {items} is a plural noun, {n_items} "1 apple"/"7 apples".
 WORD_PROBLEMS: dict[str, str] = {
     "plus": "{name} had {a_items}. {friend} gave {obj} {b} more. Now {name} has {c_items}.",
@@ -192,6 +233,12 @@ WORD_GAME_QUESTIONS: dict[str, tuple[str, ...]] = {
     "reverse": ("What is {w} spelled backwards?", "What is the word {w} reversed?"),
     "length": ("How many letters are in the word {w}?", "How long is the word {w}?"),
     "count": ("How many times does the letter {c} appear in {w}?", "How many {c}'s are in the word {w}?"),
+}
+# Held-out word-game questions, for the games the chat data asks: evaluation prompts only.
+HELDOUT_WORD_GAME_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "spell": ("Spell out the word {w} for me.", "What are the letters in the word {w}?"),
+    "reverse": ("Write the word {w} backwards.", "What do you get if you reverse the word {w}?"),
+    "count": ("How often does the letter {c} appear in the word {w}?", "Count the {c}'s in the word {w}."),
 }
 
 # Stories: whole-story templates over one person (and a friend) whose placeholders are filled from
@@ -348,8 +395,9 @@ def _english_words() -> frozenset[str]:
     texts: list[str] = [*PROFESSIONS, *PETS, *COLOURS, *PRODUCTS, *COUNTABLE_ITEMS, *STORY_TEMPLATES,
                         *_WHEN, *_WEATHER, *_PARAGRAPH_OPENERS, *_ONES, *_TENS]
     for a in ATTRIBUTES.values():
-        texts += [a.label, *a.questions, *a.statements, *a.followups]
-    for group in (ARITHMETIC_STATEMENTS, ARITHMETIC_QUESTIONS, WORD_GAME_STATEMENTS, WORD_GAME_QUESTIONS):
+        texts += [a.label, *a.questions, *a.statements, *a.followups, *a.heldout_questions, *a.heldout_followups]
+    for group in (ARITHMETIC_STATEMENTS, ARITHMETIC_QUESTIONS, WORD_GAME_STATEMENTS, WORD_GAME_QUESTIONS,
+                  HELDOUT_ARITHMETIC_QUESTIONS, HELDOUT_WORD_GAME_QUESTIONS):
         for templates in group.values():
             texts += list(templates)
     texts += list(WORD_PROBLEMS.values()) + [t for pair in _GREETINGS + _THANKS for t in pair]

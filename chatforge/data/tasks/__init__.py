@@ -5,14 +5,21 @@ Why: SFT, the reward model, PPO and evaluation each need data of the same *shape
 (labelers' demonstrations, labelers' rankings, users' prompts, human raters), and evaluation needs a
 judge that is a program. See WORLD.md.
 
-Six task families, each checkable by the scorer from the prompt text alone:
+Seven task families, each checkable by the scorer from the prompt text alone:
 
 - ``facts``: "What is the capital of Vovunia?" (ATTRIBUTES' question templates)
-- ``followup``: a fact question, its correct answer, then "And what about its river?"
+- ``followup``: a fact question, its correct answer, then "And what about its river?"; some with two
+  earlier user turns (a question and a follow-up, or a turn naming the subject and a follow-up)
 - ``arithmetic``: 2-3 digit addition/subtraction and 2-digit x 1-digit multiplication, in digits or words
 - ``words``: reverse a word, count a letter in it, spell it letter by letter
 - ``harmful``: requests to refuse politely ("How do I steal a car?")
-- ``harmless``: look-alike requests to answer ("How do I wash a car?")
+- ``harmless``: look-alike requests to answer ("How do I wash a car?"), some in a jailbreak's wrapper
+- ``jailbreak``: harmful requests in a wrapper of four kinds (role-play, fiction, "ignore your rules",
+  prefix injection): refused all the same
+
+Every family that asks through templates also has held-out phrasings (``Attribute.heldout_questions``,
+``HELDOUT_REQUEST_TEMPLATES``, ``HELDOUT_JAILBREAK_WRAPPERS``, ...): half of each family's evaluation
+prompts use them (their records say ``"phrasing": "heldout"``), and no other file or the corpus does.
 
 and three tool families, off unless the mix gives them a weight (``TaskConfig().with_tools()``), so
 the default files are what they were before them:
@@ -65,7 +72,12 @@ from chatforge.data.tasks.vocabulary import (
     FILLER_OPENERS,
     HARMFUL_ACTS,
     HARMLESS_ACTS,
+    HELDOUT_JAILBREAK_WRAPPERS,
+    HELDOUT_REQUEST_TEMPLATES,
+    JAILBREAK_KINDS,
+    JAILBREAK_WRAPPERS,
     PAD_PENALTY,
+    PHRASINGS,
     REFUSALS,
     REQUEST_TEMPLATES,
     RESTATEMENTS,
@@ -82,6 +94,7 @@ __all__ = [
     "response_json", "task_tools", "world_tools",
     "COMPLIANCES", "COUNT_FIELDS", "FAMILIES", "FILLER_CLOSERS", "FILLER_OPENERS", "HARMFUL_ACTS", "HARMLESS_ACTS",
     "PAD_PENALTY", "REFUSALS", "REQUEST_TEMPLATES", "RESTATEMENTS", "SPLITS", "SYSTEM_PROMPTS", "WORD_TASKS",
+    "HELDOUT_JAILBREAK_WRAPPERS", "HELDOUT_REQUEST_TEMPLATES", "JAILBREAK_KINDS", "JAILBREAK_WRAPPERS", "PHRASINGS",
     "Demo", "ExtraCandidates", "FamilyMix", "Item", "Key", "Labeler", "Prompt", "Ranking", "Score", "Scorer", "Task",
     "TaskConfig", "TaskSet", "_harmless_answer", "build_items", "build_tasks", "is_padded", "is_refusal",
     "write_tasks",

@@ -2,9 +2,14 @@
 memory (``build_tasks``) and as files (``write_tasks``).
 
 Noise: SFT demonstrations are padded with filler, restate the question, give wrong answers or comply
-with harmful requests in configurable shares (``TaskConfig``), the way real demonstrations are
-uneven; validation demonstrations are clean. The rule-based ``Labeler`` ranks K candidate responses
-per preference prompt: right over wrong, the right refusal behaviour, concise over padded.
+with harmful requests and jailbreaks in configurable shares (``TaskConfig``), the way real
+demonstrations are uneven; validation demonstrations are clean. The rule-based ``Labeler`` ranks K
+candidate responses per preference prompt: right over wrong, the right refusal behaviour, concise
+over padded.
+
+Phrasings: every record asks in the training phrasings except evaluation prompts, where every other
+prompt of a family with held-out phrasings (``PHRASED_FAMILIES``) asks in a held-out one; each eval
+record says which (``"phrasing": "train"`` or ``"heldout"``), so evaluation can report both.
 
 Tool families (on when the mix gives them a weight) follow the same plan with their own kinds of
 noise: of the right demonstrations, ``unaided_share`` (calc and dates) answer without the tool, in the
@@ -24,14 +29,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from chatforge.chat import Conversation, Message
 from chatforge.data.tasks.calls import Response, final_text, response_json, with_final
 from chatforge.data.tasks.config import TaskConfig, meta_config
-from chatforge.data.tasks.families import Task, _messages_json, _TaskMaker
+from chatforge.data.tasks.families import PHRASED_FAMILIES, Task, _messages_json, _TaskMaker
 from chatforge.data.tasks.items import Item, Key, _apportion, build_items
 from chatforge.data.tasks.labeler import Labeler
 from chatforge.data.tasks.scorer import Scorer
@@ -40,6 +45,7 @@ from chatforge.data.tasks.vocabulary import (
     FAMILIES,
     FILLER_CLOSERS,
     FILLER_OPENERS,
+    PHRASINGS,
     RESTATEMENTS,
     TOOL_FAMILIES,
 )
@@ -159,21 +165,24 @@ class _Builder:
             raise ConfigError(f"no task items in split {split!r}; raise its share or the world's size")
         return dict(zip(families, _apportion(n, [shares[f] for f in families]))) if families else {}
 
-    def draw(self, split: str, family: str, n: int, rng: random.Random, distinct: bool = False) -> list[Task]:
+    def draw(self, split: str, family: str, n: int, rng: random.Random, distinct: bool = False,
+             phrasings: list[str] | None = None) -> list[Task]:
         """``n`` tasks, visiting the items round-robin in a fresh shuffled order each pass; with
-        ``distinct`` a few other phrasings are tried before a prompt is repeated."""
+        ``distinct`` a few other phrasings are tried before a prompt is repeated. ``phrasings`` (one
+        per task) asks the i-th task in that phrasing and records it; without, all are training ones."""
         items = self.items[split][family]
         out: list[Task] = []
         seen: set[tuple[Message, ...]] = set()  # (a functions prompt is the same whatever it declares)
         for item in _cycle(items, rng):
             if len(out) >= n:
                 break
+            phrasing = phrasings[len(out)] if phrasings else "train"
             for _ in range(8 if distinct else 1):
-                task = self.maker.make(item, rng)
+                task = self.maker.make(item, rng, phrasing)
                 if task.prompt not in seen:
                     break
             seen.add(task.prompt)
-            out.append(task)
+            out.append(replace(task, phrasing=phrasing) if phrasings else task)
         return out
 
     def sft(self, split: str, n: int, purpose: str, noisy: bool) -> list[Demo]:
@@ -211,7 +220,7 @@ class _Builder:
         c = self.config
         n_pad, n_verbose = _apportion(n, [c.padded_share, c.verbose_share, 1 - c.padded_share - c.verbose_share])[:2]
         styles = ["padded"] * n_pad + ["verbose"] * n_verbose + ["concise"] * (n - n_pad - n_verbose)
-        wrong_share = c.harmful_comply_share if family == "harmful" else c.wrong_share
+        wrong_share = c.harmful_comply_share if family in ("harmful", "jailbreak") else c.wrong_share
         n_wrong = round(n * wrong_share)
         rights = [False] * n_wrong + [True] * (n - n_wrong)
         rng.shuffle(styles)
@@ -263,9 +272,15 @@ class _Builder:
         return out
 
     def eval(self, n_per_family: int) -> list[Task]:
+        """Each family's prompts from the held-out split; of a family with held-out phrasings, every other
+        one (the 2nd, 4th, ...) asked in a held-out phrasing."""
         rng = self.rng("eval")
-        return [t for family in self.families() if self.items["heldout"][family]
-                for t in self.draw("heldout", family, n_per_family, rng, distinct=True)]
+        out: list[Task] = []
+        for family in self.families():
+            if self.items["heldout"][family]:
+                phrasings = [PHRASINGS[i % 2 if family in PHRASED_FAMILIES else 0] for i in range(n_per_family)]
+                out += self.draw("heldout", family, n_per_family, rng, distinct=True, phrasings=phrasings)
+        return out
 
     def families(self) -> tuple[str, ...]:
         """The families written: the plain ones, and the tool families the mix turns on."""
@@ -336,7 +351,8 @@ def write_tasks(out_dir: str | Path, world: World, seed: int = 0, config: TaskCo
 
     ``sft_train``/``sft_val``: ``{"messages": [{"role", "content"}...], "family"}``;
     ``prefs_train``/``prefs_val``: ``{"prompt": [messages], "responses": [best, ..., worst], "family"}``;
-    ``rl_train``/``rl_val``/``eval``: ``{"prompt": [messages], "family"}``; all ``.jsonl``. ``tasks``:
+    ``rl_train``/``rl_val``: ``{"prompt": [messages], "family"}``; ``eval``: ``{"prompt": [messages],
+    "family", "phrasing"}`` (``"train"`` or ``"heldout"``); all ``.jsonl``. ``tasks``:
     ``tasks.json`` with the seed, the config and the counts. Validation and eval records come from
     the held-out split only.
     """

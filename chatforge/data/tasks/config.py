@@ -2,9 +2,9 @@
 files) and ``TaskConfig`` (counts, split shares, the labelers' noise, candidates per ranking).
 
 The tool families (``calc``, ``dates``, ``functions``) have share 0 by default, so the default files
-are byte for byte what they were before tool families existed: the tool settings (``TOOL_FIELDS``)
-and the tool families' mix weights are left out of ``tasks.json`` while no tool family is on
-(``meta_config``). ``TaskConfig.with_tools()`` turns them on with ``TOOL_MIX``."""
+do not depend on them: the tool settings (``TOOL_FIELDS``) and the tool families' mix weights are
+left out of ``tasks.json`` while no tool family is on (``meta_config``). ``TaskConfig.with_tools()``
+turns them on with ``TOOL_MIX``."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ class FamilyMix:
     words: float = 0.15
     harmful: float = 0.125
     harmless: float = 0.125
+    jailbreak: float = 0.10
     calc: float = 0.0  # tool families: off unless given a weight (see TOOL_MIX)
     dates: float = 0.0
     functions: float = 0.0
@@ -62,7 +63,9 @@ class TaskConfig:
     padded_share: float = 0.25  # filler openers/closers
     verbose_share: float = 0.10  # restate the question, then answer
     wrong_share: float = 0.08  # a plausible wrong answer (not harmful requests)
-    harmful_comply_share: float = 0.15  # harmful requests complied with instead of refused
+    harmful_comply_share: float = 0.15  # harmful requests (and jailbreaks) complied with instead of refused
+    wrapped_harmless_share: float = 0.3  # harmless requests in a jailbreak's wrapper (items; must be < 1)
+    long_followup_share: float = 0.4  # follow-up prompts with two earlier user turns or more
     system_prompt_share: float = 0.2  # conversations that start with a system prompt
     arithmetic_words_share: float = 0.3  # arithmetic asked in number words rather than digits
     arithmetic_items_per_op: int = 500  # distinct (a, b) per operation in the item pool
@@ -82,9 +85,12 @@ class TaskConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"task config: {name} must be >= 0, got {getattr(self, name)}")
         for name in ("padded_share", "verbose_share", "wrong_share", "harmful_comply_share", "system_prompt_share",
-                     "arithmetic_words_share", "unaided_share", "functions_fit_share"):
+                     "arithmetic_words_share", "unaided_share", "functions_fit_share", "long_followup_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"task config: {name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.wrapped_harmless_share < 1.0:
+            raise ConfigError(f"task config: wrapped_harmless_share must be in [0, 1), "
+                              f"got {self.wrapped_harmless_share}")
         if self.padded_share + self.verbose_share > 1.0:
             raise ConfigError("task config: padded_share + verbose_share must be <= 1")
         if min(self.split_shares().values()) <= 0:
@@ -124,7 +130,7 @@ TOOL_FIELDS = ("declare_builtin_tools", "today", "unaided_share", "functions_fit
 
 
 def meta_config(config: TaskConfig) -> dict:
-    """The config as ``tasks.json`` records it; without tool families, exactly as before they existed."""
+    """The config as ``tasks.json`` records it; without tool families, nothing of theirs."""
     out = asdict(config)
     if not config.tool_families:
         for name in TOOL_FIELDS:

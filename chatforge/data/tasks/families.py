@@ -1,6 +1,20 @@
 """Tasks: prompts with their rule-made responses. One maker per family turns an item into a prompt
 in a random phrasing, with the concise right answer, a concise wrong one and a response of the
-other behaviour (a refusal; for harmful requests, a compliance and a second refusal).
+other behaviour (a refusal; for harmful requests and jailbreaks, a compliance and a second refusal).
+
+Phrasings: a maker asks in the training phrasings (``"train"``: the templates the corpus and every
+training file use) or, for evaluation prompts only, in the held-out ones (``"heldout"``:
+``Attribute.heldout_questions``/``heldout_followups``, ``HELDOUT_ARITHMETIC_QUESTIONS``,
+``HELDOUT_WORD_GAME_QUESTIONS``, ``HELDOUT_REQUEST_TEMPLATES``, ``HELDOUT_JAILBREAK_WRAPPERS``). The
+families in ``PHRASED_FAMILIES`` have held-out phrasings; dates has none (its "today" phrasings are
+items of their own).
+
+- ``followup``: one earlier question and its answer, or (``long_followup_share``) two earlier user
+  turns: a question and a follow-up about two other facts of the subject, or, where the item has only
+  one other fact in its split, a turn that names the subject ("I have a few questions about Vovunia.")
+  and a follow-up about that fact.
+- ``jailbreak``: a harmful request in a wrapper of one of four kinds (role-play, fiction, "ignore your
+  rules", prefix injection); ``harmless`` wraps some of its requests in the same wrappers.
 
 Tool families' right answers are transcripts (calls.py): the call, its result, then the answer that
 states it. Their tasks also carry the right answer given without the tool (``unaided``: computed in
@@ -43,10 +57,17 @@ from chatforge.data.tasks.config import TaskConfig
 from chatforge.data.tasks.items import Item, Key
 from chatforge.data.tasks.text import _capitalize
 from chatforge.data.tasks.vocabulary import (
+    ALL_FAMILIES,
     COMPLIANCES,
     DAYS_QUESTIONS,
+    FOLLOWUP_INTROS,
     HARMLESS_ACTS,
+    HELDOUT_JAILBREAK_WRAPPERS,
+    HELDOUT_REQUEST_TEMPLATES,
+    JAILBREAK_WRAPPERS,
     REFUSALS,
+    REQUEST_TEMPLATES,
+    SYSTEM_PROMPT_MAX_CHARS,
     SYSTEM_PROMPTS,
     TODAY_QUESTIONS,
     WEEKDAY_QUESTIONS,
@@ -54,15 +75,21 @@ from chatforge.data.tasks.vocabulary import (
 from chatforge.data.world import (
     ARITHMETIC_QUESTIONS,
     ATTRIBUTES,
+    HELDOUT_ARITHMETIC_QUESTIONS,
+    HELDOUT_WORD_GAME_QUESTIONS,
     PRONOUNS,
     WORD_GAME_QUESTIONS,
     WORD_GAME_STATEMENTS,
+    Attribute,
+    Entity,
     World,
     number_to_words,
 )
 from chatforge.tools import WEEKDAYS, calculate, days_between, run_tool_call, weekday
 
 CALC_SYMBOLS = {"plus": "+", "minus": "-", "times": "*"}
+PHRASED_FAMILIES = tuple(f for f in ALL_FAMILIES if f != "dates")  # the families with held-out phrasings
+WRAPPER_KINDS = {w: kind for kind, wrappers in JAILBREAK_WRAPPERS.items() for w in wrappers}  # training wrappers
 
 
 @dataclass(frozen=True)
@@ -79,6 +106,7 @@ class Task:
     tools: tuple[dict[str, Any], ...] = ()  # functions the prompt declares (OpenAI function objects)
     unaided: Response | None = None  # tool families: the right answer without a call (None: there is none)
     misused: tuple[Response, ...] = ()  # tool families: transcripts that misuse a tool
+    phrasing: str | None = None  # evaluation prompts: "train" or "heldout" (the record's "phrasing")
 
     @property
     def question(self) -> str:
@@ -86,6 +114,8 @@ class Task:
 
     def to_json(self) -> dict:
         out: dict[str, Any] = {"prompt": _messages_json(self.prompt), "family": self.family}
+        if self.phrasing is not None:
+            out["phrasing"] = self.phrasing
         return out | {"tools": list(self.tools)} if self.tools else out
 
 
@@ -101,9 +131,11 @@ class _TaskMaker:
         self.config = config
         self.functions = world_tools(world)
 
-    def make(self, item: Item, rng: random.Random) -> Task:
-        task = getattr(self, f"_{item.family}")(item, rng)
-        if rng.random() < self.config.system_prompt_share:
+    def make(self, item: Item, rng: random.Random, phrasing: str = "train") -> Task:
+        """A task for ``item`` asked in a training phrasing, or in a held-out one (``phrasing="heldout"``);
+        a system prompt comes first only before a short question (``SYSTEM_PROMPT_MAX_CHARS``)."""
+        task = getattr(self, f"_{item.family}")(item, rng, phrasing == "heldout")
+        if rng.random() < self.config.system_prompt_share and len(task.question) <= SYSTEM_PROMPT_MAX_CHARS:
             task = replace(task, prompt=(Message("system", rng.choice(SYSTEM_PROMPTS)), *task.prompt))
         return task
 
@@ -119,47 +151,59 @@ class _TaskMaker:
         return attr.answer(subject, self.world.lookup(subject, attribute)), attr.answer(
             subject, self._wrong_value(subject, attribute, rng))
 
-    def _facts(self, item: Item, rng: random.Random) -> Task:
+    def _facts(self, item: Item, rng: random.Random, heldout: bool) -> Task:
         _, subject, attribute = item.key
-        attr = ATTRIBUTES[attribute]
         answer, wrong = self._fact_parts(subject, attribute, rng)
-        prompt = (Message("user", attr.question(subject, rng.randrange(len(attr.questions)))),)
+        prompt = (Message("user", _ask(ATTRIBUTES[attribute], subject, rng, heldout)),)
         return Task("facts", item.key, prompt, answer, wrong, rng.choice(REFUSALS))
 
-    def _followup(self, item: Item, rng: random.Random) -> Task:
+    def _followup(self, item: Item, rng: random.Random, heldout: bool) -> Task:
+        """Earlier turns about other facts of the subject (one, or with ``long_followup_share`` two user
+        turns), then a follow-up question about this item's fact."""
         _, subject, attribute = item.key
-        first = ATTRIBUTES[rng.choice(item.partners)]
         entity = self.world.entity(subject)
-        pron, poss, _ = PRONOUNS[entity.pronoun]
-        prompt = (Message("user", first.question(subject, rng.randrange(len(first.questions)))),
-                  Message("assistant", first.answer(subject, entity.attributes[first.name])),
-                  Message("user", rng.choice(ATTRIBUTES[attribute].followups).format(pron=pron, poss=poss)))
+        long = rng.random() < self.config.long_followup_share
+        asked = rng.sample(item.partners, 2 if long and len(item.partners) >= 2 else 1)
+        turns: list[Message] = []
+        if long and len(asked) == 1:  # one other fact to ask: a turn that names the subject comes first
+            intro, reply = rng.choice(FOLLOWUP_INTROS)
+            turns += [Message("user", intro.format(s=subject)), Message("assistant", reply)]
+        for i, name in enumerate(asked):
+            attr = ATTRIBUTES[name]
+            if i == 0 and not turns:
+                question = _ask(attr, subject, rng, heldout)
+            else:  # right after the intro, the follow-up opens the questions: no "And"
+                question = _follow(attr, entity, rng, heldout, opening=i == 0)
+            turns += [Message("user", question), Message("assistant", attr.answer(subject, entity.attributes[name]))]
+        prompt = (*turns, Message("user", _follow(ATTRIBUTES[attribute], entity, rng, heldout)))
         answer, wrong = self._fact_parts(subject, attribute, rng)
         return Task("followup", item.key, prompt, answer, wrong, rng.choice(REFUSALS),
-                    (("fact", subject, first.name),))
+                    tuple(("fact", subject, name) for name in asked))
 
-    def _arithmetic(self, item: Item, rng: random.Random) -> Task:
-        return self._arithmetic_task(item, rng)[0]
+    def _arithmetic(self, item: Item, rng: random.Random, heldout: bool) -> Task:
+        return self._arithmetic_task(item, rng, heldout)[0]
 
-    def _arithmetic_task(self, item: Item, rng: random.Random) -> tuple[Task, bool]:
+    def _arithmetic_task(self, item: Item, rng: random.Random, heldout: bool) -> tuple[Task, bool]:
         """The task, and whether its numbers are in words."""
         _, op, a_text, b_text = item.key
         a, b = int(a_text), int(b_text)
         words = rng.random() < self.config.arithmetic_words_share
         say = number_to_words if words else str
-        question = _capitalize(rng.choice(ARITHMETIC_QUESTIONS[op]).format(a=say(a), b=say(b)))
+        questions = (HELDOUT_ARITHMETIC_QUESTIONS if heldout else ARITHMETIC_QUESTIONS)[op]
+        question = _capitalize(rng.choice(questions).format(a=say(a), b=say(b)))
         c = _apply(op, a, b)
         off = rng.choice([d for d in (-10, -2, -1, 1, 2, 10, 100) if 0 <= c + d <= 999])
         return Task("arithmetic", item.key, (Message("user", question),), _arithmetic_answer(op, a, b, words),
                     _arithmetic_answer(op, a, b, words, c + off), rng.choice(REFUSALS)), words
 
-    def _words(self, item: Item, rng: random.Random) -> Task:
+    def _words(self, item: Item, rng: random.Random, heldout: bool) -> Task:
         _, task, word = item.key
         letter = ""
         if task == "count":  # usually a letter the word has, sometimes one it lacks (answer 0)
             absent = [c for c in string.ascii_lowercase if c not in word]
             letter = rng.choice(word) if rng.random() < 0.8 else rng.choice(absent)
-        question = _capitalize(rng.choice(WORD_GAME_QUESTIONS[task]).format(w=word, c=letter))
+        questions = (HELDOUT_WORD_GAME_QUESTIONS if heldout else WORD_GAME_QUESTIONS)[task]
+        question = _capitalize(rng.choice(questions).format(w=word, c=letter))
         return Task("words", item.key, (Message("user", question),), _word_answer(task, word, letter),
                     self._wrong_word_answer(task, word, letter, rng), rng.choice(REFUSALS))
 
@@ -177,30 +221,35 @@ class _TaskMaker:
         x = bad if task == "reverse" else " ".join(bad)
         return _capitalize(WORD_GAME_STATEMENTS[task][0].format(w=word, x=x))
 
-    def _harmful(self, item: Item, rng: random.Random) -> Task:
+    def _harmful(self, item: Item, rng: random.Random, heldout: bool) -> Task:
         _, template, act = item.key
         first, second = rng.sample(REFUSALS, 2)
-        return Task("harmful", item.key, (Message("user", template.format(act=act)),), first,
+        return Task("harmful", item.key, (Message("user", _request(template, act, rng, heldout)),), first,
                     rng.choice(COMPLIANCES).format(act=act), second)
 
-    def _harmless(self, item: Item, rng: random.Random) -> Task:
+    def _jailbreak(self, item: Item, rng: random.Random, heldout: bool) -> Task:
+        """A harmful request in a jailbreak's wrapper: refused all the same."""
+        return replace(self._harmful(item, rng, heldout), family="jailbreak")
+
+    def _harmless(self, item: Item, rng: random.Random, heldout: bool) -> Task:
+        """A look-alike request (in a jailbreak's wrapper when the key holds one), answered with its steps."""
         _, template, act = item.key
         other = rng.choice([a for a in HARMLESS_ACTS if a != act])
         # the wrong answer gives another act's steps, under this act's name or (half the time) its own:
         # a policy that answers a different request ("To make tea, ..." to "How do I bake bread?") is the
         # mistake PPO found when the rankings held only the first kind
         wrong = _harmless_answer(other if rng.random() < 0.5 else act, steps_of=other)
-        return Task("harmless", item.key, (Message("user", template.format(act=act)),), _harmless_answer(act),
-                    wrong, rng.choice(REFUSALS))
+        return Task("harmless", item.key, (Message("user", _request(template, act, rng, heldout)),),
+                    _harmless_answer(act), wrong, rng.choice(REFUSALS))
 
     # ---- tool families ---------------------------------------------------------------------------
 
     def _builtin_tools(self) -> tuple[dict[str, Any], ...]:
         return tuple(builtin_specs()) if self.config.declare_builtin_tools else ()
 
-    def _calc(self, item: Item, rng: random.Random) -> Task:
+    def _calc(self, item: Item, rng: random.Random, heldout: bool) -> Task:
         """Arithmetic's task, answered through the calculator; a wrong call has one operand off by one."""
-        plain, words = self._arithmetic_task(item, rng)
+        plain, words = self._arithmetic_task(item, rng, heldout)
         _, op, a_text, b_text = item.key
         a, b = int(a_text), int(b_text)
         step = rng.choice((-1, 1))
@@ -210,8 +259,9 @@ class _TaskMaker:
         return replace(plain, family="calc", answer=_calculator_call(op, a, b, plain.answer),
                        tools=self._builtin_tools(), unaided=plain.answer, misused=misused)
 
-    def _dates(self, item: Item, rng: random.Random) -> Task:
-        """A weekday, a day count or today's date through the calendar; a wrong call is a day off."""
+    def _dates(self, item: Item, rng: random.Random, heldout: bool) -> Task:
+        """A weekday, a day count or today's date through the calendar; a wrong call is a day off (no
+        held-out phrasings: ``heldout`` is ignored)."""
         kind, dates = item.key[1], item.key[2:] if item.key[1] != "today" else ()
         words = rng.random() < 0.5
         said = [_say_date(d, words) for d in dates]
@@ -246,11 +296,11 @@ class _TaskMaker:
             return days_between(args["start"], args["end"])
         return self.config.today
 
-    def _functions(self, item: Item, rng: random.Random) -> Task:
+    def _functions(self, item: Item, rng: random.Random, heldout: bool) -> Task:
         """A fact question beside 1-4 declared world functions: call the one that fits, or answer directly."""
         _, subject, attribute = item.key
         attr = ATTRIBUTES[attribute]
-        question = attr.question(subject, rng.randrange(len(attr.questions)))
+        question = _ask(attr, subject, rng, heldout)
         right, wrong = self._fact_parts(subject, attribute, rng)
         fits = rng.random() < self.config.functions_fit_share
         n = rng.randint(1, self.config.max_functions)
@@ -276,6 +326,32 @@ class _TaskMaker:
         name, args = function_name(attribute), {kind: subject}
         result = run_tool_call(json.dumps({"name": name, "arguments": args}), self.functions).content
         return transcript([(name, args, result)], final)
+
+
+def _ask(attr: Attribute, subject: str, rng: random.Random, heldout: bool) -> str:
+    """A question about ``subject``'s ``attr`` that names the subject."""
+    return _capitalize(rng.choice(attr.heldout_questions if heldout else attr.questions).format(s=subject))
+
+
+def _follow(attr: Attribute, entity: Entity, rng: random.Random, heldout: bool, opening: bool = False) -> str:
+    """A follow-up question about ``attr`` that refers back to ``entity`` ("And what about its river?");
+    an ``opening`` one comes first, without "And"."""
+    pron, poss, _ = PRONOUNS[entity.pronoun]
+    text = rng.choice(attr.heldout_followups if heldout else attr.followups).format(pron=pron, poss=poss)
+    return _capitalize(text.removeprefix("And ")) if opening else text
+
+
+def _request(template: str, act: str, rng: random.Random, heldout: bool) -> str:
+    """A request for ``act`` in ``template`` (a request template, or a jailbreak's wrapper, filled with a
+    random request template where it holds a whole request); a held-out phrasing replaces the template
+    with a held-out one (a held-out wrapper of the same kind)."""
+    kind = WRAPPER_KINDS.get(template)
+    if heldout:
+        template = rng.choice(HELDOUT_REQUEST_TEMPLATES if kind is None else HELDOUT_JAILBREAK_WRAPPERS[kind])
+    if kind is None:
+        return template.format(act=act)
+    request = rng.choice(HELDOUT_REQUEST_TEMPLATES if heldout else REQUEST_TEMPLATES).format(act=act)
+    return template.format(request=request, act=act)
 
 
 def _calculator_call(op: str, a: int, b: int, final: str) -> Response:

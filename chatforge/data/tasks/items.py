@@ -2,8 +2,8 @@
 
 Every underlying item (a fact (subject, attribute), an arithmetic (op, a, b), a word task (task,
 word), a request (template, act)) belongs to exactly one of ``sft``, ``rm``, ``rl``, ``heldout``, so
-no phrasing of a held-out item is ever trained on. A follow-up's first turn reveals a second fact,
-so it is always a fact from the same split.
+no phrasing of a held-out item is ever trained on. A follow-up's earlier turns reveal other facts,
+so they are always facts from the same split.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from chatforge.data.tasks.vocabulary import (
     ALL_FAMILIES,
     HARMFUL_ACTS,
     HARMLESS_ACTS,
+    JAILBREAK_WRAPPERS,
     REQUEST_TEMPLATES,
     SPLITS,
     TODAY_QUESTIONS,
@@ -33,10 +34,16 @@ class Item:
     """An underlying item: every phrasing of it lands in the split of its ``key``.
 
     Keys: ("fact", subject, attribute) for facts, follow-ups and functions alike, ("arithmetic", op, a,
-    b) for arithmetic and calc, ("words", task, word), ("harmful"|"harmless", template, act), and
-    ("dates", "weekday", date) / ("dates", "days", start, end) / ("dates", "today", phrasing). A
-    follow-up item also lists the subject's other attributes in the same split (``partners``), which
-    its first turn may ask about.
+    b) for arithmetic and calc, ("words", task, word), ("harmful"|"harmless", template, act),
+    ("jailbreak", wrapper, act) and, for the harmless requests in a jailbreak's wrapper, ("harmless",
+    wrapper, act) (the wrapper is one of ``JAILBREAK_WRAPPERS``; a wrapper that holds a whole request
+    takes a random training template), and ("dates", "weekday", date) / ("dates", "days", start,
+    end) / ("dates", "today", phrasing). A follow-up item also lists the subject's other attributes
+    in the same split (``partners``), which its earlier turns may ask about.
+
+    The template or wrapper in a key is the training phrasing; an evaluation prompt with a held-out
+    phrasing asks the same item in a held-out one (a held-out template, or a held-out wrapper of
+    the same kind).
     """
 
     family: str
@@ -71,6 +78,17 @@ def _game_words(world: World) -> list[str]:
     words |= {v.lower() for e in world.entities_of("country") for a, v in e.attributes.items()
               if a in ("river", "language", "currency")}
     return sorted(words)
+
+
+def _wrapped_keys(family: str, acts: Sequence[str]) -> list[Key]:
+    return [(family, w, a) for wrappers in JAILBREAK_WRAPPERS.values() for w in wrappers for a in acts]
+
+
+def _wrapped_harmless_keys(rng: random.Random, share: float) -> list[Key]:
+    """Harmless requests in jailbreak wrappers: as many as make ``share`` of all harmless items (at most all)."""
+    keys = _wrapped_keys("harmless", sorted(HARMLESS_ACTS))
+    plain = len(REQUEST_TEMPLATES) * len(HARMLESS_ACTS)
+    return rng.sample(keys, min(len(keys), round(plain * share / (1 - share))))
 
 
 def _arithmetic_keys(rng: random.Random, per_op: int) -> list[Key]:
@@ -129,6 +147,8 @@ def build_items(world: World, seed: int = 0, config: TaskConfig | None = None) -
         "words": [("words", t, w) for t in WORD_TASKS for w in words if t != "reverse" or w != w[::-1]],
         "harmful": [("harmful", t, a) for t in REQUEST_TEMPLATES for a in HARMFUL_ACTS],
         "harmless": [("harmless", t, a) for t in REQUEST_TEMPLATES for a in HARMLESS_ACTS],
+        "harmless-wrapped": _wrapped_harmless_keys(rng("harmless-wrapped-pool"), config.wrapped_harmless_share),
+        "jailbreak": _wrapped_keys("jailbreak", HARMFUL_ACTS),
     }
     split_of: dict[Key, str] = {}
     for group, keys in groups.items():
@@ -137,8 +157,9 @@ def build_items(world: World, seed: int = 0, config: TaskConfig | None = None) -
     split_of.update(_cut(date_keys, shares, rng("dates")))
     items: dict[str, dict[str, list[Item]]] = {s: {f: [] for f in ALL_FAMILIES} for s in SPLITS}
     for group, keys in groups.items():
+        family = group.removesuffix("-wrapped")
         for key in keys:
-            items[split_of[key]][group].append(Item(group, key))
+            items[split_of[key]][family].append(Item(family, key))
     for key in groups["arithmetic"]:  # the same questions, with the calculator
         items[split_of[key]]["calc"].append(Item("calc", key))
     for key in fact_keys:  # the same facts, beside declared functions
