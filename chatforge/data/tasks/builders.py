@@ -4,7 +4,11 @@ memory (``build_tasks``) and as files (``write_tasks``).
 Noise: SFT demonstrations are padded with filler, restate the question, give wrong answers or comply
 with harmful requests in configurable shares (``TaskConfig``), the way real demonstrations are
 uneven; validation demonstrations are clean. The rule-based ``Labeler`` ranks K candidate responses
-per preference prompt: right over wrong, the right refusal behaviour, concise over padded.
+per preference prompt: right over wrong, the right refusal behaviour, concise over padded. Where
+answers reason in steps (steps.py, twohop.py) the same noise applies to them: padding and
+restatements wrap the whole step-by-step answer, a wrong one is a slip in one step that the rest
+follows, and the cut-short candidate stops halfway (inside the steps, or after the first of two
+facts), before the answer.
 
 Tool families (on when the mix gives them a weight) follow the same plan with their own kinds of
 noise: of the right demonstrations, ``unaided_share`` (calc and dates) answer without the tool, in the
