@@ -30,7 +30,7 @@ def test_fast_demo_trains_a_model_whose_validation_loss_falls_and_rerun_skips_fi
     base, sft = summary["eval"]["base"]["overall"], summary["eval"]["sft"]["overall"]
     assert sft["val_loss"] < base["val_loss"] - 1.0
     assert set(summary["eval"]["sft"]["families"]) == {"facts", "followup", "arithmetic", "words", "harmful",
-                                                       "harmless", "jailbreak"}
+                                                       "harmless", "jailbreak", "twohop"}
     assert json.loads((tmp_path / "demo" / "eval.json").read_text()).keys() == {"base", "sft", "ppo", "dpo"}
     assert_every_json_file_is_strict_json(tmp_path / "demo")
     for stage in ("rm", "ppo", "dpo"):

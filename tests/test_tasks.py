@@ -41,6 +41,7 @@ from chatforge.data.tasks import (
     is_refusal,
     write_tasks,
 )
+from chatforge.data.tasks.families import PHRASED_FAMILIES
 from chatforge.data.tasks.text import _norm, _template_regex
 from chatforge.data.tasks.vocabulary import SYSTEM_PROMPT_MAX_CHARS
 from chatforge.data.world import (
@@ -412,7 +413,7 @@ def test_config_is_checked():
 
 def test_family_mix_drives_the_counts(world):
     config = replace(SMALL, sft_train=100, mix=FamilyMix(facts=1, followup=0, arithmetic=1, words=0, harmful=0,
-                                                         harmless=0, jailbreak=0))
+                                                         harmless=0, jailbreak=0, twohop=0))
     counts = Counter(d.family for d in build_tasks(world, 0, config).sft_train)
     assert counts == {"facts": 50, "arithmetic": 50}
 
@@ -470,7 +471,7 @@ def test_heldout_phrasings_are_never_in_training_data_or_the_corpus(world, tasks
 
 def test_half_of_each_familys_eval_prompts_ask_in_heldout_phrasings(tasks, scorer):
     regexes = _heldout_regexes()
-    for family in FAMILIES:
+    for family in (f for f in FAMILIES if f in PHRASED_FAMILIES):
         prompts = [t for t in tasks.eval if t.family == family]
         assert Counter(t.phrasing for t in prompts) == {"train": 5, "heldout": 5}, family
         for task in prompts:
@@ -540,7 +541,7 @@ def test_every_request_and_jailbreak_wrapper_is_scored(scorer):
     assert scorer.score(jailbreak, f'You asked: "{jailbreak}" {refusal}').value == 1.0 - PAD_PENALTY
 
 
-def test_jailbreaks_and_wrapped_harmless_requests_in_the_data(tasks):
+def test_jailbreaks_and_wrapped_harmless_requests_in_the_data(world, tasks):
     assert all(len(JAILBREAK_WRAPPERS[k]) >= 3 and len(HELDOUT_JAILBREAK_WRAPPERS[k]) >= 2 for k in JAILBREAK_KINDS)
     assert set(JAILBREAK_WRAPPERS) == set(HELDOUT_JAILBREAK_WRAPPERS) == set(JAILBREAK_KINDS)
     kinds = {w: k for k, ws in JAILBREAK_WRAPPERS.items() for w in ws}
@@ -554,7 +555,8 @@ def test_jailbreaks_and_wrapped_harmless_requests_in_the_data(tasks):
     wrapped = [d for d in harmless if d.key[1] in kinds]
     assert abs(len(wrapped) / len(harmless) - SMALL.wrapped_harmless_share) < 0.12
     assert not any(is_refusal(d.messages[-1].content) for d in wrapped if isinstance(d, Demo))  # answered
-    assert any(t.key[1] in kinds and t.phrasing == "heldout" for t in tasks.eval if t.family == "harmless")
+    more = build_tasks(world, 0, replace(SMALL, eval_per_family=40)).eval  # 20 held-out harmless prompts
+    assert any(t.key[1] in kinds and t.phrasing == "heldout" for t in more if t.family == "harmless")
 
 
 def test_long_followups_ask_two_earlier_questions_of_the_same_split(world, tasks, scorer):
@@ -602,25 +604,26 @@ def test_a_fact_answer_about_another_entity_is_wrong(world, scorer):
 
 
 # The sha256 of every file the default configs write (the demo's two scales), recorded when issue 23 added
-# held-out phrasings, jailbreaks and long follow-ups: families that are off by default (the tool families)
-# must not change a byte, or the demo's checkpoints and eval.json would move.
+# held-out phrasings, jailbreaks, long follow-ups, two-hop questions and step-by-step answers: families that
+# are off by default (the tool families) must not change a byte, or the demo's checkpoints and eval.json
+# would move.
 DEFAULT_FILES = {
-    1.0: {"sft_train": "57f62b698cc33a9d5cde3bb49bd67ab28a034834155c060559a5c35f02451bec",
-          "sft_val": "dc16cc6f42231a29cb76b27087b1f22d9ee1bb20ae97f69c28f2fbb6ae08c441",
-          "prefs_train": "3216810104a228f858354616a911f4862b87efa7bcfd553faa6d8fe161baed5b",
-          "prefs_val": "2219f88d03f34de22e736e989eaf045e1c30c402cce017d164dec2e3c3a0cad0",
-          "rl_train": "1d09590ed637889540dd4d6748cd5d3628b8d7db25ab2532737379ba9c7f7d13",
-          "rl_val": "885413f70532599f6754e454fd71f17e73c2f22bdd46908abd83ff3dfeefb2af",
-          "eval": "7d26de65f5d0641e33e0dfc9ece0af47ab33f1b11762a85f0ea64df8f924ccad",
-          "tasks": "e481c5032902b746cadf3a29698f7e0ef2142cfcfeb64f30bd66478889057d79"},
-    0.1: {"sft_train": "846a0a417ad256e730f2a0af8476833174c4d3d82df75988d7a4b5eaa8556374",
-          "sft_val": "c5f03efea225ab4db47b58ddafc5a68d81c62c29cb1b501c3d9a19d84afd5dbf",
-          "prefs_train": "ca2c21c61971d0cd492010d607144dd18b339d4dcc05329972952e558575ce7e",
-          "prefs_val": "efc1d49993ce25b5ec950a3a87220b919a1b0c706b727f78d353812b5c2003de",
-          "rl_train": "3a632817bbea9920e67195f65aa0188d79f30032ee7fcb322fba4d15dc571e2d",
-          "rl_val": "43e63b5fe6452dccaee6072746cfd634b4a4e04f250209c4aa3b5e425bf39b91",
-          "eval": "b8fd0de6137339aaeccd24e273bd3e0056cc8f09b493c6735af893816ac1be03",
-          "tasks": "db8b7e135676c0141c39b737650af702a871451397317fcb2ea096488cd7b7c4"},
+    1.0: {"sft_train": "2ff99c300ad46579f0d8f9dca02906f27a561dd63dc8de2fbc464c2b05863ff9",
+          "sft_val": "aee8e35a4cf9ab6339c5d1527c81aa088deddcf32ebc36e828d62ba3d4fc81f0",
+          "prefs_train": "0e0355decfe933b5e215b3686155d22c4002b9f73d433533219ba8002b4a00c6",
+          "prefs_val": "84bf630867d063a807edea4a983c72d7d7d356c6addbd696d4d3f69f59ef8a5c",
+          "rl_train": "c05c7861b2549ad56cad4f42dcabbc80391710a78b45c5760acd53194d7af666",
+          "rl_val": "f3cba8c51872f62dc1384d2c35f03283878c5ba982b83674c3802f75a7a52045",
+          "eval": "4af95b803ee0f3380e0ebeb7b6961a75ae01727916f5a45b29d499ba4d8b7cc4",
+          "tasks": "34767461f480ddc15c028c40ec5af4c9ff30a05cc60730f10d5186e3f7dcf668"},
+    0.1: {"sft_train": "7adfe07db7f309a39021626f611b1ca823487353954666e00d6ffd78deadfb0c",
+          "sft_val": "0834874d912a6129584c199bce3ee60094e5f0a9e662bff3f4d77545541d55cf",
+          "prefs_train": "93afcc2b85025a34e367881e3add34e1801a86b71dcc6c0eb666788ff3a37ad4",
+          "prefs_val": "74cee04f40ee4ab05af8adb7f35cf9323fa0a01aca2636ed8e62917a43d87d7f",
+          "rl_train": "ea6ae709ec3dbc96da08817b1e43316141e375ef2c172d25e5d87be49e5310b1",
+          "rl_val": "776095ef666bb04b094e796173329f9d28cc7c38d66336bcf485a6d3529bdee9",
+          "eval": "c6066e5e868674deb78a01a1e8b8e21ec7af380f02d5e32961ff0688b8e1a629",
+          "tasks": "24cef4b872f1a4808d308c445e7269c912c111af07a81edeeb1b29b2154e98f7"},
 }
 
 

@@ -147,12 +147,21 @@ def sample_answer_sets(policy_ckpt, prompts: list[list[Message]], n: int, temper
     """n sampled answers of the policy to each prompt (a seed per prompt), through one batched engine."""
     template = ChatTemplate(policy_ckpt.tokenizer)
     context = policy_ckpt.model.config.context_length
-    ids = [template.fit_to_context(p, context, reserve=context // 2)[0] for p in prompts]
+    ids = [_fit_for_sampling(template, p, context) for p in prompts]
     engine = Engine(policy_ckpt.model.eval(), policy_ckpt.tokenizer, max_batch_size=max(batch_size, n),
                     stop_token_ids=template.stop_ids)
     params = [SamplingParams(n=n, max_tokens=min(max_tokens, context - len(i)), temperature=temperature,
                              seed=seed + k) for k, i in enumerate(ids)]
     return [[out.text.strip() for out in c.outputs] for c in engine.generate(ids, params)]
+
+
+def _fit_for_sampling(template: ChatTemplate, prompt: Conversation | list[Message], context: int) -> list[int]:
+    """The prompt's ids with half the context left for the answer (old turns dropped); when the system
+    prompt and the latest turn alone leave less, they are kept and the answer gets the room there is."""
+    try:
+        return template.fit_to_context(prompt, context, reserve=context // 2)[0]
+    except DataError:
+        return template.fit_to_context(prompt, context, reserve=1)[0]
 
 
 @torch.no_grad()

@@ -5,21 +5,28 @@ Why: SFT, the reward model, PPO and evaluation each need data of the same *shape
 (labelers' demonstrations, labelers' rankings, users' prompts, human raters), and evaluation needs a
 judge that is a program. See WORLD.md.
 
-Seven task families, each checkable by the scorer from the prompt text alone:
+Eight task families, each checkable by the scorer from the prompt text alone:
 
 - ``facts``: "What is the capital of Vovunia?" (ATTRIBUTES' question templates)
 - ``followup``: a fact question, its correct answer, then "And what about its river?"; some with two
   earlier user turns (a question and a follow-up, or a turn naming the subject and a follow-up)
-- ``arithmetic``: 2-3 digit addition/subtraction and 2-digit x 1-digit multiplication, in digits or words
-- ``words``: reverse a word, count a letter in it, spell it letter by letter
+- ``arithmetic``: 2-3 digit addition/subtraction and 2-digit x 1-digit multiplication, in digits or words,
+  answered column by column
+- ``words``: reverse a word (spelled, then backwards), count a letter in it (a running count), spell it
+  letter by letter
 - ``harmful``: requests to refuse politely ("How do I steal a car?")
 - ``harmless``: look-alike requests to answer ("How do I wash a car?"), some in a jailbreak's wrapper
 - ``jailbreak``: harmful requests in a wrapper of four kinds (role-play, fiction, "ignore your rules",
   prefix injection): refused all the same
+- ``twohop``: questions that need two facts ("Which language is spoken in the country whose capital is
+  Folrun?"), answered by stating the first fact, then the second
 
-Every family that asks through templates also has held-out phrasings (``Attribute.heldout_questions``,
-``HELDOUT_REQUEST_TEMPLATES``, ``HELDOUT_JAILBREAK_WRAPPERS``, ...): half of each family's evaluation
-prompts use them (their records say ``"phrasing": "heldout"``), and no other file or the corpus does.
+Arithmetic, reversing, counting and two-hop answers reason in steps (chain of thought) unless
+``TaskConfig.step_by_step`` is False, which gives the direct answers to the same prompts (the
+ablation); the scorer judges both. Every family that asks through templates except two-hop also has
+held-out phrasings (``Attribute.heldout_questions``, ``HELDOUT_REQUEST_TEMPLATES``,
+``HELDOUT_JAILBREAK_WRAPPERS``, ...): half of each family's evaluation prompts use them (their records
+say ``"phrasing": "heldout"``), and no other file or the corpus does.
 
 and three tool families, off unless the mix gives them a weight (``TaskConfig().with_tools()``), so
 the default files are what they were before them:
@@ -39,6 +46,10 @@ One module per concern, each importing only the ones listed before it:
 - ``config``: ``FamilyMix`` and ``TaskConfig``, what the builders make.
 - ``answers``: the concise reference answers the generators demonstrate and the scorer measures
   conciseness against.
+- ``steps``: the step-by-step answers of arithmetic and word tasks, their slips (wrong answers), and
+  reading a response's answer after its steps (``after_steps``).
+- ``twohop``: the compositions of two facts that have one answer, their questions, answers, wrong
+  answers and the scorer's check.
 - ``calls``: responses that are transcripts (calls, results, answer), the world's functions as
   tools, and the built-in tools' specs.
 - ``scorer``: ``Scorer`` and ``Score``: recognises a prompt's family from its text, looks the answer

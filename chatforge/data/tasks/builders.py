@@ -5,7 +5,10 @@ Noise: SFT demonstrations are padded with filler, restate the question, give wro
 with harmful requests and jailbreaks in configurable shares (``TaskConfig``), the way real
 demonstrations are uneven; validation demonstrations are clean. The rule-based ``Labeler`` ranks K
 candidate responses per preference prompt: right over wrong, the right refusal behaviour, concise
-over padded.
+over padded. Where answers reason in steps (steps.py, twohop.py) the same noise applies to them:
+padding and restatements wrap the whole step-by-step answer, a wrong one is a slip in one step that
+the rest follows, and the cut-short candidate stops halfway (inside the steps, or after the first of
+two facts), before the answer.
 
 Phrasings: every record asks in the training phrasings except evaluation prompts, where every other
 prompt of a family with held-out phrasings (``PHRASED_FAMILIES``) asks in a held-out one; each eval

@@ -26,6 +26,7 @@ class FamilyMix:
     harmful: float = 0.125
     harmless: float = 0.125
     jailbreak: float = 0.10
+    twohop: float = 0.10  # questions that need two facts (twohop.py)
     calc: float = 0.0  # tool families: off unless given a weight (see TOOL_MIX)
     dates: float = 0.0
     functions: float = 0.0
@@ -71,6 +72,9 @@ class TaskConfig:
     arithmetic_items_per_op: int = 500  # distinct (a, b) per operation in the item pool
     min_candidates: int = 4  # rule-made responses per preference prompt (before extra_candidates)
     max_candidates: int = 6
+    # Word tasks (reverse, count), arithmetic and two-hop questions answered step by step (steps.py,
+    # twohop.py); False: the direct answers, the same prompts (the chain-of-thought ablation).
+    step_by_step: bool = True
     # Tool families (used only when one has a weight in `mix`).
     declare_builtin_tools: bool = True  # calc/dates records declare the calculator and calendar in the system
     # turn; False: no declaration (the model learns their API from demonstrations, as Toolformer did; both

@@ -7,7 +7,7 @@ training file use) or, for evaluation prompts only, in the held-out ones (``"hel
 ``Attribute.heldout_questions``/``heldout_followups``, ``HELDOUT_ARITHMETIC_QUESTIONS``,
 ``HELDOUT_WORD_GAME_QUESTIONS``, ``HELDOUT_REQUEST_TEMPLATES``, ``HELDOUT_JAILBREAK_WRAPPERS``). The
 families in ``PHRASED_FAMILIES`` have held-out phrasings; dates has none (its "today" phrasings are
-items of their own).
+items of their own), nor has twohop yet.
 
 - ``followup``: one earlier question and its answer, or (``long_followup_share``) two earlier user
   turns: a question and a follow-up about two other facts of the subject, or, where the item has only
@@ -50,12 +50,23 @@ from chatforge.data.tasks.answers import (
     _harmless_answer,
     _say_date,
     _times,
-    _word_answer,
 )
 from chatforge.data.tasks.calls import Response, builtin_specs, function_name, function_spec, transcript, world_tools
 from chatforge.data.tasks.config import TaskConfig
 from chatforge.data.tasks.items import Item, Key
+from chatforge.data.tasks.steps import (
+    arithmetic_answer,
+    arithmetic_slip,
+    arithmetic_steps,
+    count_slip,
+    count_steps,
+    reverse_slip,
+    reverse_steps,
+    word_answer,
+)
 from chatforge.data.tasks.text import _capitalize
+from chatforge.data.tasks.twohop import chain_from_key
+from chatforge.data.tasks.twohop import wrong_answer as twohop_wrong_answer
 from chatforge.data.tasks.vocabulary import (
     ALL_FAMILIES,
     COMPLIANCES,
@@ -88,7 +99,7 @@ from chatforge.data.world import (
 from chatforge.tools import WEEKDAYS, calculate, days_between, run_tool_call, weekday
 
 CALC_SYMBOLS = {"plus": "+", "minus": "-", "times": "*"}
-PHRASED_FAMILIES = tuple(f for f in ALL_FAMILIES if f != "dates")  # the families with held-out phrasings
+PHRASED_FAMILIES = tuple(f for f in ALL_FAMILIES if f not in ("dates", "twohop"))  # with held-out phrasings
 WRAPPER_KINDS = {w: kind for kind, wrappers in JAILBREAK_WRAPPERS.items() for w in wrappers}  # training wrappers
 
 
@@ -181,10 +192,12 @@ class _TaskMaker:
                     tuple(("fact", subject, name) for name in asked))
 
     def _arithmetic(self, item: Item, rng: random.Random, heldout: bool) -> Task:
-        return self._arithmetic_task(item, rng, heldout)[0]
+        return self._arithmetic_task(item, rng, heldout, self.config.step_by_step)[0]
 
-    def _arithmetic_task(self, item: Item, rng: random.Random, heldout: bool) -> tuple[Task, bool]:
-        """The task, and whether its numbers are in words."""
+    def _arithmetic_task(self, item: Item, rng: random.Random, heldout: bool,
+                         steps: bool = False) -> tuple[Task, bool]:
+        """The task (column by column with ``steps``, a slip its wrong answer), and whether its numbers
+        are in words."""
         _, op, a_text, b_text = item.key
         a, b = int(a_text), int(b_text)
         words = rng.random() < self.config.arithmetic_words_share
@@ -193,8 +206,11 @@ class _TaskMaker:
         question = _capitalize(rng.choice(questions).format(a=say(a), b=say(b)))
         c = _apply(op, a, b)
         off = rng.choice([d for d in (-10, -2, -1, 1, 2, 10, 100) if 0 <= c + d <= 999])
-        return Task("arithmetic", item.key, (Message("user", question),), _arithmetic_answer(op, a, b, words),
-                    _arithmetic_answer(op, a, b, words, c + off), rng.choice(REFUSALS)), words
+        slip = arithmetic_slip(op, a, b, rng)  # drawn whether or not it is used: the same draws either way
+        wrong = (arithmetic_steps(op, a, b, words, slip) if steps and slip is not None else None) \
+            or _arithmetic_answer(op, a, b, words, c + off)
+        return Task("arithmetic", item.key, (Message("user", question),), arithmetic_answer(op, a, b, words, steps),
+                    wrong, rng.choice(REFUSALS)), words
 
     def _words(self, item: Item, rng: random.Random, heldout: bool) -> Task:
         _, task, word = item.key
@@ -204,8 +220,16 @@ class _TaskMaker:
             letter = rng.choice(word) if rng.random() < 0.8 else rng.choice(absent)
         questions = (HELDOUT_WORD_GAME_QUESTIONS if heldout else WORD_GAME_QUESTIONS)[task]
         question = _capitalize(rng.choice(questions).format(w=word, c=letter))
-        return Task("words", item.key, (Message("user", question),), _word_answer(task, word, letter),
-                    self._wrong_word_answer(task, word, letter, rng), rng.choice(REFUSALS))
+        wrong = self._wrong_word_answer(task, word, letter, rng)
+        steps = self.config.step_by_step
+        if task == "reverse":  # a slip is drawn whether or not it is used: the same draws either way
+            slip = reverse_slip(word, rng)
+            wrong = reverse_steps(word, slip) if steps else wrong
+        elif task == "count":
+            slip = count_slip(word, letter, rng)
+            wrong = count_steps(word, letter, slip) if steps else wrong
+        return Task("words", item.key, (Message("user", question),), word_answer(task, word, letter, steps), wrong,
+                    rng.choice(REFUSALS))
 
     @staticmethod
     def _wrong_word_answer(task: str, word: str, letter: str, rng: random.Random) -> str:
@@ -241,6 +265,16 @@ class _TaskMaker:
         wrong = _harmless_answer(other if rng.random() < 0.5 else act, steps_of=other)
         return Task("harmless", item.key, (Message("user", _request(template, act, rng, heldout)),),
                     _harmless_answer(act), wrong, rng.choice(REFUSALS))
+
+    def _twohop(self, item: Item, rng: random.Random, heldout: bool) -> Task:
+        """A question that needs two facts; the answer states both (or, without steps, the second). Two-hop
+        questions have no held-out phrasings yet: ``heldout`` is ignored."""
+        chain = chain_from_key(self.world, item.key)
+        steps = self.config.step_by_step
+        prompt = (Message("user", chain.question(rng.randrange(len(chain.composition.questions)))),)
+        wrong = twohop_wrong_answer(self.world, chain, rng, steps)
+        related = tuple(("fact", f.subject, f.attribute) for f in (chain.first, chain.second))
+        return Task("twohop", item.key, prompt, chain.answer(steps), wrong, rng.choice(REFUSALS), related)
 
     # ---- tool families ---------------------------------------------------------------------------
 

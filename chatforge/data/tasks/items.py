@@ -3,7 +3,8 @@
 Every underlying item (a fact (subject, attribute), an arithmetic (op, a, b), a word task (task,
 word), a request (template, act)) belongs to exactly one of ``sft``, ``rm``, ``rl``, ``heldout``, so
 no phrasing of a held-out item is ever trained on. A follow-up's earlier turns reveal other facts,
-so they are always facts from the same split.
+so they are always facts from the same split; a two-hop question's answer states two facts, so it is
+an item only of the split that holds both (twohop.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from chatforge.data.tasks.config import TaskConfig
+from chatforge.data.tasks.twohop import chains
 from chatforge.data.tasks.vocabulary import (
     ALL_FAMILIES,
     HARMFUL_ACTS,
@@ -37,9 +39,10 @@ class Item:
     b) for arithmetic and calc, ("words", task, word), ("harmful"|"harmless", template, act),
     ("jailbreak", wrapper, act) and, for the harmless requests in a jailbreak's wrapper, ("harmless",
     wrapper, act) (the wrapper is one of ``JAILBREAK_WRAPPERS``; a wrapper that holds a whole request
-    takes a random training template), and ("dates", "weekday", date) / ("dates", "days", start,
-    end) / ("dates", "today", phrasing). A follow-up item also lists the subject's other attributes
-    in the same split (``partners``), which its earlier turns may ask about.
+    takes a random training template), ("dates", "weekday", date) / ("dates", "days", start, end) /
+    ("dates", "today", phrasing), and ("twohop", composition, subject1, attribute1, subject2,
+    attribute2), which names both of its facts. A follow-up item also lists the subject's other
+    attributes in the same split (``partners``), which its earlier turns may ask about.
 
     The template or wrapper in a key is the training phrasing; an evaluation prompt with a held-out
     phrasing asks the same item in a held-out one (a held-out template, or a held-out wrapper of
@@ -172,4 +175,8 @@ def build_items(world: World, seed: int = 0, config: TaskConfig | None = None) -
                          if a != attribute and split_of[("fact", subject, a)] == split_of[key])
         if partners:
             items[split_of[key]]["followup"].append(Item("followup", key, partners))
+    for chain in chains(world):  # a two-hop question states two facts: only where both are in one split
+        splits = {split_of[("fact", f.subject, f.attribute)] for f in (chain.first, chain.second)}
+        if len(splits) == 1:
+            items[splits.pop()]["twohop"].append(Item("twohop", chain.key))
     return items

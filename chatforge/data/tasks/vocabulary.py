@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from chatforge.data.world import COLOURS, PETS, PRODUCTS, PROFESSIONS
 
-FAMILIES = ("facts", "followup", "arithmetic", "words", "harmful", "harmless", "jailbreak")
+FAMILIES = ("facts", "followup", "arithmetic", "words", "harmful", "harmless", "jailbreak", "twohop")
 # Tool families (off in the default mix): arithmetic through the calculator, dates through the calendar,
 # and fact questions beside declared functions over the world. Each is a family above "with tools":
 # calc asks arithmetic's questions, functions asks facts' questions, dates is new.
