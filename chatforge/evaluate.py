@@ -174,6 +174,17 @@ def summarize(scores: list, lengths: list[int], families: list[str]) -> tuple[di
     return dict(sorted(per_family.items())), overall
 
 
+def phrasing_scores(scores: list, phrasings: list[str | None]) -> dict[str, float]:
+    """Mean checked score of the prompts asked in training phrasings and in held-out ones (phrasings
+    no training data uses): a gap between them is what the model memorized of the templates."""
+    out = {}
+    for kind in ("train", "heldout"):
+        values = [s.value for s, p in zip(scores, phrasings) if p == kind]
+        if values:
+            out[f"score_{kind}_phrasing"] = statistics.fmean(values)
+    return out
+
+
 def _tool_figures(scores: list) -> dict[str, float]:
     """How the answers used tools, where the scorer judged tool use (tool families): none otherwise."""
     judged = [s for s in scores if getattr(s, "called", None) is not None]
@@ -215,6 +226,7 @@ def evaluate(cfg: EvalConfig, ckpt: Checkpoint | None = None, world: World | Non
               for r, p, (text, _) in zip(records, prompts, answers)]
     families = [r.family or s.family for r, s in zip(records, scores)]
     per_family, overall = summarize(scores, [n for _, n in answers], families)
+    overall |= phrasing_scores(scores, [scorer.phrasing(r.conversation(), r.family) for r in records])
     if cfg.conversations:
         overall |= validation_loss(ckpt, cfg.conversations)
     samples: dict[str, list[dict]] = defaultdict(list)
@@ -266,6 +278,9 @@ def format_table(results: dict[str, EvalResult]) -> str:
                  f"mean length {o['words']:.1f} words / {o['tokens']:.1f} tokens"]
         if "val_loss" in o:
             extra.append(f"val loss {o['val_loss']:.3f} (ppl {o['val_ppl']:.2f})")
+        if "score_heldout_phrasing" in o and "score_train_phrasing" in o:
+            extra.append(f"score in training phrasings {o['score_train_phrasing']:.3f}, "
+                         f"in held-out phrasings {o['score_heldout_phrasing']:.3f}")
         lines.append(f"{name}: " + ", ".join(extra))
         lines += _tool_lines(name, results[name])
     return "\n".join(lines)

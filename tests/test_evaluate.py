@@ -53,6 +53,13 @@ def test_summary_by_hand():
     assert overall["n"] == 7
 
 
+def test_scores_in_training_and_held_out_phrasings_are_reported_apart():
+    scores = [score("facts", True), score("facts", False), score("facts", True), score("words", True)]
+    figures = evaluation.phrasing_scores(scores, ["train", "train", "heldout", None])
+    assert figures == {"score_train_phrasing": 0.5, "score_heldout_phrasing": 1.0}
+    assert evaluation.phrasing_scores(scores[:1], [None]) == {}
+
+
 def test_a_model_that_gives_the_reference_answers_scores_perfectly(world, checkpoint, monkeypatch):
     scorer = Scorer(world)
     tasks = build_tasks(world, seed=0, config=TaskConfig().scaled(0.05))
@@ -65,6 +72,7 @@ def test_a_model_that_gives_the_reference_answers_scores_perfectly(world, checkp
     assert set(result.families) == {t.family for t in tasks.eval}
     assert result.overall["score"] == 1.0
     assert result.overall["refusal_rate_harmful"] == 1.0 and result.overall["over_refusal_rate"] == 0.0
+    assert result.overall["score_train_phrasing"] == result.overall["score_heldout_phrasing"] == 1.0
     assert all(f["accuracy"] == 1.0 for name, f in result.families.items() if name not in ("harmful", "jailbreak"))
 
 

@@ -218,12 +218,13 @@ def test_the_scorer_judges_the_final_value_and_the_intermediate_entity(world, sc
     assert verbose.correct and verbose.padded
 
 
-def test_the_labeler_ranks_right_steps_above_wrong_ones(scorer, world):
+def test_the_labeler_ranks_right_steps_above_right_direct_answers_and_wrong_ones(scorer, world):
     question = "What is 47 plus 285?"
     right, slip = arithmetic_steps("plus", 47, 285, False), arithmetic_steps("plus", 47, 285, False, (1, 1))
     padded = f"Good question! {right}"
-    ranked = Labeler(scorer).rank(question, [slip, "I can't help with that.", padded, right, "331"])
-    assert ranked[:2] == [right, padded]
+    direct = "47 plus 285 is 332."
+    ranked = Labeler(scorer).rank(question, [slip, "I can't help with that.", padded, direct, right, "331"])
+    assert ranked[:3] == [right, direct, padded]  # steps before the shorter direct answer; padding last
     chain = next(c for c in chains(world) if c.composition.name == "home_country")
     wrong = chain.answer().replace(chain.value, next(e.name for e in world.entities_of("country")
                                                     if e.name != chain.value))

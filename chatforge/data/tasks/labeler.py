@@ -17,12 +17,14 @@ from collections.abc import Sequence
 from chatforge.chat import Message
 from chatforge.data.tasks.calls import Response, as_response, final_text, response_key
 from chatforge.data.tasks.scorer import Prompt, Score, Scorer
+from chatforge.data.tasks.steps import after_steps
 from chatforge.data.tasks.text import _norm
 
 
 class Labeler:
     """Ranks candidate responses the way the labelers' instructions say: a right answer (or the right
-    refusal behaviour) first, then concise over padded, then shorter, then alphabetical (so ties break
+    refusal behaviour) first, then concise over padded, then a right answer that shows its steps (column
+    by column, letter by letter) over one that does not, then shorter, then alphabetical (so ties break
     the same way every time). Exact duplicates and empty responses are dropped.
 
     With ``near_misses_first``, among wrong answers the more of the right answer's words one has, the
@@ -62,8 +64,17 @@ class Labeler:
         over_refusal = self.over_refusals_last and self.scorer.family(prompt, family) == "harmless"
         order = sorted(range(len(unique)),
                        key=lambda i: (-scores[i].value, -_tool_use(scores[i]), over_refusal and scores[i].refused,
-                                      -nearness(i), scores[i].padded, scores[i].length, response_key(unique[i])))
+                                      -nearness(i), scores[i].padded, -_right_with_steps(unique[i], scores[i]),
+                                      scores[i].length, response_key(unique[i])))
         return [unique[i] for i in order]
+
+
+def _right_with_steps(response: Response, score: Score) -> bool:
+    """A right answer that shows its steps (steps.py): it comes before a right answer without them, whatever
+    their lengths. The demonstrations reason in steps because the steps make the answer right; a reward
+    model that preferred the shorter direct answer would teach PPO to drop them."""
+    text = final_text(response)
+    return score.value > 0 and after_steps(text) != text
 
 
 def _says_something(response: Response) -> bool:
