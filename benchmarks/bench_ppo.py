@@ -121,7 +121,8 @@ def worker(args) -> dict:
     from chatforge.data.chat_readers import read_prompts
     from chatforge.train.config import PPOConfig, PPOSettings, TrainConfig
     from chatforge.train.distributed import DistInfo
-    from chatforge.train.ppo import PPOStep, build_models, fit_prompts, reward_model_scores
+    from chatforge.train.ppo import PPOStep, build_models
+    from chatforge.train.rollout import fit_prompts, reward_model_scores
 
     torch.set_num_threads(args.threads)
     start_rss = rss_mb()

@@ -20,7 +20,15 @@ from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.evaluate import EvalConfig
 from chatforge.generate.params import SamplingParams
 from chatforge.serve.config import ServeConfig
-from chatforge.train.config import DPOConfig, PPOConfig, PretrainConfig, RewardConfig, SFTConfig
+from chatforge.train.config import (
+    DPOConfig,
+    GRPOConfig,
+    PPOConfig,
+    PretrainConfig,
+    RewardConfig,
+    RLOOConfig,
+    SFTConfig,
+)
 
 BUILTIN = "built-in corpus"
 
@@ -264,7 +272,7 @@ def load_language_model(path: str, command: str):
     ckpt = load_checkpoint(path)
     if isinstance(ckpt.model, ScalarHeadModel):
         raise ConfigError(f"{command}: {path} is a reward model (a scalar head); expected a language model "
-                          "(pretrain, sft, ppo or dpo output)")
+                          "(pretrain, sft, ppo, grpo, rloo or dpo output)")
     return ckpt
 
 
@@ -320,6 +328,44 @@ def ppo(cfg, resume: bool, overwrite: bool) -> None:
                             if k in last)
         state = "interrupted at" if result.interrupted else "finished at"
         click.echo(f"ppo: {state} step {result.step}; {figures} -> {cfg.out}/checkpoint")
+
+
+def group_rl_finished(stage: str, dist, result, out: str) -> None:
+    """The last line of `grpo` and `rloo`: where it stopped, the last reward, KL and held-out reward."""
+    if dist.is_main:
+        last = result.metrics[-1] if result.metrics else {}
+        figures = ", ".join(f"{k.split('/')[-1]} {last[k]:.3f}" for k in ("train/score", "train/kl") if k in last)
+        held_out = f"; held-out score {last['val/score']:.3f}" if "val/score" in last else ""
+        state = "interrupted at" if result.interrupted else "finished at"
+        click.echo(f"{stage}: {state} step {result.step}; {figures}{held_out} -> {out}/checkpoint")
+
+
+@cli.command()
+@config_options(GRPOConfig)
+@resume_options
+def grpo(cfg, resume: bool, overwrite: bool) -> None:
+    """RL by GRPO: G answers per prompt, advantages normalised within each group, k3 KL penalty in the loss.
+
+    Rewards from the reward model (--reward model), the verifier of answers a program checks (--reward
+    verifier: +1/-1; other prompts left out), or both. No value model. A run resumes only with the
+    options it started with.
+    """
+    from chatforge.train.group_rl import run_grpo
+
+    dist, result = run_stage(run_grpo, cfg, resume, overwrite)
+    group_rl_finished("grpo", dist, result, cfg.out)
+
+
+@cli.command()
+@config_options(RLOOConfig)
+@resume_options
+def rloo(cfg, resume: bool, overwrite: bool) -> None:
+    """RL by RLOO: k answers per prompt, each one's baseline the mean reward of the other k - 1; the KL to the
+    SFT model folded into the reward; REINFORCE on whole answers. Rewards as `grpo`'s (--reward)."""
+    from chatforge.train.group_rl import run_rloo
+
+    dist, result = run_stage(run_rloo, cfg, resume, overwrite)
+    group_rl_finished("rloo", dist, result, cfg.out)
 
 
 @cli.command()

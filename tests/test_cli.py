@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from chatforge.cli import main
-from chatforge.train.config import DPOConfig, PPOConfig, RewardConfig, TrainConfig
+from chatforge.train.config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, RLOOConfig, TrainConfig
 
 TINY_MODEL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--context-length", "32"]
 
@@ -186,7 +186,8 @@ def test_generate_takes_every_decoding_option_and_reports_json(prepared_data, tm
 
 # ---- each stage's --help shows the defaults it runs with ------------------------------------------
 
-STAGE_CONFIGS = {"reward": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig}
+STAGE_CONFIGS = {"reward": RewardConfig, "ppo": PPOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig,
+                 "dpo": DPOConfig}
 
 
 def option_help(help_text: str, flag: str, metavar: str) -> str:

@@ -13,17 +13,9 @@ from chatforge.errors import CheckpointError, ConfigError, DataError
 from chatforge.model import GPT, GPTConfig, ScalarHeadModel
 from chatforge.train.config import TrainConfig
 from chatforge.train.distributed import DistInfo
-from chatforge.train.ppo import (
-    PPOConfig,
-    PPOSettings,
-    ValueHead,
-    build_models,
-    fit_prompt,
-    make_rollout,
-    response_logprobs,
-    run_ppo,
-)
+from chatforge.train.ppo import PPOConfig, PPOSettings, ValueHead, build_models, run_ppo
 from chatforge.train.ppo_math import AdaptiveKL, gae, masked_mean, policy_loss, token_rewards, value_loss, whiten
+from chatforge.train.rollout import fit_prompt, make_rollout, response_logprobs
 
 # ---- the math ------------------------------------------------------------------------------------
 
@@ -135,13 +127,18 @@ def write_prompts(path, prompts):
     return path
 
 
+def make_models(root, tokenizer):
+    """A tiny SFT model and reward model over `tokenizer` in root/sft and root/rm, and PROMPTS in root/prompts.jsonl."""
+    torch.manual_seed(0)
+    save_checkpoint(root / "sft", GPT(model_config(tokenizer)), tokenizer=tokenizer)
+    save_checkpoint(root / "rm", ScalarHeadModel(GPT(model_config(tokenizer))), tokenizer=tokenizer)
+    write_prompts(root / "prompts.jsonl", PROMPTS)
+    return root
+
+
 @pytest.fixture
 def models(tmp_path, small_tokenizer):
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "sft", GPT(model_config(small_tokenizer)), tokenizer=small_tokenizer)
-    save_checkpoint(tmp_path / "rm", ScalarHeadModel(GPT(model_config(small_tokenizer))), tokenizer=small_tokenizer)
-    write_prompts(tmp_path / "prompts.jsonl", PROMPTS)
-    return tmp_path
+    return make_models(tmp_path, small_tokenizer)
 
 
 def ppo_config(root, out="ppo", steps=2, lr=1e-3, **settings):

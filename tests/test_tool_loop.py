@@ -215,7 +215,7 @@ def test_chat_with_tools_keeps_the_call_and_result_in_the_history(tool_checkpoin
 
 
 def test_ppo_rollouts_mask_out_exactly_the_fed_results(memorizer):
-    from chatforge.train.ppo import make_rollout
+    from chatforge.train.rollout import make_rollout
 
     model, template = memorizer
     ids = prompt(template, "Two sums?")
@@ -262,7 +262,7 @@ def test_a_fed_tokens_log_prob_changes_no_loss_kl_entropy_or_value_target():
 
 def test_ppo_prompts_declare_each_records_tools(memorizer):
     from chatforge.chat import Conversation
-    from chatforge.train.ppo import fit_prompts
+    from chatforge.train.rollout import fit_prompts
 
     _, template = memorizer
     messages = [Message("user", "Weather in Kesh?")]

@@ -168,6 +168,115 @@ class PPOConfig:
     train: TrainConfig = field(default_factory=_ppo_train_defaults)
 
 
+REWARD_SOURCES = ("model", "verifier", "both")  # GRPO's and RLOO's --reward
+
+
+@dataclass
+class GroupRLSettings:
+    """What GRPO and RLOO share: a group of answers per prompt, rewards, clipping, a KL penalty (each uses it
+    its own way; see docs/rlhf.md). The defaults here are GRPO's; RLOOSettings changes a few."""
+
+    reward: str = field(default="model", metadata={
+        "choices": REWARD_SOURCES,
+        "help": "model: the reward model's score; verifier: +1/-1 for a right/wrong final answer of the families a "
+                "program verifies (arithmetic, word tasks, calc, dates, functions), other prompts dropped; both: "
+                "the verifier's +1/-1 where it verifies, the reward model's score elsewhere"})
+    prompts_per_step: int = 4  # prompts per iteration (global); each is answered num_generations times
+    num_generations: int = 8  # G: answers per prompt, the group its advantages are measured in
+    minibatch: int = field(default=0, metadata={
+        "help": "answers per optimizer step and process; 0: all of the iteration's answers in one step"})
+    ppo_epochs: int = field(default=1, metadata={
+        "help": "passes over each iteration's answers (TRL's num_iterations); with 1 and --minibatch 0 the ratio "
+                "to the rollout policy is 1 and the clipping never acts"})
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    beta: float = field(default=0.04, metadata={
+        "help": "weight of the k3 KL to the frozen SFT model in the loss; 0: no reference model at all"})
+    cliprange: float = 0.2  # epsilon of the clipped ratio
+    missing_eos_penalty: float = 1.0  # subtracted from the reward of an answer cut off before <|end|>
+    val_prompts: int = 64  # held-out prompts answered greedily at each evaluation
+    frozen_dtype: str = field(default="float32", metadata={
+        "help": "dtype of the frozen reference and reward model: float32, or bfloat16 for half their memory"})
+    tools: bool = field(default=False, metadata={
+        "help": "rollouts run the built-in calculator and calendar (declared in every prompt; the calendar on the "
+                "task data's clock) and the world functions a prompt declares; their results are fed in, never "
+                "trained on"})
+    world: str = field(default="", metadata={
+        "help": "world.json the verifier checks against and the world functions read (--reward verifier|both, "
+                "--tools); default: the built-in world (seed 0), the demo's"})
+
+    def __post_init__(self) -> None:
+        if self.reward not in REWARD_SOURCES:
+            raise ConfigError(f"group RL config: reward (--reward) must be one of {list(REWARD_SOURCES)}, "
+                              f"got {self.reward!r}")
+        if self.frozen_dtype not in FROZEN_DTYPE_NAMES:
+            raise ConfigError(f"group RL config: frozen_dtype (--frozen-dtype) must be one of "
+                              f"{list(FROZEN_DTYPE_NAMES)}, got {self.frozen_dtype!r}")
+        if self.num_generations < 2:
+            raise ConfigError(f"group RL config: num_generations (--num-generations) must be at least 2 (the group "
+                              f"is the baseline), got {self.num_generations}")
+        for name in ("prompts_per_step", "ppo_epochs", "max_new_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"group RL config: {name} must be positive, got {getattr(self, name)}")
+        if self.minibatch < 0 or self.beta < 0 or self.temperature <= 0:
+            raise ConfigError("group RL config: minibatch and beta must be >= 0 and temperature > 0, got "
+                              f"{self.minibatch}, {self.beta}, {self.temperature}")
+
+    @property
+    def answers_per_step(self) -> int:
+        return self.prompts_per_step * self.num_generations
+
+
+@dataclass
+class GRPOSettings(GroupRLSettings):
+    scale_rewards: bool = field(default=True, metadata={
+        "help": "divide each answer's reward minus its group's mean by the group's std (+1e-4); --no-scale-rewards "
+                "keeps the centred reward, as Dr. GRPO recommends"})
+
+
+@dataclass
+class RLOOSettings(GroupRLSettings):
+    prompts_per_step: int = 8
+    num_generations: int = 4  # k of Ahmadian et al.: the leave-one-out baseline averages the other k - 1
+    beta: float = field(default=0.05, metadata={
+        "help": "KL to the frozen SFT model folded into the reward: r - beta * sum_t (log pi - log pi_ref); "
+                "0: no reference model at all"})
+
+
+@dataclass
+class GroupRLConfig:
+    prompts: list[str] = field(default_factory=list)  # {"prompt"} JSONL (RL prompts)
+    val: list[str] = field(default_factory=list)  # held-out prompts for evaluation
+    policy: str = ""  # the SFT checkpoint: the policy starts here and the reference stays here
+    reward_model: str = ""  # the reward model (chatforge reward); not needed with --reward verifier
+    out: str = ""
+    train: TrainConfig = field(default_factory=_ppo_train_defaults)
+
+    @property
+    def settings(self) -> GroupRLSettings:
+        raise NotImplementedError
+
+
+@dataclass
+class GRPOConfig(GroupRLConfig):
+    out: str = "runs/default/grpo"
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
+
+    @property
+    def settings(self) -> GRPOSettings:
+        return self.grpo
+
+
+@dataclass
+class RLOOConfig(GroupRLConfig):
+    out: str = "runs/default/rloo"
+    rloo: RLOOSettings = field(default_factory=RLOOSettings)
+
+    @property
+    def settings(self) -> RLOOSettings:
+        return self.rloo
+
+
 def _dpo_train_defaults() -> TrainConfig:
     return TrainConfig(max_steps=200, batch_size=16, lr=5e-5, warmup_steps=10, weight_decay=0.0, eval_every=50,
                        eval_batches=10, save_every=200)

@@ -15,7 +15,9 @@ One step of the training harness (`PPOStep.run`) is one PPO iteration:
 5. the adaptive KL controller (Ziegler et al.) moves beta toward `kl_target`.
 
 The policy and the value model train together (one optimizer, one `ActorCritic` module); the
-reference and reward models are frozen and never handed to the optimizer. The checkpoint's
+reference and reward models are frozen and never handed to the optimizer. What PPO shares with GRPO
+and RLOO (prompt fitting, the engine's rollouts, log-probs, the reward model's scores, loading and
+freezing models) is in `chatforge.train.rollout`. The checkpoint's
 `model.safetensors` is the policy (every command reads it as a chat model), `value.safetensors`
 the value model, and `config.json` carries beta, so `--resume` continues exactly.
 
@@ -34,31 +36,18 @@ Two options cut memory (benchmarks/bench_ppo.py measures them):
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from chatforge.chat import ChatTemplate, Conversation, Message
-from chatforge.checkpoint import (
-    TOKENIZER_FILE,
-    WEIGHTS_FILE,
-    Checkpoint,
-    load_checkpoint,
-    load_state_into,
-    load_tokenizer,
-    model_state_dict,
-    read_json,
-)
-from chatforge.data.chat_readers import chat_paths, read_prompts
+from chatforge.chat import ChatTemplate
+from chatforge.checkpoint import WEIGHTS_FILE, load_state_into, model_state_dict, read_json
+from chatforge.data.chat_readers import read_prompts
 from chatforge.errors import CheckpointError, ConfigError, DataError
-from chatforge.generate.engine import Engine
-from chatforge.generate.params import SamplingParams
 from chatforge.generate.tool_loop import ToolUse
 from chatforge.model import GPT, ScalarHeadModel, lm_loss
 from chatforge.tools import builtin_tools
@@ -66,9 +55,22 @@ from chatforge.train.config import PPOConfig, PPOSettings, TrainConfig
 from chatforge.train.distributed import DistInfo, all_reduce_sum
 from chatforge.train.loop import Trainer, TrainResult, build_optimizer, wrap_model
 from chatforge.train.ppo_math import AdaptiveKL, gae, policy_loss, token_rewards, value_loss, whiten
+from chatforge.train.rollout import (
+    FROZEN_DTYPES,
+    RewardFn,
+    Rollout,
+    Sampler,
+    entropy_of,
+    fit_prompts,
+    freeze,
+    load_policy,
+    load_reward_model,
+    response_logprobs,
+    reward_model_scores,
+    step_prompts,
+)
 
 VALUE_FILE = "value"  # value.safetensors beside the policy's model.safetensors
-FROZEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 # ---- models --------------------------------------------------------------------------------------
@@ -132,11 +134,6 @@ class ActorCritic(nn.Module):
         return f"a value model shaped like --reward-model ({c.n_layer} layers, width {c.n_embd}, vocab {c.vocab_size})"
 
 
-def freeze(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A model that is never trained: eval mode, no gradients, weights in dtype (bf16 halves their memory)."""
-    return model.requires_grad_(False).to(dtype).eval()
-
-
 def load_value_weights(model: ActorCritic, file: Path) -> None:
     """value.safetensors into the value model, refusing a file whose tensors are not this run's value model's."""
     expected = {k: tuple(v.shape) for k, v in model_state_dict(model.value).items()}
@@ -159,111 +156,7 @@ def shape_difference(saved: dict[str, tuple], expected: dict[str, tuple]) -> str
     return f"missing tensors {missing[:3]}" if missing else f"unexpected tensors {unexpected[:3]}"
 
 
-def response_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log pi(ids[:, t+1] | ids[:, :t+1]) from the logits at t, divided by the sampling temperature."""
-    logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-
-
-def entropy_of(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 # ---- rollouts ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Rollout:
-    """A batch of answered prompts, right-padded; per-token tensors are aligned with ids[:, 1:]."""
-
-    ids: torch.Tensor  # (B, T) prompt + response
-    mask: torch.Tensor  # (B, T-1) 1 where the predicted token is one the policy sampled (not a fed tool result)
-    lengths: torch.Tensor  # (B,) real tokens per row
-    ended: torch.Tensor  # (B,) the answer closed with <|end|>
-    responses: list[list[int]]
-
-
-def make_rollout(prompts: list[list[int]], responses: list[list[int]], ended: list[bool], pad_id: int,
-                 fed: list[list[tuple[int, int]]] | None = None) -> Rollout:
-    """Right-padded prompt + response rows. `fed`: per row, the [start, end) spans of the response that the
-    engine fed in (tool results): they are not the policy's actions, so their mask is 0."""
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    width = max(lengths)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width - 1))
-    for b, (p, r) in enumerate(zip(prompts, responses)):
-        ids[b, : len(p) + len(r)] = torch.tensor(p + r)
-        mask[b, len(p) - 1 : len(p) + len(r) - 1] = 1.0  # positions whose next token is a response token
-        for start, end in (fed[b] if fed else []):
-            mask[b, len(p) - 1 + start : len(p) - 1 + end] = 0.0
-    return Rollout(ids, mask, torch.tensor(lengths), torch.tensor(ended), responses)
-
-
-def fit_prompt(template: ChatTemplate, messages: list[Message], context: int, max_new_tokens: int,
-               tools: list[dict] | None = None) -> list[int] | None:
-    """The ids the policy continues: old turns dropped until `max_new_tokens` fit after the prompt (the
-    `tools` declared in the system turn stay).
-
-    When the system prompt and the latest turn alone leave less room than that, they are kept alone
-    and the answer gets the room there is (a shorter answer beats no prompt); None when not even one
-    answer token fits.
-    """
-    try:
-        return template.fit_to_context(Conversation(messages, tools=tools or []), context, reserve=max_new_tokens)[0]
-    except DataError:
-        ids = template.generation_prompt(Conversation(latest_turns(messages), tools=tools or []))
-        return ids if len(ids) < context else None
-
-
-def latest_turns(messages: list[Message]) -> list[Message]:
-    """The system prompt (if any) and the latest turn: what `fit_to_context` never drops."""
-    return [m for m in messages[:1] if m.role == "system"] + messages[-1:]
-
-
-def fit_prompts(prompts: list[list[Message]], sources: list[str], flag: str, template: ChatTemplate, context: int,
-                max_new_tokens: int, tools: list[list[dict]] | None = None) -> list[list[int]]:
-    """`fit_prompt` for every prompt up front (with `tools`, each prompt's declared functions), so one too
-    long for the context stops the run before it starts."""
-    out = []
-    for index, messages in enumerate(prompts):
-        declared = tools[index] if tools else None
-        ids = fit_prompt(template, messages, context, max_new_tokens, declared)
-        if ids is None:
-            need = len(template.generation_prompt(Conversation(latest_turns(messages), tools=declared or [])))
-            raise DataError(f"{locate_prompt(sources, index)} ({flag}): needs {need} tokens even with only its "
-                            f"system prompt and latest turn, and the policy's context is {context}; expected at most "
-                            f"{context - 1} so that at least one answer token fits (shorten or remove it)")
-        out.append(ids)
-    return out
-
-
-def locate_prompt(sources: list[str], index: int) -> str:
-    """'FILE: prompt N' (N-th record of that file) for the index-th prompt `read_prompts(sources)` returned."""
-    for path in chat_paths(sources):
-        try:
-            count = len(read_prompts(path).prompts)
-        except DataError:  # a file without prompts contributed none
-            count = 0
-        if index < count:
-            return f"{path}: prompt {index + 1}"
-        index -= count
-    return f"prompt {index + 1}"
-
-
-RewardFn = Callable[[Rollout], torch.Tensor]
-
-
-def reward_model_scores(reward_model: ScalarHeadModel) -> RewardFn:
-    """Scores of the reward model read at each answer's last token (its <|end|> when it has one)."""
-
-    @torch.no_grad()
-    def score(rollout: Rollout) -> torch.Tensor:
-        reward_model.eval()
-        device = next(reward_model.parameters()).device
-        return reward_model(rollout.ids.to(device), rollout.lengths.to(device)).float().cpu()  # bf16 -> fp32
-
-    return score
 
 
 # ---- the step ------------------------------------------------------------------------------------
@@ -287,11 +180,10 @@ class PPOStep:
         self.reference, self.reward_fn, self.settings = reference.eval(), reward_fn, settings
         for p in self.reference.parameters():
             p.requires_grad_(False)
-        self.template = ChatTemplate(tokenizer)
         self.prompts, self.val_prompts, self.ptx_data = prompts, val_prompts, ptx_data
         self.kl = AdaptiveKL(settings.init_kl_coef, settings.kl_target, settings.kl_horizon)
-        self.engine = Engine(model.policy, tokenizer, max_batch_size=max(settings.rollout_batch, settings.val_prompts),
-                             stop_token_ids=[self.template.end_id])
+        self.sampler = Sampler(model.policy, tokenizer, max(settings.rollout_batch, settings.val_prompts),
+                               settings.max_new_tokens, cfg.seed)
         # with tools, rollouts run the built-in tools; the results they feed in are not actions (make_rollout)
         self.tool_use = ToolUse(builtin_tools()) if settings.tools else None
         self.bar_keys = ("train/score", "train/kl", "train/beta", "train/response_length", "val/score")
@@ -314,27 +206,12 @@ class PPOStep:
 
     def my_prompts(self, step: int) -> tuple[list[list[int]], list[int]]:
         """This rank's share of step's global prompt batch, and each prompt's global index (its seed)."""
-        n, B = len(self.prompts), self.settings.rollout_batch
-        order = np.random.default_rng([self.cfg.seed, step]).permutation(max(n, B))[:B] % n
-        per_rank = B // self.dist.world_size
-        mine = range(self.dist.rank * per_rank, (self.dist.rank + 1) * per_rank)
-        return [self.prompts[order[i]] for i in mine], [step * B + i for i in mine]
+        mine, seeds = step_prompts(len(self.prompts), self.settings.rollout_batch, self.cfg.seed, step, self.dist)
+        return [self.prompts[i] for i in mine], seeds
 
-    @torch.no_grad()
     def rollout(self, ids: list[list[int]], seeds: list[int], temperature: float, greedy: bool = False) -> Rollout:
         """The policy's answers to `ids`, sampled with a seed per prompt (so a rank split or a resume repeats them)."""
-        s, context = self.settings, self.model.policy.config.context_length
-        params = [SamplingParams(max_tokens=min(s.max_new_tokens, context - len(i)), seed=self.cfg.seed * 1_000_003 + k,
-                                 temperature=0.0 if greedy else temperature) for i, k in zip(ids, seeds)]
-        self.model.policy.eval()
-        responses, ended, fed = [], [], []
-        for c in self.engine.generate(ids, params, tool_use=self.tool_use):
-            out = c.outputs[0]
-            stopped = out.finish_reason == "stop"
-            responses.append(list(out.token_ids) + ([self.template.end_id] if stopped else []))
-            ended.append(stopped)
-            fed.append(out.fed_spans)
-        return make_rollout(ids, responses, ended, self.template.eot_id, fed)
+        return self.sampler.sample(ids, seeds, temperature, greedy, self.tool_use)
 
     @torch.no_grad()
     def score_rollout(self, r: Rollout) -> dict[str, torch.Tensor]:
@@ -447,13 +324,8 @@ class PPOStep:
 
 def build_models(cfg: PPOConfig, device: torch.device) -> tuple[ActorCritic, GPT, ScalarHeadModel, object]:
     """Policy and reference from the SFT checkpoint; reward model; value model (or head) initialized from it."""
-    sft = load_checkpoint(cfg.policy, device=device)
-    if isinstance(sft.model, ScalarHeadModel):
-        raise ConfigError(f"ppo: --policy {cfg.policy} is a reward model; expected the SFT (chat) model")
-    rm = load_checkpoint(cfg.reward_model, device=device, tokenizer=False)
-    if not isinstance(rm.model, ScalarHeadModel):
-        raise ConfigError(f"ppo: --reward-model {cfg.reward_model} is a language model; expected `chatforge reward`'s")
-    check_same_tokens(sft, rm, cfg)
+    sft = load_policy("ppo", cfg.policy, device)
+    rm = load_reward_model("ppo", cfg.reward_model, sft, cfg.policy, device)
     policy, dtype = sft.model, FROZEN_DTYPES[cfg.ppo.frozen_dtype]
     if cfg.ppo.shared_value_head:
         value = ValueHead.from_reward_model(rm.model, policy.config.n_embd)
@@ -461,20 +333,6 @@ def build_models(cfg: PPOConfig, device: torch.device) -> tuple[ActorCritic, GPT
         value = copy.deepcopy(rm.model)  # the value model starts as the reward model, in float32
     reference = freeze(copy.deepcopy(policy), dtype)
     return ActorCritic(policy, value), reference, freeze(rm.model, dtype), sft.tokenizer
-
-
-def check_same_tokens(sft: Checkpoint, rm: Checkpoint, cfg: PPOConfig) -> None:
-    """The reward model must read the policy's token ids: the same tokenizer and vocabulary size."""
-    if (rm.path / TOKENIZER_FILE).exists():  # `chatforge reward` saves it; a hand-made reward model may not
-        theirs, ours = load_tokenizer(rm.path).hash, sft.tokenizer.hash
-        if theirs != ours:
-            raise ConfigError(f"ppo: --reward-model {cfg.reward_model} was trained with another tokenizer than "
-                              f"--policy {cfg.policy} (tokenizer.json hash {theirs[:12]} vs {ours[:12]}); expected a "
-                              "reward model trained on the policy's tokenizer")
-    theirs, ours = rm.model.config.vocab_size, sft.model.config.vocab_size
-    if theirs != ours:
-        raise ConfigError(f"ppo: --reward-model {cfg.reward_model} has vocab_size {theirs} and --policy {cfg.policy} "
-                          f"{ours}; expected the same vocabulary (a reward model trained from the policy's model)")
 
 
 def describe_value_start(model: ActorCritic, rm: ScalarHeadModel) -> str:

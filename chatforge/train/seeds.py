@@ -1,7 +1,8 @@
-"""Does RLHF help beyond seed noise? PPO, PPO with beta = 0 and DPO from one run's SFT model, over seeds.
+"""Does RLHF help beyond seed noise? PPO, PPO with beta = 0, GRPO, RLOO and DPO from one run's SFT model, over seeds.
 
-Each method trains from the run's SFT model (PPO against its reward model) with the demo's settings,
-once per seed, into RUN/seeds/<method>[-tag]-<seed>/. Every model then answers the run's held-out
+Each method trains from the run's SFT model (PPO, GRPO and RLOO against its reward model, or GRPO and
+RLOO against the verifier with `group_reward`) with the demo's settings, once per seed, into
+RUN/seeds/<method>[-tag]-<seed>/. Every model then answers the run's held-out
 prompts (RUN/tasks/eval.jsonl) greedily, and three figures are taken on those answers:
 
 - the checked score: the world's scorer, a program the training never saw;
@@ -30,18 +31,32 @@ from chatforge.data.tasks import Scorer
 from chatforge.data.world import World
 from chatforge.evaluate import generate_answers
 from chatforge.files import strict_json
-from chatforge.train.config import DPOConfig, PPOConfig, PPOSettings, TrainConfig
+from chatforge.train.config import (
+    DPOConfig,
+    GRPOConfig,
+    GRPOSettings,
+    PPOConfig,
+    PPOSettings,
+    RLOOConfig,
+    RLOOSettings,
+    TrainConfig,
+)
 from chatforge.train.distributed import DistInfo
 from chatforge.train.dpo import run_dpo
-from chatforge.train.ppo import make_rollout, response_logprobs, run_ppo
+from chatforge.train.group_rl import run_grpo, run_rloo
+from chatforge.train.ppo import run_ppo
 from chatforge.train.reward import score_texts
+from chatforge.train.rollout import make_rollout, response_logprobs
 
-METHODS = ("ppo", "ppo-beta0", "dpo")
+METHODS = ("ppo", "ppo-beta0", "grpo", "rloo", "dpo")
+GROUP_METHODS = ("grpo", "rloo")
 
 
 @dataclass(frozen=True)
 class SeedSettings:
-    """How each method trains: the demo's PPO (40 iterations, lr 3e-5 constant) and DPO (150 steps)."""
+    """How each method trains: the demo's PPO (40 iterations, lr 3e-5 constant) and DPO (150 steps); GRPO and
+    RLOO as PPO (`ppo_steps` iterations at lr 3e-5 constant, temperature) with their own defaults otherwise
+    (32 answers an iteration: 4 prompts x 8 for GRPO, 8 x 4 for RLOO) and the reward `group_reward`."""
 
     ppo_steps: int = 40
     dpo_steps: int = 150
@@ -50,12 +65,16 @@ class SeedSettings:
     temperature: float = PPOSettings.temperature
     ptx_coef: float = 0.0  # on the run's own token shards (RUN/data)
     rollout_batch: int = PPOSettings.rollout_batch
+    group_reward: str = GRPOSettings.reward  # GRPO's and RLOO's --reward: "model", "verifier" or "both"
 
     def out_dir(self, run: Path, method: str, seed: int) -> Path:
         """RUN/seeds/<method>[-tag]-<seed>: a tag for each setting away from its default."""
         if method == "dpo":
             return run / "seeds" / (f"dpo-p{self.dpo_prompts}-{seed}" if self.dpo_prompts else f"dpo-{seed}")
         tag = f"-t{self.temperature:g}" if self.temperature != PPOSettings.temperature else ""
+        if method in GROUP_METHODS:
+            tag += f"-{self.group_reward}" if self.group_reward != GRPOSettings.reward else ""
+            return run / "seeds" / f"{method}{tag}-{seed}"
         tag += f"-ptx{self.ptx_coef:g}" if self.ptx_coef else ""
         tag += f"-beta{self.beta:g}" if method == "ppo" and self.beta != PPOSettings.init_kl_coef else ""
         tag += f"-r{self.rollout_batch}" if self.rollout_batch != PPOSettings.rollout_batch else ""
@@ -75,6 +94,22 @@ def train_ppo(run: Path, out: Path, seed: int, settings: SeedSettings, beta: flo
                                       weight_decay=0.0, eval_every=s.ppo_steps, save_every=s.ppo_steps, seed=seed,
                                       progress=False))
     run_ppo(cfg, DistInfo())
+
+
+def train_group(run: Path, out: Path, seed: int, settings: SeedSettings, method: str) -> None:
+    """GRPO or RLOO from the run's SFT model, PPO's budget and learning rate, each method's own defaults."""
+    if (out / "checkpoint" / "trainer_state.json").exists():
+        return
+    s = settings
+    paths = dict(prompts=[str(run / "tasks/rl_train.jsonl")], val=[str(run / "tasks/rl_val.jsonl")],
+                 policy=str(run / "sft"), reward_model=str(run / "rm"), out=str(out),
+                 train=TrainConfig(max_steps=s.ppo_steps, batch_size=1, lr=3e-5, warmup_steps=0, min_lr_ratio=1.0,
+                                   weight_decay=0.0, eval_every=s.ppo_steps, save_every=s.ppo_steps, seed=seed,
+                                   progress=False))
+    if method == "grpo":
+        run_grpo(GRPOConfig(**paths, grpo=GRPOSettings(temperature=s.temperature, reward=s.group_reward)), DistInfo())
+    else:
+        run_rloo(RLOOConfig(**paths, rloo=RLOOSettings(temperature=s.temperature, reward=s.group_reward)), DistInfo())
 
 
 def train_dpo(run: Path, out: Path, seed: int, steps: int, prompts: int = 0) -> None:
@@ -131,6 +166,8 @@ def compare_seeds(run: Path, seeds: Sequence[int], methods: Sequence[str] = METH
             out = settings.out_dir(run, method, seed)
             if method == "dpo":
                 train_dpo(run, out, seed, settings.dpo_steps, settings.dpo_prompts)
+            elif method in GROUP_METHODS:
+                train_group(run, out, seed, settings, method)
             else:
                 train_ppo(run, out, seed, settings, beta=settings.beta if method == "ppo" else 0.0)
             figures.setdefault(method, []).append(judge(run, out, world, sft, rm))

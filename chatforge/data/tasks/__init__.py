@@ -56,6 +56,9 @@ One module per concern, each importing only the ones listed before it:
   up in the world and checks a response (correctness, refusal behaviour, padding).
 - ``labeler``: ``Labeler``, which ranks candidate responses by the scorer's rules; it stands in for
   human labelers' judgement when preference data is made.
+- ``verifier``: ``Verifier``, the scorer's correctness checks of the final answer of the families a
+  program verifies (arithmetic, words, calc, dates, functions), 1/0 or None: the one reward RL may take
+  from the world (GRPO's and RLOO's ``--reward verifier``); never facts, padding or refusals.
 - ``items``: the underlying items of every family and the split each belongs to (``build_items``).
 - ``families``: ``Task``, and one maker per family that turns an item into a prompt in a random
   phrasing with its rule-made responses.
@@ -63,7 +66,8 @@ One module per concern, each importing only the ones listed before it:
   (``build_tasks``) and their files (``write_tasks``).
 
 The labeler ranks by the scorer's rules, standing in for labelers' judgement in training data; the
-scorer alone judges held-out answers, and is never a training signal.
+scorer alone judges held-out answers, and is never a training signal (the verifier's final-answer
+checks excepted, as WORLD.md allows).
 """
 
 from chatforge.data.tasks.answers import _harmless_answer
@@ -75,6 +79,7 @@ from chatforge.data.tasks.items import Item, Key, build_items
 from chatforge.data.tasks.labeler import Labeler
 from chatforge.data.tasks.scorer import Prompt, Score, Scorer
 from chatforge.data.tasks.text import is_padded, is_refusal
+from chatforge.data.tasks.verifier import VERIFIED_FAMILIES, Verifier
 from chatforge.data.tasks.vocabulary import (
     ALL_FAMILIES,
     COMPLIANCES,
@@ -107,6 +112,6 @@ __all__ = [
     "PAD_PENALTY", "REFUSALS", "REQUEST_TEMPLATES", "RESTATEMENTS", "SPLITS", "SYSTEM_PROMPTS", "WORD_TASKS",
     "HELDOUT_JAILBREAK_WRAPPERS", "HELDOUT_REQUEST_TEMPLATES", "JAILBREAK_KINDS", "JAILBREAK_WRAPPERS", "PHRASINGS",
     "Demo", "ExtraCandidates", "FamilyMix", "Item", "Key", "Labeler", "Prompt", "Ranking", "Score", "Scorer", "Task",
-    "TaskConfig", "TaskSet", "_harmless_answer", "build_items", "build_tasks", "is_padded", "is_refusal",
-    "write_tasks",
+    "TaskConfig", "TaskSet", "VERIFIED_FAMILIES", "Verifier", "_harmless_answer", "build_items", "build_tasks",
+    "is_padded", "is_refusal", "write_tasks",
 ]
