@@ -36,7 +36,7 @@ from chatforge.checkpoint import TRAINER_FILE, load_checkpoint, read_json, resol
 from chatforge.data.readers import iter_documents
 from chatforge.data.shards import prepare_shards, read_meta
 from chatforge.data.tasks import Labeler, Scorer, TaskConfig, write_tasks
-from chatforge.data.world import ATTRIBUTES, World, write_corpus
+from chatforge.data.world import ATTRIBUTES, CorpusMix, World, write_corpus
 from chatforge.evaluate import EvalConfig, EvalResult, evaluate, format_table
 from chatforge.files import atomic_write, strict_json
 from chatforge.generate.engine import Engine
@@ -66,8 +66,10 @@ SAMPLE_PROMPTS = ("The capital of", "Seven plus five is", "Once upon a time,")
 @dataclass(frozen=True)
 class Budget:
     corpus_mb: float
+    corpus_mix: CorpusMix  # the corpus's share of each document kind
     vocab_size: int
     model: ModelSize
+    seq_len: int  # pretraining windows: shorter than the context, since a tiny model learns far faster on them
     steps: int
     batch_size: int
     lr: float
@@ -84,11 +86,16 @@ class Budget:
     dpo_steps: int
 
 
-FULL = Budget(corpus_mb=2.0, vocab_size=2048, model=ModelSize(n_layer=4, n_head=4, n_embd=192, context_length=128),
-              steps=350, batch_size=32, lr=3e-3, eval_every=50, probe_facts=432,
-              sft_steps=300, sft_batch_size=16, sft_lr=1e-3, task_scale=1.0,
+# Facts dominate the corpus: the demo's model must memorize the world's 432 facts before SFT can make them
+# answerable, and a fact's exposures, not the text's variety, decide that (docs/demo-recipe.md).
+FACTS_FIRST = CorpusMix(facts=0.70, stories=0.10, dialogues=0.05, arithmetic=0.10, word_games=0.05)
+FULL = Budget(corpus_mb=2.0, corpus_mix=FACTS_FIRST, vocab_size=2048,
+              model=ModelSize(n_layer=4, n_head=4, n_embd=192, context_length=512), seq_len=128,
+              steps=500, batch_size=32, lr=3e-3, eval_every=50, probe_facts=432,
+              sft_steps=300, sft_batch_size=4, sft_lr=1e-3, task_scale=1.0,
               rm_samples=4, rm_steps=300, ppo_steps=40, ppo_rollout=32, dpo_steps=150)
-FAST = Budget(corpus_mb=0.3, vocab_size=512, model=ModelSize(n_layer=2, n_head=2, n_embd=64, context_length=128),
+FAST = Budget(corpus_mb=0.3, corpus_mix=FACTS_FIRST, vocab_size=512,
+              model=ModelSize(n_layer=2, n_head=2, n_embd=64, context_length=256), seq_len=128,
               steps=60, batch_size=16, lr=3e-3, eval_every=30, probe_facts=60,
               sft_steps=80, sft_batch_size=8, sft_lr=3e-3, task_scale=0.1,
               rm_samples=2, rm_steps=10, ppo_steps=2, ppo_rollout=8, dpo_steps=10)
@@ -115,7 +122,7 @@ def make_corpus(run_dir: Path, budget: Budget) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     World.build(seed=0).save(run_dir / "corpus" / "world.json")
-    write_corpus(path, num_bytes=int(budget.corpus_mb * 1e6), world_seed=0, seed=0)
+    write_corpus(path, num_bytes=int(budget.corpus_mb * 1e6), world_seed=0, seed=0, mix=budget.corpus_mix)
     click.echo(f"   built-in world corpus: {path.stat().st_size / 1e6:.2f} MB -> {path}")
     return path
 
@@ -169,7 +176,7 @@ def finished(out: Path, steps: int) -> bool:
 def pretrain(run_dir: Path, data: Path, budget: Budget) -> Path:
     out = run_dir / "pretrain"
     cfg = PretrainConfig(
-        data=str(data), out=str(out), model=budget.model,
+        data=str(data), out=str(out), model=budget.model, seq_len=budget.seq_len,
         train=TrainConfig(max_steps=budget.steps, batch_size=budget.batch_size, lr=budget.lr,
                           warmup_steps=max(1, budget.steps // 20), eval_every=budget.eval_every,
                           eval_batches=10, save_every=budget.eval_every * 2, log_every=10),
@@ -187,7 +194,7 @@ def initial_val_loss(run_dir: Path, budget: Budget) -> float:
     torch.manual_seed(0)
     fresh = GPT(ckpt.model.config).eval()
     val = TokenDataset(run_dir / "data", "val")
-    objective = LanguageModeling(val, val, budget.batch_size, budget.model.context_length, 0)
+    objective = LanguageModeling(val, val, budget.batch_size, budget.seq_len, 0)
     with torch.no_grad():
         return objective.evaluate(fresh, 10)["val/loss"]
 
@@ -305,7 +312,7 @@ def label_sft_samples(run_dir: Path, tasks: Path, budget: Budget) -> Path:
         records = [_json(line) for line in (tasks / f"{split}.jsonl").read_text().splitlines() if line.strip()]
         prompts = [[Message(m["role"], m["content"]) for m in r["prompt"]] for r in records]
         samples = sample_answer_sets(policy, prompts, budget.rm_samples, PPOSettings.temperature,
-                                     seed=1_000_000 * n, max_tokens=48)
+                                     seed=1_000_000 * n, max_tokens=PPOSettings.max_new_tokens)
         ranked = [{**r, "responses": labeler.rank(p, r["responses"] + s)} for r, p, s in zip(records, prompts, samples)]
         atomic_write(path, lambda f, ranked=ranked: f.writelines(strict_json(r, ensure_ascii=False) + "\n"
                                                                  for r in ranked))

@@ -56,7 +56,7 @@ class EvalConfig:
     prompts: list[str] = field(default_factory=list)  # {"prompt"} JSONL; default: the built-in eval set
     conversations: list[str] = field(default_factory=list)  # held-out conversations for the loss
     world: str = ""  # world.json the scorer checks against; default: the built-in world (seed 0)
-    max_tokens: int = 48
+    max_tokens: int = 96  # step-by-step answers take up to about 75 tokens of the demo tokenizer
     limit: int = 0  # evaluate only the first N prompts (0: all)
     batch_size: int = 32
     samples: int = 3  # example answers kept per family in the JSON

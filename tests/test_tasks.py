@@ -614,7 +614,7 @@ DEFAULT_FILES = {
           "prefs_val": "84bf630867d063a807edea4a983c72d7d7d356c6addbd696d4d3f69f59ef8a5c",
           "rl_train": "c05c7861b2549ad56cad4f42dcabbc80391710a78b45c5760acd53194d7af666",
           "rl_val": "f3cba8c51872f62dc1384d2c35f03283878c5ba982b83674c3802f75a7a52045",
-          "eval": "4af95b803ee0f3380e0ebeb7b6961a75ae01727916f5a45b29d499ba4d8b7cc4",
+          "eval": "05fb48a466f74d9cabf121a01591a4e8e761fb0e0e4d36fde561aaa7ac9ac27b",
           "tasks": "34767461f480ddc15c028c40ec5af4c9ff30a05cc60730f10d5186e3f7dcf668"},
     0.1: {"sft_train": "7adfe07db7f309a39021626f611b1ca823487353954666e00d6ffd78deadfb0c",
           "sft_val": "0834874d912a6129584c199bce3ee60094e5f0a9e662bff3f4d77545541d55cf",
@@ -622,7 +622,7 @@ DEFAULT_FILES = {
           "prefs_val": "74cee04f40ee4ab05af8adb7f35cf9323fa0a01aca2636ed8e62917a43d87d7f",
           "rl_train": "ea6ae709ec3dbc96da08817b1e43316141e375ef2c172d25e5d87be49e5310b1",
           "rl_val": "776095ef666bb04b094e796173329f9d28cc7c38d66336bcf485a6d3529bdee9",
-          "eval": "c6066e5e868674deb78a01a1e8b8e21ec7af380f02d5e32961ff0688b8e1a629",
+          "eval": "675dbe5162b524130e59b587d936cb331cb6ea38e26c97e8c6edd8550af4ad12",
           "tasks": "24cef4b872f1a4808d308c445e7269c912c111af07a81edeeb1b29b2154e98f7"},
 }
 

@@ -126,7 +126,7 @@ class PPOSettings:
     rollout_batch: int = 32  # prompts answered per PPO iteration (global)
     minibatch: int = 8  # answers per optimizer step and process
     ppo_epochs: int = 2
-    max_new_tokens: int = 48
+    max_new_tokens: int = 96  # room for step-by-step answers (up to about 75 tokens in the demo)
     temperature: float = 1.0
     init_kl_coef: float = 0.1  # beta
     adaptive_kl: bool = True
@@ -188,7 +188,7 @@ class GroupRLSettings:
     ppo_epochs: int = field(default=1, metadata={
         "help": "passes over each iteration's answers (TRL's num_iterations); with 1 and --minibatch 0 the ratio "
                 "to the rollout policy is 1 and the clipping never acts"})
-    max_new_tokens: int = 48
+    max_new_tokens: int = 96  # as PPO: room for step-by-step answers
     temperature: float = 1.0
     beta: float = field(default=0.04, metadata={
         "help": "weight of the k3 KL to the frozen SFT model in the loss; 0: no reference model at all"})

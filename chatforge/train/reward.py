@@ -137,13 +137,13 @@ def preference_metrics(model: nn.Module, groups: list[list[list[int]]], pad_id: 
 
 @torch.no_grad()
 def sample_answers(policy_ckpt, prompts: list[list[Message]], temperature: float, seed: int,
-                   max_tokens: int = 64) -> list[str]:
+                   max_tokens: int = 96) -> list[str]:
     """One sampled answer of the policy per prompt (seeded per prompt)."""
     return [answers[0] for answers in sample_answer_sets(policy_ckpt, prompts, 1, temperature, seed, max_tokens)]
 
 
 def sample_answer_sets(policy_ckpt, prompts: list[list[Message]], n: int, temperature: float, seed: int,
-                       max_tokens: int = 64, batch_size: int = 32) -> list[list[str]]:
+                       max_tokens: int = 96, batch_size: int = 32) -> list[list[str]]:
     """n sampled answers of the policy to each prompt (a seed per prompt), through one batched engine."""
     template = ChatTemplate(policy_ckpt.tokenizer)
     context = policy_ckpt.model.config.context_length

@@ -29,7 +29,7 @@ from chatforge.checkpoint import load_checkpoint
 from chatforge.data.chat_readers import read_prompts
 from chatforge.data.tasks import Scorer
 from chatforge.data.world import World
-from chatforge.evaluate import generate_answers
+from chatforge.evaluate import EvalConfig, generate_answers
 from chatforge.files import strict_json
 from chatforge.train.config import (
     DPOConfig,
@@ -132,7 +132,7 @@ def judge(run: Path, model_dir: Path, world: World, sft: torch.nn.Module, rm: to
     """Checked score, RM score and KL to the SFT model of the greedy answers to the held-out prompts."""
     ckpt = load_checkpoint(model_dir)
     prompts = [r.messages for r in read_prompts([str(run / "tasks/eval.jsonl")]).prompts]
-    texts = [text for text, _ in generate_answers(ckpt, prompts, max_tokens=48, batch_size=32)]
+    texts = [text for text, _ in generate_answers(ckpt, prompts, max_tokens=EvalConfig.max_tokens, batch_size=32)]
     scorer, template = Scorer(world), ChatTemplate(ckpt.tokenizer)
     checked = [scorer.score(p, t).value for p, t in zip(prompts, texts)]
     rm_scores = score_texts(rm, template, prompts, texts)
