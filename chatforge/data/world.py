@@ -238,7 +238,8 @@ WORD_GAME_QUESTIONS: dict[str, tuple[str, ...]] = {
 HELDOUT_WORD_GAME_QUESTIONS: dict[str, tuple[str, ...]] = {
     "spell": ("Spell out the word {w} for me.", "What are the letters in the word {w}?"),
     "reverse": ("Write the word {w} backwards.", "Tell me the word {w} spelled backwards."),
-    "count": ("Tell me how many times the letter {c} appears in the word {w}.", "Do you know how many {c}'s the word {w} has?"),
+    "count": ("Tell me how many times the letter {c} appears in the word {w}.",
+              "Do you know how many {c}'s the word {w} has?"),
 }
 
 # Stories: whole-story templates over one person (and a friend) whose placeholders are filled from
