@@ -93,7 +93,7 @@ FULL = Budget(corpus_mb=2.0, corpus_mix=FACTS_FIRST, vocab_size=2048,
               model=ModelSize(n_layer=4, n_head=4, n_embd=192, context_length=512), seq_len=128,
               steps=500, batch_size=32, lr=3e-3, eval_every=50, probe_facts=432,
               sft_steps=300, sft_batch_size=4, sft_lr=1e-3, task_scale=1.0,
-              rm_samples=4, rm_steps=300, ppo_steps=40, ppo_rollout=32, dpo_steps=150)
+              rm_samples=2, rm_steps=150, ppo_steps=40, ppo_rollout=32, dpo_steps=100)
 FAST = Budget(corpus_mb=0.3, corpus_mix=FACTS_FIRST, vocab_size=512,
               model=ModelSize(n_layer=2, n_head=2, n_embd=64, context_length=256), seq_len=128,
               steps=60, batch_size=16, lr=3e-3, eval_every=30, probe_facts=60,

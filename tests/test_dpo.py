@@ -13,7 +13,15 @@ from chatforge.errors import ConfigError
 from chatforge.model import GPT, GPTConfig
 from chatforge.train.config import DPOConfig, TrainConfig
 from chatforge.train.distributed import DistInfo
-from chatforge.train.dpo import collate_side, dpo_loss, encode_pair, run_dpo, sequence_logprobs
+from chatforge.train.dpo import (
+    collate_side,
+    dpo_loss,
+    encode_pair,
+    pair_picks,
+    pairs_trained,
+    run_dpo,
+    sequence_logprobs,
+)
 
 QUESTIONS = ["What is the capital of Veloria?", "Where does Mira live?", "What is 3 plus 4?", "Who has a dog?"]
 
@@ -135,6 +143,15 @@ def test_dpo_starts_at_log_2_learns_the_preferences_and_changes_every_weight(sft
     assert last["train/reward_chosen"] > last["train/reward_rejected"]
     after = load_checkpoint(sft / "dpo").model.state_dict()
     assert [k for k in before if torch.equal(before[k], after[k])] == []
+
+
+def test_the_reference_scores_only_the_pairs_a_short_run_draws(sft, capsys):
+    assert pairs_trained(10, 4, 0, 3) == list(range(10))  # a run past one epoch draws every pair
+    drawn = pairs_trained(100, 4, 0, 3)
+    assert drawn == sorted({i for step in range(3) for i in pair_picks(100, 4, 0, step)}) and len(drawn) == 12
+    result = run_dpo(dpo_config(sft, max_steps=2, batch_size=4, eval_every=2, save_every=2), DistInfo())
+    assert "precomputed for the 8 pairs the run trains on" in capsys.readouterr().out  # of 36 pairs
+    assert result.metrics[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-4)  # the drawn pairs' references
 
 
 def test_dpo_trains_on_a_file_mixing_text_and_tool_turn_responses(sft):

@@ -6,9 +6,10 @@ where log pi(y) sums the log-probs of the response's trained tokens, those the c
 marks as the model's own: an assistant's text, its tool calls and each turn's closing `<|end|>`. In
 an answer that used tools, the tool results are context the policy reads, not a choice it made, so
 they are left out of the sum (a plain text answer is its tokens and `<|end|>`). The reference
-is the starting (SFT) model; its log-probs are computed once before training, so it never sits in
-memory beside the policy. beta * (log pi - log ref) is the implicit reward; its accuracy (chosen
-above rejected) and margin are logged, for training batches and held-out pairs.
+is the starting (SFT) model; its log-probs are computed once before training, for the pairs the run
+will draw (`pairs_trained`), so it never sits in memory beside the policy. beta * (log pi - log ref)
+is the implicit reward; its accuracy (chosen above rejected) and margin are logged, for training
+batches and held-out pairs.
 """
 
 from __future__ import annotations
@@ -80,6 +81,24 @@ def sequence_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -
     return (logp * mask).sum(1)
 
 
+def pair_picks(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """The pairs of a step's batch: rows [step·B, (step+1)·B) of a seeded shuffle per epoch of the n pairs."""
+    picks, orders = [], {}
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(i, n)
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        picks.append(int(orders[epoch][offset]))
+    return picks
+
+
+def pairs_trained(n: int, batch_size: int, seed: int, steps: int) -> list[int]:
+    """Every pair some step of a run of `steps` steps trains on (all n once the run covers an epoch)."""
+    if steps * batch_size >= n:
+        return list(range(n))
+    return sorted({i for step in range(steps) for i in pair_picks(n, batch_size, seed, step)})
+
+
 class PairObjective:
     """One (chosen, rejected) pair per batch row, with the reference's log-probs precomputed."""
 
@@ -97,12 +116,7 @@ class PairObjective:
                 "rejected_mask": rejected_mask, "ref_chosen": refs[:, 0], "ref_rejected": refs[:, 1]}
 
     def batch(self, step: int) -> Batch:
-        n = len(self.pairs)
-        picks = []
-        for i in range(step * self.batch_size, (step + 1) * self.batch_size):
-            epoch, offset = divmod(i, n)
-            picks.append(int(np.random.default_rng([self.seed, epoch]).permutation(n)[offset]))
-        return self.collate([self.pairs[i] for i in picks])
+        return self.collate([self.pairs[i] for i in pair_picks(len(self.pairs), self.batch_size, self.seed, step)])
 
     def weight(self, batch: Batch) -> float:
         return float(batch["chosen_ids"].shape[0])
@@ -161,13 +175,20 @@ def run_dpo(cfg: DPOConfig, dist: DistInfo, resume: bool = False, overwrite: boo
     train_prefs, val_prefs = read_preference_splits(cfg.data, cfg.val, cfg.skip_invalid, cfg.val_fraction,
                                                     cfg.train.seed, "dpo")
     pad = template.eot_id
-    train = with_reference_logprobs(model, pairs_of(template, train_prefs, seq_len), pad, dist.device)
+    encoded = pairs_of(template, train_prefs, seq_len)
+    # the reference's log-probs only of the pairs the run will draw: a short run on many rankings (the
+    # demo's 100 steps of 16 pairs among 20,000) would otherwise spend most of its time on the others
+    used = pairs_trained(len(encoded), cfg.train.batch_size, cfg.train.seed, cfg.train.max_steps)
+    train: list = [None] * len(encoded)
+    for i, pair in zip(used, with_reference_logprobs(model, [encoded[i] for i in used], pad, dist.device)):
+        train[i] = pair
     val = with_reference_logprobs(model, pairs_of(template, val_prefs, seq_len), pad, dist.device)
     torch.manual_seed(cfg.train.seed + dist.rank)
     objective = PairObjective(train, val, cfg.train.batch_size, pad, cfg.train.seed, cfg.beta)
     if dist.is_main:
         print(f"dpo: {len(train)} training pairs ({len(train_prefs)} prompts) / {len(val)} validation pairs; "
-              f"beta {cfg.beta}; reference log-probs precomputed; from {cfg.init_from}")
+              f"beta {cfg.beta}; reference log-probs precomputed for the {len(used)} pairs the run trains on; "
+              f"from {cfg.init_from}")
     run_config = {k: v for k, v in asdict(cfg).items() if k not in ("train", "out")}
     trainer = supervised_trainer(model, objective, cfg.train, cfg.out, dist, tokenizer=ckpt.tokenizer,
                                  run_config=run_config, extra_config={"stage": "dpo"}, callbacks=callbacks)
