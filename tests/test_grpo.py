@@ -128,6 +128,8 @@ def world_tasks():
     tasks = build_tasks(world, config=TaskConfig().with_tools().scaled(0.05))
     by_family = {}
     for task in tasks.rl_train + tasks.eval:
+        if task.family == "functions" and isinstance(task.answer, str):
+            continue  # no declared function fits: a fact question, which the verifier leaves alone
         by_family.setdefault(task.family, task)
     return world, by_family
 

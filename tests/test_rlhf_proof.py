@@ -14,16 +14,45 @@ recipe (six families): 10 min 37 s, SFT 0.367, PPO 0.391 +- 0.014. `chatforge de
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from chatforge import demo
-from chatforge.train.seeds import SeedSettings, Verdict, compare_seeds, format_table, ppo_against_sft
+from chatforge.train.config import PPOSettings
+from chatforge.train.seeds import (
+    SeedSettings,
+    Verdict,
+    compare_seeds,
+    format_table,
+    load_results,
+    ppo_against_sft,
+    save_results,
+)
 
 SEEDS = (0, 1, 2)
-KL_BOUND = 3.0  # nats per answer: the demo's PPO stays near 1
+# nats per answer: the adaptive KL controller's target; the demo's PPO stays near 2 (step-by-step answers
+# are long, and every token adds to an answer's KL)
+KL_BOUND = PPOSettings.kl_target
 # The demo's PPO (40 iterations) for the claim; DPO only has to train and move the policy here, so 30 steps
-# on 100 preference prompts (the demo's 150 steps on all 2000 took 2 of the 12.7 minutes)
+# on 100 preference prompts
 SETTINGS = SeedSettings(dpo_steps=30, dpo_prompts=100)
+
+
+def train_and_compare(run: str) -> None:
+    """The demo's pipeline up to the reward model, then the comparison, into RUN/seeds/results.json."""
+    run_dir, budget = Path(run), demo.FULL
+    corpus = demo.make_corpus(run_dir, budget)
+    tokenizer = demo.make_tokenizer(run_dir, corpus, budget)
+    demo.pretrain(run_dir, demo.make_shards(run_dir, corpus, tokenizer), budget)
+    tasks = demo.make_tasks(run_dir, budget)
+    demo.sft(run_dir, tasks, budget)
+    demo.reward_model(run_dir, demo.label_sft_samples(run_dir, tasks, budget), budget)
+    figures = ppo_against_sft(run_dir, SEEDS, once=["ppo-beta0", "dpo"], settings=SETTINGS)
+    save_results(run_dir, figures, SEEDS, SETTINGS)
+    print(format_table(figures))  # shown with -s, and in the failure report
 
 
 def test_the_verdict_compares_the_mean_gain_with_the_spread_and_the_worst_seed() -> None:
@@ -56,16 +85,13 @@ def test_an_unknown_method_is_named(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_ppo_beats_sft_beyond_seed_noise_and_without_the_kl_penalty_games_the_reward_model(tmp_path) -> None:
-    run, budget = tmp_path / "demo", demo.FULL
-    corpus = demo.make_corpus(run, budget)
-    tokenizer = demo.make_tokenizer(run, corpus, budget)
-    demo.pretrain(run, demo.make_shards(run, corpus, tokenizer), budget)
-    tasks = demo.make_tasks(run, budget)
-    demo.sft(run, tasks, budget)
-    demo.reward_model(run, demo.label_sft_samples(run, tasks, budget), budget)
-
-    figures = ppo_against_sft(run, SEEDS, once=["ppo-beta0", "dpo"], settings=SETTINGS)
-    print(format_table(figures))  # shown with -s, and in the failure report
+    # In a fresh interpreter, as `chatforge demo` runs: inside the suite's process, after the other tests,
+    # pretraining came out with other weights (a state an earlier test leaves; not found yet), and the
+    # claim is about what users get
+    run = tmp_path / "demo"
+    subprocess.run([sys.executable, "-c", f"import test_rlhf_proof as t; t.train_and_compare({str(run)!r})"],
+                   cwd=Path(__file__).parent, check=True)
+    figures = {method: record["figures"] for method, record in load_results(run).items()}
 
     verdict = Verdict.of(figures)
     assert verdict.beyond_noise, verdict
