@@ -199,13 +199,17 @@ def data_world(out: str, size_mb: float, world_seed: int, seed: int) -> None:
 @click.option("--tools", is_flag=True, help="Add the tool families: calc, dates and functions.")
 @click.option("--declare-builtin-tools/--no-declare-builtin-tools", default=True, show_default=True,
               help="With --tools: declare the calculator and calendar in calc and dates prompts.")
-def data_tasks(out: str, world_file: str, world_seed: int, seed: int, tools: bool, declare_builtin_tools: bool) -> None:
+@click.option("--step-by-step/--no-step-by-step", default=True, show_default=True,
+              help="Answer arithmetic, word tasks and two-hop questions in steps; without, the same prompts get "
+                   "direct answers (the ablation).")
+def data_tasks(out: str, world_file: str, world_seed: int, seed: int, tools: bool, declare_builtin_tools: bool,
+               step_by_step: bool) -> None:
     """Write the built-in task data: SFT conversations, ranked preferences, RL prompts, held-out eval."""
     from chatforge.data.tasks import TaskConfig, write_tasks
     from chatforge.data.world import World
 
     world = World.load(world_file) if world_file else World.build(seed=world_seed)
-    config = TaskConfig(declare_builtin_tools=declare_builtin_tools)
+    config = TaskConfig(declare_builtin_tools=declare_builtin_tools, step_by_step=step_by_step)
     paths = write_tasks(out, world, seed=seed, config=config.with_tools() if tools else config)
     for name, path in paths.items():
         click.echo(f"{name}: {path}")

@@ -136,6 +136,17 @@ def test_step_by_step_false_gives_the_direct_answers_to_the_same_prompts(world, 
         assert meta["config"]["step_by_step"] is steps and "twohop" in meta["families"]
 
 
+def test_the_data_tasks_command_writes_the_ablation_s_direct_answers(tmp_path):
+    from test_cli import run_cli  # tests/ is on sys.path (pytest prepends it)
+
+    assert run_cli("data", "tasks", "--out", tmp_path / "direct", "--no-step-by-step") == 0
+    meta = json.loads((tmp_path / "direct" / "tasks.json").read_text())
+    assert meta["config"]["step_by_step"] is False
+    answers = [json.loads(line)["messages"][-1]["content"] for line in
+               (tmp_path / "direct" / "sft_val.jsonl").read_text().splitlines()]
+    assert answers and not any(after_steps(a) != a for a in answers)  # no answer shows steps
+
+
 def _letter(count_answer: str) -> str:
     """The letter a direct count answer is about ("The letter e appears ..."), or "" for another answer."""
     words = count_answer.split()
