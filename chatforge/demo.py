@@ -36,11 +36,12 @@ from chatforge.checkpoint import TRAINER_FILE, load_checkpoint, read_json, resol
 from chatforge.data.readers import iter_documents
 from chatforge.data.shards import prepare_shards, read_meta
 from chatforge.data.tasks import Labeler, Scorer, TaskConfig, write_tasks
-from chatforge.data.world import ATTRIBUTES, CorpusMix, World, write_corpus
+from chatforge.data.world import CorpusMix, World, write_corpus
 from chatforge.evaluate import EvalConfig, EvalResult, evaluate, format_table
 from chatforge.files import atomic_write, strict_json
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
+from chatforge.knowledge import cloze_prefix
 from chatforge.model import GPT
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.config import (
@@ -197,14 +198,6 @@ def initial_val_loss(run_dir: Path, budget: Budget) -> float:
     objective = LanguageModeling(val, val, budget.batch_size, budget.seq_len, 0)
     with torch.no_grad():
         return objective.evaluate(fresh, 10)["val/loss"]
-
-
-def cloze_prefix(attribute: str, subject: str) -> str | None:
-    """The first statement of an attribute whose value comes last, cut before the value."""
-    for template in ATTRIBUTES[attribute].statements:
-        if template.index("{v}") > template.find("{s}") >= 0:
-            return ATTRIBUTES[attribute].statement(subject, "\0").split("\0")[0].rstrip()
-    return None
 
 
 @torch.no_grad()
