@@ -354,7 +354,8 @@ def dpo(run_dir: Path, tasks: Path, budget: Budget) -> Path:
 def evaluation(run_dir: Path, tasks: Path, stages: list[str]) -> dict[str, EvalResult]:
     """Every stage's model on the held-out prompts, judged by the scorer; a table and eval.json."""
     world = World.load(run_dir / "corpus" / "world.json")
-    cfg = EvalConfig(prompts=[str(tasks / "eval.jsonl")], conversations=[str(tasks / "sft_val.jsonl")])
+    cfg = EvalConfig(prompts=[str(tasks / "eval.jsonl")], conversations=[str(tasks / "sft_val.jsonl")],
+                     fact_knowledge=True)
     names = {"pretrain": "base", "sft": "sft"}
     saved = _saved_evals(run_dir, {s: names.get(s, s) for s in stages})
     results = {}

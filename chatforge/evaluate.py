@@ -45,6 +45,7 @@ from chatforge.generate.engine import Engine
 from chatforge.generate.outputs import SequenceOutput
 from chatforge.generate.params import SamplingParams
 from chatforge.generate.tool_loop import ToolUse
+from chatforge.knowledge import fact_knowledge
 from chatforge.tools import Tool
 
 BUILTIN_TOOLS = ("calculator", "calendar")
@@ -62,6 +63,7 @@ class EvalConfig:
     samples: int = 3  # example answers kept per family in the JSON
     max_tool_tokens: int = 128  # prompts answered with tools: calls, fed results and the answer together
     today: str = TODAY  # the calendar's clock for prompts with tools (the task data's TaskConfig.today)
+    fact_knowledge: bool = False  # also score every fact of the world as lm-eval multiple choice (knowledge.py)
     out: str = ""  # JSON file; default: eval.json next to the checkpoint's stage directory
 
 
@@ -229,6 +231,9 @@ def evaluate(cfg: EvalConfig, ckpt: Checkpoint | None = None, world: World | Non
     overall |= phrasing_scores(scores, [scorer.phrasing(r.conversation(), r.family) for r in records])
     if cfg.conversations:
         overall |= validation_loss(ckpt, cfg.conversations)
+    if cfg.fact_knowledge:
+        known = fact_knowledge(ckpt.model.eval(), ckpt.tokenizer, world)
+        overall |= {"facts_known": known["acc"], "facts_known_norm": known["acc_norm"]}
     samples: dict[str, list[dict]] = defaultdict(list)
     for p, (text, _), fam, s in zip(prompts, answers, families, scores):
         if len(samples[fam]) < cfg.samples:
@@ -278,6 +283,8 @@ def format_table(results: dict[str, EvalResult]) -> str:
                  f"mean length {o['words']:.1f} words / {o['tokens']:.1f} tokens"]
         if "val_loss" in o:
             extra.append(f"val loss {o['val_loss']:.3f} (ppl {o['val_ppl']:.2f})")
+        if "facts_known" in o:
+            extra.append(f"facts known (multiple choice) {o['facts_known']:.1%}")
         if "score_heldout_phrasing" in o and "score_train_phrasing" in o:
             extra.append(f"score in training phrasings {o['score_train_phrasing']:.3f}, "
                          f"in held-out phrasings {o['score_heldout_phrasing']:.3f}")

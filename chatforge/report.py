@@ -350,7 +350,10 @@ def eval_section(report: Report, run_dir: Path, plot_dir: Path, samples: int) ->
     overall_keys = [("n", "prompts", "{:.0f}"), ("accuracy", "accuracy", "{:.1%}"),
                     ("refusal_rate_harmful", "refusal on harmful", "{:.1%}"),
                     ("over_refusal_rate", "over-refusal", "{:.1%}"), ("padded_rate", "padded", "{:.1%}"),
-                    ("score", "score", "{:.3f}"), ("words", "words", "{:.1f}"), ("tokens", "tokens", "{:.1f}"),
+                    ("score", "score", "{:.3f}"), ("score_train_phrasing", "score, training phrasings", "{:.3f}"),
+                    ("score_heldout_phrasing", "score, held-out phrasings", "{:.3f}"),
+                    ("facts_known", "facts known (multiple choice)", "{:.1%}"),
+                    ("words", "words", "{:.1f}"), ("tokens", "tokens", "{:.1f}"),
                     ("val_loss", "val loss", "{:.3f}"), ("val_ppl", "val ppl", "{:.2f}")]
     report.add(Para("Overall:"), Table(["figure", *results], [
         [label, *(fmt(r.get("overall", {}).get(key), spec) for r in results.values())]

@@ -87,6 +87,20 @@ def test_a_random_model_is_evaluated_end_to_end_with_loss_and_samples(world, che
     assert all(len(s) <= cfg.samples for s in result.samples.values())
     table = format_table({"base": result, "again": result})
     assert "overall" in table and "base" in table and "val loss" in table
+    assert "facts_known" not in result.overall  # opt-in: scoring every fact costs a pass over 432 items
+
+
+def test_fact_knowledge_is_reported_beside_the_scores_when_asked(world, checkpoint, tmp_path):
+    from chatforge.data.tasks import write_tasks
+    from chatforge.knowledge import fact_knowledge
+
+    paths = write_tasks(tmp_path / "tasks", world, seed=0, config=TaskConfig().scaled(0.1))
+    ckpt = load_checkpoint(checkpoint)
+    cfg = EvalConfig(prompts=[str(paths["eval"])], max_tokens=4, limit=4, fact_knowledge=True)
+    result = evaluate(cfg, ckpt, world)
+    known = fact_knowledge(ckpt.model, ckpt.tokenizer, world)
+    assert result.overall["facts_known"] == known["acc"] and result.overall["facts_known_norm"] == known["acc_norm"]
+    assert "facts known (multiple choice)" in format_table({"base": result})
 
 
 def test_a_result_is_written_as_strict_json_and_read_back_as_it_was(tmp_path):
