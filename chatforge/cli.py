@@ -608,12 +608,15 @@ def serve(cfg: ServeConfig) -> None:
               help="Also train PPO once per seed (repeat: --seeds 0 --seeds 1 --seeds 2) and PPO with beta = 0 at "
                    "the first, judge them against SFT and put the table in the run report: the RLHF proof "
                    "(about 1.5 minutes a PPO run).")
+@click.option("--ablation", is_flag=True,
+              help="Also run the stages after pretraining on direct answers instead of step-by-step ones "
+                   "(OUT/no-steps) and put the chain-of-thought ablation in the report (about 5 minutes more).")
 def demo(out: str, fast: bool, overwrite: bool, no_serve: bool, serve_stage: str, host: str, port: int,
-         seeds: tuple[int, ...]) -> None:
+         seeds: tuple[int, ...], ablation: bool) -> None:
     """Run the whole pipeline on the built-in data, then serve the chat model (web page and API)."""
     from chatforge.demo import run_demo, serve_demo
 
-    run_demo(Path(out), fast=fast, overwrite=overwrite, seeds=list(seeds))
+    run_demo(Path(out), fast=fast, overwrite=overwrite, seeds=list(seeds), ablation=ablation)
     if not no_serve:
         serve_demo(Path(out), serve_stage, host, port)
 

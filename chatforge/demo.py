@@ -247,13 +247,14 @@ def report(run_dir: Path, budget: Budget, timings: dict[str, float]) -> dict:
             "fact_accuracy": accuracy, "fact_accuracy_untrained": fresh_accuracy, "timings": timings}
 
 
-def make_tasks(run_dir: Path, budget: Budget) -> Path:
+def make_tasks(run_dir: Path, budget: Budget, step_by_step: bool = True) -> Path:
     out = run_dir / "tasks"
     if (out / "tasks.json").exists():
         click.echo(f"   reusing {out}")
         return out
     world = World.load(run_dir / "corpus" / "world.json")
-    paths = write_tasks(out, world, seed=0, config=TaskConfig().scaled(budget.task_scale))
+    config = TaskConfig(step_by_step=step_by_step).scaled(budget.task_scale)
+    paths = write_tasks(out, world, seed=0, config=config)
     counts = {name: len(path.read_text().splitlines()) for name, path in paths.items() if path.suffix == ".jsonl"}
     click.echo("   " + ", ".join(f"{name} {n}" for name, n in counts.items()))
     return out
@@ -374,6 +375,35 @@ def evaluation(run_dir: Path, tasks: Path, stages: list[str]) -> dict[str, EvalR
     return results
 
 
+ABLATION_DIR = "no-steps"  # RUN/no-steps: the step-by-step ablation's run (see step_ablation)
+SHARED_STAGES = ("corpus", "tokenizer", "data", "pretrain")
+
+
+def step_ablation(run_dir: Path, budget: Budget) -> dict[str, EvalResult]:
+    """The chain-of-thought ablation: the pipeline after pretraining once more, on demonstrations and
+    rankings that answer the same prompts directly (TaskConfig.step_by_step=False), in RUN/no-steps.
+
+    It shares the run's corpus, tokenizer and pretrained model (links), so the two runs differ only in the
+    task data; its eval.json is judged on the same held-out prompts and the report puts them side by side.
+    """
+    sub = run_dir / ABLATION_DIR
+    sub.mkdir(exist_ok=True)
+    for name in SHARED_STAGES:
+        link = sub / name
+        if not link.exists():
+            link.symlink_to(Path("..") / name, target_is_directory=True)
+    timings: dict[str, float] = {}
+    tasks = stage("ablation: tasks", timings)(make_tasks, sub, budget, step_by_step=False)
+    stage("ablation: sft", timings)(sft, sub, tasks, budget)
+    rm_data = stage("ablation: rm_data", timings)(label_sft_samples, sub, tasks, budget)
+    stage("ablation: rm", timings)(reward_model, sub, rm_data, budget)
+    stage("ablation: ppo", timings)(ppo, sub, tasks, budget)
+    stage("ablation: dpo", timings)(dpo, sub, tasks, budget)
+    results = stage("ablation: eval", timings)(evaluation, sub, tasks, ["sft", "ppo", "dpo"])
+    save_timings(sub, timings)
+    return results
+
+
 def _saved_evals(run_dir: Path, names: dict[str, str]) -> dict[str, EvalResult]:
     """The results in eval.json of the stages whose weights are older than the file (a rerun skips them)."""
     path = run_dir / "eval.json"
@@ -392,7 +422,8 @@ def _json(line: str) -> dict:
     return json.loads(line)
 
 
-def run_demo(run_dir: Path, fast: bool = False, overwrite: bool = False, seeds: list[int] | None = None) -> dict:
+def run_demo(run_dir: Path, fast: bool = False, overwrite: bool = False, seeds: list[int] | None = None,
+             ablation: bool = False) -> dict:
     import shutil
 
     budget = FAST if fast else FULL
@@ -415,6 +446,8 @@ def run_demo(run_dir: Path, fast: bool = False, overwrite: bool = False, seeds: 
     results = stage("eval", timings)(evaluation, run_dir, tasks, ["pretrain", "sft", "ppo", "dpo"])
     if seeds:
         summary["seeds"] = stage("seeds", timings)(seed_comparison, run_dir, budget, seeds)
+    if ablation:
+        stage("ablation", timings)(step_ablation, run_dir, budget)
     save_timings(run_dir, timings)
     stage("report", timings)(write_run_report, run_dir)
     total = time.perf_counter() - t0

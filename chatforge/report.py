@@ -435,7 +435,32 @@ def build_report(run_dir: Path, out_dir: Path, samples: int = 1) -> Report:
     report.blocks += stage_blocks
     eval_section(report, run_dir, plot_dir, samples)
     seeds_section(report, run_dir)
+    ablation_section(report, run_dir)
     return report
+
+
+def ablation_section(report: Report, run_dir: Path) -> None:
+    """RUN/no-steps/eval.json (`chatforge demo --ablation`): each model with and without step-by-step
+    demonstrations, per family, on the same held-out prompts."""
+    with_steps, direct = run_dir / "eval.json", run_dir / "no-steps" / "eval.json"
+    if not (with_steps.is_file() and direct.is_file()):
+        return
+    runs = {"steps": read_json_file(with_steps), "direct": read_json_file(direct)}
+    models = [m for m in ("sft", "ppo", "dpo") if all(isinstance(r, dict) and m in r for r in runs.values())]
+    families = sorted({f for r in runs.values() for m in models for f in r[m].get("families", {})})
+    rows = []
+    for fam in [*families, "overall"]:
+        cells = []
+        for model in models:
+            for run in runs.values():
+                row = run[model].get("overall", {}) if fam == "overall" else run[model].get("families", {}).get(fam, {})
+                cells.append(fmt(row.get("score"), "{:.3f}"))
+        rows.append([fam, *cells])
+    report.add(Heading("Chain-of-thought ablation (no-steps/)"),
+               Para("The stages after pretraining once more on task data whose word, arithmetic and two-hop "
+                    "answers are direct instead of step by step (same prompts, same pretrained model); checked "
+                    "score on the same held-out prompts."),
+               Table(["family", *(f"{m} {kind}" for m in models for kind in runs)], rows))
 
 
 def seeds_section(report: Report, run_dir: Path) -> None:

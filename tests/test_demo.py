@@ -103,6 +103,29 @@ def test_fast_demo_trains_a_model_whose_validation_loss_falls_and_rerun_skips_fi
     report_md = (tmp_path / "demo" / "report.md").read_text()
     assert "## RLHF across seeds" in report_md and "| ppo | 0 1 |" in report_md and "| ppo-beta0 | 0 |" in report_md
 
+    # --ablation adds the chain-of-thought ablation: the stages after pretraining on direct answers, in no-steps/
+    results.clear()
+    main(["demo", "--fast", "--no-serve", "--out", str(tmp_path / "demo"), "--ablation"])
+    assert list(results[0]["timings"])[-2:] == ["ablation", "report"]
+    ablation = tmp_path / "demo" / "no-steps"
+    for shared in ("corpus", "tokenizer", "data", "pretrain"):  # the same pretrained model, not a copy
+        assert (ablation / shared).resolve() == (tmp_path / "demo" / shared).resolve()
+    assert (ablation / "tasks" / "eval.jsonl").read_bytes() == (tmp_path / "demo" / "tasks" / "eval.jsonl").read_bytes()
+    def word_answers(tasks):
+        rows = map(json.loads, (tasks / "sft_train.jsonl").read_text().splitlines())
+        return [r["messages"][-1]["content"] for r in rows if r["family"] == "words"]
+
+    assert any("Spelled:" in a or "Counting" in a for a in word_answers(tmp_path / "demo" / "tasks"))
+    direct_answers = word_answers(ablation / "tasks")
+    assert direct_answers and not any("Spelled:" in a or "Counting" in a for a in direct_answers)
+    direct = json.loads((ablation / "eval.json").read_text())
+    assert set(direct) == {"sft", "ppo", "dpo"}
+    report_md = (tmp_path / "demo" / "report.md").read_text()
+    assert "## Chain-of-thought ablation" in report_md and "| family | sft steps | sft direct |" in report_md
+    # every model's fact knowledge (every fact as multiple choice) and the phrasing split are in the report
+    assert all(0 <= r["overall"]["facts_known"] <= 1 for r in evaluation.values())
+    assert "| facts known (multiple choice) |" in report_md and "| score, held-out phrasings |" in report_md
+
     # the command then serves the PPO model: the official client chats with it, and SIGTERM stops it
     serve_the_finished_demo(tmp_path / "demo")
 
