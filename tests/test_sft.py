@@ -222,3 +222,70 @@ def test_sft_starts_from_an_imported_gpt2_and_grows_its_vocabulary_for_the_chat_
     ckpt = load_checkpoint(tmp_path / "sft")
     assert ckpt.model.config.vocab_size == ckpt.tokenizer.vocab_size > vocab
     assert ckpt.model.lm_head.weight is ckpt.model.wte.weight
+
+
+# ---- replay: pretraining windows beside the conversations ------------------------------------------------
+
+
+@pytest.fixture
+def replayed(prepared_data, tmp_path):
+    """A tiny model on the prepared corpus's tokenizer, saved, and that corpus's token shards."""
+    from chatforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(prepared_data / "data" / "tokenizer.json")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, context_length=128, n_layer=2, n_head=2, n_embd=32))
+    save_checkpoint(tmp_path / "base", model, tokenizer=tok)
+    return model, tok, prepared_data / "data", tmp_path / "base"
+
+
+def test_replay_adds_the_summed_lm_loss_of_pretraining_windows_weighted_by_its_coefficient(replayed):
+    from chatforge.data.shards import TokenDataset
+    from chatforge.train.sft import Replay
+
+    model, tok, data, _ = replayed
+    examples = [encode_example(ChatTemplate(tok), c, 64) for c in CONVERSATIONS]
+    replay = Replay(TokenDataset(data, "train", expected_tokenizer_hash=tok.hash), coef=0.5, length=16)
+    objective = SupervisedChat(examples, examples[:1], batch_size=2, seq_len=64, pad_id=tok.eot_id, seed=3,
+                               replay=replay)
+    batch = objective.batch(0)
+    assert batch["replay_x"].shape == batch["replay_y"].shape == (2, 16)
+    assert torch.equal(batch["replay_y"][:, :-1], batch["replay_x"][:, 1:])  # windows of the text, shifted by one
+    assert torch.equal(objective.batch(0)["replay_x"], batch["replay_x"])  # a function of the step
+    assert not torch.equal(objective.batch(1)["replay_x"], batch["replay_x"])
+    loss, extra = objective.loss(model, batch)
+    chat = F.cross_entropy(forward_logits(model, batch).flatten(0, 1), batch["labels"].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    text = F.cross_entropy(model(batch["replay_x"]).flatten(0, 1), batch["replay_y"].flatten(), reduction="sum")
+    assert torch.allclose(loss, chat + 0.5 * text, atol=1e-4)
+    assert extra["replay_loss"] / objective.weight(batch) == pytest.approx(text.item() / 32, rel=1e-5)
+
+
+def test_sft_with_replay_trains_every_weight_and_logs_the_replayed_text_loss(tmp_path, replayed):
+    _, _, data, base = replayed
+    plain = sft_config(tmp_path / "plain", base, max_steps=4)
+    cfg = sft_config(tmp_path / "replay", base, max_steps=4)
+    cfg.replay_data, cfg.replay_coef, cfg.replay_len = str(data), 1.0, 32
+    before = load_checkpoint(base).model.state_dict()
+    result = run_sft(cfg, DistInfo())
+    after = load_checkpoint(tmp_path / "replay" / "sft").model.state_dict()
+    assert [k for k in before if torch.equal(before[k], after[k])] == []
+    replay_losses = [m["train/replay_loss"] for m in result.metrics if "train/replay_loss" in m]
+    assert len(replay_losses) == 4 and all(0 < x < 10 for x in replay_losses)
+    # the same conversations in the same order: only the replayed text makes the runs differ
+    without = run_sft(plain, DistInfo())
+    assert "train/replay_loss" not in without.metrics[0]
+    assert [m["train/loss"] for m in result.metrics if "train/loss" in m][0] > without.metrics[0]["train/loss"]
+
+
+def test_replay_needs_its_shards_and_shards_of_the_models_own_tokenizer(tmp_path, pretrained, prepared_data):
+    from chatforge.errors import DataError
+
+    with pytest.raises(ConfigError, match="--replay-data"):
+        SFTConfig(replay_coef=1.0)
+    with pytest.raises(ConfigError, match="replay_coef"):
+        SFTConfig(replay_data="data", replay_coef=-1.0)
+    cfg = sft_config(tmp_path, pretrained)  # the small tokenizer's model, the prepared corpus's shards
+    cfg.replay_data, cfg.replay_coef = str(prepared_data / "data"), 1.0
+    with pytest.raises(DataError, match="different tokenizer"):
+        run_sft(cfg, DistInfo())

@@ -94,7 +94,22 @@ class SFTConfig:
     val_fraction: float = 0.05
     packing: bool = True
     seq_len: int = 0  # tokens per row; 0: the model's context length
+    replay_data: str = field(default="", metadata={
+        "help": "token shards of pretraining text (chatforge data prepare) replayed beside the conversations: "
+                "one window of --replay-len tokens per row, its LM loss weighted by --replay-coef; keeps what "
+                "pretraining stored (the demo's facts) from being overwritten"})
+    replay_coef: float = 0.0  # weight of a replayed token's loss relative to an assistant token's (0: no replay)
+    replay_len: int = 128  # tokens per replayed window
     train: TrainConfig = field(default_factory=_sft_train_defaults)
+
+    def __post_init__(self) -> None:
+        if self.replay_coef < 0:
+            raise ConfigError(f"sft config: replay_coef (--replay-coef) must be >= 0, got {self.replay_coef}")
+        if self.replay_coef and not self.replay_data:
+            raise ConfigError("sft config: --replay-coef needs --replay-data "
+                              "(token shards from chatforge data prepare)")
+        if self.replay_len < 1:
+            raise ConfigError(f"sft config: replay_len (--replay-len) must be >= 1, got {self.replay_len}")
 
 
 def _reward_train_defaults() -> TrainConfig:
