@@ -145,6 +145,35 @@ def test_dpo_starts_at_log_2_learns_the_preferences_and_changes_every_weight(sft
     assert [k for k in before if torch.equal(before[k], after[k])] == []
 
 
+def test_rpo_adds_the_chosen_answers_mean_token_nll_by_hand(sft):
+    """RPO: each pair's loss plus alpha times the chosen answer's NLL per trained token."""
+    from chatforge.train.dpo import PairObjective
+
+    model = load_checkpoint(sft / "sft").model
+    plain = PairObjective([None], [], 2, 0, 0, beta=0.1)
+    rpo = PairObjective([None], [], 2, 0, 0, beta=0.1, rpo_alpha=0.7)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 10, 0, 0]])
+    mask = torch.tensor([[0.0, 0.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0, 0.0]])[:, 1:]  # 3 tokens, then 1
+    batch = {"chosen_ids": ids, "chosen_mask": mask, "rejected_ids": ids.flip(0), "rejected_mask": mask.flip(0),
+             "ref_chosen": torch.tensor([-9.0, -3.0]), "ref_rejected": torch.tensor([-4.0, -8.0])}
+    (base, _), (loss, metrics) = plain.loss(model, batch), rpo.loss(model, batch)
+    logp = torch.log_softmax(model(ids)[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    nll = [-(logp[0, 1:4].sum() / 3), -logp[1, 0]]
+    assert loss.item() == pytest.approx(base.item() + 0.7 * (nll[0] + nll[1]).item(), abs=1e-5)
+    assert metrics["nll_chosen"].item() == pytest.approx((nll[0] + nll[1]).item(), abs=1e-5)
+
+
+def test_rpo_keeps_the_chosen_answers_likelier_than_plain_dpo(sft):
+    plain = run_dpo(dpo_config(sft), DistInfo()).metrics[-1]
+    cfg = dpo_config(sft)
+    cfg.rpo_alpha, cfg.out = 1.0, str(sft / "rpo")
+    rpo = run_dpo(cfg, DistInfo()).metrics[-1]
+    assert rpo["train/nll_chosen"] > 0 and rpo["val/margin"] > 0  # it still prefers the chosen answers
+    # the implicit reward of the chosen answers is beta * (log pi - log ref): higher when they stay likely
+    assert rpo["train/reward_chosen"] > plain["train/reward_chosen"]
+    assert rpo["val/reward_chosen"] > plain["val/reward_chosen"]
+
+
 def test_the_reference_scores_only_the_pairs_a_short_run_draws(sft, capsys):
     assert pairs_trained(10, 4, 0, 3) == list(range(10))  # a run past one epoch draws every pair
     drawn = pairs_trained(100, 4, 0, 3)

@@ -306,6 +306,9 @@ class DPOConfig:
     init_from: str = ""  # the SFT checkpoint: the policy starts here and it is the reference
     out: str = "runs/default/dpo"
     beta: float = 0.1
+    rpo_alpha: float = field(default=0.0, metadata={
+        "help": "weight of the chosen answer's mean token NLL added to each pair's loss (RPO, Pang et al. 2024; "
+                "TRL's rpo_alpha): keeps the chosen answers likely while DPO widens the margin"})
     skip_invalid: bool = False
     val_fraction: float = 0.05
     seq_len: int = 0  # 0: the model's context length

@@ -10,6 +10,10 @@ is the starting (SFT) model; its log-probs are computed once before training, fo
 will draw (`pairs_trained`), so it never sits in memory beside the policy. beta * (log pi - log ref)
 is the implicit reward; its accuracy (chosen above rejected) and margin are logged, for training
 batches and held-out pairs.
+
+DPO only widens the margin, so it can lower the chosen answer's likelihood too and the text degrades
+(on the demo run harmful requests got answers stitched from other requests' steps). `rpo_alpha` adds the
+chosen answer's mean token NLL to each pair's loss (RPO, Pang et al. 2024), which keeps it likely.
 """
 
 from __future__ import annotations
@@ -102,11 +106,13 @@ def pairs_trained(n: int, batch_size: int, seed: int, steps: int) -> list[int]:
 class PairObjective:
     """One (chosen, rejected) pair per batch row, with the reference's log-probs precomputed."""
 
-    def __init__(self, pairs: list, val_pairs: list, batch_size: int, pad_id: int, seed: int, beta: float) -> None:
+    def __init__(self, pairs: list, val_pairs: list, batch_size: int, pad_id: int, seed: int, beta: float,
+                 rpo_alpha: float = 0.0) -> None:
         if not pairs:
             raise DataError("dpo: no preference pairs")
         self.pairs, self.val_pairs = pairs, val_pairs
         self.batch_size, self.pad_id, self.seed, self.beta = batch_size, pad_id, seed, beta
+        self.rpo_alpha = rpo_alpha
 
     def collate(self, items: list) -> Batch:
         chosen_ids, chosen_mask = collate_side([c for c, _, _ in items], self.pad_id)
@@ -127,7 +133,12 @@ class PairObjective:
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
         chosen = sequence_logprobs(model, batch["chosen_ids"], batch["chosen_mask"])
         rejected = sequence_logprobs(model, batch["rejected_ids"], batch["rejected_mask"])
-        return dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], self.beta)
+        loss, metrics = dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], self.beta)
+        if self.rpo_alpha:
+            nll = -chosen / batch["chosen_mask"].sum(1).clamp(min=1)  # mean per trained token of each chosen answer
+            loss = loss + self.rpo_alpha * nll.sum()
+            metrics["nll_chosen"] = nll.detach().sum()
+        return loss, metrics
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, max_batches: int) -> dict[str, float]:
@@ -184,10 +195,11 @@ def run_dpo(cfg: DPOConfig, dist: DistInfo, resume: bool = False, overwrite: boo
         train[i] = pair
     val = with_reference_logprobs(model, pairs_of(template, val_prefs, seq_len), pad, dist.device)
     torch.manual_seed(cfg.train.seed + dist.rank)
-    objective = PairObjective(train, val, cfg.train.batch_size, pad, cfg.train.seed, cfg.beta)
+    objective = PairObjective(train, val, cfg.train.batch_size, pad, cfg.train.seed, cfg.beta, cfg.rpo_alpha)
     if dist.is_main:
         print(f"dpo: {len(train)} training pairs ({len(train_prefs)} prompts) / {len(val)} validation pairs; "
-              f"beta {cfg.beta}; reference log-probs precomputed for the {len(used)} pairs the run trains on; "
+              f"beta {cfg.beta}{f', rpo_alpha {cfg.rpo_alpha}' if cfg.rpo_alpha else ''}; "
+              f"reference log-probs precomputed for the {len(used)} pairs the run trains on; "
               f"from {cfg.init_from}")
     run_config = {k: v for k, v in asdict(cfg).items() if k not in ("train", "out")}
     trainer = supervised_trainer(model, objective, cfg.train, cfg.out, dist, tokenizer=ckpt.tokenizer,
