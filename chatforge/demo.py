@@ -79,6 +79,7 @@ class Budget:
     sft_steps: int
     sft_batch_size: int
     sft_lr: float
+    sft_replay: float  # weight of replayed pretraining text in SFT's loss (SFTConfig.replay_coef; 0: none)
     task_scale: float  # share of the default task-data sizes
     rm_samples: int  # SFT samples per preference prompt that the labeler ranks with the rule-made answers
     rm_steps: int
@@ -93,12 +94,12 @@ FACTS_FIRST = CorpusMix(facts=0.70, stories=0.10, dialogues=0.05, arithmetic=0.1
 FULL = Budget(corpus_mb=2.0, corpus_mix=FACTS_FIRST, vocab_size=2048,
               model=ModelSize(n_layer=4, n_head=4, n_embd=192, context_length=512), seq_len=128,
               steps=500, batch_size=32, lr=3e-3, eval_every=50, probe_facts=432,
-              sft_steps=300, sft_batch_size=4, sft_lr=1e-3, task_scale=1.0,
+              sft_steps=300, sft_batch_size=4, sft_lr=1e-3, sft_replay=1.0, task_scale=1.0,
               rm_samples=2, rm_steps=150, ppo_steps=40, ppo_rollout=32, dpo_steps=100)
 FAST = Budget(corpus_mb=0.3, corpus_mix=FACTS_FIRST, vocab_size=512,
               model=ModelSize(n_layer=2, n_head=2, n_embd=64, context_length=256), seq_len=128,
               steps=60, batch_size=16, lr=3e-3, eval_every=30, probe_facts=60,
-              sft_steps=80, sft_batch_size=8, sft_lr=3e-3, task_scale=0.1,
+              sft_steps=80, sft_batch_size=8, sft_lr=3e-3, sft_replay=1.0, task_scale=0.1,
               rm_samples=2, rm_steps=10, ppo_steps=2, ppo_rollout=8, dpo_steps=10)
 
 
@@ -264,7 +265,7 @@ def sft(run_dir: Path, tasks: Path, budget: Budget) -> Path:
     out = run_dir / "sft"
     cfg = SFTConfig(
         data=[str(tasks / "sft_train.jsonl")], val=[str(tasks / "sft_val.jsonl")], init_from=str(run_dir / "pretrain"),
-        out=str(out),
+        out=str(out), replay_data=str(run_dir / "data") if budget.sft_replay else "", replay_coef=budget.sft_replay,
         train=TrainConfig(max_steps=budget.sft_steps, batch_size=budget.sft_batch_size, lr=budget.sft_lr,
                           warmup_steps=max(1, budget.sft_steps // 15), weight_decay=0.0,
                           eval_every=max(10, budget.sft_steps // 3), eval_batches=10,

@@ -606,24 +606,25 @@ def test_a_fact_answer_about_another_entity_is_wrong(world, scorer):
 # The sha256 of every file the default configs write (the demo's two scales), recorded when issue 23 added
 # held-out phrasings, jailbreaks, long follow-ups, two-hop questions and step-by-step answers: families that
 # are off by default (the tool families) must not change a byte, or the demo's checkpoints and eval.json
-# would move.
+# would move. Recorded again when the mix balanced harmless requests against harmful ones: every file but
+# eval.jsonl changed (the held-out prompts do not depend on the mix).
 DEFAULT_FILES = {
-    1.0: {"sft_train": "2ff99c300ad46579f0d8f9dca02906f27a561dd63dc8de2fbc464c2b05863ff9",
-          "sft_val": "aee8e35a4cf9ab6339c5d1527c81aa088deddcf32ebc36e828d62ba3d4fc81f0",
-          "prefs_train": "0e0355decfe933b5e215b3686155d22c4002b9f73d433533219ba8002b4a00c6",
-          "prefs_val": "84bf630867d063a807edea4a983c72d7d7d356c6addbd696d4d3f69f59ef8a5c",
-          "rl_train": "c05c7861b2549ad56cad4f42dcabbc80391710a78b45c5760acd53194d7af666",
-          "rl_val": "f3cba8c51872f62dc1384d2c35f03283878c5ba982b83674c3802f75a7a52045",
+    1.0: {"sft_train": "2ee7fd902f0ec683c9d913d18a8bb0c081d5ea2bc8ce76324af3f507d3790199",
+          "sft_val": "38de0e299e22726689ed8899bc5ff83735e0d9fc2365fd24e99da965b7555067",
+          "prefs_train": "83487e6e18b73f0a0d7132f4f33abd2eafd580d50f47b312adc52a4850213953",
+          "prefs_val": "3b094854b7806cbef2d3334cb2ffbb6d9b2554d42580ea88fd9ba8cf6465df9f",
+          "rl_train": "1f0253fe05721761e913f63ab51d0469c2afb49c87a503f3ec3759093f4deae4",
+          "rl_val": "2a5575e2252e318de16addd8fe3619ddbbde610b499a16adcf5e25d44ac9e083",
           "eval": "05fb48a466f74d9cabf121a01591a4e8e761fb0e0e4d36fde561aaa7ac9ac27b",
-          "tasks": "34767461f480ddc15c028c40ec5af4c9ff30a05cc60730f10d5186e3f7dcf668"},
-    0.1: {"sft_train": "7adfe07db7f309a39021626f611b1ca823487353954666e00d6ffd78deadfb0c",
-          "sft_val": "0834874d912a6129584c199bce3ee60094e5f0a9e662bff3f4d77545541d55cf",
-          "prefs_train": "93afcc2b85025a34e367881e3add34e1801a86b71dcc6c0eb666788ff3a37ad4",
+          "tasks": "e812b66cade7641f77767e10048a02a5ebfeae2c946dc490b90ec728915c586f"},
+    0.1: {"sft_train": "16c546e20b46ccbf5907c6f29e9130950f4e930d9c90c9eea0ef1807be2399e4",
+          "sft_val": "3b87f5ea53a4b7e4b2a22156906fea829a08538ec7049312f41fd77d57655859",
+          "prefs_train": "42a51b276d11be11f5d02dd55149bb9b4d080be837e0f6c1c49e02714e296485",
           "prefs_val": "74cee04f40ee4ab05af8adb7f35cf9323fa0a01aca2636ed8e62917a43d87d7f",
-          "rl_train": "ea6ae709ec3dbc96da08817b1e43316141e375ef2c172d25e5d87be49e5310b1",
+          "rl_train": "219f9e5f0c051d519717165a0dc6a18ae71461fa99e617991ab8bb911720f6b2",
           "rl_val": "776095ef666bb04b094e796173329f9d28cc7c38d66336bcf485a6d3529bdee9",
           "eval": "675dbe5162b524130e59b587d936cb331cb6ea38e26c97e8c6edd8550af4ad12",
-          "tasks": "24cef4b872f1a4808d308c445e7269c912c111af07a81edeeb1b29b2154e98f7"},
+          "tasks": "47df418f9d208f9a750ce1b7121fb2bb4f727600a6515fa328fdd0d237d38e33"},
 }
 
 
