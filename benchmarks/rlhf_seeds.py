@@ -37,6 +37,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ppo-steps", type=int, default=d.ppo_steps)
     ap.add_argument("--dpo-steps", type=int, default=d.dpo_steps)
+    ap.add_argument("--dpo-beta", type=float, default=d.dpo_beta)
+    ap.add_argument("--rpo-alpha", type=float, default=d.rpo_alpha,
+                    help="DPO's weight of the chosen answer's NLL (0: plain DPO)")
     ap.add_argument("--temperature", type=float, default=d.temperature,
                     help="the rollout temperature of PPO, GRPO and RLOO (also the one their log-probs are "
                          "recomputed at)")
@@ -53,7 +56,7 @@ def main() -> None:
 
     settings = SeedSettings(ppo_steps=args.ppo_steps, dpo_steps=args.dpo_steps, beta=args.beta,
                             temperature=args.temperature, ptx_coef=args.ptx_coef, rollout_batch=args.rollout_batch,
-                            group_reward=args.group_reward)
+                            group_reward=args.group_reward, dpo_beta=args.dpo_beta, rpo_alpha=args.rpo_alpha)
     figures = compare_seeds(args.run, args.seeds, args.methods, settings, log=lambda line: print(line, flush=True))
     print(f"\nseeds {args.seeds}; PPO {args.ppo_steps} steps of {args.rollout_batch} answers at temperature "
           f"{args.temperature:g}, ptx {args.ptx_coef:g}, DPO {args.dpo_steps} steps; held-out prompts of {args.run}")

@@ -86,6 +86,8 @@ class Budget:
     ppo_steps: int
     ppo_rollout: int  # answers per PPO iteration
     dpo_steps: int
+    dpo_beta: float  # DPOConfig.beta
+    dpo_rpo_alpha: float  # DPOConfig.rpo_alpha: the chosen answer's NLL beside the DPO loss (0: plain DPO)
 
 
 # Facts dominate the corpus: the demo's model must memorize the world's 432 facts before SFT can make them
@@ -95,12 +97,14 @@ FULL = Budget(corpus_mb=2.0, corpus_mix=FACTS_FIRST, vocab_size=2048,
               model=ModelSize(n_layer=4, n_head=4, n_embd=192, context_length=512), seq_len=128,
               steps=500, batch_size=32, lr=3e-3, eval_every=50, probe_facts=432,
               sft_steps=300, sft_batch_size=4, sft_lr=1e-3, sft_replay=1.0, task_scale=1.0,
-              rm_samples=2, rm_steps=150, ppo_steps=40, ppo_rollout=32, dpo_steps=100)
+              rm_samples=2, rm_steps=150, ppo_steps=40, ppo_rollout=32, dpo_steps=100, dpo_beta=0.5,
+              dpo_rpo_alpha=1.0)
 FAST = Budget(corpus_mb=0.3, corpus_mix=FACTS_FIRST, vocab_size=512,
               model=ModelSize(n_layer=2, n_head=2, n_embd=64, context_length=256), seq_len=128,
               steps=60, batch_size=16, lr=3e-3, eval_every=30, probe_facts=60,
               sft_steps=80, sft_batch_size=8, sft_lr=3e-3, sft_replay=1.0, task_scale=0.1,
-              rm_samples=2, rm_steps=10, ppo_steps=2, ppo_rollout=8, dpo_steps=10)
+              rm_samples=2, rm_steps=10, ppo_steps=2, ppo_rollout=8, dpo_steps=10, dpo_beta=0.5,
+              dpo_rpo_alpha=1.0)
 
 
 def stage(name: str, timings: dict[str, float]) -> Callable:
@@ -347,7 +351,8 @@ def dpo(run_dir: Path, tasks: Path, budget: Budget) -> Path:
     out = run_dir / "dpo"
     if not finished(out, budget.dpo_steps):
         cfg = DPOConfig(data=[str(tasks / "prefs_train.jsonl")], val=[str(tasks / "prefs_val.jsonl")],
-                        init_from=str(run_dir / "sft"), out=str(out),
+                        init_from=str(run_dir / "sft"), out=str(out), beta=budget.dpo_beta,
+                        rpo_alpha=budget.dpo_rpo_alpha,
                         train=short_run(budget.dpo_steps, 16, 5e-5, warmup=max(1, budget.dpo_steps // 15)))
         run_dpo(cfg, DistInfo(), resume=True)
     return out
@@ -467,7 +472,8 @@ def seed_comparison(run_dir: Path, budget: Budget, seeds: list[int]) -> dict:
     held-out prompts (chatforge.train.seeds; the table goes to seeds/results.json and the report)."""
     from chatforge.train.seeds import SeedSettings, Verdict, format_table, ppo_against_sft
 
-    settings = SeedSettings(ppo_steps=budget.ppo_steps, rollout_batch=budget.ppo_rollout)
+    settings = SeedSettings(ppo_steps=budget.ppo_steps, rollout_batch=budget.ppo_rollout,
+                            dpo_beta=budget.dpo_beta, rpo_alpha=budget.dpo_rpo_alpha)
 
     def log(line: str) -> None:
         click.echo(f"   {line}")

@@ -61,6 +61,8 @@ class SeedSettings:
     ppo_steps: int = 40
     dpo_steps: int = 150
     dpo_prompts: int = 0  # DPO trains on the first n preference prompts of RUN/tasks (0: all of them)
+    dpo_beta: float = 0.5  # the demo's DPO: beta 0.5 and the chosen answer's NLL at weight 1 (RPO)
+    rpo_alpha: float = 1.0
     beta: float = PPOSettings.init_kl_coef  # method "ppo" starts here; "ppo-beta0" always uses 0
     temperature: float = PPOSettings.temperature
     ptx_coef: float = 0.0  # on the run's own token shards (RUN/data)
@@ -70,7 +72,10 @@ class SeedSettings:
     def out_dir(self, run: Path, method: str, seed: int) -> Path:
         """RUN/seeds/<method>[-tag]-<seed>: a tag for each setting away from its default."""
         if method == "dpo":
-            return run / "seeds" / (f"dpo-p{self.dpo_prompts}-{seed}" if self.dpo_prompts else f"dpo-{seed}")
+            tag = f"-p{self.dpo_prompts}" if self.dpo_prompts else ""
+            tag += f"-b{self.dpo_beta:g}" if self.dpo_beta != SeedSettings.dpo_beta else ""
+            tag += f"-rpo{self.rpo_alpha:g}" if self.rpo_alpha != SeedSettings.rpo_alpha else ""
+            return run / "seeds" / f"dpo{tag}-{seed}"
         tag = f"-t{self.temperature:g}" if self.temperature != PPOSettings.temperature else ""
         if method in GROUP_METHODS:
             tag += f"-{self.group_reward}" if self.group_reward != GRPOSettings.reward else ""
@@ -112,7 +117,8 @@ def train_group(run: Path, out: Path, seed: int, settings: SeedSettings, method:
         run_rloo(RLOOConfig(**paths, rloo=RLOOSettings(temperature=s.temperature, reward=s.group_reward)), DistInfo())
 
 
-def train_dpo(run: Path, out: Path, seed: int, steps: int, prompts: int = 0) -> None:
+def train_dpo(run: Path, out: Path, seed: int, steps: int, prompts: int = 0, beta: float = 0.1,
+              rpo_alpha: float = 0.0) -> None:
     if (out / "checkpoint" / "trainer_state.json").exists():
         return
     data = run / "tasks/prefs_train.jsonl"
@@ -121,7 +127,7 @@ def train_dpo(run: Path, out: Path, seed: int, steps: int, prompts: int = 0) -> 
         (out / data.name).write_text("".join(data.read_text().splitlines(keepends=True)[:prompts]))
         data = out / data.name
     cfg = DPOConfig(data=[str(data)], val=[str(run / "tasks/prefs_val.jsonl")],
-                    init_from=str(run / "sft"), out=str(out),
+                    init_from=str(run / "sft"), out=str(out), beta=beta, rpo_alpha=rpo_alpha,
                     train=TrainConfig(max_steps=steps, batch_size=16, lr=5e-5, warmup_steps=10, weight_decay=0.0,
                                       eval_every=steps, save_every=steps, seed=seed, progress=False))
     run_dpo(cfg, DistInfo())
@@ -165,7 +171,8 @@ def compare_seeds(run: Path, seeds: Sequence[int], methods: Sequence[str] = METH
         for method in methods:
             out = settings.out_dir(run, method, seed)
             if method == "dpo":
-                train_dpo(run, out, seed, settings.dpo_steps, settings.dpo_prompts)
+                train_dpo(run, out, seed, settings.dpo_steps, settings.dpo_prompts, settings.dpo_beta,
+                          settings.rpo_alpha)
             elif method in GROUP_METHODS:
                 train_group(run, out, seed, settings, method)
             else:
