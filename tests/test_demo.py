@@ -73,6 +73,7 @@ def test_fast_demo_trains_a_model_whose_validation_loss_falls_and_rerun_skips_fi
     monkeypatch.setattr(chatforge.demo, "run_demo", recording_run_demo)
     monkeypatch.setattr(chatforge.demo, "serve_demo", lambda *args, **kwargs: served.append(args))
     monkeypatch.setattr(chatforge.serve.server, "serve_checkpoint", lambda *args, **kwargs: served.append(args))
+    real_evaluate = chatforge.demo.evaluate
     monkeypatch.setattr(chatforge.demo, "evaluate", lambda *args, **kwargs: evaluated.append(args))
     main(["demo", "--fast", "--no-serve", "--out", str(tmp_path / "demo")])  # returns: it does not block serving
     assert served == []
@@ -105,6 +106,7 @@ def test_fast_demo_trains_a_model_whose_validation_loss_falls_and_rerun_skips_fi
 
     # --ablation adds the chain-of-thought ablation: the stages after pretraining on direct answers, in no-steps/
     results.clear()
+    monkeypatch.setattr(chatforge.demo, "evaluate", real_evaluate)  # the ablation's models are new: evaluated
     main(["demo", "--fast", "--no-serve", "--out", str(tmp_path / "demo"), "--ablation"])
     assert list(results[0]["timings"])[-2:] == ["ablation", "report"]
     ablation = tmp_path / "demo" / "no-steps"
