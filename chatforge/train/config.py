@@ -140,9 +140,7 @@ def _ppo_train_defaults() -> TrainConfig:
 class PPOSettings:
     rollout_batch: int = 32  # prompts answered per PPO iteration (global)
     minibatch: int = 8  # answers per optimizer step and process
-    # One pass: on the demo run two passes drove harmless requests to refusals (checked score 0.384, 58% of
-    # harmless requests refused); one pass 0.411 (SFT 0.353) in two thirds of the time (docs/rlhf.md).
-    ppo_epochs: int = 1
+    ppo_epochs: int = 2  # passes over each rollout; docs/demo-recipe.md compares 1 and 2 on the demo
     max_new_tokens: int = 96  # room for step-by-step answers (up to about 75 tokens in the demo)
     temperature: float = 1.0
     init_kl_coef: float = 0.1  # beta
