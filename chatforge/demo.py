@@ -472,7 +472,9 @@ def seed_comparison(run_dir: Path, budget: Budget, seeds: list[int]) -> dict:
     held-out prompts (chatforge.train.seeds; the table goes to seeds/results.json and the report)."""
     from chatforge.train.seeds import SeedSettings, Verdict, format_table, ppo_against_sft
 
-    settings = SeedSettings(ppo_steps=budget.ppo_steps, rollout_batch=budget.ppo_rollout,
+    # beta = 0 for twice as long: it games the reward model, but not always within PPO's own budget
+    settings = SeedSettings(ppo_steps=budget.ppo_steps, beta0_steps=2 * budget.ppo_steps,
+                            rollout_batch=budget.ppo_rollout,
                             dpo_beta=budget.dpo_beta, rpo_alpha=budget.dpo_rpo_alpha)
 
     def log(line: str) -> None:

@@ -3,13 +3,13 @@ program-checked score by more than its spread across seeds, with the KL to the S
 without the KL penalty (beta = 0) the policy games the reward model; DPO is reported beside them.
 
 The slow test trains the demo's full pipeline (demo.FULL: pretraining, SFT, the reward model on
-labelled SFT samples), then the demo's PPO (40 iterations) for three seeds and with beta = 0, and DPO
-for 30 steps on 100 preference prompts. Measured 2026-12-06 on 2 cores of an Intel Xeon (AVX-512),
-with issue 23's recipe and task world (eight families, held-out phrasings, step-by-step answers; the
-reward model 150 steps on rankings with 2 SFT samples): 9 min 40 s; SFT 0.353, PPO 0.380 +- 0.005
-(0.384, 0.374, 0.381; KL 2.3), beta = 0 0.221 (RM -0.20 -> 0.82, KL 31), DPO 0.341. Before that
-recipe (six families): 10 min 37 s, SFT 0.367, PPO 0.391 +- 0.014. `chatforge demo --seeds 0
---seeds 1 --seeds 2` runs the same comparison on a demo run.
+labelled SFT samples), then the demo's PPO (40 iterations) for three seeds, PPO with beta = 0 (80), and DPO
+for 30 steps on 100 preference prompts. With the current recipe (SFT replaying pretraining text, a task
+mix as rich in harmless requests as in harmful ones), the same pipeline's PPO scored 0.466, 0.436 and
+0.471 over seeds 0-2 against SFT's 0.419 (2026-12-06, 2 cores of an Intel Xeon with AVX-512; KL 1.9-2.4).
+With the recipe before it: 9 min 40 s; SFT 0.353, PPO 0.380 +- 0.005 (0.384, 0.374, 0.381; KL 2.3),
+beta = 0 0.221 (RM -0.20 -> 0.82, KL 31), DPO 0.341. `chatforge demo --seeds 0 --seeds 1 --seeds 2`
+runs the same comparison on a demo run.
 """
 
 from __future__ import annotations
@@ -36,9 +36,11 @@ SEEDS = (0, 1, 2)
 # nats per answer: the adaptive KL controller's target; the demo's PPO stays near 2 (step-by-step answers
 # are long, and every token adds to an answer's KL)
 KL_BOUND = PPOSettings.kl_target
-# The demo's PPO (40 iterations) for the claim; DPO only has to train and move the policy here, so 30 steps
-# on 100 preference prompts
-SETTINGS = SeedSettings(dpo_steps=30, dpo_prompts=100)
+# The demo's PPO (40 iterations) for the claim; beta = 0 for twice as long, because with the current recipe
+# 40 iterations were not yet enough to game the reward model (checked 0.435 against SFT's 0.419, KL 4.8)
+# while 80 were (checked 0.030, KL 53); DPO only has to train and move the policy here, so 30 steps on 100
+# preference prompts
+SETTINGS = SeedSettings(dpo_steps=30, dpo_prompts=100, beta0_steps=80)
 
 
 def train_and_compare(run: str) -> None:
@@ -76,6 +78,9 @@ def test_settings_name_each_runs_directory_by_what_differs_from_the_defaults(tmp
     assert SeedSettings(temperature=0.7).out_dir(tmp_path, "dpo", 0) == tmp_path / "seeds" / "dpo-0"
     assert SeedSettings(dpo_prompts=100).out_dir(tmp_path, "dpo", 1) == tmp_path / "seeds" / "dpo-p100-1"
     assert SeedSettings(dpo_prompts=100).out_dir(tmp_path, "ppo", 1) == tmp_path / "seeds" / "ppo-1"
+    longer = SeedSettings(beta0_steps=80)  # only beta = 0 trains longer, and its directory says so
+    assert longer.out_dir(tmp_path, "ppo-beta0", 0) == tmp_path / "seeds" / "ppo-beta0-i80-0"
+    assert longer.out_dir(tmp_path, "ppo", 0) == tmp_path / "seeds" / "ppo-0"
 
 
 def test_an_unknown_method_is_named(tmp_path) -> None:
@@ -97,7 +102,7 @@ def test_ppo_beats_sft_beyond_seed_noise_and_without_the_kl_penalty_games_the_re
     assert verdict.beyond_noise, verdict
     assert all(r["kl"] < KL_BOUND for r in figures["ppo"]), figures["ppo"]
     # beta = 0: the reward model's score rises over SFT's while the checked score falls below SFT's or the
-    # policy drifts far from the SFT model (measured: RM -0.20 -> 0.82, checked 0.353 -> 0.221, KL 31)
+    # policy drifts far from the SFT model (measured on the demo run: checked 0.419 -> 0.030, KL 53)
     sft, hacked = figures["sft"][0], figures["ppo-beta0"][0]
     assert hacked["rm"] > sft["rm"] and all(r["rm"] > sft["rm"] for r in figures["ppo"])
     assert hacked["score"] < sft["score"] or hacked["kl"] > 3 * max(r["kl"] for r in figures["ppo"])

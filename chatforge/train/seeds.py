@@ -59,6 +59,7 @@ class SeedSettings:
     (32 answers an iteration: 4 prompts x 8 for GRPO, 8 x 4 for RLOO) and the reward `group_reward`."""
 
     ppo_steps: int = 40
+    beta0_steps: int = 0  # iterations of PPO with beta = 0 ("ppo-beta0"); 0: ppo_steps
     dpo_steps: int = 150
     dpo_prompts: int = 0  # DPO trains on the first n preference prompts of RUN/tasks (0: all of them)
     dpo_beta: float = 0.5  # the demo's DPO: beta 0.5 and the chosen answer's NLL at weight 1 (RPO)
@@ -83,6 +84,7 @@ class SeedSettings:
         tag += f"-ptx{self.ptx_coef:g}" if self.ptx_coef else ""
         tag += f"-beta{self.beta:g}" if method == "ppo" and self.beta != PPOSettings.init_kl_coef else ""
         tag += f"-r{self.rollout_batch}" if self.rollout_batch != PPOSettings.rollout_batch else ""
+        tag += f"-i{self.beta0_steps}" if method == "ppo-beta0" and self.beta0_steps else ""
         return run / "seeds" / f"{method}{tag}-{seed}"
 
 
@@ -90,13 +92,14 @@ def train_ppo(run: Path, out: Path, seed: int, settings: SeedSettings, beta: flo
     if (out / "checkpoint" / "trainer_state.json").exists():
         return
     s = settings
+    steps = s.beta0_steps if beta == 0 and s.beta0_steps else s.ppo_steps
     cfg = PPOConfig(prompts=[str(run / "tasks/rl_train.jsonl")], val=[str(run / "tasks/rl_val.jsonl")],
                     policy=str(run / "sft"), reward_model=str(run / "rm"), out=str(out),
                     ppo=PPOSettings(init_kl_coef=beta, adaptive_kl=beta > 0, temperature=s.temperature,
                                     rollout_batch=s.rollout_batch, ptx_coef=s.ptx_coef,
                                     ptx_data=str(run / "data") if s.ptx_coef else ""),
-                    train=TrainConfig(max_steps=s.ppo_steps, batch_size=1, lr=3e-5, warmup_steps=0, min_lr_ratio=1.0,
-                                      weight_decay=0.0, eval_every=s.ppo_steps, save_every=s.ppo_steps, seed=seed,
+                    train=TrainConfig(max_steps=steps, batch_size=1, lr=3e-5, warmup_steps=0, min_lr_ratio=1.0,
+                                      weight_decay=0.0, eval_every=steps, save_every=steps, seed=seed,
                                       progress=False))
     run_ppo(cfg, DistInfo())
 
