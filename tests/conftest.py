@@ -92,6 +92,26 @@ def prepared_data(tmp_path_factory):
     return root
 
 
+@pytest.fixture
+def lm_eval_offline(monkeypatch, tmp_path):
+    """lm_eval, imported with every Hugging Face download switched off (skips without it)."""
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets-cache"))
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import lm_eval
+        import lm_eval.evaluator
+        import lm_eval.tasks
+    except ImportError as e:
+        pytest.skip(f"lm-evaluation-harness (pip package lm_eval, in the dev extra) is not importable: {e}")
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    return lm_eval
+
+
 # ---- a served tiny model: a module that asks for these defines `tiny` as (model, tokenizer) ------------
 
 

@@ -172,25 +172,6 @@ def test_fact_knowledge_is_the_argmax_over_hand_loglikelihoods(tiny, world):
 # ---- lm-evaluation-harness through the server ---------------------------------------------------------------
 
 
-@pytest.fixture
-def lm_eval_offline(monkeypatch, tmp_path):
-    """lm_eval, imported with every Hugging Face download switched off (as in test_lm_eval_harness.py)."""
-    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.setenv(var, "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets-cache"))
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import lm_eval.evaluator
-        import lm_eval.tasks
-    except ImportError as e:
-        pytest.skip(f"lm-evaluation-harness (pip package lm_eval, in the dev extra) is not importable: {e}")
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
-    return lm_eval
-
-
 @pytest.mark.slow
 def test_lm_eval_scores_the_written_task_like_fact_knowledge(lm_eval_offline, tmp_path, server, tiny):
     pytest.importorskip("openai")

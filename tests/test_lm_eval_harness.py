@@ -193,27 +193,6 @@ def test_chat_logprobs_list_the_one_generated_token_end_tokens_included(client, 
 # ---- slow: lm-evaluation-harness itself ---------------------------------------------------------------
 
 
-@pytest.fixture
-def lm_eval_offline(monkeypatch, tmp_path):
-    """lm_eval, imported with every Hugging Face download switched off."""
-    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.setenv(var, "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets-cache"))
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import lm_eval
-        import lm_eval.evaluator
-        import lm_eval.tasks
-    except ImportError as e:
-        pytest.skip(f"lm-evaluation-harness (pip package lm_eval, in the dev extra) is not importable: {e}")
-    import datasets
-
-    # in case datasets / huggingface_hub were imported before the variables were set
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
-    return lm_eval
-
-
 def write_task(task_dir, name: str, rows: list[dict], **config) -> None:
     """A local lm-eval task: its data a JSONL file, its config YAML (written as JSON, which YAML reads)."""
     task_dir.mkdir(exist_ok=True)
