@@ -2,26 +2,25 @@
 program-checked score by more than its spread across seeds, with the KL to the SFT model bounded;
 without the KL penalty (beta = 0) the policy games the reward model; DPO is reported beside them.
 
-The slow test trains the demo's full pipeline (demo.FULL: pretraining, SFT, the reward model on
-labelled SFT samples), then the demo's PPO (40 iterations) for three seeds, PPO with beta = 0 (80), and DPO
-for 30 steps on 100 preference prompts. With the current recipe (SFT replaying pretraining text, a task
-mix as rich in harmless requests as in harmful ones), the same pipeline's PPO scored 0.466, 0.436 and
-0.471 over seeds 0-2 against SFT's 0.419 (2026-12-06, 2 cores of an Intel Xeon with AVX-512; KL 1.9-2.4).
-With the recipe before it: 9 min 40 s; SFT 0.353, PPO 0.380 +- 0.005 (0.384, 0.374, 0.381; KL 2.3),
-beta = 0 0.221 (RM -0.20 -> 0.82, KL 31), DPO 0.341. `chatforge demo --seeds 0 --seeds 1 --seeds 2`
-runs the same comparison on a demo run.
+The slow test trains the demo's pipeline at a smaller setting (`PROOF`: the full demo's recipe with a
+model of width 128 instead of 192 and the reward model trained 100 steps instead of 150), then the
+demo's PPO (40 iterations) for three seeds, PPO with beta = 0 for as long, and DPO for 30 steps on 100
+preference prompts. Measured on 2 cores of an Intel Xeon with AVX-512 (2026-12-06), alone: about 7 min
+20 s; SFT 0.307; PPO 0.395, 0.360, 0.391 (+0.075 +- 0.019, the worst seed +0.053; KL 1.8-2.4); beta = 0
+0.100 (the reward model's score 0.41 -> 1.38, KL 19); DPO 0.306. Its training starts with the session
+and runs beside the other tests (conftest.rlhf_proof_training). The full demo's comparison
+(`chatforge demo --seeds 0 --seeds 1 --seeds 2`, docs/rlhf.md) gave SFT 0.419, PPO 0.466, 0.436, 0.471.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from chatforge import demo
-from chatforge.train.config import PPOSettings
+from chatforge.train.config import ModelSize, PPOSettings
 from chatforge.train.seeds import (
     SeedSettings,
     Verdict,
@@ -33,28 +32,29 @@ from chatforge.train.seeds import (
 )
 
 SEEDS = (0, 1, 2)
-# nats per answer: the adaptive KL controller's target; the demo's PPO stays near 2 (step-by-step answers
-# are long, and every token adds to an answer's KL)
+# nats per answer: the adaptive KL controller's target; the proof's PPO stays near 2
 KL_BOUND = PPOSettings.kl_target
-# The demo's PPO (40 iterations) for the claim; beta = 0 for twice as long, because with the current recipe
-# 40 iterations were not yet enough to game the reward model (checked 0.435 against SFT's 0.419, KL 4.8)
-# while 80 were (checked 0.030, KL 53); DPO only has to train and move the policy here, so 30 steps on 100
-# preference prompts
-SETTINGS = SeedSettings(dpo_steps=30, dpo_prompts=100, beta0_steps=80)
+# Half the full demo's training cost, and still beyond seed noise: a narrower model (0.79M parameters
+# outside the embeddings instead of 1.8M), a reward model trained 100 steps. With 400 pretraining steps
+# PPO's KL reached 4-5.5, near the bound; with 150 reward-model steps beta = 0 did not game it within 40
+# iterations (2026-12-06, Xeon)
+PROOF = replace(demo.FULL, model=ModelSize(n_layer=4, n_head=4, n_embd=128, context_length=512), rm_steps=100)
+# The demo's PPO (40 iterations) and beta = 0 for as long; DPO only has to train and move the policy
+# here, so 30 steps on 100 preference prompts
+SETTINGS = SeedSettings(dpo_steps=30, dpo_prompts=100)
 
 
 def train_and_compare(run: str) -> None:
-    """The demo's pipeline up to the reward model, then the comparison, into RUN/seeds/results.json."""
-    run_dir, budget = Path(run), demo.FULL
+    """The pipeline at PROOF's setting up to the reward model, then the comparison, into RUN/seeds/results.json."""
+    run_dir, budget = Path(run), PROOF
     corpus = demo.make_corpus(run_dir, budget)
     tokenizer = demo.make_tokenizer(run_dir, corpus, budget)
     demo.pretrain(run_dir, demo.make_shards(run_dir, corpus, tokenizer), budget)
     tasks = demo.make_tasks(run_dir, budget)
     demo.sft(run_dir, tasks, budget)
     demo.reward_model(run_dir, demo.label_sft_samples(run_dir, tasks, budget), budget)
-    figures = ppo_against_sft(run_dir, SEEDS, once=["ppo-beta0", "dpo"], settings=SETTINGS)
-    save_results(run_dir, figures, SEEDS, SETTINGS)
-    print(format_table(figures))  # shown with -s, and in the failure report
+    figures = ppo_against_sft(run_dir, SEEDS, once=["ppo-beta0", "dpo"], settings=SETTINGS)  # and results.json
+    print(format_table(figures))  # in the training log, shown when the test fails
 
 
 def test_the_verdict_compares_the_mean_gain_with_the_spread_and_the_worst_seed() -> None:
@@ -83,26 +83,38 @@ def test_settings_name_each_runs_directory_by_what_differs_from_the_defaults(tmp
     assert longer.out_dir(tmp_path, "ppo", 0) == tmp_path / "seeds" / "ppo-0"
 
 
+def test_the_results_record_the_seeds_each_method_ran(tmp_path) -> None:
+    row = {"score": 0.3, "rm": 0.0, "kl": 1.0}
+    figures = {"sft": [row], "ppo": [row, row, row], "ppo-beta0": [row]}
+    save_results(tmp_path, figures, SEEDS, SETTINGS, once=["ppo-beta0"])
+    results = load_results(tmp_path)
+    assert [results[m]["seeds"] for m in ("sft", "ppo", "ppo-beta0")] == [[], [0, 1, 2], [0]]
+    assert results["ppo"]["settings"]["dpo_prompts"] == 100
+
+
 def test_an_unknown_method_is_named(tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown method.*'sac'"):
         compare_seeds(tmp_path, [0], ["ppo", "sac"])
+    with pytest.raises(ValueError, match="unknown method.*'sac'"):
+        compare_seeds(tmp_path, [0], ["ppo"], once=["sac"])
 
 
 @pytest.mark.slow
-def test_ppo_beats_sft_beyond_seed_noise_and_without_the_kl_penalty_games_the_reward_model(tmp_path) -> None:
-    # In a fresh interpreter, as `chatforge demo` runs: inside the suite's process, after the other tests,
-    # pretraining came out with other weights (a state an earlier test leaves; not found yet), and the
-    # claim is about what users get
-    run = tmp_path / "demo"
-    subprocess.run([sys.executable, "-c", f"import test_rlhf_proof as t; t.train_and_compare({str(run)!r})"],
-                   cwd=Path(__file__).parent, check=True)
+def test_ppo_beats_sft_beyond_seed_noise_and_without_the_kl_penalty_games_the_reward_model(
+        rlhf_proof_training) -> None:
+    # The training started with the session (conftest.rlhf_proof_training), in a fresh interpreter: inside
+    # the suite's process, after the other tests, pretraining came out with other weights (a state an
+    # earlier test leaves; not found yet), and the claim is about what users get
+    training = rlhf_proof_training
+    assert training.wait() == 0, training.log.read_text()[-4000:]
+    run = training.run
     figures = {method: record["figures"] for method, record in load_results(run).items()}
 
     verdict = Verdict.of(figures)
     assert verdict.beyond_noise, verdict
     assert all(r["kl"] < KL_BOUND for r in figures["ppo"]), figures["ppo"]
     # beta = 0: the reward model's score rises over SFT's while the checked score falls below SFT's or the
-    # policy drifts far from the SFT model (measured on the demo run: checked 0.419 -> 0.030, KL 53)
+    # policy drifts far from the SFT model (measured: checked 0.307 -> 0.100, KL 19 against PPO's 2.4 at most)
     sft, hacked = figures["sft"][0], figures["ppo-beta0"][0]
     assert hacked["rm"] > sft["rm"] and all(r["rm"] > sft["rm"] for r in figures["ppo"])
     assert hacked["score"] < sft["score"] or hacked["kl"] > 3 * max(r["kl"] for r in figures["ppo"])

@@ -158,54 +158,56 @@ def judge(run: Path, model_dir: Path, world: World, sft: torch.nn.Module, rm: to
 
 
 def compare_seeds(run: Path, seeds: Sequence[int], methods: Sequence[str] = METHODS,
-                  settings: SeedSettings | None = None,
-                  log: Callable[[str], None] = print) -> dict[str, list[dict[str, float]]]:
-    """Train each method once per seed and judge it: {"sft": [figures], method: [figures per seed]}.
+                  settings: SeedSettings | None = None, log: Callable[[str], None] = print,
+                  once: Sequence[str] = ()) -> dict[str, list[dict[str, float]]]:
+    """Train each method once per seed, and each method of `once` at the first seed only (a reference
+    point, not a claim over seeds), and judge them: {"sft": [figures], method: [figures per seed]}.
     Finished runs under RUN/seeds are reused. The figures also go to RUN/seeds/results.json."""
     settings = settings or SeedSettings()
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in [*methods, *once] if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}: expected some of {list(METHODS)}")
     world = World.load(run / "corpus/world.json")
     sft = load_checkpoint(run / "sft").model.eval()
     rm = load_checkpoint(run / "rm").model.eval()
     figures: dict[str, list[dict[str, float]]] = {"sft": [judge(run, run / "sft", world, sft, rm)]}
-    for seed in seeds:
-        for method in methods:
-            out = settings.out_dir(run, method, seed)
-            if method == "dpo":
-                train_dpo(run, out, seed, settings.dpo_steps, settings.dpo_prompts, settings.dpo_beta,
-                          settings.rpo_alpha)
-            elif method in GROUP_METHODS:
-                train_group(run, out, seed, settings, method)
-            else:
-                train_ppo(run, out, seed, settings, beta=settings.beta if method == "ppo" else 0.0)
-            figures.setdefault(method, []).append(judge(run, out, world, sft, rm))
-            log(f"{method} seed {seed}: {figures[method][-1]}")
-    save_results(run, figures, seeds, settings)
+    for seed, method in [(seed, m) for seed in seeds for m in methods] + [(seeds[0], m) for m in once]:
+        out = settings.out_dir(run, method, seed)
+        train_method(run, out, seed, settings, method)
+        figures.setdefault(method, []).append(judge(run, out, world, sft, rm))
+        log(f"{method} seed {seed}: {figures[method][-1]}")
+    save_results(run, figures, seeds, settings, once)
     return figures
+
+
+def train_method(run: Path, out: Path, seed: int, settings: SeedSettings, method: str) -> None:
+    """One method's run from the run's SFT model into `out` (kept when it finished before)."""
+    if method == "dpo":
+        train_dpo(run, out, seed, settings.dpo_steps, settings.dpo_prompts, settings.dpo_beta, settings.rpo_alpha)
+    elif method in GROUP_METHODS:
+        train_group(run, out, seed, settings, method)
+    else:
+        train_ppo(run, out, seed, settings, beta=settings.beta if method == "ppo" else 0.0)
 
 
 def ppo_against_sft(run: Path, seeds: Sequence[int], once: Sequence[str] = ("ppo-beta0",),
                     settings: SeedSettings | None = None,
                     log: Callable[[str], None] = print) -> dict[str, list[dict[str, float]]]:
-    """The RLHF proof's comparison: PPO once per seed, and each method of `once` at the first seed
-    only (a reference point, not a claim over seeds)."""
-    figures = compare_seeds(run, seeds, ["ppo"], settings, log)
-    once_figures = compare_seeds(run, seeds[:1], once, settings, log)
-    return figures | {method: rows for method, rows in once_figures.items() if method != "sft"}
+    """The RLHF proof's comparison: PPO once per seed, and each method of `once` at the first seed only."""
+    return compare_seeds(run, seeds, ["ppo"], settings, log, once)
 
 
 def save_results(run: Path, figures: dict[str, list[dict[str, float]]], seeds: Sequence[int],
-                 settings: SeedSettings) -> None:
+                 settings: SeedSettings, once: Sequence[str] = ()) -> None:
     """Merge into RUN/seeds/results.json ({method: {"seeds", "settings", "figures"}}), so methods run
-    with different seeds in separate calls all stay on record; the run report shows them."""
+    with different seeds in separate calls all stay on record; the run report shows them. The methods
+    of `once` ran at the first seed only."""
     path = run / "seeds" / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     results = load_results(run)
     for method, rows in figures.items():
-        results[method] = {"seeds": [] if method == "sft" else list(seeds), "settings": asdict(settings),
-                           "figures": rows}
+        ran = [] if method == "sft" else list(seeds[:1] if method in once else seeds)
+        results[method] = {"seeds": ran, "settings": asdict(settings), "figures": rows}
     path.write_text(strict_json(results, indent=1) + "\n")
 
 
