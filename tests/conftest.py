@@ -1,13 +1,6 @@
-"""Shared fixtures: tiny models and a tiny tokenizer, built on the fly (no downloads); and the RLHF
-proof's training, started with the session so that it runs beside every other test."""
+"""Shared fixtures: tiny models and a tiny tokenizer, built on the fly (no downloads)."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,44 +8,6 @@ import torch
 from chatforge.model import GPT, GPTConfig
 
 TINY = dict(vocab_size=97, context_length=32, n_layer=2, n_head=2, n_embd=16)
-RLHF_PROOF = "test_ppo_beats_sft_beyond_seed_noise_and_without_the_kl_penalty_games_the_reward_model"
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The RLHF proof's test runs last: its training starts with the session (`rlhf_proof_training`),
-    so every other test runs while it trains, and the suite takes about as long as the proof alone."""
-    items.sort(key=lambda item: item.name == RLHF_PROOF)  # stable: the rest keep their order
-
-
-@dataclass
-class BackgroundTraining:
-    process: subprocess.Popen
-    run: Path  # the run directory it trains
-    log: Path  # its stdout and stderr
-
-    def wait(self) -> int:
-        return self.process.wait()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def rlhf_proof_training(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    """When the RLHF proof is selected, its training (`test_rlhf_proof.train_and_compare`) starts at the
-    first test, in a fresh interpreter (as `chatforge demo` runs) at the lowest CPU priority, so the other
-    tests run at their usual speed and it trains in the time they leave. Otherwise None."""
-    if not any(item.name == RLHF_PROOF for item in request.session.items):
-        yield None
-        return
-    run = tmp_path_factory.mktemp("rlhf_proof") / "demo"
-    log = run.parent / "training.log"
-    code = f"import test_rlhf_proof as t; t.train_and_compare({str(run)!r})"
-    lowest_priority = (lambda: os.nice(19)) if hasattr(os, "nice") else None
-    with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent, stdout=out,
-                                   stderr=subprocess.STDOUT, preexec_fn=lowest_priority)
-    yield BackgroundTraining(process, run, log)
-    if process.poll() is None:  # the session ended early (a failure with -x, an interrupt)
-        process.kill()
-        process.wait()
 
 
 @pytest.fixture(autouse=True)
