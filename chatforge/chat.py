@@ -231,6 +231,21 @@ def tool_call_content(name: Any, arguments: Any, where: str = "tool call") -> st
     return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
 
 
+# what a call starts with, whitespace allowed where JSON allows it: the name, then the arguments
+CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+
+
+def split_call(text: str) -> tuple[str, str] | None:
+    """A generated call's (name, arguments text as written), or None when its name cannot be read.
+    The arguments are what follows ``"arguments":`` up to the call's closing brace; a model may write
+    them as JSON that does not parse, and OpenAI's API passes such arguments on as written."""
+    head = CALL_HEAD.match(text)
+    if head is None:
+        return None
+    rest = text[head.end():].rstrip()
+    return json.loads(f'"{head.group(1)}"'), rest[:-1].rstrip() if rest.endswith("}") else rest
+
+
 def read_tool_call(content: str, where: str = "tool call") -> tuple[str, dict[str, Any]]:
     """A call's (name, arguments) from its JSON text (a tool_call message's content, a generated call)."""
     try:
@@ -339,11 +354,19 @@ def _assistant_to_openai(turn: list[Message]) -> dict[str, Any]:
     text = turn[0].content if turn[0].role == "assistant" else None
     calls = []
     for m in turn:
-        if m.role == "tool_call":
+        if m.role != "tool_call":
+            continue
+        try:
             name, arguments = read_tool_call(m.content)
-            call = {"type": "function", "function": {"name": name, "arguments": json.dumps(arguments,
-                                                                                           ensure_ascii=False)}}
-            calls.append({"id": m.call_id, **call} if m.call_id else call)
+            written = json.dumps(arguments, ensure_ascii=False)
+        except DataError:  # a model's call that is not valid JSON: as the server answers it (serve/tools.py)
+            split = split_call(m.content)
+            if split is None:  # not even its name is readable: it was text
+                text = (text or "") + m.content
+                continue
+            name, written = split
+        call = {"type": "function", "function": {"name": name, "arguments": written}}
+        calls.append({"id": m.call_id, **call} if m.call_id else call)
     return {"role": "assistant", "content": text, "tool_calls": calls}
 
 

@@ -264,6 +264,17 @@ def test_call_ids_round_trip_through_openai_messages_but_are_never_rendered(temp
     assert template.render(without_ids) == template.render(c)
 
 
+def test_a_models_call_that_is_not_json_is_written_as_the_server_answers_it():
+    """A generated transcript (an evaluation's sample) may hold calls a model got wrong: arguments that
+    do not parse go out as written, as OpenAI's API passes them on, and a call without a readable
+    name is the answer's text."""
+    c = Conversation([Message("user", "2+2?"), Message("tool_call", '{"name": "calculator", "arguments": {"x": 2+}}'),
+                      Message("tool_call", '{"nam": 1'), Message("tool_result", "error"), Message("assistant", "4")])
+    turn = c.to_openai()[1]
+    assert turn["content"] == '{"nam": 1'
+    assert turn["tool_calls"] == [{"type": "function", "function": {"name": "calculator", "arguments": '{"x": 2+}'}}]
+
+
 def test_the_jinja_template_renders_our_token_ids(template, small_tokenizer):
     """CHAT_TEMPLATE, rendered with plain Jinja and the `tojson` transformers defines, tokenizes to our ids
     (tests/test_hf.py checks the same through transformers' apply_chat_template). String arguments must be

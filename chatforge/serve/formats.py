@@ -29,11 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatforge.chat import split_call
 from chatforge.generate.engine import Completion, StreamEvent, TokenLogprob
 from chatforge.generate.params import SamplingParams
 from chatforge.generate.tool_loop import ToolTurn
 from chatforge.serve.state import Prompt
-from chatforge.serve.tools import CallStream, FunctionCalling, openai_tool_calls, split_call
+from chatforge.serve.tools import CallStream, FunctionCalling, openai_tool_calls
 
 # an answer's built-in tool calls and their results (chatforge's extra field beside content and tool_calls)
 TOOL_TURNS_FIELD = "tool_results"

@@ -21,7 +21,6 @@ client's and run by the engine mid-answer; calls to the client's functions end t
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,14 +29,12 @@ from typing import Any
 from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 
-from chatforge.chat import normalize_tools
+from chatforge.chat import CALL_HEAD, normalize_tools, split_call
 from chatforge.errors import ChatforgeError
 from chatforge.serve.errors import APIError
 from chatforge.tools import Tool
 
 CHOICES = ("none", "auto", "required")
-# what a call starts with, whitespace allowed where JSON allows it: the name, then the arguments
-_CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
 
 
 @dataclass(frozen=True)
@@ -182,16 +179,6 @@ def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
-def split_call(text: str) -> tuple[str, str] | None:
-    """A generated call's (name, arguments text as written), or None when its name cannot be read.
-    The arguments are what follows ``"arguments":`` up to the call's closing brace."""
-    head = _CALL_HEAD.match(text)
-    if head is None:
-        return None
-    rest = text[head.end():].rstrip()
-    return json.loads(f'"{head.group(1)}"'), rest[:-1].rstrip() if rest.endswith("}") else rest
-
-
 def openai_tool_calls(calls: Sequence[str], parallel: bool = True) -> tuple[list[dict[str, Any]], str]:
     """The answer's calls as OpenAI ``tool_calls``, and the text of any call whose name could not be read
     (it is the answer's content then). Without `parallel`, only the first call counts."""
@@ -241,7 +228,7 @@ class CallStream:
 
     def _deltas(self, i: int, final: bool) -> list[dict[str, Any]]:
         text = self.texts[i]
-        head = _CALL_HEAD.match(text)
+        head = CALL_HEAD.match(text)
         if head is None:
             return []
         out = []
