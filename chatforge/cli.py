@@ -597,7 +597,10 @@ def serve(cfg: ServeConfig) -> None:
 
 @cli.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--fast", is_flag=True, help="A tiny budget (about a minute): the CI smoke run.")
+@click.option("--preset", type=click.Choice(["fast", "full", "large"]), default="full", show_default=True,
+              help="The budget: full (the default, under 15 minutes on 2 cores), large (about an hour: a larger "
+                   "model, longer pretraining and SFT) or fast (seconds: the CI smoke run).")
+@click.option("--fast", is_flag=True, help="Short for --preset fast.")
 @click.option("--overwrite", is_flag=True, help="Start from scratch instead of reusing finished stages.")
 @click.option("--no-serve", is_flag=True, help="Stop after the evaluation instead of serving the chat model.")
 @click.option("--serve-stage", type=click.Choice(["sft", "ppo", "dpo"]), default="ppo", show_default=True,
@@ -611,12 +614,12 @@ def serve(cfg: ServeConfig) -> None:
 @click.option("--ablation", is_flag=True,
               help="Also run the stages after pretraining on direct answers instead of step-by-step ones "
                    "(OUT/no-steps) and put the chain-of-thought ablation in the report (about 5 minutes more).")
-def demo(out: str, fast: bool, overwrite: bool, no_serve: bool, serve_stage: str, host: str, port: int,
+def demo(out: str, preset: str, fast: bool, overwrite: bool, no_serve: bool, serve_stage: str, host: str, port: int,
          seeds: tuple[int, ...], ablation: bool) -> None:
     """Run the whole pipeline on the built-in data, then serve the chat model (web page and API)."""
     from chatforge.demo import run_demo, serve_demo
 
-    run_demo(Path(out), fast=fast, overwrite=overwrite, seeds=list(seeds), ablation=ablation)
+    run_demo(Path(out), preset="fast" if fast else preset, overwrite=overwrite, seeds=list(seeds), ablation=ablation)
     if not no_serve:
         serve_demo(Path(out), serve_stage, host, port)
 

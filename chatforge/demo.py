@@ -37,8 +37,9 @@ from chatforge.data.readers import iter_documents
 from chatforge.data.shards import prepare_shards, read_meta
 from chatforge.data.tasks import Labeler, Scorer, TaskConfig, write_tasks
 from chatforge.data.world import CorpusMix, World, write_corpus
+from chatforge.errors import ConfigError
 from chatforge.evaluate import EvalConfig, EvalResult, evaluate, format_table
-from chatforge.files import atomic_write, strict_json
+from chatforge.files import atomic_write, atomic_write_text, strict_json
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
 from chatforge.knowledge import cloze_prefix
@@ -105,6 +106,15 @@ FAST = Budget(corpus_mb=0.3, corpus_mix=FACTS_FIRST, vocab_size=512,
               sft_steps=80, sft_batch_size=8, sft_lr=3e-3, sft_replay=1.0, task_scale=0.1,
               rm_samples=2, rm_steps=10, ppo_steps=2, ppo_rollout=8, dpo_steps=10, dpo_beta=0.5,
               dpo_rpo_alpha=1.0)
+# About an hour on 2 cores: the same recipe with a model of 2.6x the compute per token and 4x the
+# pretraining steps, to show how far it goes with more compute (docs/demo-recipe.md has its table).
+LARGE = Budget(corpus_mb=4.0, corpus_mix=FACTS_FIRST, vocab_size=2048,
+               model=ModelSize(n_layer=6, n_head=4, n_embd=256, context_length=512), seq_len=128,
+               steps=2000, batch_size=32, lr=2e-3, eval_every=100, probe_facts=432,
+               sft_steps=900, sft_batch_size=4, sft_lr=1e-3, sft_replay=1.0, task_scale=1.0,
+               rm_samples=2, rm_steps=150, ppo_steps=60, ppo_rollout=32, dpo_steps=100, dpo_beta=0.5,
+               dpo_rpo_alpha=1.0)
+PRESETS = {"fast": FAST, "full": FULL, "large": LARGE}
 
 
 def stage(name: str, timings: dict[str, float]) -> Callable:
@@ -428,14 +438,30 @@ def _json(line: str) -> dict:
     return json.loads(line)
 
 
-def run_demo(run_dir: Path, fast: bool = False, overwrite: bool = False, seeds: list[int] | None = None,
+def claim_run_dir(run_dir: Path, preset: str) -> None:
+    """Record the run dir's preset; refuse another one, whose stages would resume the wrong models."""
+    marker = run_dir / "preset.txt"
+    if marker.exists() and marker.read_text().strip() != preset:
+        raise ConfigError(f"demo: {run_dir} holds a --preset {marker.read_text().strip()} run, not {preset}: "
+                          "pass another --out, or --overwrite to start it over")
+    if not marker.exists() and (run_dir / "pretrain").exists() and preset != "full":
+        raise ConfigError(f"demo: {run_dir} holds a run made before presets (a full one), not {preset}: "
+                          "pass another --out, or --overwrite to start it over")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, preset + "\n")
+
+
+def run_demo(run_dir: Path, preset: str = "full", overwrite: bool = False, seeds: list[int] | None = None,
              ablation: bool = False) -> dict:
+    """Every stage of the pipeline at one of PRESETS' budgets, reusing the stages a run dir has finished."""
     import shutil
 
-    budget = FAST if fast else FULL
+    if preset not in PRESETS:
+        raise ConfigError(f"demo: preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    budget = PRESETS[preset]
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(run_dir, preset)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     corpus = stage("corpus", timings)(make_corpus, run_dir, budget)
@@ -464,6 +490,7 @@ def run_demo(run_dir: Path, fast: bool = False, overwrite: bool = False, seeds: 
     click.echo(f"chat with the SFT model:   chatforge chat --checkpoint {run_dir / 'sft'}")
     summary["eval"] = {name: {"families": r.families, "overall": r.overall} for name, r in results.items()}
     summary["total_s"] = total
+    summary["preset"] = preset
     return summary
 
 

@@ -9,6 +9,7 @@ import chatforge.serve.server
 from chatforge.checkpoint import load_checkpoint
 from chatforge.cli import main
 from chatforge.demo import run_demo
+from chatforge.errors import ConfigError
 from chatforge.report import PNG_SIGNATURE, STAGES
 from chatforge.train.seeds import Verdict
 
@@ -16,7 +17,7 @@ from chatforge.train.seeds import Verdict
 @pytest.mark.slow
 def test_fast_demo_trains_a_model_whose_validation_loss_falls_and_rerun_skips_finished_stages(tmp_path, capsys,
                                                                                               monkeypatch):
-    summary = run_demo(tmp_path / "demo", fast=True)
+    summary = run_demo(tmp_path / "demo", preset="fast")
     stages = ("corpus", "tokenizer", "data", "pretrain", "probe", "tasks", "sft", "rm_data", "rm", "ppo", "dpo",
               "eval", "report")
     assert list(summary["timings"]) == list(stages)  # every stage ran, in order, each timed
@@ -242,3 +243,34 @@ def test_a_training_stage_made_before_the_file_it_trains_from_is_trained_again(t
     os.utime(rankings, (3000, 3000))  # the rankings were made again (a retrained SFT model sampled them)
     assert made_before(tmp_path / "rm", [rankings])
     assert not made_before(tmp_path / "never-trained", [rankings])
+
+
+def test_a_run_dir_keeps_its_preset_and_refuses_another(tmp_path):
+    run_dir = tmp_path / "demo"
+    chatforge.demo.claim_run_dir(run_dir, "large")
+    assert (run_dir / "preset.txt").read_text() == "large\n"
+    chatforge.demo.claim_run_dir(run_dir, "large")  # the same preset resumes
+    with pytest.raises(ConfigError, match="holds a --preset large run, not full.*--overwrite"):
+        chatforge.demo.claim_run_dir(run_dir, "full")
+
+
+def test_a_run_made_before_presets_counts_as_full(tmp_path):
+    run_dir = tmp_path / "demo"
+    (run_dir / "pretrain").mkdir(parents=True)
+    chatforge.demo.claim_run_dir(run_dir, "full")
+    (run_dir / "preset.txt").unlink()
+    with pytest.raises(ConfigError, match="made before presets"):
+        chatforge.demo.claim_run_dir(run_dir, "fast")
+
+
+def test_an_unknown_preset_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ConfigError, match="preset must be one of fast, full, large, got 'huge'"):
+        run_demo(tmp_path / "demo", preset="huge")
+    assert not (tmp_path / "demo").exists()
+
+
+def test_the_large_preset_spends_more_on_every_stage_that_learns():
+    full, large = chatforge.demo.FULL, chatforge.demo.LARGE
+    assert large.model.n_layer * large.model.n_embd ** 2 > 2 * full.model.n_layer * full.model.n_embd ** 2
+    assert large.steps >= 4 * full.steps and large.sft_steps > full.sft_steps and large.ppo_steps >= full.ppo_steps
+    assert large.model.context_length == full.model.context_length  # the same conversations fit
