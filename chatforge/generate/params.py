@@ -51,6 +51,9 @@ class SamplingParams:
     # the server and the API, not a command-line flag (config False); typed Any so this module imports no
     # grammar library
     grammar: Any = field(default=None, metadata={"config": False})
+    # a WatermarkConfig (chatforge/detect/watermark.py): green tokens get its bias, last of the processors; set
+    # from --watermark-key or the server's setting, never echoed (it holds the secret key)
+    watermark: Any = field(default=None, metadata={"config": False}, repr=False)
 
     @property
     def greedy(self) -> bool:
@@ -92,6 +95,8 @@ class SamplingParams:
              f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}"),
             (self.grammar is None or self.num_beams == 1, "num_beams",
              "beam search cannot follow a grammar (response_format json / a required tool call); use num_beams=1"),
+            (self.watermark is None or self.num_beams == 1, "num_beams",
+             "beam search cannot watermark its output; use num_beams=1"),
         ]
         for ok, param, message in checks:
             if not ok:

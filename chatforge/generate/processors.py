@@ -18,6 +18,7 @@ Order, applied to the model's float32 logits each step:
     8. top_k               keep the k best (and ties with the k-th)        the distribution that is
     9. top_p               keep the smallest nucleus with mass >= top_p    actually sampled)
    10. min_p               drop tokens with prob < min_p * max prob
+   11. watermark           logits[green] += delta                         (chatforge/detect/watermark.py)
 
 Why this order: it is transformers' `_get_logits_processor` order (SequenceBias, RepetitionPenalty,
 NoRepeatNGram, MinNewTokensLength, then Temperature, TopK, TopP, MinP) and vLLM's (logit_bias before
@@ -28,6 +29,9 @@ caller's edit of the model's logits, which the penalties then see. The -inf bans
 the bans and wins over them: a row whose allowed tokens were all banned samples uniformly among them, and
 a complete grammar allows the stop ids even before min_tokens (grammar.py). Temperature comes before
 top-p and min-p so they cut the distribution that is sampled (top-k does not care: it is monotone).
+The watermark comes after all of them, as in transformers since its PR #34849: its bias reorders only
+the tokens the warpers kept (-inf + delta stays -inf), so top-k and top-p mean the same with and
+without it, and greedy rows take the argmax of the biased logits (the watermark applies to them too).
 Top-k runs before top-p, so top-p measures mass among the k survivors. Greedy rows (temperature 0,
 or beam search) get neutral warper values and are decided by argmax in `sample_next`.
 
@@ -401,6 +405,7 @@ def build_processors(params: list[SamplingParams], stop_ids: list[list[int]],
         TopK.build(warp("top_k", 0), device),
         TopP.build(warp("top_p", 1.0), device),
         MinP.build(warp("min_p", 0.0), device),
+        _watermark(params),
     ]
     return [p for p in built if p is not None]
 
@@ -411,6 +416,14 @@ def _grammar_mask(params: list[SamplingParams], stops: list[list[int]], tokenize
     from chatforge.generate.grammar import GrammarMask
 
     return GrammarMask.build([p.grammar for p in params], [p.max_tokens for p in params], stops, tokenizer)
+
+
+def _watermark(params: list[SamplingParams]) -> Processor | None:
+    if all(p.watermark is None for p in params):
+        return None
+    from chatforge.detect.watermark import WatermarkBias
+
+    return WatermarkBias.build([p.watermark for p in params])
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
