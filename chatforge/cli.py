@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from chatforge import config as configlib
+from chatforge.detect.cli import detect, watermark_options
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.evaluate import EvalConfig
 from chatforge.generate.params import SamplingParams
@@ -461,14 +462,16 @@ def make_engine(model, tokenizer, **kwargs: Any):
 @click.option("--seed", default=None, type=int, help="Make sampling reproducible.")
 @fused_option
 @tools_option
+@watermark_options
 def chat(checkpoint: str, system: str, temperature: float, top_p: float, max_tokens: int, seed: int | None,
-         fused: bool, use_tools: bool) -> None:
+         fused: bool, use_tools: bool, watermark) -> None:
     """Chat in the terminal (streamed; /help lists the commands: /clear, /temperature, /top_p, /max_tokens ...)."""
     from chatforge.chat import ChatTemplate
     from chatforge.terminal import ChatSession, run_chat
     from chatforge.tools import builtin_tools
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                            watermark=watermark)
     ckpt = load_language_model(checkpoint, "chat")
     engine = make_engine(ckpt.model.eval(), ckpt.tokenizer, max_batch_size=1, fused=fused,
                          stop_token_ids=ChatTemplate(ckpt.tokenizer).stop_ids)
@@ -497,11 +500,14 @@ def chat(checkpoint: str, system: str, temperature: float, top_p: float, max_tok
               help="Also torch.compile the decode forward (the steps the fused one leaves), compiled first "
                    "(minutes); on AVX2 CPUs slower than the eager engine.")
 @tools_option
+@watermark_options
 @config_options(SamplingParams)
 def generate(checkpoint: str, prompts: tuple[str, ...], as_json: bool, max_batch_size: int, fused: bool,
-             compile_decode: bool, use_tools: bool, cfg) -> None:
+             compile_decode: bool, use_tools: bool, cfg, watermark) -> None:
     """Generate with every decoding option: sampling, penalties, beams, stops, n/best_of, logprobs.
-    With --tools each prompt is a user's message to a chat model that may call the built-in tools."""
+    With --tools each prompt is a user's message to a chat model that may call the built-in tools;
+    with --watermark-key the output carries a watermark that `chatforge detect` finds."""
+    cfg = dataclasses.replace(cfg, watermark=watermark)
     ckpt = load_language_model(checkpoint, "generate")
     tok = ckpt.tokenizer
     engine = make_engine(ckpt.model, tok, max_batch_size=max_batch_size, fused=fused, compile=compile_decode)
@@ -554,6 +560,7 @@ cli.add_command(generate, "sample")  # the name issue 2 introduced; same command
 from chatforge.serve.feedback import feedback  # noqa: E402  (a click group of its own module)
 
 cli.add_command(feedback)
+cli.add_command(detect)
 
 
 @cli.command()

@@ -1,6 +1,7 @@
 """The watermark (Kirchenbauer et al. 2023): green lists, the engine's bias, and the z-test, checked
 against transformers' WatermarkLogitsProcessor and WatermarkDetector on the same token ids and key."""
 
+import json
 import math
 import random
 
@@ -228,3 +229,89 @@ def test_z_is_unbiased_on_random_text():
     lists = GreenLists(WatermarkConfig(key=KEY, gamma=0.25), VOCAB)
     zs = [score_ids(text_with_repeats(s, 200), lists).z for s in range(30)]
     assert abs(np.mean(zs)) < 0.6 and 0.5 < np.std(zs) < 1.6
+
+
+# ---- through the engine and the command line ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, small_tokenizer, make_tiny_gpt):
+    from chatforge.checkpoint import save_checkpoint
+
+    path = tmp_path_factory.mktemp("wm") / "model"
+    save_checkpoint(path, make_tiny_gpt(context_length=256), small_tokenizer)
+    return path
+
+
+def generated(checkpoint, params):
+    from chatforge.checkpoint import load_checkpoint
+    from chatforge.generate.engine import Engine
+
+    ckpt = load_checkpoint(checkpoint)
+    prompt = ckpt.tokenizer.encode("The capital of Veloria is")
+    return ckpt, prompt, Engine(ckpt.model.eval(), ckpt.tokenizer).generate([prompt], params)[0].outputs[0]
+
+
+def test_the_engine_watermarks_what_it_samples_and_the_detector_finds_it(checkpoint):
+    from chatforge.generate.params import SamplingParams
+
+    config = WatermarkConfig(key=key_from_text("a teacher's key"), delta=4.0)
+    params = SamplingParams(max_tokens=150, temperature=1.0, ignore_eos=True, seed=0, watermark=config)
+    ckpt, prompt, marked = generated(checkpoint, params)
+    _, _, plain = generated(checkpoint, SamplingParams(max_tokens=150, temperature=1.0, ignore_eos=True, seed=0))
+    lists = GreenLists(config, ckpt.model.config.vocab_size)
+    found = score_ids(marked.token_ids, lists, context=prompt[-1:], ignore_repeated_ngrams=False)
+    unmarked = score_ids(plain.token_ids, lists, context=prompt[-1:], ignore_repeated_ngrams=False)
+    assert found.verdict == "watermarked" and found.green_fraction > 0.6
+    assert unmarked.verdict == "not watermarked" and abs(unmarked.z) < 4
+    other_key = GreenLists(WatermarkConfig(key=key_from_text("another key")), ckpt.model.config.vocab_size)
+    assert score_ids(marked.token_ids, other_key, context=prompt[-1:], ignore_repeated_ngrams=False).z < 4
+
+
+def test_greedy_decoding_is_watermarked_too_and_beams_are_refused(checkpoint):
+    from chatforge.errors import RequestError
+    from chatforge.generate.params import SamplingParams
+
+    config = WatermarkConfig(key=KEY, delta=100.0)  # a bias this large makes every greedy token green
+    ckpt, prompt, out = generated(checkpoint, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
+                                                              watermark=config))
+    lists = GreenLists(config, ckpt.model.config.vocab_size)
+    flags = green_flags(out.token_ids, lists, context=prompt[-1:], ignore_repeated_ngrams=False)
+    assert all(flags)
+    with pytest.raises(RequestError, match="beam search cannot watermark"):
+        SamplingParams(num_beams=2, watermark=config).validate(300, 256, 4)
+
+
+def test_generate_and_detect_on_the_command_line(checkpoint, tmp_path, capsys):
+    from chatforge.cli import main
+
+    key = ["--watermark-key", "class 7b", "--watermark-delta", "4"]
+    main(["generate", "--checkpoint", str(checkpoint), "--prompt", "The capital", "--max-tokens", "150",
+          "--ignore-eos", "--seed", "1", "--json", *key])
+    text = json.loads(capsys.readouterr().out)[0]["outputs"][0]["text"]
+    main(["generate", "--checkpoint", str(checkpoint), "--prompt", "The capital", "--max-tokens", "150",
+          "--ignore-eos", "--seed", "1", "--json"])
+    plain = json.loads(capsys.readouterr().out)[0]["outputs"][0]["text"]
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": text, "prompt": "The capital"}) + "\n"
+                     + json.dumps({"text": plain, "prompt": "The capital"}) + "\n" + json.dumps({"text": "Hi"}) + "\n")
+    main(["detect", str(texts), "--checkpoint", str(checkpoint), "--context-field", "prompt", "--json", *key])
+    marked, unmarked, short = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert marked["source"] == f"{texts}:1" and marked["verdict"] == "watermarked"
+    assert unmarked["verdict"] == "not watermarked" and short["verdict"] == "too short"
+    assert "class 7b" not in json.dumps(marked) and marked["watermark"]["gamma"] == 0.25
+    main(["detect", str(texts), "--checkpoint", str(checkpoint), *key])  # prose: one line per text
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{texts}:1: watermarked (z = ") and "too short" in lines[2]
+
+
+def test_detect_names_the_file_and_line_of_bad_input(checkpoint, tmp_path, capsys):
+    from chatforge.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    with pytest.raises(SystemExit):
+        main(["detect", str(bad), "--checkpoint", str(checkpoint), "--watermark-key", "k"])
+    assert f"{bad}:2: expected an object with a string field 'text'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["detect", str(bad), "--checkpoint", str(checkpoint)])  # no key: a usage error
