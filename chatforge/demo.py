@@ -395,6 +395,28 @@ ABLATION_DIR = "no-steps"  # RUN/no-steps: the step-by-step ablation's run (see 
 SHARED_STAGES = ("corpus", "tokenizer", "data", "pretrain")
 
 
+def detection(run_dir: Path, budget: Budget) -> dict:
+    """The watermark and the zero-shot detectors on the PPO model's answers (chatforge/detect/measure.py),
+    written to detection.json for the report."""
+    from chatforge.detect.measure import measure_detection
+
+    out = run_dir / "detection.json"
+    made = (run_dir / "ppo" / "checkpoint" / "model.safetensors").stat().st_mtime
+    if out.exists() and out.stat().st_mtime > made:
+        click.echo(f"   reusing {out}")
+        return json.loads(out.read_text())
+    figures = measure_detection(load_checkpoint(run_dir / "ppo"), load_checkpoint(run_dir / "pretrain"),
+                                World.load(run_dir / "corpus" / "world.json"),
+                                tasks=TaskConfig().scaled(budget.task_scale))
+    atomic_write_text(out, strict_json(figures, indent=2, default=float))
+    mark = figures["watermark"]
+    click.echo(f"   checked score plain {figures['checked_score']['plain']:.3f}, watermarked "
+               f"{figures['checked_score']['watermarked']:.3f}; documents of {mark['settings']['group']} answers "
+               f"found watermarked: {mark['watermarked']['documents']['detected']:.0%} (plain "
+               f"{mark['plain']['documents']['detected']:.0%}, human {mark['human']['documents']['detected']:.0%})")
+    return figures
+
+
 def step_ablation(run_dir: Path, budget: Budget) -> dict[str, EvalResult]:
     """The chain-of-thought ablation: the pipeline after pretraining once more, on demonstrations and
     rankings that answer the same prompts directly (TaskConfig.step_by_step=False), in RUN/no-steps.
@@ -476,6 +498,7 @@ def run_demo(run_dir: Path, preset: str = "full", overwrite: bool = False, seeds
     stage("ppo", timings)(ppo, run_dir, tasks, budget)
     stage("dpo", timings)(dpo, run_dir, tasks, budget)
     results = stage("eval", timings)(evaluation, run_dir, tasks, ["pretrain", "sft", "ppo", "dpo"])
+    stage("detect", timings)(detection, run_dir, budget)
     if seeds:
         summary["seeds"] = stage("seeds", timings)(seed_comparison, run_dir, budget, seeds)
     if ablation:

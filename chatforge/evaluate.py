@@ -89,15 +89,17 @@ class EvalResult:
 
 
 def greedy_outputs(ckpt: Checkpoint, prompts: list, max_tokens: int, batch_size: int,
-                   progress: str | None = None, uses: list[ToolUse | None] | None = None) -> list[SequenceOutput]:
+                   progress: str | None = None, uses: list[ToolUse | None] | None = None,
+                   watermark: Any = None) -> list[SequenceOutput]:
     """Each conversation's greedy answer (ending with a user turn; each fitted to the context with room
-    for the reply), with `uses[i]` as prompt i's tool use; with `progress`, a progress bar of that name
-    counts the finished answers."""
+    for the reply), with `uses[i]` as prompt i's tool use and `watermark` (a WatermarkConfig) biasing
+    every answer; with `progress`, a progress bar of that name counts the finished answers."""
     template = ChatTemplate(ckpt.tokenizer)
     engine = Engine(ckpt.model.eval(), ckpt.tokenizer, max_batch_size=batch_size, stop_token_ids=template.stop_ids)
     context = ckpt.model.config.context_length
     ids = [template.fit_to_context(p, context, reserve=min(max_tokens, context // 2))[0] for p in prompts]
-    params = [SamplingParams(max_tokens=min(max_tokens, context - len(i)), temperature=0.0) for i in ids]
+    params = [SamplingParams(max_tokens=min(max_tokens, context - len(i)), temperature=0.0, watermark=watermark)
+              for i in ids]
     uses = uses or [None] * len(ids)
     with torch.no_grad(), tqdm(total=len(ids), desc=progress, unit="answer", disable=progress is None) as bar:
         requests = [engine.add_request(i, p, tool_use=u) for i, p, u in zip(ids, params, uses)]

@@ -436,7 +436,39 @@ def build_report(run_dir: Path, out_dir: Path, samples: int = 1) -> Report:
     eval_section(report, run_dir, plot_dir, samples)
     seeds_section(report, run_dir)
     ablation_section(report, run_dir)
+    detection_section(report, run_dir)
     return report
+
+
+def detection_section(report: Report, run_dir: Path) -> None:
+    """RUN/detection.json (the demo's detect stage, chatforge/detect/measure.py): the watermark and the
+    zero-shot detectors on the final model's answers and the world's reference answers."""
+    path = run_dir / "detection.json"
+    if not path.is_file():
+        return
+    data = read_json_file(path)
+    mark, group = data["watermark"], data["watermark"]["settings"]["group"]
+    rows = []
+    for kind in ("watermarked", "plain", "human"):
+        answers, documents = mark[kind]["answers"], mark[kind]["documents"]
+        rows.append([kind, fmt(answers["mean_tokens"], "{:.1f}"), fmt(answers["scorable"], "{:.0%}"),
+                     fmt(answers["detected"], "{:.1%}"), fmt(answers["mean_z"], "{:.2f}"),
+                     fmt(documents["detected"], "{:.1%}"), fmt(documents["mean_z"], "{:.2f}")])
+    settings = mark["settings"]
+    report.add(Heading("Telling machine text from human text (detection.json)"),
+               Para(f"The final model's greedy answers to {data['prompts']} held-out prompts, plain and watermarked "
+                    f"(gamma {settings['gamma']}, delta {settings['delta']}, {settings['seeding_scheme']}, "
+                    f"h = {settings['context_width']}), and the world's reference answers as human text; a text is "
+                    f"found watermarked at z > {settings['z_threshold']}, scored when it has at least 16 tokens. "
+                    f"Checked score: plain {fmt(data['checked_score']['plain'], '{:.3f}')}, watermarked "
+                    f"{fmt(data['checked_score']['watermarked'], '{:.3f}')}."),
+               Table(["text", "tokens", "answers scorable", "answers found", "mean z",
+                      f"documents of {group} found", "mean z"], rows))
+    zero_shot = data.get("zero_shot", {})
+    if zero_shot:
+        report.add(Table(["zero-shot detector", "threshold", "human flagged (held out)", "machine flagged"],
+                         [[name, fmt(z["threshold"]), fmt(z["human_flagged"], "{:.1%}"),
+                           fmt(z["machine_flagged"], "{:.1%}")] for name, z in zero_shot.items()]))
 
 
 def ablation_section(report: Report, run_dir: Path) -> None:
