@@ -23,6 +23,7 @@ from chatforge.data.tasks import Scorer, TaskConfig, build_tasks
 from chatforge.data.world import World
 from chatforge.detect.score import MIN_TOKENS, green_flags, p_value, verdict_of
 from chatforge.detect.watermark import WatermarkConfig, green_lists, key_from_text
+from chatforge.errors import ConfigError
 from chatforge.evaluate import greedy_outputs
 
 
@@ -90,6 +91,45 @@ def _detection(flag_lists: list[list[bool]], gamma: float, z_threshold: float) -
             "mean_tokens": statistics.fmean(r.tokens_scored for r in results) if results else float("nan")}
 
 
+def documents(texts: list[str], group: int) -> list[str]:
+    return ["\n\n".join(texts[i:i + group]) for i in range(0, len(texts), group)]
+
+
+def zero_shot_figures(chat: Checkpoint, base: Checkpoint, machine: list[str], human: list[str],
+                      settings: DetectionSettings) -> dict[str, Any]:
+    """Each zero-shot detector calibrated on the even human documents at `settings.fpr`, then the share
+    flagged of the odd ones and of the machine documents of the same prompts as the odd ones (the tasks
+    come family by family: halves cut in the middle would calibrate on some families and test on others,
+    which measures how a threshold transfers between kinds of text instead)."""
+    from chatforge.detect.calibrate import calibrate
+    from chatforge.detect.zero_shot import METHODS, fingerprint
+
+    human_docs, machine_docs = documents(human, settings.group), documents(machine, settings.group)
+    reference, held_out, machine_test = human_docs[0::2], human_docs[1::2], machine_docs[1::2]
+    models = {"model": chat.model, "observer": base.model, "performer": chat.model}
+    out = {}
+    for name, method in METHODS.items():
+        used = [models[m] for m in method.models]
+        scores = method.score(reference + held_out + machine_test, *used, chat.tokenizer)
+        try:
+            threshold = calibrate(name, scores[:len(reference)], settings.fpr, fingerprint(chat.tokenizer, *used))
+        except ConfigError as e:  # too few human documents for this false-positive rate
+            out[name] = {"threshold": None, "human_flagged": None, "machine_flagged": None, "note": str(e)}
+            continue
+        tested = scores[len(reference):]
+        out[name] = {"threshold": threshold.threshold, "direction": method.direction,
+                     "calibrated_on": len(reference), "tested_on": len(held_out),
+                     "human_flagged": _flagged(tested[:len(held_out)], threshold),
+                     "machine_flagged": _flagged(tested[len(held_out):], threshold)}
+    return out
+
+
+def _flagged(scores: list, threshold: Any) -> float | None:
+    """The share of the scorable texts that the threshold calls machine-written."""
+    valid = [s.score for s in scores if s.score is not None]
+    return sum(map(threshold.is_machine, valid)) / len(valid) if valid else None
+
+
 def checked_scores(world: World, tasks: list, texts: list[str]) -> float:
     scorer = Scorer(world)
     return statistics.fmean(scorer.score(list(t.prompt), text).value for t, text in zip(tasks, texts))
@@ -109,4 +149,6 @@ def measure_detection(chat: Checkpoint, base: Checkpoint | None, world: World,
                                  "watermarked": checked_scores(world, tasks, marked_texts)},
                "watermark": watermark_figures(chat, tasks, marked_ids, plain_ids, human_texts, settings)}
     figures["watermark"]["p_value_at_threshold"] = p_value(settings.z_threshold)
+    if base is not None:
+        figures["zero_shot"] = zero_shot_figures(chat, base, plain_texts, human_texts, settings)
     return figures
