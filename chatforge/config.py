@@ -37,11 +37,12 @@ class Leaf:
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, flag: str = "", envvar: str | None = None,
-            choices: tuple[str, ...] = (), default_factory: Any = dataclasses.MISSING) -> Any:
+            choices: tuple[str, ...] = (), default_factory: Any = dataclasses.MISSING, secret: bool = False) -> Any:
     """A config field with what its command-line flag shows: help text, and where needed another flag
-    name, an environment variable or the allowed values."""
+    name, an environment variable or the allowed values. A `secret` (an API key, a watermark key) is left
+    out of the config's repr, so printing or logging the config never shows it."""
     metadata = {"help": help, "flag": flag, "envvar": envvar, "choices": tuple(choices)}
-    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata, repr=not secret)
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -67,7 +68,7 @@ def leaves(cls: type, prefix: tuple[str, ...] = ()) -> list[Leaf]:
 
 
 def coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check (and gently convert: int -> float, "1e-3" -> float) a value for a field type."""
+    """Check (and gently convert: int -> float, "1e-3" -> float, int -> str) a value for a field type."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -110,7 +111,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected {'an integer' if tp is int else 'a number'}, got {value!r}")
         return converted
     if tp is str:
-        if isinstance(value, (str, Path)):
+        # an integer is gently a string too: a YAML file's `watermark_key: 15485863` is that key's text
+        if isinstance(value, (str, Path)) or (isinstance(value, int) and not isinstance(value, bool)):
             return str(value)
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     return value

@@ -784,8 +784,9 @@ def test_the_page_has_a_favicon_and_loads_without_a_404(page, expect, fake):
 # The page against the real server
 
 
-def real_app(small_tokenizer, db_url: str, context_length: int, examples: tuple[list[str], str] | None = None):
-    """The OpenAI-compatible server with the web page, on a tiny random model."""
+def real_app(small_tokenizer, db_url: str, context_length: int, examples: tuple[list[str], str] | None = None,
+             **config):
+    """The OpenAI-compatible server with the web page, on a tiny random model (`config`: more ServeConfig fields)."""
     try:
         from chatforge.serve.app import ServeConfig, create_app
     except ImportError as e:
@@ -797,7 +798,7 @@ def real_app(small_tokenizer, db_url: str, context_length: int, examples: tuple[
     model = GPT(GPTConfig(vocab_size=small_tokenizer.vocab_size, context_length=context_length, n_layer=1, n_head=2,
                           n_embd=16))
     return create_app(Engine(model.eval(), small_tokenizer, max_batch_size=4),
-                      ServeConfig(model_name="tiny", db_url=db_url), examples=examples)
+                      ServeConfig(model_name="tiny", db_url=db_url, **config), examples=examples)
 
 
 def seed_sampling(page, first_seed: int = 1) -> list[dict]:
@@ -926,3 +927,82 @@ def test_the_real_server_runs_a_built_in_tool_and_the_page_shows_keeps_and_recor
                                                                        "arguments": '{"expression": "12*7"}'},
                                      "content": "84", "ok": True, "at": 0, "round": 0}]
     assert answer["tools"] == specs  # the server recorded the functions the model was shown
+
+
+# ---------------------------------------------------------------------------------------------
+# The "check a text" panel (POST /v1/detect)
+
+
+def watermarked_answer(url: str, tokenizer, tokens: int = 120) -> str:
+    """An answer of the server at `url` (watermarked when it has a key): the tiny random model sampling at
+    temperature 1 among the plain-text tokens (printable ASCII, newlines), so the text is what was generated."""
+    import httpx
+
+    def plain(i: int) -> bool:
+        data = tokenizer.token_bytes(i)
+        return i not in tokenizer.special_ids.values() and all(32 <= b < 127 or b == 10 for b in data)
+
+    bias = {str(i): -100 for i in range(tokenizer.vocab_size) if not plain(i)}
+    r = httpx.post(url + "/v1/completions", timeout=30, json={"model": "tiny", "prompt": "Kesh", "max_tokens": tokens,
+                                                               "seed": 5, "logit_bias": bias})
+    return r.json()["choices"][0]["text"]
+
+
+def test_the_check_panel_shows_the_verdict_of_v1_detect_and_the_passage_as_text(page, expect, small_tokenizer,
+                                                                              db_url):
+    import httpx
+
+    app = real_app(small_tokenizer, db_url, context_length=256, watermark_key="panel key")
+    with LiveServer(app) as server:
+        marked = watermarked_answer(server.url, small_tokenizer)
+        pasted = f"{marked[:60]} {XSS_IMG} {marked[60:]}"  # markup inside the watermarked passage
+        expected = httpx.post(server.url + "/v1/detect", json={"input": pasted, "windowed": True}).json()["data"][0]
+        page.goto(server.url)
+        expect(page.locator("#detect")).to_be_hidden()
+        page.click("#detect-toggle")
+        note = page.locator("#detect-note")
+        expect(note).to_contain_text("This server watermarks every answer (lefthash, gamma 0.25)")
+        page.fill("#detect-input", pasted)
+        page.click("#detect-run")
+        expect(page.locator("#detect-verdict")).to_have_text("Watermarked")
+        rows = page.locator("#detect-result dd")
+        expect(rows.nth(0)).to_have_text(f"{expected['z']:.2f} (threshold 4)")
+        expect(rows.nth(2)).to_contain_text(f"{expected['tokens_scored']} (")
+        passage = page.locator("#detect-result .passage")
+        expect(passage).to_have_count(1)
+        assert passage.text_content() == expected["window"]["text"] and XSS_IMG in passage.text_content()
+        page.wait_for_timeout(300)  # time for an injected image to fail to load and fire onerror
+        assert page.evaluate("window.__pwned") is None
+        assert page.locator("#detect img, #detect script").count() == 0
+        page.fill("#detect-input", "Kesh")
+        page.click("#detect-run")
+        expect(page.locator("#detect-verdict")).to_have_text("Too short to tell")
+        expect(page.locator("#detect-result")).to_contain_text("a verdict needs at least 16")
+        page.click("#detect-close")
+        expect(page.locator("#detect")).to_be_hidden()
+
+
+def test_the_check_panel_says_when_the_server_has_no_watermark_key(page, expect, small_tokenizer, db_url):
+    app = real_app(small_tokenizer, db_url, context_length=64)
+    with LiveServer(app) as server:
+        page.goto(server.url)
+        page.click("#detect-toggle")
+        expect(page.locator("#detect-note")).to_contain_text("does not watermark its answers")
+        expect(page.locator("#detect-run")).to_be_disabled()
+
+        def unsaid(route) -> None:  # a model card that does not say: the 400 from /v1/detect tells the page
+            response = route.fetch()
+            body = response.json()
+            for model in body["data"]:
+                model.pop("watermark")
+            route.fulfill(response=response, json=body)
+
+        page.route("**/v1/models", unsaid)
+        page.reload()
+        page.click("#detect-toggle")
+        expect(page.locator("#detect-run")).to_be_enabled()
+        page.fill("#detect-input", "Mira walked her dog.")
+        page.click("#detect-run")
+        expect(page.locator("#detect-result .error")).to_contain_text("does not watermark its answers")
+        expect(page.locator("#detect-note")).to_contain_text("does not watermark its answers")
+        expect(page.locator("#detect-run")).to_be_disabled()

@@ -82,7 +82,7 @@ def key_from_text(text: str) -> int:
     if text.isdigit():
         key = int(text)
         if not 0 < key < 2**63:
-            raise ConfigError(f"watermark: a numeric key must be in [1, 2^63), got {text}")
+            raise ConfigError("watermark: a numeric key must be in [1, 2^63)")  # the key is not echoed: a secret
         return key
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1 or 1
 

@@ -8,6 +8,7 @@ Routes:
     GET  /v1/models/{model}
     POST /v1/completions         see handlers.py
     POST /v1/chat/completions
+    POST /v1/detect              is a text watermarked? (see detect.py; with --watermark-key every answer is)
     POST /tokenize, /detokenize  the served tokenizer (see tokenize.py)
     /  and /api/...              the web chat page, when `chatforge.serve.web` is there and web is on
 
@@ -32,11 +33,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from chatforge.chat import ChatTemplate
 from chatforge.generate.engine import Engine
 from chatforge.serve.config import ServeConfig
+from chatforge.serve.detect import detect, server_watermark
 from chatforge.serve.errors import APIError, error_payload, install_error_handlers
 from chatforge.serve.handlers import ServerState, create_chat_completion, create_completion
 from chatforge.serve.metrics import Metrics
 from chatforge.serve.runner import EngineRunner
-from chatforge.serve.schemas import ChatCompletionRequest, CompletionRequest
+from chatforge.serve.schemas import ChatCompletionRequest, CompletionRequest, DetectRequest
 from chatforge.serve.tokenize import tokenizer_router
 from chatforge.tools import builtin_tools
 
@@ -58,8 +60,8 @@ async def _send_json(send: Any, status: int, payload: dict, headers: dict[str, s
 
 
 def endpoint_label(path: str) -> str:
-    if path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",
-                "/detokenize"):
+    if path in ("/v1/completions", "/v1/chat/completions", "/v1/detect", "/v1/models", "/health", "/metrics",
+                "/tokenize", "/detokenize"):
         return path
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
@@ -176,12 +178,14 @@ def create_app(engine: Engine, config: ServeConfig | None = None, *, moderator: 
             template = ChatTemplate(tokenizer)
         except KeyError:  # a tokenizer without the chat special tokens: completions only
             template = None
+    watermark, watermark_settings = server_watermark(config, engine.config.vocab_size)
     runner = EngineRunner(engine, max_queue=config.max_queue)
     metrics = Metrics(gauges=runner.gauges)
     state = ServerState(engine=engine, runner=runner, tokenizer=tokenizer, template=template,
                         model_name=config.model_name or "chatforge", metrics=metrics, moderator=moderator,
                         max_prompts=config.max_prompts, max_beams=max(16, engine.max_batch_size),
-                        builtin_tools=builtin_tools() if config.builtin_tools else {})
+                        builtin_tools=builtin_tools() if config.builtin_tools else {}, watermark=watermark,
+                        watermark_settings=watermark_settings)
     if examples is not None:
         state.examples, state.examples_source = list(examples[0]), examples[1]
 
@@ -211,8 +215,11 @@ def create_app(engine: Engine, config: ServeConfig | None = None, *, moderator: 
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def model_card() -> dict[str, Any]:
+        """OpenAI's model object, with the context length and whether answers are watermarked (the
+        settings, never the key; null: not watermarked), which the web page's check panel reads."""
         return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "chatforge",
-                "context_length": state.context_length}
+                "context_length": state.context_length,
+                "watermark": state.watermark.public() if state.watermark is not None else None}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -232,6 +239,10 @@ def create_app(engine: Engine, config: ServeConfig | None = None, *, moderator: 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await create_chat_completion(state, body, request)
+
+    @app.post("/v1/detect")
+    async def detect_texts(body: DetectRequest) -> dict[str, Any]:
+        return await detect(state, body)
 
     app.include_router(tokenizer_router())
     if config.web:

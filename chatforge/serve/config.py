@@ -17,7 +17,7 @@ class ServeConfig:
     port: int = setting(8000, "Port to bind.")
     model_name: str = setting("", "Model id the API serves (empty: the checkpoint directory's name).")
     api_key: str | None = setting(None, "Require 'Authorization: Bearer KEY' on /v1, /api and /metrics "
-                                  "(/health and the page stay open).", envvar="CHATFORGE_API_KEY")
+                                  "(/health and the page stay open).", envvar="CHATFORGE_API_KEY", secret=True)
     cors_origins: list[str] = setting(help="Allow browser requests from this origin ('*' for any). Default: "
                                       "no CORS.", flag="cors-origin", default_factory=list)
     max_batch_size: int = setting(16, "Engine slots (sequences decoded together).")
@@ -36,6 +36,18 @@ class ServeConfig:
                                   "model sees them beside the request's tools and the server runs its calls.")
     moderation: str | None = setting(None, "Moderate inputs and outputs with this config file ('default': the "
                                      "built-in list). Default: off.")
+    watermark_key: str | None = setting(None, "Watermark every answer (Kirchenbauer et al.) with this SECRET key: any "
+                                        "text, or an integer (transformers' hashing_key). Never shown in responses, "
+                                        "logs or /metrics; POST /v1/detect checks texts against it. Default: no "
+                                        "watermark (a request may then bring its own).",
+                                        envvar="CHATFORGE_WATERMARK_KEY", secret=True)
+    watermark_gamma: float = setting(0.25, "The watermark's green list: this share of the vocabulary.")
+    watermark_delta: float = setting(2.0, "The bias added to green tokens' logits (higher: easier to detect, "
+                                     "further from the model's own choices).")
+    watermark_seeding_scheme: str = setting("lefthash", "What seeds the green list: the previous tokens (lefthash) "
+                                            "or those and the candidate token (selfhash: harder to scrub, slower).",
+                                            choices=("lefthash", "selfhash"))
+    watermark_context_width: int = setting(1, "Tokens that seed the green list (selfhash: the candidate included).")
     device: str = setting("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...")
     shutdown_timeout: float = setting(30.0, "Seconds running requests get to finish after SIGTERM.")
     log_level: str = setting("info", "How much the server logs.",

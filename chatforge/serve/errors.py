@@ -69,7 +69,9 @@ def server_error(message: str = "the server failed while generating; the request
 
 _UNION_FORMS = {"prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
                 "stop": "a string or a list of at most 4 strings",
-                "content": "a string or a list of text parts ({'type': 'text', 'text': ...})"}
+                "content": "a string or a list of text parts ({'type': 'text', 'text': ...})",
+                "input": "a string or a list of strings",
+                "key": "a string or a positive integer"}
 
 
 def _in_union(loc: tuple | list) -> bool:

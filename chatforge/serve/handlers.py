@@ -30,6 +30,7 @@ from chatforge.errors import ChatforgeError, RequestError
 from chatforge.generate.grammar import GrammarError, GrammarSpec, shortest_output
 from chatforge.generate.params import MAX_LOGPROBS, SamplingParams
 from chatforge.generate.tool_loop import ToolUse
+from chatforge.serve.detect import answer_watermark
 from chatforge.serve.errors import APIError
 from chatforge.serve.formats import DROPPED_HEADER as DROPPED_HEADER  # the header's home is formats.py
 from chatforge.serve.formats import ChatFormat, CompletionFormat
@@ -148,6 +149,8 @@ def _context_error(state: ServerState, prompt_len: int, max_tokens: int, prompt_
 def build_params(state: ServerState, body: SamplingFields, *, max_tokens: int, logprobs: int | None,
                  echo: bool = False, best_of: int | None = None, stop_token_ids: list[int] | None = None,
                  chat: bool = False) -> SamplingParams:
+    """The request's SamplingParams, for both endpoints: every answer they generate (each choice, each turn
+    after a built-in tool call) comes from these, the watermark included (`detect.answer_watermark`)."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     bias = {}
     for key, value in (body.logit_bias or {}).items():
@@ -168,7 +171,8 @@ def build_params(state: ServerState, body: SamplingFields, *, max_tokens: int, l
         ignore_eos=ignore_eos, n=_or(body.n, 1), best_of=best_of, logprobs=logprobs, echo=echo, seed=body.seed,
         num_beams=_or(body.num_beams, 1), length_penalty=_or(body.length_penalty, 1.0),
         early_stopping=bool(body.early_stopping), no_repeat_ngram_size=min(no_repeat, state.context_length + 1),
-        strip_leading_whitespace=chat, skip_special_tokens=_or(body.skip_special_tokens, chat))
+        strip_leading_whitespace=chat, skip_special_tokens=_or(body.skip_special_tokens, chat),
+        watermark=answer_watermark(state, body.watermark))
 
 
 def check_params(state: ServerState, params: SamplingParams, prompts: list[Prompt], *, stream: bool,

@@ -23,6 +23,20 @@ class StreamOptions(_Body):
     include_usage: bool | None = None
 
 
+class WatermarkFields(_Body):
+    """The extra field ``watermark``: watermark this request's answers with the client's own key, on a
+    server that has none (`chatforge serve --watermark-key` decides for every request otherwise). Unset
+    settings are the server's (--watermark-gamma ...); an unknown field is a mistake, not ignored."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+
+    key: Union[str, int]  # noqa: UP007
+    gamma: float | None = None
+    delta: float | None = None
+    seeding_scheme: str | None = None
+    context_width: int | None = None
+
+
 class SamplingFields(_Body):
     """What both endpoints share: OpenAI's decoding parameters and the engine's extras."""
 
@@ -51,6 +65,7 @@ class SamplingFields(_Body):
     early_stopping: bool | None = None
     no_repeat_ngram_size: int | None = None
     skip_special_tokens: bool | None = None  # default: true on chat (vLLM's default), false on completions
+    watermark: WatermarkFields | None = None  # chatforge's extra: see WatermarkFields
 
 
 class CompletionRequest(SamplingFields):
@@ -108,3 +123,23 @@ class TokenizeRequest(_Body):
 class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
+
+
+# ---- /v1/detect ----
+
+
+class DetectRequest(_Body):
+    """Is this text machine-written? `method` "watermark" (the only one yet) counts the green tokens of
+    the server's watermark, or of `key`'s; the settings default to the server's (see serve/detect.py)."""
+
+    input: Union[str, list[str]]  # noqa: UP007
+    context: str | None = None  # the prompt the texts answered: seeds their first tokens, is not scored
+    method: str = "watermark"
+    model: str | None = None
+    key: Union[str, int, None] = None  # noqa: UP007 (default: the server's --watermark-key)
+    gamma: float | None = None
+    seeding_scheme: str | None = None
+    context_width: int | None = None
+    z_threshold: float = 4.0
+    ignore_repeated_ngrams: bool = True
+    windowed: bool = False

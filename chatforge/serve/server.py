@@ -98,7 +98,16 @@ def startup_line(config: ServeConfig) -> str:
     url = f"http://{config.host}:{config.port}"
     where = (f"web chat at {url}/, API at {url}/v1; conversations and feedback are stored in {config.db_url}"
              if config.web else f"API at {url}/v1; no web page (--no-web), nothing is stored")
-    return f"serving {config.checkpoint} as {config.model_name!r}: {where}"
+    return f"serving {config.checkpoint} as {config.model_name!r}: {where}{watermark_note(config)}"
+
+
+def watermark_note(config: ServeConfig) -> str:
+    """What the startup line says of the watermark: its settings when there is a key, never the key."""
+    if config.watermark_key is None:
+        return ""
+    return (f"; every answer is watermarked (gamma {config.watermark_gamma:g}, delta {config.watermark_delta:g}, "
+            f"{config.watermark_seeding_scheme}, context width {config.watermark_context_width}; "
+            "POST /v1/detect checks a text)")
 
 
 def serve_checkpoint(config: ServeConfig) -> None:

@@ -34,6 +34,11 @@ class ServerState:
     examples: list[str] = field(default_factory=lambda: list(GENERIC_EXAMPLES))  # what the page offers to ask
     examples_source: str = "generic"  # "training": from the model's own training files
     builtin_tools: dict[str, Any] = field(default_factory=dict)  # name -> chatforge.tools.Tool, run by the engine
+    # the server's WatermarkConfig (--watermark-key; None: none), on every answer; it holds the secret key
+    watermark: Any = field(default=None, repr=False)
+    # the --watermark-* settings (gamma, delta, seeding_scheme, context_width): the defaults of a request's
+    # own watermark and of /v1/detect
+    watermark_settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def context_length(self) -> int:

@@ -7,6 +7,8 @@
 // Every text that comes from a user or a model is put on the page with textContent, never as markup.
 // Built-in tool calls the server ran for an answer (its `tool_results` deltas) show as small collapsible
 // cards inside the answer, where they happened, and are stored with it (`tool_turns`).
+// "Check a text" opens a panel that asks /v1/detect whether a pasted text carries the server's watermark;
+// the model card from /v1/models says whether the server has one (`watermark`: its settings, or null).
 'use strict';
 
 (() => {
@@ -17,6 +19,9 @@
   const DROPPED_HEADER = 'X-Chatforge-Dropped-Messages';
   const MAX_EXAMPLES = 6; // the empty page stays short
   const CARD_SUMMARY_CHARS = 48; // arguments and result in a card's one-line summary
+  const VERDICTS = { watermarked: 'Watermarked', 'not watermarked': 'Not watermarked', 'too short': 'Too short to tell' };
+  const NO_WATERMARK = 'This server does not watermark its answers (it was started without --watermark-key), '
+    + 'so there is no watermark to check a text for.';
 
   const $ = (id) => document.getElementById(id);
   const state = {
@@ -31,6 +36,8 @@
     maxTokensChosen: false, // the Max tokens field holds a stored or typed value, not the page's default
     examples: [], // prompts the empty page offers (/api/examples)
     examplesSource: 'generic', // 'training': like the model's training prompts
+    watermarks: {}, // model id -> its watermark's settings, or null: none (absent: the server did not say)
+    detecting: false, // a check of the "check a text" panel is under way
   };
 
   // ---- small helpers -------------------------------------------------------------------------
@@ -179,6 +186,7 @@
       const models = ((await response.json()).data || []).filter((m) => m && m.id);
       for (const m of models) {
         if (Number.isInteger(m.context_length) && m.context_length > 1) state.contextLengths[m.id] = m.context_length;
+        if ('watermark' in m) state.watermarks[m.id] = m.watermark || null;
       }
       const ids = models.map((m) => m.id);
       select.replaceChildren(...ids.map((id) => new Option(id, id)));
@@ -188,6 +196,7 @@
       setStatus(`models: ${e.message}`, true);
     }
     fitMaxTokens();
+    updateDetectNote();
   }
 
   async function loadExamples() {
@@ -619,6 +628,109 @@
     }
   }
 
+  // ---- check a text (POST /v1/detect) --------------------------------------------------------
+
+  // The selected model's watermark as its card says: settings, null (the server has no key) or undefined.
+  function servedWatermark() {
+    return state.watermarks[$('model').value];
+  }
+
+  // Say what the panel can check; with no watermark on the server there is nothing to check, and it says so.
+  function updateDetectNote() {
+    const mark = servedWatermark();
+    let note = "Paste a text to see whether it carries this server's watermark.";
+    if (mark === null) note = NO_WATERMARK;
+    else if (mark) note = `This server watermarks every answer (${mark.seeding_scheme}, gamma ${mark.gamma}). ${note}`;
+    $('detect-note').textContent = note;
+    $('detect-run').disabled = mark === null || state.detecting;
+  }
+
+  function toggleDetect() {
+    const open = $('detect').hidden;
+    $('detect').hidden = !open;
+    $('detect-toggle').setAttribute('aria-expanded', String(open));
+    if (open) {
+      updateDetectNote();
+      $('detect-input').focus();
+    }
+  }
+
+  function fixed(x) {
+    return Number.isFinite(x) ? x.toFixed(2) : String(x);
+  }
+
+  function pValue(p) {
+    if (!Number.isFinite(p)) return String(p);
+    return p !== 0 && p < 1e-3 ? p.toExponential(2) : p.toPrecision(3);
+  }
+
+  // A two-column list of [label, value] rows; every value is text.
+  function detailRows(rows) {
+    const list = el('dl', 'detect-detail');
+    for (const [label, value] of rows) list.append(el('dt', '', label), el('dd', '', value));
+    return list;
+  }
+
+  // One text's test: its verdict, z, p-value and tokens; for a long text also its most watermarked
+  // passage (when that is not the whole text), quoted as text.
+  function showDetection(result) {
+    const verdict = el('p', `verdict ${result.verdict.replace(/ /g, '-')}`, VERDICTS[result.verdict] || result.verdict);
+    verdict.id = 'detect-verdict';
+    const parts = [verdict];
+    if (result.z === null) {
+      parts.push(el('p', 'note', result.message));
+    } else {
+      const share = `${(100 * result.green_fraction).toFixed(1)}%`;
+      parts.push(detailRows([['z', `${fixed(result.z)} (threshold ${result.z_threshold})`],
+        ['p-value', pValue(result.p_value)],
+        ['Tokens scored', `${result.tokens_scored} (${result.green_tokens} green: ${share})`]]));
+    }
+    const best = result.window;
+    if (best && best.tokens_scored < result.tokens_scored) {
+      parts.push(el('h3', '', 'Most watermarked passage'), detailRows([
+        ['Verdict', VERDICTS[best.verdict] || best.verdict], ['z', fixed(best.z)],
+        ['p-value', `${pValue(best.corrected_p_value)} (corrected for ${best.windows_tried} passages tried)`],
+        ['Tokens scored', String(best.tokens_scored)]]), el('blockquote', 'passage', best.text));
+    }
+    $('detect-result').replaceChildren(...parts);
+  }
+
+  // A failed check's message. A 400 on `key` means the server has no watermark key: the panel says so.
+  async function detectError(response) {
+    if (response.status === 400) {
+      const body = await response.clone().json().catch(() => null);
+      if (body && body.error && body.error.code === 'no_watermark_key') {
+        state.watermarks[$('model').value] = null;
+        return NO_WATERMARK;
+      }
+    }
+    return errorMessage(response);
+  }
+
+  async function checkText() {
+    const text = $('detect-input').value;
+    const box = $('detect-result');
+    if (!text.trim()) {
+      box.replaceChildren(el('p', 'error', 'Paste a text to check first.'));
+      return;
+    }
+    state.detecting = true;
+    updateDetectNote();
+    box.replaceChildren(el('p', 'note', 'Checking…'));
+    try {
+      const response = await fetch('/v1/detect', {
+        method: 'POST', headers: headers(true), body: JSON.stringify({ input: text, windowed: true }),
+      });
+      if (!response.ok) throw new Error(await detectError(response));
+      showDetection((await response.json()).data[0]);
+    } catch (e) {
+      box.replaceChildren(el('p', 'error', e.message));
+    } finally {
+      state.detecting = false;
+      updateDetectNote();
+    }
+  }
+
   // ---- rendering -----------------------------------------------------------------------------
 
   function scrollDown() {
@@ -781,6 +893,10 @@
       fitMaxTokens();
     });
     $('model').addEventListener('change', fitMaxTokens);
+    $('model').addEventListener('change', updateDetectNote);
+    $('detect-toggle').addEventListener('click', toggleDetect);
+    $('detect-close').addEventListener('click', toggleDetect);
+    $('detect-run').addEventListener('click', checkText);
     for (const id of ['model', 'system-prompt', 'temperature', 'top-p', 'max-tokens', 'compare-mode']) {
       $(id).addEventListener('change', saveSettings);
     }
