@@ -315,3 +315,16 @@ def test_detect_names_the_file_and_line_of_bad_input(checkpoint, tmp_path, capsy
     assert f"{bad}:2: expected an object with a string field 'text'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["detect", str(bad), "--checkpoint", str(checkpoint)])  # no key: a usage error
+
+
+def test_threads_sharing_green_lists_get_the_right_lists():
+    from concurrent.futures import ThreadPoolExecutor
+
+    shared = GreenLists(WatermarkConfig(key=KEY), 50257, cache_size=8)  # a small cache: most lists are drawn again
+    expected = {t: GreenLists(WatermarkConfig(key=KEY), 50257).ids((t,)) for t in range(40)}
+
+    def check(t: int) -> bool:
+        return bool(torch.equal(shared.mask((t,)).nonzero().flatten(), expected[t].sort().values))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(check, list(range(40)) * 3))

@@ -22,6 +22,7 @@ generator seeded with seed mod (2^64 - 1): the same lists on every machine.
 from __future__ import annotations
 
 import hashlib
+from array import array
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -87,11 +88,12 @@ def key_from_text(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1 or 1
 
 
-@lru_cache(maxsize=8)
-def _permutation_table(key: int) -> list[int]:
-    """selfhash's hash: a permutation of 0..TABLE_SIZE-1 drawn from a generator seeded with the key."""
+@lru_cache(maxsize=4)
+def _permutation_table(key: int) -> array:
+    """selfhash's hash: a permutation of 0..TABLE_SIZE-1 drawn from a generator seeded with the key
+    (8 MB as an int64 array; a list of Python ints would take 36)."""
     generator = torch.Generator().manual_seed(key)
-    return torch.randperm(TABLE_SIZE, generator=generator).tolist()
+    return array("q", torch.randperm(TABLE_SIZE, generator=generator).numpy().tobytes())
 
 
 def _wrap_int64(value: int) -> int:
@@ -100,17 +102,17 @@ def _wrap_int64(value: int) -> int:
 
 
 class GreenLists:
-    """Seeds and green lists for one key and vocabulary, cached by seed (text repeats its contexts)."""
+    """Seeds and green lists for one key and vocabulary. The lists are cached by seed as vocabulary-sized
+    masks (text repeats its contexts; 512 masks of GPT-2's vocabulary take 26 MB), and each is drawn
+    from a generator of its own, so threads may share one GreenLists."""
 
-    def __init__(self, config: WatermarkConfig, vocab_size: int, cache_size: int = 4096) -> None:
+    def __init__(self, config: WatermarkConfig, vocab_size: int, cache_size: int = 512) -> None:
         if vocab_size < 2:
             raise ConfigError(f"watermark: the vocabulary must have at least 2 tokens, got {vocab_size}")
         self.config, self.vocab_size = config, vocab_size
         self.size = int(vocab_size * config.gamma)
         if self.size < 1:
             raise ConfigError(f"watermark: gamma {config.gamma} of {vocab_size} tokens leaves an empty green list")
-        self._generator = torch.Generator()
-        self._ids = lru_cache(maxsize=cache_size)(self._draw)
         self._masks = lru_cache(maxsize=cache_size)(self._mask)
 
     def seed(self, window: tuple[int, ...]) -> int:
@@ -124,21 +126,25 @@ class GreenLists:
         return min(_wrap_int64(key * (table[t % TABLE_SIZE] + 1) * anchor) for t in window)
 
     def _draw(self, seed: int) -> Tensor:
-        self._generator.manual_seed(seed % SEED_MODULUS)
-        return torch.randperm(self.vocab_size, generator=self._generator)[: self.size]
+        generator = torch.Generator().manual_seed(seed % SEED_MODULUS)
+        return torch.randperm(self.vocab_size, generator=generator)[: self.size]
 
     def _mask(self, seed: int) -> Tensor:
         mask = torch.zeros(self.vocab_size, dtype=torch.bool)
-        mask[self._ids(seed)] = True
+        mask[self._draw(seed)] = True
         return mask
 
     def ids(self, window: tuple[int, ...]) -> Tensor:
-        """The green token ids for a window (in the order the permutation drew them)."""
-        return self._ids(self.seed(window))
+        """The green token ids for a window, in the order the permutation drew them (not cached)."""
+        return self._draw(self.seed(window))
+
+    def mask(self, window: tuple[int, ...]) -> Tensor:
+        """The green list for a window as a (V,) bool mask (cached)."""
+        return self._masks(self.seed(window))
 
     def is_green(self, window: tuple[int, ...], token: int) -> bool:
         """Whether `token` is green after `window` (for selfhash, `window` ends with `token`)."""
-        return bool(self._masks(self.seed(window))[token])
+        return bool(self.mask(window)[token])
 
     def window_before(self, tokens: list[int] | tuple[int, ...],
                       candidate: int | None = None) -> tuple[int, ...] | None:
@@ -151,9 +157,10 @@ class GreenLists:
         return tuple(tokens[len(tokens) - h:]) if len(tokens) >= h else None
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=4)
 def green_lists(config: WatermarkConfig, vocab_size: int) -> GreenLists:
-    """One GreenLists per key and vocabulary, so its caches outlive a decode batch."""
+    """One GreenLists per key and vocabulary (the last four used), so its caches outlive a decode batch
+    and a detection request."""
     return GreenLists(config, vocab_size)
 
 
@@ -189,7 +196,7 @@ class WatermarkBias:
     @staticmethod
     def _lefthash_green(lists: GreenLists, tokens: list[int]) -> Tensor | None:
         window = lists.window_before(tokens)
-        return None if window is None else lists.ids(window)
+        return None if window is None else lists.mask(window)
 
     @staticmethod
     def _selfhash_green(lists: GreenLists, tokens: list[int], row_logits: Tensor) -> Tensor | None:

@@ -32,7 +32,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from chatforge.detect.score import detect_watermark
-from chatforge.detect.watermark import DEFAULT_KEY, GreenLists, WatermarkConfig, key_from_text
+from chatforge.detect.watermark import DEFAULT_KEY, GreenLists, WatermarkConfig, green_lists, key_from_text
 from chatforge.errors import ConfigError
 from chatforge.serve.config import ServeConfig
 from chatforge.serve.errors import APIError
@@ -40,7 +40,6 @@ from chatforge.serve.schemas import DetectRequest, WatermarkFields
 from chatforge.serve.state import ServerState
 
 SETTINGS = ("gamma", "delta", "seeding_scheme", "context_width")
-DETECT_CACHE = 1024  # green lists a detection keeps while it scores (each is a vocabulary-sized mask)
 
 
 # ---- keys and settings ------------------------------------------------------------------------------
@@ -151,10 +150,10 @@ def detection_config(state: ServerState, body: DetectRequest) -> WatermarkConfig
 
 
 def detect_watermarks(state: ServerState, body: DetectRequest, texts: list[str]) -> dict[str, Any]:
-    """Method "watermark": the z-test of each text. Its own green lists, not the engine's cached ones:
-    those belong to the engine's thread (a list is drawn from a shared generator)."""
+    """Method "watermark": the z-test of each text, with the green lists the engine caches for the same
+    settings (GreenLists may be shared between threads)."""
     config = detection_config(state, body)
-    lists = GreenLists(config, state.vocab_size, cache_size=DETECT_CACHE)
+    lists = green_lists(config, state.vocab_size)
     data = []
     for i, text in enumerate(texts):
         score = detect_watermark(text, state.tokenizer, config, vocab_size=state.vocab_size, context=body.context or "",
