@@ -107,9 +107,24 @@ def summary_line(source: str, result: dict) -> str:
     return line
 
 
+ZERO_SHOT = {"perplexity-burstiness": "perplexity_burstiness", "fast-detectgpt": "fast_detectgpt",
+             "binoculars": "binoculars"}
+
+
 @click.command()
 @click.argument("paths", nargs=-1)
-@click.option("--checkpoint", required=True, help="The generating model (its tokenizer and vocabulary).")
+@click.option("--checkpoint", required=True,
+              help="The generating model: its tokenizer and vocabulary for the watermark, the scoring model for "
+                   "the zero-shot methods (Binoculars' performer: the chat model).")
+@click.option("--method", type=click.Choice(["watermark", *ZERO_SHOT]), default="watermark", show_default=True,
+              help="watermark (needs the key) or a zero-shot detector (needs no key; calibrate it first).")
+@click.option("--observer", default=None, help="Binoculars' observer: the base model the chat model was tuned from.")
+@click.option("--calibrate", "calibrate_file", default=None,
+              help="Zero-shot: human reference texts (JSONL, 'text' and optional 'context') to set the threshold on.")
+@click.option("--fpr", default=0.01, show_default=True, help="With --calibrate: the false-positive rate on human text.")
+@click.option("--threshold", "threshold_file", default=None,
+              help="Zero-shot: the calibrated threshold file to judge with, or to write with --calibrate "
+                   "(default there: REFERENCE.METHOD.threshold.json).")
 @click.option("--field", default="text", show_default=True, help="The JSONL field holding the text.")
 @click.option("--context-field", default="", help="A JSONL field holding the prompt: it seeds, it is not scored.")
 @click.option("--z-threshold", default=DEFAULT_Z_THRESHOLD, show_default=True, help="z above this: watermarked.")
@@ -119,22 +134,97 @@ def summary_line(source: str, result: dict) -> str:
 @click.option("--windowed", is_flag=True, help="Also find the most watermarked passage (text pasted into text).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per text instead of a line of prose.")
 @watermark_options
-def detect(paths: tuple[str, ...], checkpoint: str, field: str, context_field: str, z_threshold: float,
+def detect(paths: tuple[str, ...], checkpoint: str, method: str, observer: str | None, calibrate_file: str | None,
+           fpr: float, threshold_file: str | None, field: str, context_field: str, z_threshold: float,
            min_tokens: int, count_repeated_ngrams: bool, windowed: bool, as_json: bool,
            watermark: WatermarkConfig | None) -> None:
-    """Test texts for chatforge's watermark: files, a JSONL file's field, or stdin."""
+    """Tell machine text from human text: chatforge's watermark, or a zero-shot detector calibrated on human
+    text (`--calibrate human.jsonl --fpr 0.01`). Texts come from files, a JSONL file's field, or stdin."""
     from chatforge.checkpoint import load_checkpoint
-    from chatforge.detect.score import detect_watermark
 
+    ckpt = load_checkpoint(checkpoint)
+    if method != "watermark":
+        zero_shot(ckpt, ZERO_SHOT[method], paths, observer, calibrate_file, fpr, threshold_file, field, context_field,
+                  min_tokens, as_json)
+        return
     if watermark is None:
         raise click.UsageError("detect needs the watermark's key: --watermark-key or CHATFORGE_WATERMARK_KEY")
-    ckpt = load_checkpoint(checkpoint)
+    watermark_texts(ckpt, watermark, read_texts(paths, field, context_field), z_threshold, min_tokens,
+                    not count_repeated_ngrams, windowed, as_json)
+
+
+def watermark_texts(ckpt: Any, watermark: WatermarkConfig, texts: Iterator[Text], z_threshold: float,
+                    min_tokens: int, ignore_repeated_ngrams: bool, windowed: bool, as_json: bool) -> None:
+    from chatforge.detect.score import detect_watermark
+
     vocab_size = ckpt.model.config.vocab_size
-    for item in read_texts(paths, field, context_field):
+    for item in texts:
         result = detect_watermark(item.text, ckpt.tokenizer, watermark, vocab_size=vocab_size, context=item.context,
-                                  ignore_repeated_ngrams=not count_repeated_ngrams, z_threshold=z_threshold,
+                                  ignore_repeated_ngrams=ignore_repeated_ngrams, z_threshold=z_threshold,
                                   min_tokens=min_tokens, windowed=windowed).to_dict()
         if as_json:
             click.echo(json.dumps({"source": item.source, **result, "watermark": watermark.public()}))
         else:
             click.echo(summary_line(item.source, result))
+
+
+def zero_shot(ckpt: Any, method: str, paths: tuple[str, ...], observer: str | None, calibrate_file: str | None,
+              fpr: float, threshold_file: str | None, field: str, context_field: str, min_tokens: int,
+              as_json: bool) -> None:
+    """Score with a zero-shot method; calibrate a threshold first (--calibrate) or judge with a saved one."""
+    from chatforge.detect.calibrate import Threshold, apply_threshold, calibrate, read_reference
+    from chatforge.detect.zero_shot import METHODS, fingerprint
+
+    models = scoring_models(ckpt, method, observer)
+    prints = fingerprint(ckpt.tokenizer, *models)
+
+    def score(texts: list[str], contexts: list) -> list:
+        return METHODS[method].score(texts, *models, ckpt.tokenizer, contexts, min_tokens=min_tokens)
+
+    threshold = None
+    if calibrate_file:
+        texts, contexts = read_reference(calibrate_file, field, context_field or "context")
+        threshold = calibrate(method, score(texts, contexts), fpr, prints)
+        path = Path(threshold_file or f"{Path(calibrate_file).with_suffix('')}.{method}.threshold.json")
+        threshold.save(path)
+        click.echo(f"{method}: threshold {threshold.threshold:.4g} ({threshold.direction} is machine) flags "
+                   f"{threshold.achieved_fpr:.2%} of {threshold.n_reference} human texts -> {path}", err=True)
+        if not paths:
+            return
+    elif threshold_file:
+        threshold = Threshold.load(threshold_file)
+    items = list(read_texts(paths, field, context_field))
+    results = score([i.text for i in items], [i.context or None for i in items])
+    if threshold is not None:
+        results = apply_threshold(results, threshold, prints)
+    for item, result in zip(items, results):
+        if as_json:
+            click.echo(json.dumps({"source": item.source, **result.to_dict()}))
+        else:
+            click.echo(zero_shot_line(item.source, result))
+
+
+def scoring_models(ckpt: Any, method: str, observer: str | None) -> list:
+    """The models a method scores with: Binoculars' observer (the base model) and performer (the chat
+    model), or the one checkpoint."""
+    from chatforge.checkpoint import load_checkpoint
+
+    if method != "binoculars":
+        if observer:
+            raise click.UsageError(f"--observer is Binoculars' base model; {method} scores with --checkpoint only")
+        return [ckpt.model]
+    if not observer:
+        raise click.UsageError("binoculars needs --observer: the base model the --checkpoint chat model was tuned from")
+    base = load_checkpoint(observer)
+    if base.tokenizer.hash != ckpt.tokenizer.hash:
+        raise ConfigError(f"binoculars: {observer} and the checkpoint have different tokenizers; the observer must be "
+                          "the base model the chat model was tuned from")
+    return [base.model, ckpt.model]
+
+
+def zero_shot_line(source: str, result: Any) -> str:
+    if result.score is None:
+        return f"{source}: {result.verdict} ({result.message})"
+    judged = f"{result.verdict}" if result.threshold is None else f"{result.verdict} (threshold {result.threshold:.4g})"
+    line = f"{source}: {judged}, {result.method} score {result.score:.4g} over {result.tokens_scored} tokens"
+    return line + (f"; {result.message}" if result.message else "")
