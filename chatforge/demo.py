@@ -470,7 +470,8 @@ def claim_run_dir(run_dir: Path, preset: str) -> None:
         raise ConfigError(f"demo: {run_dir} holds a run made before presets (a full one), not {preset}: "
                           "pass another --out, or --overwrite to start it over")
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(marker, preset + "\n")
+    if not marker.exists():
+        atomic_write_text(marker, preset + "\n")
 
 
 def run_demo(run_dir: Path, preset: str = "full", overwrite: bool = False, seeds: list[int] | None = None,

@@ -19,7 +19,7 @@ def test_fast_demo_trains_a_model_whose_validation_loss_falls_and_rerun_skips_fi
                                                                                               monkeypatch):
     summary = run_demo(tmp_path / "demo", preset="fast")
     stages = ("corpus", "tokenizer", "data", "pretrain", "probe", "tasks", "sft", "rm_data", "rm", "ppo", "dpo",
-              "eval", "report")
+              "eval", "detect", "report")
     assert list(summary["timings"]) == list(stages)  # every stage ran, in order, each timed
     assert summary["val_loss_after"] < summary["val_loss_before"] - 1.0
     # the figures the summary gives are the run's own: the pretraining metrics' last validation loss
@@ -33,6 +33,13 @@ def test_fast_demo_trains_a_model_whose_validation_loss_falls_and_rerun_skips_fi
     assert set(summary["eval"]["sft"]["families"]) == {"facts", "followup", "arithmetic", "words", "harmful",
                                                        "harmless", "jailbreak", "twohop"}
     assert json.loads((tmp_path / "demo" / "eval.json").read_text()).keys() == {"base", "sft", "ppo", "dpo"}
+    # the detect stage: the PPO model's answers, plain and watermarked, against the world's reference answers
+    detection = json.loads((tmp_path / "demo" / "detection.json").read_text())
+    marked = detection["watermark"]
+    assert marked["watermarked"]["documents"]["mean_z"] > marked["plain"]["documents"]["mean_z"]
+    assert marked["human"]["documents"]["detected"] == 0.0 and marked["plain"]["documents"]["detected"] == 0.0
+    assert set(detection["zero_shot"]) == {"perplexity_burstiness", "fast_detectgpt", "binoculars"}
+    assert "| watermarked |" in (tmp_path / "demo" / "report.md").read_text()
     assert_every_json_file_is_strict_json(tmp_path / "demo")
     for stage in ("rm", "ppo", "dpo"):
         assert (tmp_path / "demo" / stage / "checkpoint" / "model.safetensors").exists()
