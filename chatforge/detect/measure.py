@@ -61,9 +61,11 @@ def prompt_ids(ckpt: Checkpoint, tasks: list, max_tokens: int) -> list[list[int]
 
 
 def watermark_figures(ckpt: Checkpoint, tasks: list, marked_ids: list[list[int]], plain_ids: list[list[int]],
-                      human_texts: list[str], settings: DetectionSettings) -> dict[str, Any]:
-    """Detection of single answers and of documents of `group` answers: watermarked, plain, human."""
-    config = settings.watermark()
+                      human_texts: list[str], settings: DetectionSettings,
+                      config: WatermarkConfig | None = None) -> dict[str, Any]:
+    """Detection of single answers and of documents of `group` answers: watermarked, plain, human
+    (`config`: the watermark the answers were made with; default: the settings')."""
+    config = config or settings.watermark()
     lists = green_lists(config, ckpt.model.config.vocab_size)
     prompts = prompt_ids(ckpt, tasks, settings.max_tokens)
 
