@@ -104,3 +104,10 @@ def test_binoculars_needs_its_observer_and_the_others_refuse_one(models, tmp_pat
     with pytest.raises(SystemExit):
         main(["detect", "--method", "fast-detectgpt", "--checkpoint", str(models / "chat"),
               "--observer", str(models / "base"), str(texts)])
+
+
+def test_calibrating_the_watermark_is_a_usage_error_naming_the_methods(models, tmp_path, capsys):
+    human = write_jsonl(tmp_path / "human.jsonl", human_texts(20, 0))
+    with pytest.raises(SystemExit):
+        main(["detect", "--checkpoint", str(models / "chat"), "--calibrate", str(human), "--watermark-key", "k"])
+    assert "are for the zero-shot methods" in capsys.readouterr().err

@@ -147,6 +147,10 @@ def detect(paths: tuple[str, ...], checkpoint: str, method: str, observer: str |
         zero_shot(ckpt, ZERO_SHOT[method], paths, observer, calibrate_file, fpr, threshold_file, field, context_field,
                   min_tokens, as_json)
         return
+    if calibrate_file or threshold_file or observer:
+        raise click.UsageError("--calibrate, --threshold and --observer are for the zero-shot methods (--method "
+                               "fast-detectgpt, perplexity-burstiness or binoculars); the watermark's test is "
+                               "--z-threshold")
     if watermark is None:
         raise click.UsageError("detect needs the watermark's key: --watermark-key or CHATFORGE_WATERMARK_KEY")
     watermark_texts(ckpt, watermark, read_texts(paths, field, context_field), z_threshold, min_tokens,
