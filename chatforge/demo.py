@@ -108,12 +108,8 @@ FAST = Budget(corpus_mb=0.3, corpus_mix=FACTS_FIRST, vocab_size=512,
               dpo_rpo_alpha=1.0)
 # About an hour on 2 cores: the same recipe with a model of 2.6x the compute per token and 4x the
 # pretraining steps, to show how far it goes with more compute (docs/demo-recipe.md has its table).
-LARGE = Budget(corpus_mb=4.0, corpus_mix=FACTS_FIRST, vocab_size=2048,
-               model=ModelSize(n_layer=6, n_head=4, n_embd=256, context_length=512), seq_len=128,
-               steps=2000, batch_size=32, lr=2e-3, eval_every=100, probe_facts=432,
-               sft_steps=900, sft_batch_size=4, sft_lr=1e-3, sft_replay=1.0, task_scale=1.0,
-               rm_samples=2, rm_steps=150, ppo_steps=60, ppo_rollout=32, dpo_steps=100, dpo_beta=0.5,
-               dpo_rpo_alpha=1.0)
+LARGE = replace(FULL, corpus_mb=4.0, model=ModelSize(n_layer=6, n_head=4, n_embd=256, context_length=512),
+                steps=2000, lr=2e-3, eval_every=100, sft_steps=900, ppo_steps=60)
 PRESETS = {"fast": FAST, "full": FULL, "large": LARGE}
 
 
