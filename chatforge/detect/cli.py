@@ -28,7 +28,7 @@ def watermark_options(fn: Callable) -> Callable:
                      help="Watermark with this secret key (any text, or an integer as transformers' hashing_key)."),
         click.option("--watermark-gamma", default=0.25, show_default=True, help="The green list's share of tokens."),
         click.option("--watermark-delta", default=2.0, show_default=True, help="The bias on green tokens' logits."),
-        click.option("--watermark-scheme", type=click.Choice(SCHEMES), default="lefthash", show_default=True,
+        click.option("--watermark-seeding-scheme", type=click.Choice(SCHEMES), default="lefthash", show_default=True,
                      help="lefthash: seeded by the previous tokens; selfhash: by them and the token itself."),
         click.option("--watermark-context-width", default=1, show_default=True,
                      help="Tokens in the seeding window (selfhash counts the token itself; the paper uses 4)."),
@@ -37,11 +37,11 @@ def watermark_options(fn: Callable) -> Callable:
         fn = option(fn)
 
     def wrapped(*args: Any, watermark_key: str | None, watermark_gamma: float, watermark_delta: float,
-                watermark_scheme: str, watermark_context_width: int, **kwargs: Any) -> Any:
+                watermark_seeding_scheme: str, watermark_context_width: int, **kwargs: Any) -> Any:
         watermark = None
         if watermark_key is not None:
             watermark = WatermarkConfig(key=key_from_text(watermark_key), gamma=watermark_gamma,
-                                        delta=watermark_delta, seeding_scheme=watermark_scheme,
+                                        delta=watermark_delta, seeding_scheme=watermark_seeding_scheme,
                                         context_width=watermark_context_width)
         return fn(*args, watermark=watermark, **kwargs)
 
