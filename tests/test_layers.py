@@ -16,6 +16,7 @@ LAYERS = {
     "acceleration": {"accel"},
     "inference": {"generate"},
     "stages": {"train", "evaluate", "knowledge"},
+    "detection": {"detect"},
     "serving": {"serve"},
     "entry": {"cli", "demo", "terminal", "report", "gguf_export", "__main__", "__init__"},
 }

@@ -20,9 +20,9 @@ pytest.importorskip("fastapi", reason="fastapi is not installed (the server's de
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from chatforge.detect.watermark import key_from_text  # noqa: E402
 from chatforge.errors import ConfigError  # noqa: E402
 from chatforge.generate.engine import Engine  # noqa: E402
+from chatforge.generate.watermark import key_from_text  # noqa: E402
 from chatforge.serve.app import ServeConfig, create_app  # noqa: E402
 from chatforge.serve.detect import server_watermark  # noqa: E402
 from chatforge.serve.server import ServerThread, startup_line  # noqa: E402

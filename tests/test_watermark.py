@@ -19,9 +19,9 @@ from chatforge.detect.score import (
     p_value,
     score_ids,
 )
-from chatforge.detect.watermark import GreenLists, WatermarkBias, WatermarkConfig, key_from_text
 from chatforge.errors import ConfigError
 from chatforge.generate.processors import TokenHistory
+from chatforge.generate.watermark import GreenLists, WatermarkBias, WatermarkConfig, key_from_text
 
 VOCAB = 1000
 KEY = 15485863
@@ -286,10 +286,10 @@ def test_generate_and_detect_on_the_command_line(checkpoint, tmp_path, capsys):
     from chatforge.cli import main
 
     key = ["--watermark-key", "class 7b", "--watermark-delta", "4"]
-    main(["generate", "--checkpoint", str(checkpoint), "--prompt", "The capital", "--max-tokens", "150",
+    main(["generate", "--checkpoint", str(checkpoint), "--no-fused", "--prompt", "The capital", "--max-tokens", "150",
           "--ignore-eos", "--seed", "1", "--json", *key])
     text = json.loads(capsys.readouterr().out)[0]["outputs"][0]["text"]
-    main(["generate", "--checkpoint", str(checkpoint), "--prompt", "The capital", "--max-tokens", "150",
+    main(["generate", "--checkpoint", str(checkpoint), "--no-fused", "--prompt", "The capital", "--max-tokens", "150",
           "--ignore-eos", "--seed", "1", "--json"])
     plain = json.loads(capsys.readouterr().out)[0]["outputs"][0]["text"]
     texts = tmp_path / "texts.jsonl"

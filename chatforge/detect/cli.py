@@ -17,8 +17,8 @@ from typing import Any
 import click
 
 from chatforge.detect.score import DEFAULT_Z_THRESHOLD, MIN_TOKENS
-from chatforge.detect.watermark import SCHEMES, WatermarkConfig, key_from_text
 from chatforge.errors import ConfigError
+from chatforge.generate.watermark import SCHEMES, WatermarkConfig, key_from_text
 
 
 def watermark_options(fn: Callable) -> Callable:

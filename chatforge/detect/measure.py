@@ -22,9 +22,9 @@ from chatforge.checkpoint import Checkpoint
 from chatforge.data.tasks import Scorer, TaskConfig, build_tasks
 from chatforge.data.world import World
 from chatforge.detect.score import MIN_TOKENS, green_flags, p_value, verdict_of
-from chatforge.detect.watermark import WatermarkConfig, green_lists, key_from_text
 from chatforge.errors import ConfigError
 from chatforge.evaluate import greedy_outputs
+from chatforge.generate.watermark import WatermarkConfig, green_lists, key_from_text
 
 
 @dataclass

@@ -25,7 +25,7 @@ import unicodedata
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from chatforge.detect.watermark import GreenLists, WatermarkConfig, green_lists
+from chatforge.generate.watermark import GreenLists, WatermarkConfig, green_lists
 
 MIN_TOKENS = 16  # below this many scored tokens a z-score says too little to give a verdict
 DEFAULT_Z_THRESHOLD = 4.0

@@ -51,7 +51,7 @@ class SamplingParams:
     # the server and the API, not a command-line flag (config False); typed Any so this module imports no
     # grammar library
     grammar: Any = field(default=None, metadata={"config": False})
-    # a WatermarkConfig (chatforge/detect/watermark.py): green tokens get its bias, last of the processors; set
+    # a WatermarkConfig (chatforge/generate/watermark.py): green tokens get its bias, last of the processors; set
     # from --watermark-key or the server's setting, never echoed (it holds the secret key)
     watermark: Any = field(default=None, metadata={"config": False}, repr=False)
 

@@ -18,7 +18,7 @@ Order, applied to the model's float32 logits each step:
     8. top_k               keep the k best (and ties with the k-th)        the distribution that is
     9. top_p               keep the smallest nucleus with mass >= top_p    actually sampled)
    10. min_p               drop tokens with prob < min_p * max prob
-   11. watermark           logits[green] += delta                         (chatforge/detect/watermark.py)
+   11. watermark           logits[green] += delta                         (chatforge/generate/watermark.py)
 
 Why this order: it is transformers' `_get_logits_processor` order (SequenceBias, RepetitionPenalty,
 NoRepeatNGram, MinNewTokensLength, then Temperature, TopK, TopP, MinP) and vLLM's (logit_bias before
@@ -421,7 +421,7 @@ def _grammar_mask(params: list[SamplingParams], stops: list[list[int]], tokenize
 def _watermark(params: list[SamplingParams]) -> Processor | None:
     if all(p.watermark is None for p in params):
         return None
-    from chatforge.detect.watermark import WatermarkBias
+    from chatforge.generate.watermark import WatermarkBias
 
     return WatermarkBias.build([p.watermark for p in params])
 

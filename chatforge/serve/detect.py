@@ -32,8 +32,8 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from chatforge.detect.score import detect_watermark
-from chatforge.detect.watermark import DEFAULT_KEY, GreenLists, WatermarkConfig, green_lists, key_from_text
 from chatforge.errors import ConfigError
+from chatforge.generate.watermark import DEFAULT_KEY, GreenLists, WatermarkConfig, green_lists, key_from_text
 from chatforge.serve.config import ServeConfig
 from chatforge.serve.errors import APIError
 from chatforge.serve.schemas import DetectRequest, WatermarkFields
