@@ -113,6 +113,15 @@ def test_z_and_p_value_are_the_formulas_of_the_paper():
     assert p_value(0.0) == 0.5 and 0.0 < p_value(30.0) < 1e-190  # no underflow to 0 until z > 37
 
 
+def test_lefthash_wider_than_one_token_seeds_with_the_sum_of_the_window():
+    """The reference's additive PRF: key x (sum of the h previous tokens); transformers reads the last only."""
+    lists = GreenLists(WatermarkConfig(key=KEY, context_width=3), VOCAB)
+    assert lists.seed((5, 17, 40)) == KEY * 62
+    assert lists.window_before([1, 5, 17, 40]) == (5, 17, 40) and lists.window_before([17, 40]) is None
+    expected = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(KEY * 62 % (2**64 - 1)))[:250]
+    assert torch.equal(lists.ids((5, 17, 40)), expected)
+
+
 def test_green_lists_need_the_key():
     ours = GreenLists(WatermarkConfig(key=KEY), VOCAB)
     other = GreenLists(WatermarkConfig(key=KEY + 2), VOCAB)
@@ -300,6 +309,8 @@ def test_generate_and_detect_on_the_command_line(checkpoint, tmp_path, capsys):
     assert marked["source"] == f"{texts}:1" and marked["verdict"] == "watermarked"
     assert unmarked["verdict"] == "not watermarked" and short["verdict"] == "too short"
     assert "class 7b" not in json.dumps(marked) and marked["watermark"]["gamma"] == 0.25
+    main(["detect", str(texts), "--checkpoint", str(checkpoint), "--json", *key])  # no context: one token fewer
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["tokens_scored"] == marked["tokens_scored"] - 1
     main(["detect", str(texts), "--checkpoint", str(checkpoint), *key])  # prose: one line per text
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"{texts}:1: watermarked (z = ") and "too short" in lines[2]
