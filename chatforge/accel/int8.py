@@ -2,8 +2,23 @@
 one fp32 scale per output channel.
 
 Decode reads every weight once a token, so a weight stored in 8 bits streams four times faster than
-in fp32. This is the reference product (dequantize, then torch's fp32 product); chatforge's CPU
-kernels replace it where they are built.
+in fp32. `int8_linear` runs chatforge's own kernel (chatforge/accel/kernels_int8.cpp, built into the
+extension `kernels.load()` builds) for 1-32 fp32 rows once the kernels are active, and otherwise the
+reference: dequantize, then torch's fp32 product. Both give the dequantized product to fp32 rounding
+(the kernel sums x times the int8 values in fp32 and scales each output once).
+
+Measured on GPT-2 small's 49 decode products (`python benchmarks/bench_int8.py`, paired in one
+process, 2 threads, AMD EPYC (Zen 3) with AVX2, the kernel's AVX2 build; the machine shared with
+other jobs, so the ratios are medians of paired rounds):
+
+    rows                            1      2      4      8      16     32
+    int8 kernel over fp32 MKL       MEASURED
+    int8 kernel over torch's int8   MEASURED
+
+Libraries do not serve here: torch's `aten._weight_int8pack_mm` (which torchao's int8 weight-only
+layout calls on CPU) is slower than fp32 MKL at these row counts (see the benchmark), so chatforge
+has its own kernel. Past 32 rows (prefill) the product is compute-bound and the reference (MKL's
+gemm on the dequantized weight) is as fast.
 """
 
 from __future__ import annotations
@@ -11,9 +26,70 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from chatforge.accel import kernels
+from chatforge.accel.cpu import capability
+
+MAX_ROWS = 32  # rows up to which the kernel runs; past them the reference
+
+
+def reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The product as torch computes it: the weight dequantized to x's dtype, then F.linear."""
+    weight = qweight.to(x.dtype) * scale.to(x.dtype)[:, None]
+    return F.linear(x, weight, bias)
+
+
+def uses_kernel(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether `int8_linear` runs chatforge's kernel on these operands (else the reference)."""
+    tensors = (x, qweight, scale) if bias is None else (x, qweight, scale, bias)
+    return (
+        kernels.active()
+        and all(t.device.type == "cpu" for t in tensors)
+        and x.dtype == torch.float32
+        and qweight.dtype == torch.int8
+        and qweight.dim() == 2
+        and qweight.is_contiguous()
+        and scale.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+        and x.dim() >= 1
+        and x.shape[-1] == qweight.shape[1]
+        and x.numel() // max(x.shape[-1], 1) <= MAX_ROWS
+        # the kernel has no gradient: where autograd would record, the reference runs
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    )
+
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., in) times the int8 weight (out, in) with per-output-channel scales (out,), plus bias."""
-    weight = qweight.to(x.dtype) * scale.to(x.dtype)[:, None]
-    return F.linear(x, weight, bias)
+    if uses_kernel(x, qweight, scale, bias):
+        return torch.ops.chatforge_cpu.int8_linear(x, qweight, scale, bias)
+    return reference(x, qweight, scale, bias)
+
+
+# ---- the kernel on its own, for tests and benchmarks ------------------------------------------------------
+_STANDALONE_FLAGS = {"avx512": ["-mavx512f", "-mfma"], "avx2": ["-mavx2", "-mfma"], "scalar": []}
+
+
+def standalone(isa: str | None = None):
+    """kernels_int8.cpp alone, built for `isa` ("avx512", "avx2" or "scalar"; by default what this CPU
+    runs) as its own extension with the op `torch.ops.chatforge_int8_<isa>.int8_linear`: for tests of
+    each instruction set's code, and for benchmarks where `kernels.load()` does not build here. It runs
+    only where the CPU has that instruction set. About 40 s the first time (torch's extension cache)."""
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import load as build
+
+    if isa is None:
+        isa = {"AVX512": "avx512", "AVX2": "avx2"}.get(capability(), "scalar")
+    namespace = f"chatforge_int8_{isa}"
+    if not hasattr(torch.ops, namespace) or not hasattr(getattr(torch.ops, namespace), "int8_linear"):
+        source = Path(__file__).with_name("kernels_int8.cpp")
+        build(namespace, [str(source)], is_python_module=False,
+              extra_cflags=["-O3", "-fopenmp", f"-DCHATFORGE_INT8_NS={namespace}", *_STANDALONE_FLAGS[isa]])
+
+        @torch.library.register_fake(f"{namespace}::int8_linear")
+        def _(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+    return getattr(torch.ops, namespace)

@@ -37,6 +37,7 @@ import torch
 from chatforge.accel.cpu import kernels_unsupported_reason
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
+SOURCES = [str(SOURCE), str(SOURCE.with_name("kernels_int8.cpp"))]  # + the weight-only int8 products (accel/int8.py)
 MAX_ROWS = 32  # where accel.linear uses them: past it MKL's packed gemm is faster
 _STATE = {"active": False}
 
@@ -58,7 +59,7 @@ def _build() -> bool:
 
     try:
         # -mavx512f rather than -march=native: the cached build must run on any AVX-512 machine
-        build("chatforge_cpu_kernels", [str(SOURCE)], extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp"],
+        build("chatforge_cpu_kernels", SOURCES, extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp"],
               is_python_module=False)
     except Exception as e:  # noqa: BLE001 - no compiler, or a failed build: torch's products stay
         warnings.warn(f"chatforge's CPU kernels were not built ({type(e).__name__}: {e}); decode uses MKL",
@@ -89,6 +90,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("chatforge_cpu::packed_linear")
     def _(x: torch.Tensor, packed: torch.Tensor, outputs: int, bias: torch.Tensor | None) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], outputs))
+
+    @torch.library.register_fake("chatforge_cpu::int8_linear")
+    def _(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
     @torch.library.register_fake("chatforge_cpu::pack")
     def _(weight: torch.Tensor) -> torch.Tensor:
