@@ -120,19 +120,19 @@ def kernel(monkeypatch):
     return torch.ops.chatforge_cpu
 
 
-def test_int8_linear_runs_the_kernel_for_1_to_32_rows_without_gradients_and_the_reference_otherwise(kernel):
+def test_int8_linear_runs_the_kernel_up_to_max_rows_without_gradients_and_the_reference_otherwise(kernel):
     q, scale, bias = quantized(50, 64)
-    x = torch.randn(32, 64)
+    x = torch.randn(int8.MAX_ROWS, 64)
     with torch.no_grad():
         assert int8.uses_kernel(x, q, scale, bias) and int8.uses_kernel(x[:1], q, scale, None)
-        assert int8.uses_kernel(x.view(4, 8, 64), q, scale, bias)
-        assert not int8.uses_kernel(torch.randn(33, 64), q, scale, bias)  # past MAX_ROWS: prefill
+        assert int8.uses_kernel(x.view(4, -1, 64), q, scale, bias)
+        assert not int8.uses_kernel(torch.randn(int8.MAX_ROWS + 1, 64), q, scale, bias)  # a long prefill
         assert not int8.uses_kernel(x.double(), q, scale.double(), bias.double())
         assert not int8.uses_kernel(x, q.t().contiguous().t(), scale, bias)  # a transposed weight
         assert not int8.uses_kernel(x, q.float(), scale, bias)
     assert int8.uses_kernel(x, q, scale, bias)  # nothing needs a gradient
     assert not int8.uses_kernel(x.requires_grad_(), q, scale, bias)
-    for rows in (1, 2, 32, 33):
+    for rows in (1, 2, 33, int8.MAX_ROWS + 1):
         xr = torch.randn(rows, 64)
         with torch.no_grad():
             assert_close(int8.int8_linear(xr, q, scale, bias), xr, q, scale, bias)
