@@ -3,22 +3,30 @@ one fp32 scale per output channel.
 
 Decode reads every weight once a token, so a weight stored in 8 bits streams four times faster than
 in fp32. `int8_linear` runs chatforge's own kernel (chatforge/accel/kernels_int8.cpp, built into the
-extension `kernels.load()` builds) for 1-32 fp32 rows once the kernels are active, and otherwise the
-reference: dequantize, then torch's fp32 product. Both give the dequantized product to fp32 rounding
-(the kernel sums x times the int8 values in fp32 and scales each output once).
+extension `kernels.load()` builds) for 1-MAX_ROWS fp32 rows once the kernels are active and nothing
+needs a gradient, and otherwise the reference: dequantize, then torch's fp32 product. Both give the
+dequantized product to fp32 rounding (the kernel sums x times the int8 values in fp32 and scales each
+output once).
 
-Measured on GPT-2 small's 49 decode products (`python benchmarks/bench_int8.py`, paired in one
-process, 2 threads, AMD EPYC (Zen 3) with AVX2, the kernel's AVX2 build; the machine shared with
-other jobs, so the ratios are medians of paired rounds):
+Measured on GPT-2 small's 49 decode products (`python benchmarks/bench_int8.py --threads 1 --rounds 6
+--reps 1`: 124 MB of int8 weights a pass, every contender paired in one process) on an AMD EPYC
+(Zen 3, AVX2, the kernel's AVX2 build), one thread, the machine shared with other jobs (load ~10 on
+2 cores: absolute times are slow, the ratios are medians of paired rounds):
 
-    rows                            1      2      4      8      16     32
-    int8 kernel over fp32 MKL       MEASURED
-    int8 kernel over torch's int8   MEASURED
+    rows                                     1      2      4      8      16     32
+    int8 kernel, ms a pass                   19.1   20.6   36.1   74.7   143.7  258.3
+    its speed over fp32 (accel.linear's      4.5x   7.1x   4.5x   2.7x   1.9x   1.4x
+      pick without chatforge's kernels)
+    over torch's _weight_int8pack_mm         16x    30x    34x    43x    43x    41x
+    over torchao's Int8WeightOnlyConfig      17x    19x    12x    7.7x   5.3x   2.6x
 
-Libraries do not serve here: torch's `aten._weight_int8pack_mm` (which torchao's int8 weight-only
-layout calls on CPU) is slower than fp32 MKL at these row counts (see the benchmark), so chatforge
-has its own kernel. Past 32 rows (prefill) the product is compute-bound and the reference (MKL's
-gemm on the dequantized weight) is as fast.
+So libraries do not serve here: torch's int8 product and torchao's int8 weight-only layout are both
+4x slower than fp32 MKL even at one row. At one row the kernel streams its int8 weights at the byte
+rate MKL's fp32 gemv streams fp32 (6.5 and 6.9 GB/s on that loaded core; 12 GB/s int8 on a quieter
+moment), so it is near 4x; from 8 rows the product is bound by its arithmetic (fp32 FMAs over
+widened weights), which int8 does not shrink, so the lead narrows.
+Past 32 rows the kernel still beats the reference (which dequantizes every call): 3.3x at 64 rows,
+1.4x at 256, even at 512, 0.6x at 1024 (one thread, 12 of the products), hence MAX_ROWS = 256.
 """
 
 from __future__ import annotations
