@@ -112,8 +112,8 @@ inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
 constexpr int64_t kLine = 64;  // bytes of one weight stream per prefetch: one cache line of int8
 
 // Outputs o..o+OB-1 for rows m..m+RB-1 of x [M, K] (row stride K): y[m + r][o + j] =
-// scale[o + j] * sum_k x[m + r][k] q[o + j][k] + bias[o + j]. With `prefetch`, each weight stream
-// prefetches into L2 the line it will read one tile of OB outputs later.
+// scale[o + j] * sum_k x[m + r][k] q[o + j][k] + bias[o + j]. With `prefetch`, the weights of the
+// next tile (outputs o+OB..o+2OB-1) stream into L2 while this one runs.
 template <int OB, int RB>
 void tile(const int8_t* Q, const float* X, const float* S, const float* B, float* Y, int64_t K, int64_t O, int64_t o,
           int64_t m, bool prefetch) {
@@ -192,7 +192,7 @@ using Kernel = void (*)(const int8_t*, const float*, const float*, const float*,
 // x [..., K] (fp32) times the int8 weight [O, K] with per-output scales [O], plus bias [O] or none.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                        const std::optional<at::Tensor>& bias) {
-  const char* op = "chatforge_cpu::int8_linear";
+  const char* op = CHATFORGE_INT8_STR(CHATFORGE_INT8_NS) "::int8_linear";
   TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu() && scale.device().is_cpu(), op, " takes CPU tensors");
   TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be fp32, not ", x.scalar_type());
   TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2, op, ": the weight must be a 2-D int8 tensor");
