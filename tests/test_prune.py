@@ -209,3 +209,11 @@ def test_parse_sparsity_defaults_to_half_and_reads_patterns():
     assert parse_sparsity(None, None) == Sparsity(0.5)
     assert parse_sparsity(None, "2:4") == Sparsity(0.5, 2, 4)
     assert parse_sparsity(None, "1:4").ratio == 0.75
+
+
+def test_magnitude_needs_no_calibration(checkpoint, tmp_path):
+    ckpt, _ = checkpoint
+    assert run_cli("prune", ckpt, "--out", tmp_path / "out", "--method", "magnitude", "--sparsity", 0.25) == 0
+    record = load_checkpoint(tmp_path / "out").extra["pruning"]
+    assert (record["calibration"], record["samples"], record["sparsity"]) == (None, 0, 0.25)
+    assert record["measured"]["pruned_layers"] == 0.25 and 0 < record["measured"]["all_parameters"] < 0.25
