@@ -137,6 +137,17 @@ def test_sparsegpt_with_a_dense_mask_changes_nothing():
     assert torch.allclose(pruned, weight, atol=1e-5)
 
 
+def test_sparsegpt_blocks_are_only_a_faster_order_of_the_same_updates():
+    # with the mask chosen per group of 4 as the walk reaches it, blocks of 4, 8 or 64 columns give the
+    # weights the unblocked walk gives: the errors of a block reach later blocks in full
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(256, 64, generator=gen) @ (torch.eye(64) + torch.randn(64, 64, generator=gen) / 8)
+    weight = torch.randn(8, 64, generator=gen)
+    walks = [sparsegpt_prune(weight, x.T @ x, TWO_FOUR, blocksize=b) for b in (4, 8, 64)]
+    assert torch.allclose(walks[0], walks[2], atol=1e-4) and torch.allclose(walks[1], walks[2], atol=1e-4)
+    assert torch.equal(walks[0] == 0, walks[2] == 0)
+
+
 @pytest.fixture
 def checkpoint(small_tokenizer, tmp_path):
     save_checkpoint(tmp_path / "ckpt", tiny_gpt(small_tokenizer.vocab_size, n_embd=32), small_tokenizer)
