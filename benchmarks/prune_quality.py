@@ -10,8 +10,8 @@ split (RUN/data), as `chatforge prune --calibration RUN/data` does. For the dens
 one: the loss on the pretraining validation shard (every window of 128 tokens, pretraining's length),
 the loss on the held-out SFT conversations, and the held-out checked score and accuracy as the demo
 computes them (`chatforge.evaluate.evaluate` on RUN/tasks/eval.jsonl, judged by the world's scorer).
-Pruned checkpoints are written to RUN/prune/<method>-<sparsity>/ (for a later LoRA recovery), the
-table's figures to RUN/prune/results.json.
+Pruned checkpoints are written to RUN/prune/STAGE/<method>-<sparsity>/ (for a later LoRA recovery),
+the table's figures to RUN/prune/STAGE/results.json.
 
 After a short LoRA recovery: `--recover-steps N` is the hook. LoRA is not in this tree yet; when it is,
 `recover` fine-tunes adapters on the pruned model and evaluates it with the adapters unmerged (merging
@@ -96,7 +96,7 @@ def prune_all(ckpt: Checkpoint, run: Path, args: argparse.Namespace,
             t0 = time.perf_counter()
             prune_model(model, calib, PruneConfig(method=method, sparsity=sparsity, seq_len=seq_len))
             seconds = time.perf_counter() - t0
-            out = run / "prune" / f"{method}-{label.replace(':', 'of').replace('%', '')}"
+            out = run / "prune" / args.stage / f"{method}-{label.replace(':', 'of').replace('%', '')}"
             save_checkpoint(out, model, ckpt.tokenizer, generation_config=ckpt.generation_config,
                             extra_config={"pruning": {"method": method, "setting": label}})
             pruned = Checkpoint(out, model, ckpt.tokenizer, ckpt.generation_config)
@@ -214,9 +214,10 @@ def main() -> None:
     print("\n" + table(rows) + "\n", flush=True)
     lines = speed(ckpt.model, pruned, args)
     print("\n".join(lines))
-    write_json(args.run / "prune" / "results.json", {"stage": args.stage, "rows": rows, "speed": lines,
+    results = args.run / "prune" / args.stage / "results.json"
+    write_json(results, {"stage": args.stage, "rows": rows, "speed": lines,
                                                       "machine": cpu_model(), "seconds": time.perf_counter() - t0})
-    print(f"\nload {load_average()}; {time.perf_counter() - t0:.0f}s -> {args.run / 'prune' / 'results.json'}")
+    print(f"\nload {load_average()}; {time.perf_counter() - t0:.0f}s -> {results}")
 
 
 if __name__ == "__main__":
