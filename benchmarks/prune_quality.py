@@ -49,7 +49,7 @@ from chatforge.generate.params import SamplingParams
 from chatforge.model import GPT, GPTConfig, lm_loss
 from chatforge.prune import PruneConfig, Sparsity, calibration_tokens, prune_model, sparsity_summary
 
-SETTINGS = {"50%": Sparsity(0.5), "2:4": Sparsity(0.5, 2, 4)}
+TWO_FOUR = Sparsity(0.5, 2, 4)
 GPT2_SMALL = GPTConfig(vocab_size=50257, context_length=1024, n_layer=12, n_head=12, n_embd=768)
 
 
@@ -91,7 +91,7 @@ def prune_all(ckpt: Checkpoint, run: Path, args: argparse.Namespace,
     print(f"  dense: {rows['dense']}", flush=True)
     models = {}
     for method in args.methods:
-        for label, sparsity in SETTINGS.items():
+        for label, sparsity in settings(args.ratios).items():
             model = copy.deepcopy(ckpt.model)
             t0 = time.perf_counter()
             prune_model(model, calib, PruneConfig(method=method, sparsity=sparsity, seq_len=seq_len))
@@ -107,6 +107,11 @@ def prune_all(ckpt: Checkpoint, run: Path, args: argparse.Namespace,
             rows[f"{method} {label}"], models[f"{method} {label}"] = row, model
             print(f"  {method} {label}: {row}", flush=True)
     return rows, models
+
+
+def settings(ratios: list[float]) -> dict[str, Sparsity]:
+    """The sparsities measured, by label: each unstructured ratio, then 2:4."""
+    return {f"{r:.0%}": Sparsity(r) for r in ratios} | {"2:4": TWO_FOUR}
 
 
 class StubTokenizer:
@@ -196,6 +201,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="A finished `chatforge demo` run directory.")
     parser.add_argument("--stage", default="ppo", choices=["ppo", "sft", "dpo"], help="Which chat model.")
     parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5], help="Unstructured sparsities (2:4 too).")
     parser.add_argument("--samples", type=int, default=128, help="Calibration sequences.")
     parser.add_argument("--seq-len", type=int, default=0, help="Tokens per calibration sequence (0: the context).")
     parser.add_argument("--limit", type=int, default=0, help="Evaluate only the first N held-out prompts (0: all).")
