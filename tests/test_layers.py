@@ -15,7 +15,7 @@ LAYERS = {
     "data": {"data"},
     "acceleration": {"accel"},
     "inference": {"generate"},
-    "stages": {"train", "evaluate", "knowledge"},
+    "stages": {"train", "evaluate", "knowledge", "prune"},
     "detection": {"detect"},
     "serving": {"serve"},
     "entry": {"cli", "demo", "terminal", "report", "gguf_export", "__main__", "__init__"},
