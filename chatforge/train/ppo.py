@@ -49,6 +49,7 @@ from chatforge.checkpoint import WEIGHTS_FILE, load_state_into, model_state_dict
 from chatforge.data.chat_readers import read_prompts
 from chatforge.errors import CheckpointError, ConfigError, DataError
 from chatforge.generate.tool_loop import ToolUse
+from chatforge.lora import BaseModelView, add_adapters, trainable_parameters
 from chatforge.model import GPT, ScalarHeadModel, lm_loss
 from chatforge.tools import builtin_tools
 from chatforge.train.config import PPOConfig, PPOSettings, TrainConfig
@@ -331,7 +332,10 @@ def build_models(cfg: PPOConfig, device: torch.device) -> tuple[ActorCritic, GPT
         value = ValueHead.from_reward_model(rm.model, policy.config.n_embd)
     else:
         value = copy.deepcopy(rm.model)  # the value model starts as the reward model, in float32
-    reference = freeze(copy.deepcopy(policy), dtype)
+    if cfg.lora.rank:  # one frozen base: the policy is it with adapters on, the reference with them off
+        reference = BaseModelView(add_adapters(policy, cfg.lora, base=cfg.policy))
+    else:
+        reference = freeze(copy.deepcopy(policy), dtype)
     return ActorCritic(policy, value), reference, freeze(rm.model, dtype), sft.tokenizer
 
 
@@ -377,6 +381,10 @@ def run_ppo(cfg: PPOConfig, dist: DistInfo, resume: bool = False, overwrite: boo
         print(f"ppo: {len(prompts)} prompts, {cfg.ppo.rollout_batch} answers per iteration, "
               f"{cfg.ppo.ppo_epochs} epochs of minibatches of {cfg.ppo.minibatch}; beta {cfg.ppo.init_kl_coef}"
               f"{' (adaptive)' if cfg.ppo.adaptive_kl else ''}; {dist.world_size} process(es)")
-        print(f"ppo: value {describe_value_start(model, rm)}; reference and reward model in {cfg.ppo.frozen_dtype}")
+        frozen = "reward model" if cfg.lora.rank else "reference and reward model"
+        print(f"ppo: value {describe_value_start(model, rm)}; {frozen} in {cfg.ppo.frozen_dtype}")
+        if cfg.lora.rank:
+            print(f"ppo: LoRA rank {cfg.lora.rank} on {cfg.lora.target_modules}: {trainable_parameters(model):,} "
+                  "parameters train (adapters and value head); the reference is the policy's base, adapters off")
     return trainer.fit(resume=resume, overwrite=overwrite)
 
