@@ -85,8 +85,16 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def block_linears(gpt: GPT) -> dict[str, nn.Linear]:
-    """The transformer blocks' linear layers by name (`h.0.attn.c_attn`): what adapters may target."""
-    return {f"h.{name}": m for name, m in gpt.h.named_modules() if isinstance(m, nn.Linear)}
+    """The transformer blocks' linear layers by name (`h.0.attn.c_attn`): what adapters may target. Of a layer
+    that carries an adapter, its frozen base layer (under the layer's own name)."""
+    out: dict[str, nn.Linear] = {}
+    for name, m in gpt.h.named_modules():  # parents come before their children
+        full = f"h.{name}"
+        if hasattr(m, "lora_A") and hasattr(m, "base_layer"):
+            out[full] = m.get_base_layer()
+        elif isinstance(m, nn.Linear) and not any(full.startswith(f"{k}.") for k in out):
+            out[full] = m
+    return out
 
 
 def matching(names: list[str], target: str) -> list[str]:

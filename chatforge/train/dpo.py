@@ -195,8 +195,9 @@ def run_dpo(cfg: DPOConfig, dist: DistInfo, resume: bool = False, overwrite: boo
     for i, pair in zip(used, with_reference_logprobs(model, [encoded[i] for i in used], pad, dist.device)):
         train[i] = pair
     val = with_reference_logprobs(model, pairs_of(template, val_prefs, seq_len), pad, dist.device)
-    torch.manual_seed(cfg.train.seed + dist.rank)
+    torch.manual_seed(cfg.train.seed)  # the adapters' A starts random: the same on every process and run
     add_adapters(model, cfg.lora, base=cfg.init_from)  # after the reference's log-probs: those are the base's
+    torch.manual_seed(cfg.train.seed + dist.rank)
     objective = PairObjective(train, val, cfg.train.batch_size, pad, cfg.train.seed, cfg.beta, cfg.rpo_alpha)
     if dist.is_main:
         print(f"dpo: {len(train)} training pairs ({len(train_prefs)} prompts) / {len(val)} validation pairs; "

@@ -148,6 +148,7 @@ def run_sft(cfg: SFTConfig, dist: DistInfo, resume: bool = False, overwrite: boo
     ckpt = load_checkpoint(cfg.init_from)
     tokenizer, template = ckpt.tokenizer, ChatTemplate(ckpt.tokenizer)
     grown = tokenizer.vocab_size - ckpt.model.config.vocab_size
+    torch.manual_seed(cfg.train.seed)  # the adapters' A starts random: the same on every process and run
     model = add_adapters(grow_vocab(ckpt.model, tokenizer.vocab_size), cfg.lora, base=cfg.init_from).to(dist.device)
     seq_len = min(cfg.seq_len or model.config.context_length, model.config.context_length)
     train, stats = load_examples(cfg.data, template, seq_len, cfg.format, cfg.skip_invalid, "train")
