@@ -19,7 +19,9 @@ Figures, after one PPO iteration (rollout, scoring, `ppo_epochs` of minibatch up
 - tensors MB: the two together, the part of memory the configuration decides (activations and the engine's KV
   cache are the same work in each);
 - peak RSS MB: the process's `ru_maxrss` above its RSS after the imports: the same plus activations, the KV cache
-  and allocator slack, measured.
+  and allocator slack, measured. Every configuration imports PEFT (and what its first injection imports) before
+  that baseline, and keeps freed memory as `chatforge ppo` does (`keep_freed_memory`), so RSS is the high-water
+  mark of what the iteration allocated.
 The "saved" columns are 1 - the row's figure / the full row's. Random weights (the default) are as good as trained
 ones for memory; the rollouts then run to --max-new-tokens.
 """
@@ -42,6 +44,15 @@ from machine import cpu_model, load_average  # benchmarks/machine.py
 CONFIGS = ("full", "full, shared head", "LoRA")
 
 
+def warm_up_peft() -> None:
+    """Import PEFT and what its first injection imports (its optional integrations) in every configuration
+    before the RSS baseline, so that LoRA's rows are not charged for imports."""
+    import peft
+    from torch import nn
+
+    peft.inject_adapter_in_model(peft.LoraConfig(r=1, target_modules=["0"]), nn.Sequential(nn.Linear(2, 2)))
+
+
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
@@ -59,7 +70,6 @@ def tensor_mb(*modules) -> float:
 
 def worker(args) -> dict:
     """One PPO iteration of one configuration; its figures."""
-    import peft  # noqa: F401  (every configuration imports it before the baseline RSS: the LoRA one uses it)
     import torch
 
     from chatforge.chat import ChatTemplate
@@ -67,10 +77,13 @@ def worker(args) -> dict:
     from chatforge.lora import trainable_parameters
     from chatforge.train.config import LoRASettings, PPOConfig, PPOSettings, TrainConfig
     from chatforge.train.distributed import DistInfo
+    from chatforge.train.loop import keep_freed_memory
     from chatforge.train.ppo import PPOStep, build_models
     from chatforge.train.rollout import fit_prompts, reward_model_scores
 
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as `chatforge ppo` runs (the harness sets it on the CPU)
+    warm_up_peft()
     start = rss_mb()
     settings = PPOSettings(rollout_batch=args.rollout_batch, minibatch=args.minibatch, ppo_epochs=args.ppo_epochs,
                            max_new_tokens=args.max_new_tokens, val_prompts=args.rollout_batch,
