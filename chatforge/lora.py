@@ -426,6 +426,8 @@ def merge_checkpoint(base: str, adapter: str, out: str) -> Path:
         raise ConfigError(f"merge: --base {base} is a reward model; expected the language model the adapter was "
                           "trained on")
     directory = resolve_adapter_dir(adapter)
+    if ckpt.tokenizer is not None and ckpt.model.config.vocab_size < ckpt.tokenizer.vocab_size:
+        ckpt.model.resize_token_embeddings(ckpt.tokenizer.vocab_size)  # GPT-2 + the chat tokens, as `sft` grew it
     model = fold_adapters(load_adapter(ckpt.model, directory, base=base))
     extra = {"stage": "merge", "merged": {"base": str(base), "adapter": str(directory)}}
     return save_checkpoint(out, model, ckpt.tokenizer, generation_config=ckpt.generation_config or None,

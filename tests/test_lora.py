@@ -14,7 +14,7 @@ from test_cli import run_cli  # tests/ is on sys.path (pytest prepends it)
 from test_dpo import dpo_config
 from test_ppo import make_models, ppo_config
 from test_reward import QUESTIONS, reward_config
-from test_sft import sft_config
+from test_sft import make_gpt2_dir, sft_config
 
 from chatforge import lora
 from chatforge.checkpoint import load_checkpoint, read_json, save_checkpoint
@@ -253,6 +253,18 @@ def test_merge_folds_the_adapter_into_a_plain_checkpoint(tmp_path, base, lora_sf
     x = torch.randint(0, adapted.config.vocab_size, (2, 24))
     with torch.no_grad():
         assert torch.allclose(merged.model.eval()(x), adapted(x), atol=1e-5)
+
+
+def test_lora_sft_from_a_gpt2_directory_merges_back_onto_it_with_the_chat_tokens_grown(tmp_path):
+    vocab = make_gpt2_dir(tmp_path / "gpt2")
+    cfg = dataclasses.replace(sft_config(tmp_path, tmp_path / "gpt2", max_steps=2, lr=1e-2), lora=LORA)
+    sft_module.run_sft(cfg, DistInfo())
+    assert run_cli("merge", "--base", tmp_path / "gpt2", "--adapter", tmp_path / "sft", "--out", tmp_path / "m") == 0
+    trained, merged = load_checkpoint(tmp_path / "sft").model.eval(), load_checkpoint(tmp_path / "m").model.eval()
+    assert merged.config.vocab_size == trained.config.vocab_size > vocab
+    x = torch.randint(0, trained.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(merged(x), trained(x), atol=1e-5)
 
 
 def test_an_adapter_made_for_another_base_is_refused_in_one_line_naming_the_file(tmp_path, lora_sft,
