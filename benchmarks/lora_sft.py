@@ -12,8 +12,9 @@ evaluation of the result (`chatforge.evaluate`: greedy answers to RUN/tasks/eval
 scorer, and the loss on the held-out conversations). Nothing is written into RUN.
 
     full          every weight trains, at the demo's learning rate
-    LoRA r=R      --lora-rank R (alpha --lora-alpha, dropout 0.05, targets c_attn, c_proj, c_fc): the base frozen,
-                  at --lora-lr (LoRA usually wants a larger learning rate than full fine-tuning; Hu et al.)
+    LoRA r=R      --lora-rank R, --lora-alpha 2R (so B·A is scaled by 2 at every rank), --lora-dropout 0.05, targets
+                  c_attn, c_proj, c_fc: the base frozen, at --lora-lr (LoRA usually wants a larger learning rate
+                  than full fine-tuning)
 
 Columns:
 - trainable: parameters the optimizer updates (LoRA: r·(in + out) per adapted layer);
@@ -90,7 +91,8 @@ def worker(args) -> dict:
     train = dataclasses.replace(cfg.train, progress=False, max_steps=args.steps or cfg.train.max_steps,
                                 eval_every=10**6, save_every=10**6, lr=args.lora_lr if args.rank else cfg.train.lr)
     cfg = dataclasses.replace(cfg, out=args.out, train=train,
-                              lora=LoRASettings(rank=args.rank, alpha=args.lora_alpha))
+                              lora=LoRASettings(rank=args.rank, alpha=args.lora_alpha or 2.0 * max(args.rank, 1),
+                                                dropout=args.lora_dropout))
     held: dict = {}
     real_add = sft_module.add_adapters
 
@@ -126,7 +128,8 @@ def worker(args) -> dict:
 def run_config(name: str, rank: int, args, root: Path) -> dict:
     command = [sys.executable, __file__, "--worker", "--rank", str(rank), "--out", str(root / name.replace(" ", "_")),
                "--run", args.run, "--steps", str(args.steps), "--limit", str(args.limit),
-               "--lora-lr", str(args.lora_lr), "--lora-alpha", str(args.lora_alpha), "--threads", str(args.threads)]
+               "--lora-lr", str(args.lora_lr), "--lora-alpha", str(args.lora_alpha), "--lora-dropout",
+               str(args.lora_dropout), "--threads", str(args.threads)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -159,7 +162,9 @@ def main() -> None:
     p.add_argument("--ranks", type=int, nargs="+", default=[8, 32], help="LoRA ranks to compare with full")
     p.add_argument("--steps", type=int, default=0, help="SFT steps (0: the demo's)")
     p.add_argument("--lora-lr", type=float, default=3e-3, help="learning rate of the LoRA runs")
-    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-alpha", type=float, default=0.0,
+                   help="alpha of every LoRA run; 0: twice its rank (the same scale alpha/r = 2 at every rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N held-out prompts (0: all)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # internal: one configuration
@@ -177,7 +182,8 @@ def main() -> None:
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); torch {torch.__version__}; {args.threads} threads; "
           f"load average at start: {load_average()}")
     print(f"run: {args.run} ({(Path(args.run) / 'preset.txt').read_text().strip()} preset); steps "
-          f"{args.steps or 'as the demo'}; LoRA lr {args.lora_lr}, alpha {args.lora_alpha}; eval prompts "
+          f"{args.steps or 'as the demo'}; LoRA lr {args.lora_lr}, alpha {args.lora_alpha or '2 x rank'}, dropout "
+          f"{args.lora_dropout}; eval prompts "
           f"{args.limit or 'all'}\n")
     t0 = time.perf_counter()
     results = {}
