@@ -241,6 +241,10 @@ def test_peft_loads_the_adapter_onto_our_hf_export_of_the_base_with_our_logits(t
         merged = load_checkpoint(checkpoint).model.eval()(x)
     assert (theirs - ours).abs().max().item() < 1e-4
     assert (theirs - merged).abs().max().item() < 1e-4
+    peft_model.save_pretrained(str(tmp_path / "saved_by_peft"))  # and back: an adapter PEFT itself wrote
+    again = lora.load_adapter(load_checkpoint(base).model, tmp_path / "saved_by_peft").eval()
+    with torch.no_grad():
+        assert (again(x) - theirs).abs().max().item() < 1e-4
 
 
 def test_merge_folds_the_adapter_into_a_plain_checkpoint(tmp_path, base, lora_sft, capsys):
