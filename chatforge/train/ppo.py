@@ -166,9 +166,9 @@ def shape_difference(saved: dict[str, tuple], expected: dict[str, tuple]) -> str
 class PPOStep:
     """One PPO iteration (rollout, rewards, advantages, `ppo_epochs` of minibatch updates): the harness's Step."""
 
-    def __init__(self, model: ActorCritic, reference: GPT, reward_fn: RewardFn, tokenizer, prompts: list[list[int]],
-                 val_prompts: list[list[int]], settings: PPOSettings, cfg: TrainConfig, dist: DistInfo,
-                 ptx_data=None) -> None:
+    def __init__(self, model: ActorCritic, reference: nn.Module, reward_fn: RewardFn, tokenizer,
+                 prompts: list[list[int]], val_prompts: list[list[int]], settings: PPOSettings, cfg: TrainConfig,
+                 dist: DistInfo, ptx_data=None) -> None:
         """prompts and val_prompts: token ids of generation prompts that fit the context (`fit_prompts`)."""
         self.model, self.cfg, self.dist = model, cfg, dist
         self.optimizer = build_optimizer(model, cfg)  # the policy and the value model; never the frozen ones
@@ -323,8 +323,9 @@ class PPOStep:
                 "val/response_length": mask.sum(1).mean().item()}
 
 
-def build_models(cfg: PPOConfig, device: torch.device) -> tuple[ActorCritic, GPT, ScalarHeadModel, object]:
-    """Policy and reference from the SFT checkpoint; reward model; value model (or head) initialized from it."""
+def build_models(cfg: PPOConfig, device: torch.device) -> tuple[ActorCritic, nn.Module, ScalarHeadModel, object]:
+    """Policy and reference from the SFT checkpoint (with LoRA, the reference is the policy's base: adapters off);
+    reward model; value model (or head) initialized from it."""
     sft = load_policy("ppo", cfg.policy, device)
     rm = load_reward_model("ppo", cfg.reward_model, sft, cfg.policy, device)
     policy, dtype = sft.model, FROZEN_DTYPES[cfg.ppo.frozen_dtype]
