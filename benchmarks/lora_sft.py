@@ -96,8 +96,8 @@ def worker(args) -> dict:
     held: dict = {}
     real_add = sft_module.add_adapters
 
-    def add_and_keep(model, options, base=""):  # the model the run trains, for its counts
-        held["model"] = real_add(model, options, base)
+    def add_and_keep(model, options, base="", tokens=()):  # the model the run trains, for its counts
+        held["model"] = real_add(model, options, base, tokens)
         return held["model"]
 
     sft_module.add_adapters = add_and_keep

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,8 +53,12 @@ HF_TRUNK = "transformer."
 FINGERPRINT = "chatforge_base_fingerprint"  # adapter_model.safetensors metadata
 MODEL_KIND = "chatforge_model"  # "lm" or "scalar" (a reward model's backbone: its head is not in the adapter)
 ADAPTER_PARTS = ("lora_A", "lora_B")
+EMBEDDING = "wte"  # the token embedding's module name, ours and transformers' GPT-2's
+TOKEN_DELTA = "wte.token_adapter.trainable_tokens_delta"  # trained token rows (PEFT's name, without the adapter's)
+TIED_DELTA = "lm_head.token_adapter.trainable_tokens_delta"  # the LM head's copy of them, which PEFT may save too
 # whole embedding matrices PEFT may save beside the adapters (save_embedding_layers): GPT-2 ties the two
-EMBEDDINGS = ("transformer.wte.weight", "lm_head.weight")
+EMBEDDINGS = ("transformer.wte.weight", "lm_head.weight", "transformer.wte.token_adapter.base_layer.weight",
+              "lm_head.token_adapter.base_layer.weight")
 # adapter_config.json settings we cannot honour, and the value that means "not used"
 UNSUPPORTED = {"use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none", "modules_to_save": None,
                "layers_to_transform": None}
@@ -82,6 +86,16 @@ def adapted_gpt(model: nn.Module) -> GPT:
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     """PEFT's adapted layers by module name (relative to `model`)."""
     return {name: m for name, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+
+
+def token_wrappers(model: nn.Module) -> dict[str, nn.Module]:
+    """PEFT's trainable-token wrappers (the embedding's and the LM head's tied one) by module name."""
+    return {name: m for name, m in model.named_modules() if hasattr(m, "token_adapter")}
+
+
+def tuner_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module PEFT put in place of one of ours: the adapted layers and the token wrappers."""
+    return lora_layers(model) | token_wrappers(model)
 
 
 def block_linears(gpt: GPT) -> dict[str, nn.Linear]:
@@ -124,9 +138,11 @@ def check_targets(gpt: GPT, targets: list[str], rank: int) -> dict[str, nn.Linea
     return chosen
 
 
-def add_adapters(model: nn.Module, options: LoRAOptions, base: str = "") -> nn.Module:
+def add_adapters(model: nn.Module, options: LoRAOptions, base: str = "", tokens: Sequence[int] = ()) -> nn.Module:
     """Freeze `model`'s GPT and give its target layers rank-`options.rank` adapters, in place (nothing when the
-    rank is 0). `base` is recorded as the adapters' base_model_name_or_path. Returns `model`."""
+    rank is 0). `tokens`: ids whose embedding rows train too (PEFT's trainable tokens, tied to the LM head as the
+    GPT ties them): SFT's chat tokens, which a pretrained model never saw. `base` is recorded as the adapters'
+    base_model_name_or_path. Returns `model`."""
     if not options.rank:
         return model
     gpt = adapted_gpt(model)
@@ -134,9 +150,28 @@ def add_adapters(model: nn.Module, options: LoRAOptions, base: str = "") -> nn.M
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout,
-                        target_modules=list(options.targets), base_model_name_or_path=base or None)
-    inject_adapter_in_model(config, gpt)  # freezes every weight of gpt but the adapters
+                        target_modules=list(options.targets), base_model_name_or_path=base or None,
+                        trainable_token_indices={EMBEDDING: sorted(tokens)} if tokens else None)
+    inject_adapter_in_model(config, gpt)  # freezes every weight of gpt but the adapters (and the token rows)
+    if tokens:
+        tie_output_tokens(gpt)
     return model
+
+
+def tie_output_tokens(gpt: GPT) -> None:
+    """Make the LM head read the trained token rows too: PEFT's tied token layer over it, following the
+    embedding's (what PEFT does for a transformers model that ties its embeddings)."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    adapter = gpt.wte.token_adapter
+    gpt.lm_head = TrainableTokensWrapper(gpt.lm_head, ADAPTER, token_indices=adapter.token_indices[ADAPTER],
+                                         tied_adapter=adapter)
+
+
+def trained_tokens(gpt: GPT) -> list[int]:
+    """The token ids whose embedding rows train beside the adapters (none without trainable tokens)."""
+    adapter = getattr(gpt.wte, "token_adapter", None)
+    return list(adapter.token_indices[ADAPTER]) if adapter is not None else []
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -146,8 +181,9 @@ def trainable_parameters(model: nn.Module) -> int:
 
 @contextmanager
 def adapters_off(model: nn.Module) -> Iterator[None]:
-    """Compute as the base model inside the block (PEFT's switch on every adapted layer), then switch back."""
-    layers = list(lora_layers(model).values())
+    """Compute as the base model inside the block (PEFT's switch on every adapted layer and token layer), then
+    switch back."""
+    layers = [m for m in model.modules() if hasattr(m, "enable_adapters") and hasattr(m, "base_layer")]
     for layer in layers:
         layer.enable_adapters(False)
     try:
@@ -179,20 +215,32 @@ class BaseModelView(nn.Module):
 # ---- folding adapters into weights -------------------------------------------------------------------
 
 
-def _is_adapter_key(key: str, layer_names: list[str]) -> bool:
-    return any(key.startswith(f"{name}.") and not key.startswith(f"{name}.base_layer.") for name in layer_names)
+def _under(key: str, names: Iterable[str]) -> bool:
+    return any(key.startswith(f"{name}.") for name in names)
+
+
+def plain_weights(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """The weight (and bias) of the ordinary layer that computes what a PEFT layer computes, adapters on."""
+    if hasattr(layer, "token_adapter"):  # the embedding or the LM head with trained token rows
+        adapter = layer.token_adapter
+        off = adapter.disable_adapters or adapter.merged
+        return {"weight": adapter.base_layer.weight if off else adapter.get_merged_weights([ADAPTER])}
+    base = layer.get_base_layer()
+    weight = base.weight
+    if not layer.merged and not layer.disable_adapters:
+        weight = weight + layer.get_delta_weight(ADAPTER).to(weight)  # W + (alpha/r)·B·A
+    return {"weight": weight} | ({"bias": base.bias} if base.bias is not None else {})
 
 
 @torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """`model`'s weights under their plain names, each adapted W replaced by W + (alpha/r)·B·A: the weights of
-    an ordinary model that computes what the adapted one computes (adapters on, no dropout)."""
-    layers = lora_layers(model)
-    names = list(layers)
-    out = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if not _is_adapter_key(k, names)}
-    for name, layer in layers.items():
-        if not layer.merged and not layer.disable_adapters:
-            out[f"{name}.weight"] = out[f"{name}.weight"] + layer.get_delta_weight(ADAPTER).to(out[f"{name}.weight"])
+    """`model`'s weights under their plain names, each adapted W replaced by W + (alpha/r)·B·A and trained token
+    rows put in place: the weights of an ordinary model that computes what the adapted one computes (adapters
+    on, no dropout)."""
+    tuners = tuner_layers(model)
+    out = {k: v for k, v in model.state_dict().items() if not _under(k, tuners)}
+    for name, layer in tuners.items():
+        out |= {f"{name}.{k}": v for k, v in plain_weights(layer).items()}
     return out
 
 
@@ -200,10 +248,12 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def fold_adapters(model: nn.Module) -> nn.Module:
     """Fold the adapters into their layers' weights and put the plain layers back, in place: `model` is then an
     ordinary model (no adapter left). Returns it."""
-    for name, layer in lora_layers(model).items():
-        layer.merge(adapter_names=[ADAPTER])
+    for name, layer in tuner_layers(model).items():
+        inner = layer.token_adapter if hasattr(layer, "token_adapter") else layer
+        if getattr(inner, "tied_adapter", None) is None:  # the LM head's tied token layer shares the embedding's
+            inner.merge(adapter_names=[ADAPTER])
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.get_base_layer())
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, inner.get_base_layer())
     for module in model.modules():
         if "peft_config" in module.__dict__:
             del module.peft_config
@@ -214,8 +264,8 @@ def fold_adapters(model: nn.Module) -> nn.Module:
 
 
 def peft_key(name: str) -> str:
-    """Our GPT's adapter parameter name -> PEFT's saved name for GPT2LMHeadModel."""
-    return PEFT_PREFIX + HF_TRUNK + name.replace(f".{ADAPTER}.weight", ".weight")
+    """Our GPT's adapter parameter name -> PEFT's saved name for GPT2LMHeadModel (the adapter's name left out)."""
+    return PEFT_PREFIX + HF_TRUNK + name.replace(f".{ADAPTER}.weight", ".weight").removesuffix(f".{ADAPTER}")
 
 
 def our_key(key: str) -> str:
@@ -223,15 +273,15 @@ def our_key(key: str) -> str:
     name = key.removeprefix(PEFT_PREFIX).removeprefix(HF_TRUNK)
     for part in ADAPTER_PARTS:
         name = name.replace(f".{part}.weight", f".{part}.{ADAPTER}.weight")
-    return name
+    return f"{name}.{ADAPTER}" if name == TOKEN_DELTA else name
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights under PEFT's names, contiguous on the CPU."""
+    """What trains in the adapted GPT (A and B of each layer, trained token rows) under PEFT's names, contiguous
+    on the CPU; the LM head's tied copy of the token rows is left out, as PEFT leaves it."""
     gpt = adapted_gpt(model)
-    names = list(lora_layers(gpt))
-    return {peft_key(k): v.detach().to("cpu").contiguous() for k, v in gpt.state_dict().items()
-            if _is_adapter_key(k, names) and ".lora_" in k}
+    return {peft_key(k): p.detach().to("cpu").contiguous() for k, p in gpt.named_parameters()
+            if ".lora_" in k or k.startswith(TOKEN_DELTA)}
 
 
 @torch.no_grad()
@@ -303,19 +353,23 @@ def read_adapter_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict
     return state, metadata
 
 
-def check_adapter_fits(gpt: GPT, state: dict[str, torch.Tensor], rank: int, file: Path) -> list[str]:
+def check_adapter_fits(gpt: GPT, state: dict[str, torch.Tensor], rank: int, file: Path,
+                       tokens: Sequence[int] = ()) -> list[str]:
     """The adapted layers' names, after checking that every tensor (PEFT's names) is the lora_A (r, in) or
-    lora_B (out, r) of a linear layer of `gpt`'s blocks; CheckpointError naming the file and what this base
-    expects otherwise."""
+    lora_B (out, r) of a linear layer of `gpt`'s blocks, or the rows of `tokens`; CheckpointError naming the
+    file and what this base expects otherwise."""
     linears = block_linears(gpt)
-    shape = f"{gpt.config.n_layer} layers of width {gpt.config.n_embd}"
+    vocab, width = gpt.config.vocab_size, gpt.config.n_embd
+    shape = f"{gpt.config.n_layer} layers of width {width}"
     found: dict[str, set[str]] = {}
     for key in sorted(state):
-        if key.removeprefix(PEFT_PREFIX) in EMBEDDINGS:
-            if state[key].shape != gpt.wte.weight.shape:
-                raise CheckpointError(f"{file}: {key} has shape {tuple(state[key].shape)}, expected "
-                                      f"{tuple(gpt.wte.weight.shape)} for this base model; the adapter was made for "
-                                      "another base model")
+        whole = key.removeprefix(PEFT_PREFIX) in EMBEDDINGS  # the whole embedding, which PEFT may save
+        if whole or our_key(key) == f"{TOKEN_DELTA}.{ADAPTER}" or key.removeprefix(PEFT_PREFIX) == TIED_DELTA:
+            expected = (vocab, width) if whole else (len(tokens), width)
+            if tuple(state[key].shape) != expected or any(not 0 <= t < vocab for t in tokens):
+                raise CheckpointError(f"{file}: {key} has shape {tuple(state[key].shape)}, expected {expected} for "
+                                      f"this base model (vocabulary {vocab}, width {width}); the adapter was made "
+                                      "for another base model")
             continue
         name, _, part = our_key(key).rpartition(f".{ADAPTER}.weight")[0].rpartition(".")
         if part not in ADAPTER_PARTS or name not in linears:
@@ -336,16 +390,17 @@ def check_adapter_fits(gpt: GPT, state: dict[str, torch.Tensor], rank: int, file
 
 
 def our_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The adapter weights under our GPT's names (embedding matrices left out: `saved_embedding`)."""
-    return {our_key(k): v for k, v in state.items() if k.removeprefix(PEFT_PREFIX) not in EMBEDDINGS}
+    """The adapter weights under our GPT's names (embedding matrices left out: `saved_embedding`; and the LM head's
+    copy of the token rows, which the tied token layer shares)."""
+    return {our_key(k): v for k, v in state.items() if k.removeprefix(PEFT_PREFIX) not in (*EMBEDDINGS, TIED_DELTA)}
 
 
 def saved_embedding(state: dict[str, torch.Tensor], file: Path) -> torch.Tensor | None:
     """The token embedding PEFT saved beside the adapters, if it did (it does when it thinks the vocabulary was
     resized); the tied input and output matrices must agree."""
     found = [state[PEFT_PREFIX + k] for k in EMBEDDINGS if PEFT_PREFIX + k in state]
-    if len(found) == 2 and not torch.equal(*found):
-        raise CheckpointError(f"{file}: transformer.wte.weight and lm_head.weight differ; expected the tied token "
+    if any(not torch.equal(found[0], other) for other in found[1:]):
+        raise CheckpointError(f"{file}: the saved token embedding and LM head differ; expected the tied token "
                               "embedding of GPT-2")
     return found[0] if found else None
 
@@ -362,6 +417,18 @@ def check_fingerprint(gpt: GPT, modules: list[str], metadata: dict[str, str], fi
                               "checkpoint the adapter was trained on")
 
 
+def adapter_tokens(config: dict, file: Path) -> list[int]:
+    """The token ids whose embedding rows the adapter trained (adapter_config.json's trainable_token_indices: a
+    list, or {"wte": list} as PEFT writes it for GPT-2)."""
+    indices = config.get("trainable_token_indices")
+    if isinstance(indices, dict) and len(indices) == 1 and next(iter(indices)).split(".")[-1] == EMBEDDING:
+        indices = next(iter(indices.values()))
+    if indices is None or (isinstance(indices, list) and all(isinstance(t, int) for t in indices)):
+        return list(indices or [])
+    raise CheckpointError(f"{file}: trainable_token_indices={indices!r} is not supported; expected token ids of "
+                          f"the token embedding ({EMBEDDING})")
+
+
 def load_adapter(model: nn.Module, directory: str | Path, base: str = "") -> nn.Module:
     """Give `model` (a plain GPT) the adapter saved in `directory` (ours or PEFT's for GPT-2), checked against
     it; `base` names the model in errors. Returns `model`."""
@@ -373,19 +440,23 @@ def load_adapter(model: nn.Module, directory: str | Path, base: str = "") -> nn.
                               "the model.safetensors beside it (already merged); expected a language model's adapters")
     gpt = adapted_gpt(model)
     file = directory / ADAPTER_WEIGHTS_FILE
-    modules = check_adapter_fits(gpt, state, config["r"], file)
+    tokens = adapter_tokens(config, directory / ADAPTER_CONFIG_FILE)
+    modules = check_adapter_fits(gpt, state, config["r"], file, tokens)
     check_fingerprint(gpt, modules, metadata, file, base, config.get("base_model_name_or_path"))
     from peft import LoraConfig, inject_adapter_in_model
 
     lora = LoraConfig(r=config["r"], lora_alpha=config.get("lora_alpha", 8), lora_dropout=0.0,
                       use_rslora=bool(config.get("use_rslora", False)), target_modules=modules,
-                      base_model_name_or_path=config.get("base_model_name_or_path"))
-    inject_adapter_in_model(lora, gpt)
-    gpt.load_state_dict(our_state(state), strict=False)
+                      base_model_name_or_path=config.get("base_model_name_or_path"),
+                      trainable_token_indices={EMBEDDING: tokens} if tokens else None)
     embedding = saved_embedding(state, file)
     if embedding is not None:
         with torch.no_grad():
             gpt.wte.weight.copy_(embedding)  # PEFT's loader puts it in place of the base's too
+    inject_adapter_in_model(lora, gpt)
+    if tokens:
+        tie_output_tokens(gpt)
+    gpt.load_state_dict(our_state(state), strict=False)
     return model
 
 
@@ -399,16 +470,18 @@ def load_trained_state(model: nn.Module, weights_file: Path) -> None:
     if not file.exists():
         raise CheckpointError(f"{file}: missing; expected the adapters of this LoRA run's checkpoint")
     state, metadata = read_adapter_weights(directory)
-    modules = check_adapter_fits(gpt, state, next(iter(lora_layers(gpt).values())).r[ADAPTER], file)
-    if sorted(modules) != sorted(lora_layers(gpt)):
-        raise CheckpointError(f"{file}: adapts {modules[:3]}..., this run adapts {sorted(lora_layers(gpt))[:3]}...; "
-                              "expected the same --lora-target-modules")
+    tokens = trained_tokens(gpt)
+    modules = check_adapter_fits(gpt, state, next(iter(lora_layers(gpt).values())).r[ADAPTER], file, tokens)
+    has_rows = any(our_key(k) == f"{TOKEN_DELTA}.{ADAPTER}" for k in state)
+    if sorted(modules) != sorted(lora_layers(gpt)) or has_rows != bool(tokens):
+        raise CheckpointError(f"{file}: adapts {modules[:3]}...{' and token rows' if has_rows else ''}, this run "
+                              f"{sorted(lora_layers(gpt))[:3]}...{' and token rows' if tokens else ''}; expected the "
+                              "same --lora-target-modules (and chat tokens) as the run it resumes")
     check_fingerprint(gpt, modules, metadata, file, "the run's base")
     gpt.load_state_dict(our_state(state), strict=False)
     params = dict(model.named_parameters(remove_duplicate=False))
-    names = list(lora_layers(model))
-    wanted = [k for k in model.state_dict() if not _is_adapter_key(k, names) and ".base_layer." not in k
-              and (k not in params or params[k].requires_grad)]
+    tuners = tuner_layers(model)
+    wanted = [k for k in model.state_dict() if not _under(k, tuners) and (k not in params or params[k].requires_grad)]
     if not wanted:
         return
     saved = load_file(str(weights_file))

@@ -47,8 +47,8 @@ def capture_adapters(monkeypatch, module) -> dict:
     """Keep the model a stage gives adapters to, and its weights right after (the adapters' start)."""
     seen: dict = {}
 
-    def add_and_keep(model, options, base=""):
-        lora.add_adapters(model, options, base)
+    def add_and_keep(model, options, base="", tokens=()):
+        lora.add_adapters(model, options, base, tokens)
         seen["model"] = model
         seen["start"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return model
@@ -58,10 +58,11 @@ def capture_adapters(monkeypatch, module) -> dict:
 
 
 def assert_only_adapters_trained(seen: dict, trained_beside: tuple[str, ...] = ()) -> None:
-    """Every base weight bit-identical to the start, every lora_A and lora_B changed (and `trained_beside`)."""
+    """Every base weight bit-identical to the start, every lora_A and lora_B (and trained token row) changed, and
+    `trained_beside`."""
     model, start = seen["model"], seen["start"]
     after = model.state_dict()
-    adapters = [k for k in after if ".lora_A." in k or ".lora_B." in k]
+    adapters = [k for k in after if ".lora_A." in k or ".lora_B." in k or ".trainable_tokens_delta." in k]
     beside = [k for k in after if k.startswith(trained_beside)] if trained_beside else []
     base = [k for k in after if k not in adapters and k not in beside and not k.startswith(("head.", "gain", "bias"))]
     assert adapters and base
@@ -155,7 +156,8 @@ def test_sft_with_lora_trains_only_the_adapters_and_saves_merged_weights_and_the
     seen = capture_adapters(monkeypatch, sft_module)
     cfg = dataclasses.replace(sft_config(tmp_path, base, max_steps=4, lr=1e-2), lora=LORA)
     sft_module.run_sft(cfg, DistInfo())
-    assert_only_adapters_trained(seen)
+    assert_only_adapters_trained(seen)  # the chat tokens' rows among what trained (--lora-chat-tokens, the default)
+    assert "wte.token_adapter.trainable_tokens_delta.default" in seen["start"]
     checkpoint = tmp_path / "sft" / "checkpoint"
     names = {p.name for p in checkpoint.iterdir()}
     assert {"model.safetensors", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= names
@@ -228,10 +230,12 @@ def test_peft_loads_the_adapter_onto_our_hf_export_of_the_base_with_our_logits(t
     config = read_json(checkpoint / "adapter_config.json", "adapter config")
     assert config["fan_in_fan_out"] is True and config["base_model_name_or_path"] == str(base)
     assert config["r"] == 4 and config["lora_alpha"] == 8.0 and config["peft_type"] == "LORA"
+    assert config["trainable_token_indices"] == {"wte": [1, 2, 3, 4, 5, 6]}  # the chat tokens' rows
     from safetensors.torch import load_file
 
     keys = set(load_file(str(checkpoint / "adapter_model.safetensors")))
-    assert "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight" in keys and len(keys) == 8
+    assert "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight" in keys
+    assert "base_model.model.transformer.wte.token_adapter.trainable_tokens_delta" in keys and len(keys) == 9
     assert run_cli("export", "--checkpoint", base, "--format", "hf", "--out", tmp_path / "base_hf") == 0
     hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "base_hf"))
     peft_model = peft.PeftModel.from_pretrained(hf, str(checkpoint)).eval()

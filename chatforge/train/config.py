@@ -137,6 +137,10 @@ class SFTConfig:
     replay_coef: float = 0.0  # weight of a replayed token's loss relative to an assistant token's (0: no replay)
     replay_len: int = 128  # tokens per replayed window
     lora: LoRASettings = field(default_factory=LoRASettings)
+    lora_chat_tokens: bool = field(default=True, metadata={
+        "help": "with --lora-rank, the chat tokens' embedding rows (<|user|>, <|assistant|>, <|end|>, ...) train "
+                "beside the adapters (PEFT's trainable tokens): a pretrained model never saw them, and frozen at "
+                "their starting values they cost LoRA most of what SFT teaches"})
     train: TrainConfig = field(default_factory=_sft_train_defaults)
 
     def __post_init__(self) -> None:
