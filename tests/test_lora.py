@@ -131,6 +131,25 @@ def test_adapters_start_as_the_base_switch_off_to_it_and_fold_into_plain_weights
     assert lora.trainable_parameters(tiny_model) == 2 * 4 * ((16 + 48) + (16 + 16) + (16 + 64) + (64 + 16))
 
 
+def test_trained_token_rows_are_read_by_the_embedding_and_the_tied_lm_head_and_fold_into_it(tiny_model):
+    x = torch.tensor([[1, 5, 2, 9, 3]])
+    lora.add_adapters(tiny_model, LoRASettings(rank=2, dropout=0.0), tokens=[1, 2]).eval()
+    assert lora.trained_tokens(tiny_model) == [1, 2]
+    rows = tiny_model.wte.token_adapter.trainable_tokens_delta["default"]
+    with torch.no_grad():
+        rows.normal_()  # new values of the two rows
+    plain = GPT(tiny_model.config)
+    merged = lora.merged_state_dict(tiny_model)
+    plain.load_state_dict(merged, strict=False)
+    assert torch.equal(merged["wte.weight"][[1, 2]], rows.detach())
+    assert torch.allclose(plain.eval()(x), tiny_model(x), atol=1e-5)  # input rows and output rows both moved
+    with lora.adapters_off(tiny_model):
+        base = tiny_model(x)
+    assert not torch.allclose(base, tiny_model(x), atol=1e-3)
+    lora.fold_adapters(tiny_model)
+    assert tiny_model.lm_head.weight is tiny_model.wte.weight and torch.allclose(tiny_model(x), plain(x), atol=1e-5)
+
+
 def test_the_engine_samples_what_the_adapted_model_computes(small_tokenizer):
     from chatforge.generate.engine import Engine
     from chatforge.generate.params import SamplingParams
