@@ -196,6 +196,8 @@ def test_reward_with_lora_trains_the_adapters_and_the_new_head_only(tmp_path, ba
     assert isinstance(saved.model, ScalarHeadModel)
     ids, lengths = torch.randint(0, saved.model.config.vocab_size, (3, 16)), torch.tensor([16, 9, 4])
     assert torch.allclose(saved.model.eval()(ids, lengths), seen["model"].eval()(ids, lengths), atol=1e-5)
+    with pytest.raises(ChatforgeError, match="adapters of a reward model"):  # its head is not in the adapter
+        lora.load_adapter(load_checkpoint(base).model, tmp_path / "rm")
 
 
 def test_dpo_with_lora_trains_only_the_adapters(tmp_path, base, monkeypatch, small_tokenizer):
