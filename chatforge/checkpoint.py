@@ -53,8 +53,13 @@ class Checkpoint:
 
 
 def model_state_dict(model: GPT | ScalarHeadModel) -> dict[str, torch.Tensor]:
-    """Weights to store: contiguous CPU tensors, tied duplicates dropped (also under a backbone prefix)."""
+    """Weights to store: contiguous CPU tensors, tied duplicates dropped (also under a backbone prefix). A model
+    carrying LoRA adapters gives its plain weights with the adapters folded in (`chatforge.lora`)."""
     sd = model.state_dict()
+    if any(".base_layer." in k for k in sd):
+        from chatforge.lora import merged_state_dict
+
+        sd = merged_state_dict(model)
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()
             if k.rpartition("backbone.")[2] not in TIED_KEYS}
 
@@ -73,6 +78,8 @@ def save_checkpoint(
     """Write a complete checkpoint directory atomically; returns its path.
 
     extra_weights: more models saved beside the main one, as NAME.safetensors (PPO's value model).
+    A model carrying LoRA adapters is saved merged, with its adapters beside it in PEFT's layout
+    (adapter_config.json, adapter_model.safetensors: `chatforge.lora`).
     """
     path = Path(path)
     with atomic_directory(path) as tmp:
@@ -84,6 +91,10 @@ def save_checkpoint(
         save_file(model_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         for name, module in (extra_weights or {}).items():
             save_file(model_state_dict(module), str(tmp / f"{name}.safetensors"), metadata={"format": "pt"})
+        if carries_adapters(model):
+            from chatforge.lora import write_adapter
+
+            write_adapter(model, tmp)
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER_FILE)
         write_json(tmp / GENERATION_FILE, generation_config or default_generation_config(tokenizer))
@@ -141,9 +152,21 @@ def check_state(model: GPT | ScalarHeadModel, state: dict[str, torch.Tensor], we
             )
 
 
+def carries_adapters(model: torch.nn.Module) -> bool:
+    """Whether PEFT's LoRA layers sit in `model` (chatforge.lora.add_adapters put them there)."""
+    return any(hasattr(m, "lora_A") and hasattr(m, "base_layer") for m in model.modules())
+
+
 def load_state_into(model: GPT | ScalarHeadModel, weights_file: Path) -> None:
+    """The checkpoint's weights into `model`; a model carrying adapters resumes them from the adapter files
+    beside `weights_file` (`chatforge.lora.load_trained_state`)."""
     if not weights_file.exists():
         raise CheckpointError(f"{weights_file}: missing; expected the model weights (safetensors)")
+    if carries_adapters(model):
+        from chatforge.lora import load_trained_state
+
+        load_trained_state(model, weights_file)
+        return
     state = load_file(str(weights_file))
     check_state(model, state, weights_file)
     model.load_state_dict(state, strict=False)

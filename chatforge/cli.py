@@ -20,6 +20,7 @@ from chatforge.detect.cli import detect, watermark_options
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.evaluate import EvalConfig
 from chatforge.generate.params import SamplingParams
+from chatforge.lora_cli import merge
 from chatforge.prune import prune_command
 from chatforge.serve.config import ServeConfig
 from chatforge.train.config import (
@@ -563,6 +564,7 @@ from chatforge.serve.feedback import feedback  # noqa: E402  (a click group of i
 cli.add_command(feedback)
 cli.add_command(detect)
 cli.add_command(prune_command)
+cli.add_command(merge)
 
 
 @cli.command()

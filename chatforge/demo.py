@@ -271,16 +271,22 @@ def make_tasks(run_dir: Path, budget: Budget, step_by_step: bool = True) -> Path
     return out
 
 
-def sft(run_dir: Path, tasks: Path, budget: Budget) -> Path:
-    out = run_dir / "sft"
-    cfg = SFTConfig(
+def sft_config(run_dir: Path, tasks: Path, budget: Budget) -> SFTConfig:
+    """The demo's SFT settings (benchmarks/lora_sft.py runs them with LoRA too)."""
+    return SFTConfig(
         data=[str(tasks / "sft_train.jsonl")], val=[str(tasks / "sft_val.jsonl")], init_from=str(run_dir / "pretrain"),
-        out=str(out), replay_data=str(run_dir / "data") if budget.sft_replay else "", replay_coef=budget.sft_replay,
+        out=str(run_dir / "sft"), replay_data=str(run_dir / "data") if budget.sft_replay else "",
+        replay_coef=budget.sft_replay,
         train=TrainConfig(max_steps=budget.sft_steps, batch_size=budget.sft_batch_size, lr=budget.sft_lr,
                           warmup_steps=max(1, budget.sft_steps // 15), weight_decay=0.0,
                           eval_every=max(10, budget.sft_steps // 3), eval_batches=10,
                           save_every=budget.sft_steps, log_every=10),
     )
+
+
+def sft(run_dir: Path, tasks: Path, budget: Budget) -> Path:
+    out = run_dir / "sft"
+    cfg = sft_config(run_dir, tasks, budget)
     if not finished(out, budget.sft_steps):
         run_sft(cfg, DistInfo(), resume=True)
     return out

@@ -11,14 +11,14 @@ import chatforge
 ROOT = Path(chatforge.__file__).parent
 # lowest first; a module may import its own layer and those below it
 LAYERS = {
-    "core": {"model", "tokenizer", "chat", "checkpoint", "hf", "config", "errors", "files", "tools"},
+    "core": {"model", "tokenizer", "chat", "checkpoint", "hf", "config", "errors", "files", "tools", "lora"},
     "data": {"data"},
     "acceleration": {"accel"},
     "inference": {"generate"},
     "stages": {"train", "evaluate", "knowledge", "prune"},
     "detection": {"detect"},
     "serving": {"serve"},
-    "entry": {"cli", "demo", "terminal", "report", "gguf_export", "__main__", "__init__"},
+    "entry": {"cli", "demo", "terminal", "report", "gguf_export", "lora_cli", "__main__", "__init__"},
 }
 ORDER = list(LAYERS)
 STAGES = {"pretrain", "sft", "reward", "ppo", "dpo"}  # train/config, loop, supervised, ppo_math, distributed: shared

@@ -198,12 +198,12 @@ def test_sft_needs_a_starting_checkpoint_and_data(tmp_path):
         run_sft(SFTConfig(init_from="somewhere"), DistInfo())
 
 
-def test_sft_starts_from_an_imported_gpt2_and_grows_its_vocabulary_for_the_chat_tokens(tmp_path):
+def make_gpt2_dir(hf_dir) -> int:
+    """A tiny transformers GPT-2 directory as GPT-2 ships (vocab.json + merges.txt, no chat tokens); its vocab size."""
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    hf_dir = tmp_path / "gpt2"
     bpe = HFTokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -216,7 +216,12 @@ def test_sft_starts_from_an_imported_gpt2_and_grows_its_vocabulary_for_the_chat_
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=64)
     transformers.GPT2LMHeadModel(config).save_pretrained(hf_dir)
+    return vocab
 
+
+def test_sft_starts_from_an_imported_gpt2_and_grows_its_vocabulary_for_the_chat_tokens(tmp_path):
+    hf_dir = tmp_path / "gpt2"
+    vocab = make_gpt2_dir(hf_dir)
     result = run_sft(sft_config(tmp_path, hf_dir, max_steps=2), DistInfo())
     assert result.step == 2
     ckpt = load_checkpoint(tmp_path / "sft")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from chatforge.config import setting
 from chatforge.errors import ConfigError
 
 FROZEN_DTYPE_NAMES = ("float32", "bfloat16")  # PPO's frozen models: chatforge.train.ppo maps them to dtypes
@@ -53,6 +54,41 @@ class TrainConfig:
         progress = min(1.0, (step - self.warmup_steps) / span)
         floor = self.lr * self.min_lr_ratio
         return floor + 0.5 * (self.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+LORA_TARGETS_DEFAULT = "c_attn,c_proj,c_fc"
+
+
+@dataclass
+class LoRASettings:
+    """Low-rank adapters (Hu et al., 2021; chatforge.lora, through PEFT): with rank > 0 every weight of the
+    model is frozen and only a pair of small matrices B·A beside each target layer trains (and a reward or
+    value model's new head). The flags are --lora-rank, --lora-alpha, --lora-dropout, --lora-target-modules."""
+
+    rank: int = setting(0, "LoRA rank r of each adapter; 0: no adapters, every weight trains (full fine-tuning)",
+                        flag="lora-rank")
+    alpha: float = setting(16.0, "LoRA alpha: the adapters' product B·A is scaled by alpha / rank",
+                           flag="lora-alpha")
+    dropout: float = setting(0.05, "dropout on the adapters' input while training", flag="lora-dropout")
+    target_modules: str = setting(LORA_TARGETS_DEFAULT, "comma-separated layers that get adapters: c_attn, c_proj "
+                                  "(both attn.c_proj and mlp.c_proj), c_fc, attn.c_proj, mlp.c_proj",
+                                  flag="lora-target-modules")
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ConfigError(f"lora config: rank (--lora-rank) must be >= 0 (0: full fine-tuning), got {self.rank}")
+        if not self.alpha > 0:
+            raise ConfigError(f"lora config: alpha (--lora-alpha) must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora config: dropout (--lora-dropout) must be in [0, 1), got {self.dropout}")
+        if self.rank and not self.targets:
+            raise ConfigError("lora config: target_modules (--lora-target-modules) names no layer; expected e.g. "
+                              f"{LORA_TARGETS_DEFAULT!r}")
+
+    @property
+    def targets(self) -> list[str]:
+        """The target layer names, in the order given."""
+        return [t.strip() for t in self.target_modules.split(",") if t.strip()]
 
 
 @dataclass
@@ -100,6 +136,11 @@ class SFTConfig:
                 "pretraining stored (the demo's facts) from being overwritten"})
     replay_coef: float = 0.0  # weight of a replayed token's loss relative to an assistant token's (0: no replay)
     replay_len: int = 128  # tokens per replayed window
+    lora: LoRASettings = field(default_factory=LoRASettings)
+    lora_chat_tokens: bool = field(default=True, metadata={
+        "help": "with --lora-rank, the chat tokens' embedding rows (<|user|>, <|assistant|>, <|end|>, ...) train "
+                "beside the adapters (PEFT's trainable tokens): a pretrained model never saw them, and frozen at "
+                "their starting values they cost LoRA most of what SFT teaches"})
     train: TrainConfig = field(default_factory=_sft_train_defaults)
 
     def __post_init__(self) -> None:
@@ -128,6 +169,7 @@ class RewardConfig:
     seq_len: int = 0  # 0: the model's context length
     normalize_samples: int = 256  # SFT answers sampled to set gain and bias (0: no normalization)
     normalize_temperature: float = 1.0
+    lora: LoRASettings = field(default_factory=LoRASettings)
     train: TrainConfig = field(default_factory=_reward_train_defaults)
 
 
@@ -180,7 +222,13 @@ class PPOConfig:
     reward_model: str = ""  # the reward model (chatforge reward); the value model starts from it
     out: str = "runs/default/ppo"
     ppo: PPOSettings = field(default_factory=PPOSettings)
+    lora: LoRASettings = field(default_factory=LoRASettings)
     train: TrainConfig = field(default_factory=_ppo_train_defaults)
+
+    def __post_init__(self) -> None:
+        if self.lora.rank and not self.ppo.shared_value_head:
+            raise ConfigError("ppo config: --lora-rank needs --shared-value-head (the value head on the policy's "
+                              "trunk, so that policy, reference and value share one frozen base model)")
 
 
 REWARD_SOURCES = ("model", "verifier", "both")  # GRPO's and RLOO's --reward
@@ -310,4 +358,5 @@ class DPOConfig:
     skip_invalid: bool = False
     val_fraction: float = 0.05
     seq_len: int = 0  # 0: the model's context length
+    lora: LoRASettings = field(default_factory=LoRASettings)
     train: TrainConfig = field(default_factory=_dpo_train_defaults)

@@ -30,6 +30,7 @@ from chatforge.chat import ChatTemplate, Message
 from chatforge.checkpoint import load_checkpoint
 from chatforge.data.chat_readers import Preference, read_preference_splits
 from chatforge.errors import ConfigError, DataError
+from chatforge.lora import add_adapters, trainable_parameters
 from chatforge.model import ScalarHeadModel
 from chatforge.train.config import DPOConfig
 from chatforge.train.distributed import DistInfo
@@ -194,6 +195,8 @@ def run_dpo(cfg: DPOConfig, dist: DistInfo, resume: bool = False, overwrite: boo
     for i, pair in zip(used, with_reference_logprobs(model, [encoded[i] for i in used], pad, dist.device)):
         train[i] = pair
     val = with_reference_logprobs(model, pairs_of(template, val_prefs, seq_len), pad, dist.device)
+    torch.manual_seed(cfg.train.seed)  # the adapters' A starts random: the same on every process and run
+    add_adapters(model, cfg.lora, base=cfg.init_from)  # after the reference's log-probs: those are the base's
     torch.manual_seed(cfg.train.seed + dist.rank)
     objective = PairObjective(train, val, cfg.train.batch_size, pad, cfg.train.seed, cfg.beta, cfg.rpo_alpha)
     if dist.is_main:
@@ -201,6 +204,9 @@ def run_dpo(cfg: DPOConfig, dist: DistInfo, resume: bool = False, overwrite: boo
               f"beta {cfg.beta}{f', rpo_alpha {cfg.rpo_alpha}' if cfg.rpo_alpha else ''}; "
               f"reference log-probs precomputed for the {len(used)} pairs the run trains on; "
               f"from {cfg.init_from}")
+        if cfg.lora.rank:
+            print(f"dpo: LoRA rank {cfg.lora.rank} on {cfg.lora.target_modules}: {trainable_parameters(model):,} "
+                  "parameters train")
     run_config = {k: v for k, v in asdict(cfg).items() if k not in ("train", "out")}
     trainer = supervised_trainer(model, objective, cfg.train, cfg.out, dist, tokenizer=ckpt.tokenizer,
                                  run_config=run_config, extra_config={"stage": "dpo"}, callbacks=callbacks)

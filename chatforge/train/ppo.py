@@ -49,6 +49,7 @@ from chatforge.checkpoint import WEIGHTS_FILE, load_state_into, model_state_dict
 from chatforge.data.chat_readers import read_prompts
 from chatforge.errors import CheckpointError, ConfigError, DataError
 from chatforge.generate.tool_loop import ToolUse
+from chatforge.lora import BaseModelView, add_adapters, trainable_parameters
 from chatforge.model import GPT, ScalarHeadModel, lm_loss
 from chatforge.tools import builtin_tools
 from chatforge.train.config import PPOConfig, PPOSettings, TrainConfig
@@ -165,9 +166,9 @@ def shape_difference(saved: dict[str, tuple], expected: dict[str, tuple]) -> str
 class PPOStep:
     """One PPO iteration (rollout, rewards, advantages, `ppo_epochs` of minibatch updates): the harness's Step."""
 
-    def __init__(self, model: ActorCritic, reference: GPT, reward_fn: RewardFn, tokenizer, prompts: list[list[int]],
-                 val_prompts: list[list[int]], settings: PPOSettings, cfg: TrainConfig, dist: DistInfo,
-                 ptx_data=None) -> None:
+    def __init__(self, model: ActorCritic, reference: nn.Module, reward_fn: RewardFn, tokenizer,
+                 prompts: list[list[int]], val_prompts: list[list[int]], settings: PPOSettings, cfg: TrainConfig,
+                 dist: DistInfo, ptx_data=None) -> None:
         """prompts and val_prompts: token ids of generation prompts that fit the context (`fit_prompts`)."""
         self.model, self.cfg, self.dist = model, cfg, dist
         self.optimizer = build_optimizer(model, cfg)  # the policy and the value model; never the frozen ones
@@ -322,8 +323,9 @@ class PPOStep:
                 "val/response_length": mask.sum(1).mean().item()}
 
 
-def build_models(cfg: PPOConfig, device: torch.device) -> tuple[ActorCritic, GPT, ScalarHeadModel, object]:
-    """Policy and reference from the SFT checkpoint; reward model; value model (or head) initialized from it."""
+def build_models(cfg: PPOConfig, device: torch.device) -> tuple[ActorCritic, nn.Module, ScalarHeadModel, object]:
+    """Policy and reference from the SFT checkpoint (with LoRA, the reference is the policy's base: adapters off);
+    reward model; value model (or head) initialized from it."""
     sft = load_policy("ppo", cfg.policy, device)
     rm = load_reward_model("ppo", cfg.reward_model, sft, cfg.policy, device)
     policy, dtype = sft.model, FROZEN_DTYPES[cfg.ppo.frozen_dtype]
@@ -331,7 +333,10 @@ def build_models(cfg: PPOConfig, device: torch.device) -> tuple[ActorCritic, GPT
         value = ValueHead.from_reward_model(rm.model, policy.config.n_embd)
     else:
         value = copy.deepcopy(rm.model)  # the value model starts as the reward model, in float32
-    reference = freeze(copy.deepcopy(policy), dtype)
+    if cfg.lora.rank:  # one frozen base: the policy is it with adapters on, the reference with them off
+        reference = BaseModelView(add_adapters(policy, cfg.lora, base=cfg.policy))
+    else:
+        reference = freeze(copy.deepcopy(policy), dtype)
     return ActorCritic(policy, value), reference, freeze(rm.model, dtype), sft.tokenizer
 
 
@@ -377,6 +382,10 @@ def run_ppo(cfg: PPOConfig, dist: DistInfo, resume: bool = False, overwrite: boo
         print(f"ppo: {len(prompts)} prompts, {cfg.ppo.rollout_batch} answers per iteration, "
               f"{cfg.ppo.ppo_epochs} epochs of minibatches of {cfg.ppo.minibatch}; beta {cfg.ppo.init_kl_coef}"
               f"{' (adaptive)' if cfg.ppo.adaptive_kl else ''}; {dist.world_size} process(es)")
-        print(f"ppo: value {describe_value_start(model, rm)}; reference and reward model in {cfg.ppo.frozen_dtype}")
+        frozen = "reward model" if cfg.lora.rank else "reference and reward model"
+        print(f"ppo: value {describe_value_start(model, rm)}; {frozen} in {cfg.ppo.frozen_dtype}")
+        if cfg.lora.rank:
+            print(f"ppo: LoRA rank {cfg.lora.rank} on {cfg.lora.target_modules}: {trainable_parameters(model):,} "
+                  "parameters train (adapters and value head); the reference is the policy's base, adapters off")
     return trainer.fit(resume=resume, overwrite=overwrite)
 

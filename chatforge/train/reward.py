@@ -29,6 +29,7 @@ from chatforge.data.chat_readers import Preference, read_preference_splits
 from chatforge.errors import ConfigError, DataError
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
+from chatforge.lora import add_adapters, trainable_parameters
 from chatforge.model import ScalarHeadModel, ranking_loss
 from chatforge.train.config import RewardConfig
 from chatforge.train.distributed import DistInfo
@@ -203,7 +204,7 @@ def run_reward(cfg: RewardConfig, dist: DistInfo, resume: bool = False, overwrit
     ckpt = load_checkpoint(cfg.init_from)
     template = ChatTemplate(ckpt.tokenizer)
     torch.manual_seed(cfg.train.seed)
-    model = ScalarHeadModel(ckpt.model).to(dist.device)
+    model = add_adapters(ScalarHeadModel(ckpt.model), cfg.lora, base=cfg.init_from).to(dist.device)
     seq_len = min(cfg.seq_len or model.config.context_length, model.config.context_length)
     train_prefs, val_prefs = read_preference_splits(cfg.data, cfg.val, cfg.skip_invalid, cfg.val_fraction,
                                                     cfg.train.seed, "reward")
@@ -214,6 +215,9 @@ def run_reward(cfg: RewardConfig, dist: DistInfo, resume: bool = False, overwrit
         pairs = sum(len(p.responses) * (len(p.responses) - 1) // 2 for p in train_prefs)
         print(f"reward: {len(train_prefs)} training prompts ({pairs} pairs) / {len(val_prefs)} validation; "
               f"from {cfg.init_from}")
+        if cfg.lora.rank:
+            print(f"reward: LoRA rank {cfg.lora.rank} on the backbone's {cfg.lora.target_modules}, and the new head: "
+                  f"{trainable_parameters(model):,} parameters train")
     run_config = {k: v for k, v in asdict(cfg).items() if k not in ("train", "out")}
     trainer = supervised_trainer(model, objective, cfg.train, cfg.out, dist, tokenizer=ckpt.tokenizer,
                                  run_config=run_config, extra_config={"stage": "reward"}, callbacks=callbacks)

@@ -38,6 +38,7 @@ from chatforge.data.chat_readers import read_conversations
 from chatforge.data.readers import hold_out
 from chatforge.data.shards import TokenDataset
 from chatforge.errors import ConfigError, DataError
+from chatforge.lora import add_adapters, trainable_parameters
 from chatforge.model import GPT, IGNORE_INDEX, lm_loss
 from chatforge.train.config import SFTConfig
 from chatforge.train.distributed import DistInfo
@@ -146,7 +147,11 @@ def run_sft(cfg: SFTConfig, dist: DistInfo, resume: bool = False, overwrite: boo
         raise ConfigError("sft: --data is required (conversation files: OpenAI messages, Alpaca or ShareGPT JSONL)")
     ckpt = load_checkpoint(cfg.init_from)
     tokenizer, template = ckpt.tokenizer, ChatTemplate(ckpt.tokenizer)
-    model = grow_vocab(ckpt.model, tokenizer.vocab_size).to(dist.device)
+    grown = tokenizer.vocab_size - ckpt.model.config.vocab_size
+    torch.manual_seed(cfg.train.seed)  # the adapters' A starts random: the same on every process and run
+    chat_tokens = [i for name, i in tokenizer.special_ids.items() if name != "eot"] if cfg.lora_chat_tokens else []
+    model = add_adapters(grow_vocab(ckpt.model, tokenizer.vocab_size), cfg.lora, base=cfg.init_from,
+                         tokens=chat_tokens).to(dist.device)
     seq_len = min(cfg.seq_len or model.config.context_length, model.config.context_length)
     train, stats = load_examples(cfg.data, template, seq_len, cfg.format, cfg.skip_invalid, "train")
     if cfg.val:
@@ -166,6 +171,12 @@ def run_sft(cfg: SFTConfig, dist: DistInfo, resume: bool = False, overwrite: boo
         print(f"sft: {len(train)} training / {len(val)} validation conversations"
               f"{' (' + notes + ')' if notes else ''}; {'packed' if cfg.packing else 'padded'} rows of {seq_len}; "
               f"from {cfg.init_from}")
+        if cfg.lora.rank:
+            rows = f" and the {len(chat_tokens)} chat tokens' embedding rows" if chat_tokens else ""
+            frozen = f" (the {grown} tokens added to the model stay at the mean embedding)" if grown > 0 and not (
+                chat_tokens) else ""
+            print(f"sft: LoRA rank {cfg.lora.rank} on {cfg.lora.target_modules}{rows}: {trainable_parameters(model):,} "
+                  f"of {model.num_params():,} parameters train{frozen}")
     run_config = {k: v for k, v in asdict(cfg).items() if k not in ("train", "out")} | {"data_stats": stats}
     trainer = supervised_trainer(model, objective, cfg.train, cfg.out, dist, tokenizer=tokenizer, run_config=run_config,
                                  extra_config={"stage": "sft", "chat_template": "chatforge"}, callbacks=callbacks)
