@@ -155,6 +155,13 @@ def test_quantize_command_round_trip_and_loading_for_inference(small_tokenizer, 
 
     assert run_cli("quantize", tmp_path / "q8", "--out", tmp_path / "again") == 2
     assert "already quantized" in capsys.readouterr().err
+    stage = tmp_path / "stage"  # a stage directory: its checkpoint/ is the source, and survives
+    save_checkpoint(stage / "checkpoint", model, small_tokenizer)
+    for out in (stage, stage / "checkpoint", tmp_path):
+        assert run_cli("quantize", stage, "--out", out) == 2
+        assert "is or holds the checkpoint" in capsys.readouterr().err
+    assert run_cli("quantize", stage, "--out", tmp_path / "fp32" / "tokenizer.json") == 2
+    assert (stage / "checkpoint" / "model.safetensors").exists()
 
 
 def test_serve_loads_a_quantized_checkpoint(small_tokenizer, tmp_path):

@@ -192,8 +192,7 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "i
     marker = quantization_of(src)
     if marker is not None:
         raise ConfigError(f"quantize: {src} is already quantized ({marker.get('method')}); expected an fp32 checkpoint")
-    if Path(out).resolve() in (src.resolve(), Path(checkpoint).resolve()):
-        raise ConfigError(f"quantize: --out {out} is the checkpoint itself; expected a new directory")
+    check_out_dir(Path(out), [src, Path(checkpoint)])
     hf = is_hf_gpt2_dir(src)
     ckpt = load_checkpoint(src, tokenizer=hf)
     model = quantize_model(ckpt.model, dtype)
@@ -211,6 +210,17 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "i
             if (src / name).exists():
                 shutil.copy2(src / name, tmp / name)
     return Path(out)
+
+
+def check_out_dir(out: Path, sources: list[Path]) -> None:
+    """Refuse an output directory whose replacement would delete the source (it is the source or holds it)
+    or a directory that is not a checkpoint (its files would be replaced whole)."""
+    where = out.resolve()
+    if any(s.resolve() == where or s.resolve().is_relative_to(where) for s in sources):
+        raise ConfigError(f"quantize: --out {out} is or holds the checkpoint being quantized; expected a new directory")
+    if where.exists() and (not where.is_dir() or (any(where.iterdir()) and not (where / CONFIG_FILE).exists())):
+        raise ConfigError(f"quantize: --out {out} exists and is not a checkpoint; expected a new directory "
+                          "(or a checkpoint to replace)")
 
 
 def quantized_skeleton(config: GPTConfig, tied: bool = True) -> GPT:
