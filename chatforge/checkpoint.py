@@ -179,8 +179,8 @@ def quantization_of(path: str | Path) -> dict | None:
 
 
 def check_not_quantized(path: Path, extra: dict) -> None:
-    """Refuse a quantized checkpoint where fp32 weights are needed: training starts from fp32 weights
-    (int8 ones have no gradients and would lose their scales' precision at the first step). The
+    """Refuse a quantized checkpoint where fp32 weights are needed (training: int8 weights cannot take
+    gradient steps; export). Read from config.json's marker, so core needs nothing of accel; the
     inference commands load quantized checkpoints through chatforge.accel.quantize instead."""
     marker = extra.get(QUANTIZATION_KEY)
     if marker is None:
