@@ -123,7 +123,8 @@ def test_engine_greedy_tokens_of_int8_equal_the_dequantized_fp32_models(small_to
     assert greedy(quantized) == greedy(fp)
     with torch.no_grad():
         ids = torch.tensor([prompts[0]])
-        assert (quantized(ids) - fp(ids)).abs().max() <= 1e-4
+        ref = fp(ids)  # the same product up to float rounding (an int8 kernel sums in another order)
+        assert (quantized(ids) - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-4
 
 
 def test_quantize_command_round_trip_and_loading_for_inference(small_tokenizer, tmp_path, capsys):
