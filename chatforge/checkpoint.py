@@ -3,7 +3,9 @@
 A checkpoint is a directory:
 
     config.json              {"format": "chatforge", "model": GPTConfig fields, ...}; "head": "scalar"
-                             marks a reward/value model (a GPT backbone with a scalar head)
+                             marks a reward/value model (a GPT backbone with a scalar head);
+                             "quantization" marks inference-only weights (`chatforge quantize`,
+                             loaded by chatforge.accel.quantize; `load_checkpoint` refuses them)
     model.safetensors        the weights (tied LM head stored once, as wte.weight)
     tokenizer.json           the tokenizer (when one is given)
     generation_config.json   default decoding settings and stop token ids
@@ -41,6 +43,7 @@ STATE_FILE = "training_state.pt"
 TRAINER_FILE = "trainer_state.json"
 CHECKPOINT_SUBDIR = "checkpoint"  # a stage's output dir keeps its latest checkpoint here
 TIED_KEYS = ("lm_head.weight",)  # same tensor as wte.weight; stored once
+QUANTIZATION_KEY = "quantization"  # config.json entry of a quantized (inference-only) checkpoint
 
 
 @dataclass
@@ -178,6 +181,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", tokeni
     if is_hf_gpt2_dir(path):
         return load_hf_gpt2(path, device=device, tokenizer=tokenizer)
     config, extra = load_model_config(path)
+    check_not_quantized(path, extra)
     model = ScalarHeadModel(GPT(config)) if extra.get("head") == "scalar" else GPT(config)
     load_state_into(model, path / WEIGHTS_FILE)
     model.to(device)
@@ -185,6 +189,31 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", tokeni
     gen_file = path / GENERATION_FILE
     gen = read_json(gen_file, "generation config") if gen_file.exists() else default_generation_config(tok)
     return Checkpoint(path=path, model=model, tokenizer=tok, generation_config=gen, extra=extra)
+
+
+def quantization_of(path: str | Path) -> dict | None:
+    """The `quantization` entry of a checkpoint's config.json (a quantized checkpoint), else None."""
+    path = resolve_checkpoint_dir(path)
+    if is_hf_gpt2_dir(path):
+        return None
+    config = read_json(path / CONFIG_FILE, "model config")
+    marker = config.get(QUANTIZATION_KEY) if isinstance(config, dict) else None
+    return marker if isinstance(marker, dict) else None
+
+
+def check_not_quantized(path: Path, extra: dict) -> None:
+    """Refuse a quantized checkpoint where fp32 weights are needed (training: int8 weights cannot take
+    gradient steps; export). Read from config.json's marker, so core needs nothing of accel; the
+    inference commands load quantized checkpoints through chatforge.accel.quantize instead."""
+    marker = extra.get(QUANTIZATION_KEY)
+    if marker is None:
+        return
+    method = marker.get("method", "?") if isinstance(marker, dict) else marker
+    source = marker.get("source") if isinstance(marker, dict) else None
+    raise CheckpointError(
+        f"{path}: a quantized checkpoint ({method}): training needs fp32 weights; pass the fp32 checkpoint it "
+        f"was quantized from{f' ({source})' if source else ''} (quantized checkpoints are for generate, chat, "
+        "eval and serve)")
 
 
 def load_tokenizer(path: str | Path) -> Any:

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from chatforge import config as configlib
+from chatforge.accel.quantize_cli import quantize, quantize_option
 from chatforge.detect.cli import detect, watermark_options
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.evaluate import EvalConfig
@@ -271,12 +272,13 @@ def pretrain(cfg, resume: bool, overwrite: bool) -> None:
         click.echo(finish_message("pretrain", result, cfg.out))
 
 
-def load_language_model(path: str, command: str):
-    """A checkpoint whose model writes text; a reward model (scalar head) is refused by name."""
-    from chatforge.checkpoint import load_checkpoint
+def load_language_model(path: str, command: str, quantize: str = "none"):
+    """A checkpoint whose model writes text (a quantized one too, or quantized on load with `quantize`); a
+    reward model (scalar head) is refused by name."""
+    from chatforge.accel.quantize import load_for_inference
     from chatforge.model import ScalarHeadModel
 
-    ckpt = load_checkpoint(path)
+    ckpt = load_for_inference(path, quantize=quantize)
     if isinstance(ckpt.model, ScalarHeadModel):
         raise ConfigError(f"{command}: {path} is a reward model (a scalar head); expected a language model "
                           "(pretrain, sft, ppo, grpo, rloo or dpo output)")
@@ -463,10 +465,11 @@ def make_engine(model, tokenizer, **kwargs: Any):
 @click.option("--max-tokens", default=128, show_default=True)
 @click.option("--seed", default=None, type=int, help="Make sampling reproducible.")
 @fused_option
+@quantize_option
 @tools_option
 @watermark_options
 def chat(checkpoint: str, system: str, temperature: float, top_p: float, max_tokens: int, seed: int | None,
-         fused: bool, use_tools: bool, watermark) -> None:
+         fused: bool, quantize: str, use_tools: bool, watermark) -> None:
     """Chat in the terminal (streamed; /help lists the commands: /clear, /temperature, /top_p, /max_tokens ...)."""
     from chatforge.chat import ChatTemplate
     from chatforge.terminal import ChatSession, run_chat
@@ -474,7 +477,7 @@ def chat(checkpoint: str, system: str, temperature: float, top_p: float, max_tok
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                             watermark=watermark)
-    ckpt = load_language_model(checkpoint, "chat")
+    ckpt = load_language_model(checkpoint, "chat", quantize)
     engine = make_engine(ckpt.model.eval(), ckpt.tokenizer, max_batch_size=1, fused=fused,
                          stop_token_ids=ChatTemplate(ckpt.tokenizer).stop_ids)
     session = ChatSession(ckpt, system=system, params=params, engine=engine, tools=builtin_tools() if use_tools else {})
@@ -501,16 +504,17 @@ def chat(checkpoint: str, system: str, temperature: float, top_p: float, max_tok
 @click.option("--compile", "compile_decode", is_flag=True,
               help="Also torch.compile the decode forward (the steps the fused one leaves), compiled first "
                    "(minutes); on AVX2 CPUs slower than the eager engine.")
+@quantize_option
 @tools_option
 @watermark_options
 @config_options(SamplingParams)
 def generate(checkpoint: str, prompts: tuple[str, ...], as_json: bool, max_batch_size: int, fused: bool,
-             compile_decode: bool, use_tools: bool, cfg, watermark) -> None:
+             compile_decode: bool, quantize: str, use_tools: bool, cfg, watermark) -> None:
     """Generate with every decoding option: sampling, penalties, beams, stops, n/best_of, logprobs.
     With --tools each prompt is a user's message to a chat model that may call the built-in tools;
     with --watermark-key the output carries a watermark that `chatforge detect` finds."""
     cfg = dataclasses.replace(cfg, watermark=watermark)
-    ckpt = load_language_model(checkpoint, "generate")
+    ckpt = load_language_model(checkpoint, "generate", quantize)
     tok = ckpt.tokenizer
     engine = make_engine(ckpt.model, tok, max_batch_size=max_batch_size, fused=fused, compile=compile_decode)
     texts = list(prompts) or [""]
@@ -565,6 +569,7 @@ cli.add_command(feedback)
 cli.add_command(detect)
 cli.add_command(prune_command)
 cli.add_command(merge)
+cli.add_command(quantize)
 
 
 @cli.command()
@@ -572,8 +577,9 @@ cli.add_command(merge)
 @click.option("--format", "fmt", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True)
 @click.option("--out", required=True, type=click.Path(),
               help="hf: an output directory; gguf: an output FILE.gguf.")
-@click.option("--dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True,
-              help="gguf only: weight precision (f16 keeps norms and biases in f32).")
+@click.option("--dtype", type=click.Choice(["f32", "f16", "q8_0"]), default="f32", show_default=True,
+              help="gguf only: weight precision (f16 keeps norms and biases in f32; q8_0, llama.cpp's 8-bit blocks "
+                   "of 32, also the position embedding, as llama.cpp's converter does).")
 def export(checkpoint: str, fmt: str, out: str, dtype: str) -> None:
     """Export a checkpoint (hf: a transformers GPT2LMHeadModel directory; gguf: one file for llama.cpp)."""
     if fmt == "gguf":

@@ -11,6 +11,12 @@ produces them from plain text). Ids the tokenizer does not use (a model vocabula
 tokenizer's) become `[PAD{id}]` tokens of type UNUSED. A tokenizer with the chat special tokens also
 writes `tokenizer.chat_template` (chatforge.chat.CHAT_TEMPLATE, the Jinja twin of our template).
 
+`dtype="q8_0"` writes llama.cpp's 8-bit blocks (`gguf.quants.quantize`: 32 values of a row share one f16
+scale) for the tensors llama.cpp's `convert_hf_to_gguf.py` quantizes: every 2-D weight but the position
+embedding (the token embedding and the output head included); norms, biases and positions stay f32, as
+there. A row whose length is not a multiple of 32 cannot be cut into blocks: the converter falls back to
+f16 for it, this export names the tensor and stops.
+
 The `gguf` package is imported only when exporting (`pip install chatforge[gguf]`).
 """
 
@@ -31,7 +37,8 @@ from chatforge.files import temp_file_beside
 from chatforge.model import GPT, ScalarHeadModel
 from chatforge.tokenizer import SPECIAL_TOKENS
 
-DTYPES = ("f32", "f16")
+DTYPES = ("f32", "f16", "q8_0")
+Q8_0_KEEPS_F32 = ("position_embd.weight",)  # 2-D, yet f32 in llama.cpp's q8_0 files
 GGUF_PRE_TOKENIZER = "gpt-2"  # our ByteLevel pre-tokenizer splits with GPT-2's regex
 
 
@@ -118,10 +125,33 @@ def _check_out_path(out: Path) -> None:
         raise ConfigError(f"{out}: the directory {parent} is not writable")
 
 
+def tensor_type(name: str, array: np.ndarray, dtype: str) -> Any:
+    """The GGML type `name` is written in for `dtype`: 1-D tensors (norms, biases) always f32; f16 turns every
+    2-D weight to f16; q8_0 every 2-D weight but the position embedding (llama.cpp's converter's rule)."""
+    gguf = _gguf()
+    Q = gguf.GGMLQuantizationType
+    if array.ndim < 2 or dtype == "f32":
+        return Q.F32
+    if dtype == "f16":
+        return Q.F16
+    return Q.F32 if name in Q8_0_KEEPS_F32 else Q.Q8_0
+
+
+def check_q8_0_rows(tensors: dict[str, torch.Tensor]) -> None:
+    """Raise ConfigError naming the first tensor q8_0 cannot store: its rows must split into blocks of 32."""
+    gguf = _gguf()
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+    for name, tensor in tensors.items():
+        width = tensor.shape[-1]
+        if tensor_type(name, tensor.numpy(), "q8_0") == gguf.GGMLQuantizationType.Q8_0 and width % block:
+            raise ConfigError(f"GGUF q8_0: {name} has rows of {width} values; q8_0 stores blocks of {block} along a "
+                              f"row, so the width must be a multiple of {block} (export f16 or f32 instead)")
+
+
 def export_gguf(
     model: GPT | ScalarHeadModel, tokenizer: Any, out: str | Path, *, dtype: str = "f32", name: str | None = None
 ) -> Path:
-    """Write `model` and `tokenizer` to the GGUF file `out` (f32, or f16 for 2-D weights); returns it.
+    """Write `model` and `tokenizer` to the GGUF file `out` (f32; f16 or q8_0 for 2-D weights); returns it.
 
     The file is written beside `out` and renamed into place, so a failure never leaves half a file.
     """
@@ -136,43 +166,22 @@ def export_gguf(
     if dtype not in DTYPES:
         raise ConfigError(f"GGUF export: dtype {dtype!r} is not supported; expected one of {list(DTYPES)}")
     _check_out_path(out)
+    tensors = gguf_tensors(model)
+    if dtype == "q8_0":
+        check_q8_0_rows(tensors)
     gguf = _gguf()
-    c = model.config
-    tokens, types, merges = tokenizer_vocab(tokenizer, c.vocab_size)
-
     fd, tmp = temp_file_beside(out)
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2])
-        writer.add_name(name or out.stem)
-        writer.add_block_count(c.n_layer)
-        writer.add_context_length(c.context_length)
-        writer.add_embedding_length(c.n_embd)
-        writer.add_feed_forward_length(4 * c.n_embd)
-        writer.add_head_count(c.n_head)
-        writer.add_layer_norm_eps(c.layer_norm_eps)
-        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
-
-        specials = tokenizer.special_ids
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(GGUF_PRE_TOKENIZER)
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        writer.add_token_merges(merges)
-        writer.add_bos_token_id(tokenizer.eot_id)  # GPT-2: <|endoftext|> is both
-        writer.add_eos_token_id(tokenizer.eot_id)
-        if "end_turn" in specials:
-            writer.add_eot_token_id(specials["end_turn"])  # <|end|> closes a chat turn
-        writer.add_add_bos_token(False)  # our prompts start with the first turn's token, not eot
-        if has_chat_tokens(tokenizer):
-            writer.add_chat_template(CHAT_TEMPLATE)
-
-        for tname, tensor in gguf_tensors(model).items():
+        _add_metadata(writer, model, tokenizer, dtype, name or out.stem)
+        for tname, tensor in tensors.items():
             array = tensor.numpy()
-            if dtype == "f16" and array.ndim == 2:  # llama.cpp keeps norms and biases in f32
-                array = array.astype(np.float16)
-            writer.add_tensor(tname, array)
-
+            kind = tensor_type(tname, array, dtype)
+            if kind == gguf.GGMLQuantizationType.Q8_0:
+                writer.add_tensor(tname, gguf.quants.quantize(array, kind), raw_dtype=kind)
+            else:
+                writer.add_tensor(tname, array.astype(np.float16) if kind == gguf.GGMLQuantizationType.F16 else array)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -182,6 +191,37 @@ def export_gguf(
         Path(tmp).unlink(missing_ok=True)
         raise
     return out
+
+
+def _add_metadata(writer: Any, model: GPT, tokenizer: Any, dtype: str, name: str) -> None:
+    """The GPT-2 hyperparameters, the file type and the tokenizer (vocabulary, merges, special ids, template)."""
+    gguf = _gguf()
+    c = model.config
+    tokens, types, merges = tokenizer_vocab(tokenizer, c.vocab_size)
+    writer.add_name(name)
+    writer.add_block_count(c.n_layer)
+    writer.add_context_length(c.context_length)
+    writer.add_embedding_length(c.n_embd)
+    writer.add_feed_forward_length(4 * c.n_embd)
+    writer.add_head_count(c.n_head)
+    writer.add_layer_norm_eps(c.layer_norm_eps)
+    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    writer.add_file_type(file_types[dtype])
+
+    specials = tokenizer.special_ids
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(GGUF_PRE_TOKENIZER)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokenizer.eot_id)  # GPT-2: <|endoftext|> is both
+    writer.add_eos_token_id(tokenizer.eot_id)
+    if "end_turn" in specials:
+        writer.add_eot_token_id(specials["end_turn"])  # <|end|> closes a chat turn
+    writer.add_add_bos_token(False)  # our prompts start with the first turn's token, not eot
+    if has_chat_tokens(tokenizer):
+        writer.add_chat_template(CHAT_TEMPLATE)
 
 
 def export_checkpoint_gguf(checkpoint_dir: str | Path, out: str | Path, dtype: str = "f32") -> Path:

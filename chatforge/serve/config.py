@@ -26,6 +26,9 @@ class ServeConfig:
                           "here (AVX-512 on Linux; built once, about 40 s); --no-fused: torch's products only.")
     compile: bool = setting(False, "Also torch.compile the decode forward (the steps the fused one leaves), "
                             "compiled before serving (minutes); on AVX2 CPUs slower than the eager engine.")
+    quantize: str = setting("none", "int8: quantize an fp32 checkpoint's weights on load (weight-only, one scale per "
+                            "output channel; see `chatforge quantize`). A quantized checkpoint loads as stored.",
+                            choices=("none", "int8"))
     max_body_bytes: int = setting(1_000_000, "Larger request bodies get 413.")
     max_prompts: int = setting(64, "Prompts in one /v1/completions request; more get 400.")
     web: bool = setting(True, "Serve the web chat page beside the API (--no-web: the API only, nothing stored).")

@@ -62,13 +62,13 @@ def pick_device(device: str) -> str:
 
 def build_app(config: ServeConfig) -> FastAPI:
     """Load the checkpoint, build the engine and the app (what `chatforge serve` runs)."""
-    from chatforge.checkpoint import load_checkpoint
+    from chatforge.accel.quantize import load_for_inference
     from chatforge.generate.engine import prepared_engine
     from chatforge.model import ScalarHeadModel
 
     if not config.checkpoint:
         raise ConfigError("serve: --checkpoint is required")
-    ckpt = load_checkpoint(config.checkpoint, device=pick_device(config.device))
+    ckpt = load_for_inference(config.checkpoint, device=pick_device(config.device), quantize=config.quantize)
     if isinstance(ckpt.model, ScalarHeadModel):
         raise ConfigError(f"serve: {config.checkpoint} is a reward model (a scalar head); expected a language model")
     if ckpt.tokenizer is None:
