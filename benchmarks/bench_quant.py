@@ -162,6 +162,7 @@ def llama_q8_decoder(model: GPT, threads: int, tmp: str) -> Callable[[list[int],
                 llm.eval(out[-1:])
         return out
 
+    run.size = path.stat().st_size  # type: ignore[attr-defined]  # its weights (the head a copy) + the vocabulary
     return run
 
 
@@ -347,16 +348,19 @@ def speed_section(args: argparse.Namespace) -> str | None:
         tps = measure_decode(runs, prompt, args.new, args.rounds)
         fp_passes, q8_passes = products_alone(model, models["int8 (ours)"], 4, args.rounds)
         busy1, mine1 = cpu_ticks()
-    print_speed_table(model, models, tps, bw, args, fp_passes, q8_passes)
+    sizes = {k: model_bytes(m) for k, m in models.items()}
+    sizes |= {k: run.size for k, run in runs.items() if hasattr(run, "size")}
+    print_speed_table(model, sizes, tps, bw, args, fp_passes, q8_passes)
     others = (busy1 - busy0 - (mine1 - mine0)) / max(busy1 - busy0, 1)
     print(f"other processes' share of CPU time during the rounds: {others:.1%}; load average {load_average()}")
     return int4
 
 
-def print_speed_table(model: GPT, models: dict[str, nn.Module], tps: dict[str, list[float]], bw: float,
+def print_speed_table(model: GPT, sizes: dict[str, int], tps: dict[str, list[float]], bw: float,
                       args: argparse.Namespace, fp_passes: list[float], q8_passes: list[float]) -> None:
     """One row per contender: decode tokens/s, paired ratios to fp32 and to ours, share of its own bandwidth
-    bound (its weight bytes + the KV cache read once a token), weight memory."""
+    bound (its weight bytes, less the position table, + the KV cache read once a token), weight memory
+    (llama.cpp's: its GGUF file, which holds the tied head twice, as llama.cpp's converter writes it)."""
     c = model.config
     kv = 4 * 2 * c.n_layer * (args.prompt + args.new / 2) * c.n_embd
     wpe = model.wpe.weight.numel() * 4  # one row a token: not streamed
@@ -367,7 +371,7 @@ def print_speed_table(model: GPT, models: dict[str, nn.Module], tps: dict[str, l
     print(f"\nbandwidth (sum over {args.bw_gib:g} GiB, {args.threads} threads): {bw:.1f} GB/s")
     print(f"{'':<44}{'tokens/s':>9}  {'vs fp32':>8}  {'ours vs it':>10}  {'of bound':>8}  {'weights MB':>10}")
     for k, v in tps.items():
-        size = model_bytes(models[k]) if k in models else None
+        size = sizes.get(k)
         bound = bw * 1e9 / (size - wpe + kv) if size else None
         print(f"{'decode b1: ' + k:<44}{med(v):>9.1f}  {paired(k, 'fp32'):>7.2f}x  "
               f"{paired('int8 (ours)', k):>9.2f}x  {f'{med(v) / bound:.0%}' if bound else '-':>8}  "
@@ -376,7 +380,8 @@ def print_speed_table(model: GPT, models: dict[str, nn.Module], tps: dict[str, l
     print(f"int8 (ours) over fp32: {ratio:.2f}x (goal >= 1.8x once int8_linear has fast kernels)")
     if "llama.cpp q8_0" in tps:
         print(f"int8 (ours) over llama.cpp q8_0: {paired('int8 (ours)', 'llama.cpp q8_0'):.2f}x (goal >= 1.0x)")
-    print(f"products alone (49 one-row products, passes/s): fp32 {med(fp_passes):.1f}, int8_linear "
+    products = 4 * model.config.n_layer + 1
+    print(f"products alone ({products} one-row products, passes/s): fp32 {med(fp_passes):.1f}, int8_linear "
           f"{med(q8_passes):.1f} ({med([b / a for a, b in zip(fp_passes, q8_passes)]):.2f}x)")
 
 
