@@ -123,19 +123,23 @@ void gemv_rows(const float* W, const float* X, const float* B, float* Y, int64_t
   }
 }
 
-// Output columns per packed panel, and rows per tile (the tile's accumulators are kTileRows x
-// kPanelVecs registers, with the panel's kPanelVecs and a broadcast beside them): AVX-512, one vector
-// of 16 columns and 16 rows (16 of its 32 registers); AVX2, PANEL_VECS_AVX2 vectors and TILE_ROWS_AVX2
-// rows, within its 16 registers.
-#ifndef CHATFORGE_PANEL_VECS
-#define CHATFORGE_PANEL_VECS (Vec::W == 16 ? 1 : 2)
-#endif
-#ifndef CHATFORGE_TILE_ROWS
-#define CHATFORGE_TILE_ROWS (Vec::W == 16 ? 16 : 6)
-#endif
-constexpr int kPanelVecs = CHATFORGE_PANEL_VECS;
+// Output columns per packed panel: 16 in both builds, one AVX-512 vector or two AVX2 vectors. A tile
+// multiplies R rows of x by one panel (a wide tile: R x kPanelVecs accumulators) or by one vector's
+// columns of it (a narrow tile: R accumulators), with the panel's vectors and a broadcast of x beside
+// them in registers: at most kWideRows and kNarrowRows rows. AVX-512 (32 registers): both 16. AVX2 (16
+// registers): 6 rows of 2 vectors, 12 of one; measured on GPT-2 small's products (one thread, paired),
+// narrow tiles were 5-30% faster up to 12 rows (a panel of 2 x 12 beats 6 + 6) and wide ones 10-15%
+// faster from 16 (6 + 5 + 5 rows beat 8 + 8 on each half).
+constexpr int kPanelVecs = Vec::W == 16 ? 1 : 2;
 constexpr int64_t kPanel = kPanelVecs * Vec::W;
-constexpr int kTileRows = CHATFORGE_TILE_ROWS;
+#ifndef CHATFORGE_WIDE_ROWS  // -D overrides, to measure other shapes
+#define CHATFORGE_WIDE_ROWS (Vec::W == 16 ? 16 : 6)
+#endif
+#ifndef CHATFORGE_NARROW_ROWS
+#define CHATFORGE_NARROW_ROWS (Vec::W == 16 ? 16 : 12)
+#endif
+constexpr int kWideRows = CHATFORGE_WIDE_ROWS;
+constexpr int kNarrowRows = CHATFORGE_NARROW_ROWS;
 
 // W [O, K] -> panels of kPanel columns, each [K][kPanel] (zero-padded past O): the layout in
 // which one k step of a tile reads kPanelVecs whole vectors, and a panel is one sequential stream.
@@ -166,48 +170,61 @@ void transpose(const float* x, int64_t M, int64_t K, float* xt) {
     for (int64_t k = 0; k < K; ++k) xt[k * M + m] = x[m * K + k];
 }
 
-// R rows (m..m+R-1) of x times one panel: R x kPanelVecs accumulators, x broadcast one element at a
-// time from xt [K, M]; the first tile of a panel prefetches its weight stream 4 KB ahead into L2
-template <int R>
+// R rows (m..m+R-1) of x times NV vectors of a panel, from its column c (the outputs o + c...): R x NV
+// accumulators, x broadcast one element at a time from xt [K, M]; the first tile of a panel prefetches
+// its weight stream 4 KB ahead into L2
+template <int R, int NV>
 void panel_tile(const float* P, const float* XT, const float* B, float* Y, int64_t K, int64_t M, int64_t O,
-                int64_t o, int64_t m, bool prefetch) {
-  Reg acc[R][kPanelVecs];
+                int64_t o, int64_t c, int64_t m, bool prefetch) {
+  Reg acc[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < kPanelVecs; ++v) acc[r][v] = Vec::zero();
+    for (int v = 0; v < NV; ++v) acc[r][v] = Vec::zero();
   for (int64_t k = 0; k < K; ++k) {
     const float* w = P + k * kPanel;
     if (prefetch) _mm_prefetch((const char*)(w + kAhead), _MM_HINT_T1);
-    Reg wv[kPanelVecs];
-    for (int v = 0; v < kPanelVecs; ++v) wv[v] = Vec::load(w + v * Vec::W);
+    Reg wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = Vec::load(w + c + v * Vec::W);
     const float* x = XT + k * M + m;
     for (int r = 0; r < R; ++r) {
       const Reg xr = Vec::set1(x[r]);
-      for (int v = 0; v < kPanelVecs; ++v) acc[r][v] = Vec::fma(xr, wv[v], acc[r][v]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = Vec::fma(xr, wv[v], acc[r][v]);
     }
   }
-  for (int v = 0; v < kPanelVecs; ++v) {
-    const int64_t cols = std::clamp<int64_t>(O - o - v * Vec::W, 0, Vec::W);
+  for (int v = 0; v < NV; ++v) {
+    const int64_t col = o + c + v * Vec::W, cols = std::clamp<int64_t>(O - col, 0, Vec::W);
     if (cols == 0) break;
     const auto mask = Vec::mask(cols);
-    const Reg b = B ? Vec::load(mask, B + o + v * Vec::W) : Vec::zero();
-    for (int r = 0; r < R; ++r) Vec::store(mask, Y + (m + r) * O + o + v * Vec::W, Vec::add(acc[r][v], b));
+    const Reg b = B ? Vec::load(mask, B + col) : Vec::zero();
+    for (int r = 0; r < R; ++r) Vec::store(mask, Y + (m + r) * O + col, Vec::add(acc[r][v], b));
   }
 }
 
-template <int R>
+// panel_tile<rows, NV> for a run-time rows <= R
+template <int R, int NV>
 void panel_rest(const float* P, const float* XT, const float* B, float* Y, int64_t K, int64_t M, int64_t O, int64_t o,
-                int64_t m, int64_t rows, bool first) {
+                int64_t c, int64_t m, int64_t rows, bool first) {
   if constexpr (R > 0) {
-    if (rows == R) return panel_tile<R>(P, XT, B, Y, K, M, O, o, m, first);
-    panel_rest<R - 1>(P, XT, B, Y, K, M, O, o, m, rows, first);
+    if (rows == R) return panel_tile<R, NV>(P, XT, B, Y, K, M, O, o, c, m, first);
+    panel_rest<R - 1, NV>(P, XT, B, Y, K, M, O, o, c, m, rows, first);
   }
 }
 
-// tiles of kTileRows rows share one read of the panel; the first streams it from memory
+// All M rows times the panel at output o. Up to kNarrowRows rows where a panel is several vectors: one
+// narrow tile a vector (the first streams the panel from memory, the next find it in cache). Otherwise
+// wide tiles, as few as kWideRows allows and of equal size (17 rows: 9 and 8, not 16 and 1), since a
+// tile's accumulators hide the FMA latency only when there are enough of them.
 void panel_rows(const float* P, const float* XT, const float* B, float* Y, int64_t K, int64_t O, int64_t M, int64_t o) {
-  int64_t m = 0;
-  for (; m + kTileRows <= M; m += kTileRows) panel_tile<kTileRows>(P, XT, B, Y, K, M, O, o, m, m == 0);
-  if (m < M) panel_rest<kTileRows - 1>(P, XT, B, Y, K, M, O, o, m, M - m, m == 0);
+  if (kPanelVecs > 1 && M <= kNarrowRows) {
+    for (int v = 0; v < kPanelVecs && o + v * Vec::W < O; ++v)
+      panel_rest<kNarrowRows, 1>(P, XT, B, Y, K, M, O, o, v * Vec::W, 0, M, v == 0);
+    return;
+  }
+  const int64_t tiles = (M + kWideRows - 1) / kWideRows;
+  for (int64_t t = 0, m = 0; t < tiles; ++t) {
+    const int64_t rows = (M - m + tiles - t - 1) / (tiles - t);
+    panel_rest<kWideRows, kPanelVecs>(P, XT, B, Y, K, M, O, o, 0, m, rows, t == 0);
+    m += rows;
+  }
 }
 
 // What both products share: x made contiguous, the bias checked, and y [..., O] allocated.

@@ -23,7 +23,7 @@ class ServeConfig:
     max_batch_size: int = setting(16, "Engine slots (sequences decoded together).")
     max_queue: int = setting(64, "Requests waiting for a slot before 429.")
     fused: bool = setting(True, "Decode 1-32 rows a step in chatforge's fused CPU step where its kernels build "
-                          "here (AVX-512 on Linux; built once, about 40 s); --no-fused: torch's products only.")
+                          "here (AVX-512 or AVX2 on Linux; built once, about 40 s); --no-fused: torch's products only.")
     compile: bool = setting(False, "Also torch.compile the decode forward (the steps the fused one leaves), "
                             "compiled before serving (minutes); on AVX2 CPUs slower than the eager engine.")
     max_body_bytes: int = setting(1_000_000, "Larger request bodies get 413.")
