@@ -124,22 +124,13 @@ void gemv_rows(const float* W, const float* X, const float* B, float* Y, int64_t
 }
 
 // Output columns per packed panel: 16 in both builds, one AVX-512 vector or two AVX2 vectors. A tile
-// multiplies R rows of x by one panel (a wide tile: R x kPanelVecs accumulators) or by one vector's
-// columns of it (a narrow tile: R accumulators), with the panel's vectors and a broadcast of x beside
-// them in registers: at most kWideRows and kNarrowRows rows. AVX-512 (32 registers): both 16. AVX2 (16
-// registers): 6 rows of 2 vectors, 12 of one; measured on GPT-2 small's products (one thread, paired),
-// narrow tiles were 5-30% faster up to 12 rows (a panel of 2 x 12 beats 6 + 6) and wide ones 10-15%
-// faster from 16 (6 + 5 + 5 rows beat 8 + 8 on each half).
+// multiplies up to kTileRows rows of x by one panel, in kTileRows x kPanelVecs accumulators with the
+// panel's vectors and a broadcast of x beside them in registers: AVX-512 (32 registers) 16 rows, AVX2
+// (16 registers) 6. (On AVX2, tiles of one vector of 8 columns and up to 12 rows, over each half of the
+// panel, were 0-30% slower than 6-row tiles of both halves at 2-12 rows on the EPYC, paired in one build.)
 constexpr int kPanelVecs = Vec::W == 16 ? 1 : 2;
 constexpr int64_t kPanel = kPanelVecs * Vec::W;
-#ifndef CHATFORGE_WIDE_ROWS  // -D overrides, to measure other shapes
-#define CHATFORGE_WIDE_ROWS (Vec::W == 16 ? 16 : 6)
-#endif
-#ifndef CHATFORGE_NARROW_ROWS
-#define CHATFORGE_NARROW_ROWS (Vec::W == 16 ? 16 : 12)
-#endif
-constexpr int kWideRows = CHATFORGE_WIDE_ROWS;
-constexpr int kNarrowRows = CHATFORGE_NARROW_ROWS;
+constexpr int kTileRows = Vec::W == 16 ? 16 : 6;
 
 // W [O, K] -> panels of kPanel columns, each [K][kPanel] (zero-padded past O): the layout in
 // which one k step of a tile reads kPanelVecs whole vectors, and a panel is one sequential stream.
@@ -170,28 +161,50 @@ void transpose(const float* x, int64_t M, int64_t K, float* xt) {
     for (int64_t k = 0; k < K; ++k) xt[k * M + m] = x[m * K + k];
 }
 
-// R rows (m..m+R-1) of x times NV vectors of a panel, from its column c (the outputs o + c...): R x NV
-// accumulators, x broadcast one element at a time from xt [K, M]; the first tile of a panel prefetches
-// its weight stream 4 KB ahead into L2
-template <int R, int NV>
+// What a tile prefetches into L2 while it computes: its own panel 4 KB ahead of its loads (`own`, a
+// line a k step), and/or a share of the next panel (`next`, a line every `every` k steps).
+struct Fetch {
+  const char* own = nullptr;
+  const char* next = nullptr;
+  int64_t every = 1;
+};
+
+// Whether the tiles of a panel spread the prefetch of the next panel between them (AVX2), or only the
+// first tile prefetches its own panel (AVX-512, as measured there). Where a panel takes several tiles,
+// the first streams it from memory and the later ones compute from cache, so without spreading the
+// memory is idle while they run; spread, the whole product streams at the pace of its arithmetic. On the
+// EPYC (AVX2, GPT-2 small's products, one thread, paired in one build): 1.24-1.37x at 8-12 rows, 1.09-
+// 1.14x at 16-24, 1.08x at 32. A panel of one tile keeps its own prefetch (spread, one panel ahead, was
+// 0.92x at 2 rows).
+constexpr bool kSpread = Vec::W == 8;
+
+// R rows (m..m+R-1) of x times the panel of outputs o..o+kPanel-1: R x kPanelVecs accumulators, x
+// broadcast one element at a time from xt [K, M]
+template <int R>
 void panel_tile(const float* P, const float* XT, const float* B, float* Y, int64_t K, int64_t M, int64_t O,
-                int64_t o, int64_t c, int64_t m, bool prefetch) {
-  Reg acc[R][NV];
+                int64_t o, int64_t m, Fetch fetch) {
+  Reg acc[R][kPanelVecs];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = Vec::zero();
+    for (int v = 0; v < kPanelVecs; ++v) acc[r][v] = Vec::zero();
+  int64_t due = 0;
   for (int64_t k = 0; k < K; ++k) {
     const float* w = P + k * kPanel;
-    if (prefetch) _mm_prefetch((const char*)(w + kAhead), _MM_HINT_T1);
-    Reg wv[NV];
-    for (int v = 0; v < NV; ++v) wv[v] = Vec::load(w + c + v * Vec::W);
+    if (fetch.own) _mm_prefetch(fetch.own + k * kPanel * sizeof(float), _MM_HINT_T1);
+    if (fetch.next && k == due) {
+      _mm_prefetch(fetch.next, _MM_HINT_T1);
+      fetch.next += 64;
+      due += fetch.every;
+    }
+    Reg wv[kPanelVecs];
+    for (int v = 0; v < kPanelVecs; ++v) wv[v] = Vec::load(w + v * Vec::W);
     const float* x = XT + k * M + m;
     for (int r = 0; r < R; ++r) {
       const Reg xr = Vec::set1(x[r]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = Vec::fma(xr, wv[v], acc[r][v]);
+      for (int v = 0; v < kPanelVecs; ++v) acc[r][v] = Vec::fma(xr, wv[v], acc[r][v]);
     }
   }
-  for (int v = 0; v < NV; ++v) {
-    const int64_t col = o + c + v * Vec::W, cols = std::clamp<int64_t>(O - col, 0, Vec::W);
+  for (int v = 0; v < kPanelVecs; ++v) {
+    const int64_t col = o + v * Vec::W, cols = std::clamp<int64_t>(O - col, 0, Vec::W);
     if (cols == 0) break;
     const auto mask = Vec::mask(cols);
     const Reg b = B ? Vec::load(mask, B + col) : Vec::zero();
@@ -199,32 +212,50 @@ void panel_tile(const float* P, const float* XT, const float* B, float* Y, int64
   }
 }
 
-// panel_tile<rows, NV> for a run-time rows <= R
-template <int R, int NV>
+// panel_tile<rows> for a run-time rows <= R
+template <int R>
 void panel_rest(const float* P, const float* XT, const float* B, float* Y, int64_t K, int64_t M, int64_t O, int64_t o,
-                int64_t c, int64_t m, int64_t rows, bool first) {
+                int64_t m, int64_t rows, Fetch fetch) {
   if constexpr (R > 0) {
-    if (rows == R) return panel_tile<R, NV>(P, XT, B, Y, K, M, O, o, c, m, first);
-    panel_rest<R - 1, NV>(P, XT, B, Y, K, M, O, o, c, m, rows, first);
+    if (rows == R) return panel_tile<R>(P, XT, B, Y, K, M, O, o, m, fetch);
+    panel_rest<R - 1>(P, XT, B, Y, K, M, O, o, m, rows, fetch);
   }
 }
 
-// All M rows times the panel at output o. Up to kNarrowRows rows where a panel is several vectors: one
-// narrow tile a vector (the first streams the panel from memory, the next find it in cache). Otherwise
-// wide tiles, as few as kWideRows allows and of equal size (17 rows: 9 and 8, not 16 and 1), since a
-// tile's accumulators hide the FMA latency only when there are enough of them.
-void panel_rows(const float* P, const float* XT, const float* B, float* Y, int64_t K, int64_t O, int64_t M, int64_t o) {
-  if (kPanelVecs > 1 && M <= kNarrowRows) {
-    for (int v = 0; v < kPanelVecs && o + v * Vec::W < O; ++v)
-      panel_rest<kNarrowRows, 1>(P, XT, B, Y, K, M, O, o, v * Vec::W, 0, M, v == 0);
-    return;
+// What tile t of `tiles` over a panel prefetches: spread (kSpread, several tiles) its share of the next
+// panel (none after a thread's last panel) and, in the first panel a thread computes, the first tile its
+// own panel too; otherwise the first tile its own panel.
+Fetch tile_fetch(const float* P, const float* next, bool first_panel, int64_t K, int64_t t, int64_t tiles) {
+  const bool spread = kSpread && tiles > 1;
+  Fetch f;
+  if (t == 0 && (first_panel || !spread)) f.own = (const char*)(P + kAhead);
+  if (spread && next) {
+    f.next = (const char*)next + t * ((K + tiles - 1) / tiles) * kPanel * sizeof(float);
+    f.every = tiles;
   }
-  const int64_t tiles = (M + kWideRows - 1) / kWideRows;
+  return f;
+}
+
+// All M rows times the panel at output o (`next`: the panel this thread computes after it, or null), in
+// as few tiles as kTileRows allows, of equal size (17 rows: 9 and 8, not 16 and 1), since a tile's
+// accumulators hide the FMA latency only when there are enough of them. Each reads the panel once: the
+// first from memory, the others from cache.
+void panel_rows(const float* P, const float* XT, const float* B, float* Y, int64_t K, int64_t O, int64_t M, int64_t o,
+                const float* next, bool first_panel) {
+  const int64_t tiles = (M + kTileRows - 1) / kTileRows;
   for (int64_t t = 0, m = 0; t < tiles; ++t) {
     const int64_t rows = (M - m + tiles - t - 1) / (tiles - t);
-    panel_rest<kWideRows, kPanelVecs>(P, XT, B, Y, K, M, O, o, 0, m, rows, t == 0);
+    panel_rest<kTileRows>(P, XT, B, Y, K, M, O, o, m, rows, tile_fetch(P, next, first_panel, K, t, tiles));
     m += rows;
   }
+}
+
+// panels [begin, end) of a packed weight P (one thread's share)
+void panel_range(const float* P, const float* XT, const float* B, float* Y, int64_t K, int64_t O, int64_t M,
+                 int64_t begin, int64_t end) {
+  for (int64_t p = begin; p < end; ++p)
+    panel_rows(P + p * K * kPanel, XT, B, Y, K, O, M, p * kPanel, p + 1 < end ? P + (p + 1) * K * kPanel : nullptr,
+               p == begin);
 }
 
 // What both products share: x made contiguous, the bias checked, and y [..., O] allocated.
@@ -266,7 +297,7 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
   transpose(t.X, M, K, xt.data_ptr<float>());
   const float* XT = xt.data_ptr<float>();
   at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) panel_rows(P + p * K * kPanel, XT, t.B, t.Y, K, O, M, p * kPanel);
+    panel_range(P, XT, t.B, t.Y, K, O, M, begin, end);
   });
   return t.y;
 }
@@ -424,7 +455,7 @@ struct DecodeStep : torch::CustomClassHolder {
     const float* P = packs[pack_index].data_ptr<float>();
     transpose(x, R, K, xt);
     at::parallel_for(0, packs[pack_index].size(0), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) panel_rows(P + p * K * kPanel, xt, b, out, K, O, R, p * kPanel);
+      panel_range(P, xt, b, out, K, O, R, begin, end);
       finish(begin * kPanel, std::min(end * kPanel, O));
     });
   }
