@@ -86,9 +86,26 @@ using Reg = Vec::R;  // one vector register
 // many lines can be on their way there). Measured on the AVX-512 Xeon.
 constexpr int64_t kAhead = 1024;
 
-// One row: a single sequential stream per thread, 64 floats (four cache lines) a step in 64 / W
-// accumulators (4 of AVX-512, 8 of AVX2) to hide the FMA latency.
+// One row of x times the weight, a group of output rows at a time, 64 floats (four cache lines) of
+// the weight a k step in 64 / W accumulators (4 of AVX-512, 8 of AVX2) to hide the FMA latency:
+// AVX-512 one output row at a time, a single sequential stream per thread (on the Xeon); AVX2 8 rows at
+// a time, 8 streams of 8 floats a step with one accumulator each (on the EPYC: 1.27x one stream, paired
+// in one build, 49 products at 2 threads; 10 or 12 rows the same, 16 slower, 6 rows of 2 accumulators
+// 1.1x).
 constexpr int kAcc = 64 / Vec::W;
+constexpr int kGemvRows = Vec::W == 16 ? 1 : 8;
+
+// Whether the one-row-at-a-time product prefetches its stream kAhead floats ahead into L2: on by
+// default, what the Xeon wants (above); chatforge/accel/kernels.py turns it off on AMD, where the
+// hardware prefetcher alone streams faster (EPYC, one row at a time: 1.09-1.12x without). The groups of
+// 8 rows never prefetch, and the product with panels always does (without: 0.85-0.95x on the EPYC).
+bool g_gemv_prefetch = true;
+
+bool gemv_prefetch(bool on) {
+  const bool before = g_gemv_prefetch;
+  g_gemv_prefetch = on;
+  return before;
+}
 
 // a[0] + ... + a[N-1] pairwise: (a0 + a1) + (a2 + a3), ...
 template <int N>
@@ -97,30 +114,46 @@ inline Reg tree_sum(const Reg* a) {
   else return Vec::add(tree_sum<N / 2>(a), tree_sum<N / 2>(a + N / 2));
 }
 
-void gemv_rows(const float* W, const float* X, const float* B, float* Y, int64_t K, int64_t begin, int64_t end) {
-  const int64_t K64 = K & ~int64_t(63);
-  const int64_t tail = K % Vec::W;
-  for (int64_t o = begin; o < end; ++o) {
-    const float* w = W + o * K;
-    Reg a[kAcc];
-    for (int i = 0; i < kAcc; ++i) a[i] = Vec::zero();
-    int64_t k = 0;
-    for (; k < K64; k += 64) {
-      const char* ahead = (const char*)(w + k + kAhead);
-      _mm_prefetch(ahead, _MM_HINT_T1);
-      _mm_prefetch(ahead + 64, _MM_HINT_T1);
-      _mm_prefetch(ahead + 128, _MM_HINT_T1);
-      _mm_prefetch(ahead + 192, _MM_HINT_T1);
-      for (int i = 0; i < kAcc; ++i) a[i] = Vec::fma(Vec::load(w + k + i * Vec::W), Vec::load(X + k + i * Vec::W), a[i]);
+// outputs o..o+ROWS-1: ROWS streams, kAcc / ROWS accumulators each (at least one)
+template <int ROWS>
+void gemv_group(const float* W, const float* X, const float* B, float* Y, int64_t K, int64_t o, bool prefetch) {
+  constexpr int acc = std::max(1, kAcc / ROWS);
+  constexpr int64_t step = acc * Vec::W;
+  const int64_t K_steps = K - K % step;
+  const float* w = W + o * K;
+  Reg a[ROWS][acc];
+  for (int r = 0; r < ROWS; ++r)
+    for (int i = 0; i < acc; ++i) a[r][i] = Vec::zero();
+  int64_t k = 0;
+  for (; k < K_steps; k += step) {
+    if (ROWS == 1 && prefetch)
+      for (int64_t line = 0; line < step * 4; line += 64) _mm_prefetch((const char*)(w + k + kAhead) + line, _MM_HINT_T1);
+    for (int i = 0; i < acc; ++i) {
+      const Reg x = Vec::load(X + k + i * Vec::W);
+      for (int r = 0; r < ROWS; ++r) a[r][i] = Vec::fma(Vec::load(w + r * K + k + i * Vec::W), x, a[r][i]);
     }
-    for (; k + Vec::W <= K; k += Vec::W) a[0] = Vec::fma(Vec::load(w + k), Vec::load(X + k), a[0]);
-    if (tail) {
-      const auto m = Vec::mask(tail);
-      a[1] = Vec::fma(Vec::load(m, w + k), Vec::load(m, X + k), a[1]);
-    }
-    const float s = Vec::sum(tree_sum<kAcc>(a));
-    Y[o] = B ? s + B[o] : s;
   }
+  for (; k + Vec::W <= K; k += Vec::W) {
+    const Reg x = Vec::load(X + k);
+    for (int r = 0; r < ROWS; ++r) a[r][0] = Vec::fma(Vec::load(w + r * K + k), x, a[r][0]);
+  }
+  if (K % Vec::W) {
+    const auto m = Vec::mask(K % Vec::W);
+    const Reg x = Vec::load(m, X + k);
+    constexpr int last = acc > 1 ? 1 : 0;
+    for (int r = 0; r < ROWS; ++r) a[r][last] = Vec::fma(Vec::load(m, w + r * K + k), x, a[r][last]);
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    const float s = Vec::sum(tree_sum<acc>(a[r]));
+    Y[o + r] = B ? s + B[o + r] : s;
+  }
+}
+
+void gemv_rows(const float* W, const float* X, const float* B, float* Y, int64_t K, int64_t begin, int64_t end) {
+  const bool prefetch = g_gemv_prefetch;
+  int64_t o = begin;
+  for (; o + kGemvRows <= end; o += kGemvRows) gemv_group<kGemvRows>(W, X, B, Y, K, o, prefetch);
+  for (; o < end; ++o) gemv_group<1>(W, X, B, Y, K, o, prefetch);
 }
 
 // Output columns per packed panel: 16 in both builds, one AVX-512 vector or two AVX2 vectors. A tile
@@ -568,6 +601,7 @@ TORCH_LIBRARY(chatforge_cpu, m) {
   m.def("packed_linear(Tensor x, Tensor packed, int outputs, Tensor? bias) -> Tensor");
   m.def("panel_width", &panel_width);  // the pack's columns a panel: 16 in both builds
   m.def("isa", &isa);                  // which build this is: "avx512" or "avx2"
+  m.def("gemv_prefetch", &gemv_prefetch);  // set whether the one-row product prefetches; returns what it was
   m.class_<DecodeStep>("DecodeStep")
       .def(torch::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, int64_t, double>())
       .def("forward", &DecodeStep::forward);

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from chatforge.accel.cpu import kernels_isa, kernels_unsupported_reason
+from chatforge.accel.cpu import kernels_isa, kernels_unsupported_reason, vendor
 
 SOURCES = [Path(__file__).with_name("kernels.cpp")]
 # One build per instruction set, each under its own name so torch's extension cache keeps both. Not
@@ -84,6 +84,7 @@ def _compile(chosen: str) -> bool:
                       "products", stacklevel=4)
         return False
     _register_fakes(torch.ops.chatforge_cpu.panel_width())
+    torch.ops.chatforge_cpu.gemv_prefetch(vendor() != "AuthenticAMD")  # measured: see kernels.cpp
     return True
 
 
