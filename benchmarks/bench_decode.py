@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode.py                     # prompt 16, 64 new tokens, 5 rounds
     python benchmarks/bench_decode.py --rounds 3 --new 32 # quicker
+    python benchmarks/bench_decode.py --isa avx2          # the kernels' AVX2 build, on an AVX-512 CPU too
 
 What is measured. One GPT-2-small-size model (12 layers, width 768, 12 heads, vocabulary 50257,
 context 1024; 124M weights, random), fp32, 2 threads. The weights are exported with
@@ -11,8 +12,9 @@ the same weights; before timing, the script checks that both produce the same gr
 Ours: `Engine(model, stub_tokenizer, max_batch_size=16, fused=True)`, `engine.generate(prompts,
 SamplingParams(max_tokens=N, temperature=0, ignore_eos=True))`, the full engine path
 (scheduler, logits pipeline, sampling, incremental text), as `chatforge generate` runs by default:
-on an AVX-512 CPU chatforge's fused decode step (chatforge/accel/fused_step.py; its kernels are
-built the first time, about 40 s), elsewhere torch's products; `--compile` adds torch.compile's
+on an AVX-512 or AVX2 CPU chatforge's fused decode step (chatforge/accel/fused_step.py; its kernels
+are built the first time, about 40 s, for the widest of the two the CPU has, or the one `--isa`
+names), elsewhere torch's products; `--compile` adds torch.compile's
 graphs (`engine.warm_up()` prepares them before the rounds; the time is printed). Beside it, the
 same engine with neither ("ours, eager", `--no-fused`). The peer:
 `model.generate(input_ids, do_sample=False, max_new_tokens=N, min_new_tokens=N)` with its default
@@ -97,6 +99,24 @@ def bandwidth(tensor: torch.Tensor, out: torch.Tensor, reps: int) -> tuple[float
     return nbytes / best_sum / 1e9, 2 * nbytes / best_copy / 1e9
 
 
+def make_engines(model: GPT, args: argparse.Namespace) -> tuple[Engine, Engine, str]:
+    """The engine under test (fused, with --compile compiled), the eager one, and what starting the first
+    took until its first token: making it (loading the kernels; the first run builds them), `warm_up`
+    (packing the fused step's weights; compiling the graphs), then a first one-token request."""
+    t0 = time.perf_counter()
+    engine = Engine(model, StubTokenizer(), max_batch_size=args.batch, stop_token_ids=[], fused=True,
+                    compile=args.compile)
+    t1 = time.perf_counter()
+    engine.warm_up()
+    t2 = time.perf_counter()
+    engine.generate([[1, 2, 3]], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    t3 = time.perf_counter()
+    eager = Engine(model, StubTokenizer(), max_batch_size=args.batch, stop_token_ids=[])
+    return engine, eager, (f"first token {t3 - t0:.2f} s after the engine was made: Engine() {t1 - t0:.2f} s "
+                           f"(the kernels' load; their build on a first run), warm_up {t2 - t1:.2f} s, "
+                           f"the request {t3 - t2:.2f} s")
+
+
 def llama_cpp_decoder(model: GPT, threads: int, tmp: str) -> Callable[[list[int], int], list[int]] | None:
     """Greedy decode through llama.cpp on `model`'s weights (f32 GGUF), or None without llama-cpp-python."""
     try:
@@ -140,7 +160,10 @@ def main() -> None:
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when it is installed")
     ap.add_argument("--no-eager", action="store_true", help="skip the eager engine's reference rows")
     ap.add_argument("--compile", action="store_true", help="ours with torch.compile's graphs too")
+    ap.add_argument("--isa", choices=["avx512", "avx2"], help="which build of chatforge's kernels (CHATFORGE_CPU_ISA)")
     args = ap.parse_args()
+    if args.isa:
+        os.environ["CHATFORGE_CPU_ISA"] = args.isa
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -154,12 +177,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(ours, None, tmp)
         peer = GPT2LMHeadModel.from_pretrained(tmp).eval()
-    engine = Engine(ours, StubTokenizer(), max_batch_size=args.batch, stop_token_ids=[], fused=True,
-                    compile=args.compile)
-    eager = Engine(ours, StubTokenizer(), max_batch_size=args.batch, stop_token_ids=[])
-    t0 = time.perf_counter()
-    engine.warm_up()
-    compile_s = time.perf_counter() - t0
+    engine, eager, startup = make_engines(ours, args)
     gguf_dir = tempfile.TemporaryDirectory()
     run_llama = None if args.no_llama_cpp else llama_cpp_decoder(ours, args.threads, gguf_dir.name)
 
@@ -187,7 +205,8 @@ def main() -> None:
         f"{args.new} new tokens, batch {args.batch}, prefill {args.prefill}; {args.rounds} rounds"
     )
     print(f"load average at start: {load_average()}")
-    print(f"our decode steps: {engine.describe_decode()}; engine.warm_up took {compile_s:.1f} s")
+    print(f"our decode steps: {engine.describe_decode()}")
+    print(f"start-up: {startup}")
 
     check = 16
     a, b = run_ours(prompts[:1], check)[0], run_peer(prompts[0], check)

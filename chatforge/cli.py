@@ -440,7 +440,7 @@ def eval_command(cfg) -> None:
 
 fused_option = click.option(
     "--fused/--no-fused", default=True, show_default=True,
-    help="Decode in chatforge's fused CPU step where its kernels build here (AVX-512 on Linux; built once, "
+    help="Decode in chatforge's fused CPU step where its kernels build here (AVX-512 or AVX2 on Linux; built once, "
          "about 40 s); --no-fused: torch's products only.")
 
 

@@ -24,7 +24,7 @@ def _restore_cpu_kernels():
 @pytest.fixture(scope="session")
 def ops():
     """chatforge's CPU kernels (torch.ops.chatforge_cpu), built here once (about 40 s); a test that
-    needs them skips, with the reason, where the CPU has no AVX-512 or the build fails."""
+    needs them skips, with the reason, where the CPU has neither AVX-512 nor AVX2 or the build fails."""
     from chatforge.accel import kernels
 
     reason = kernels.unsupported_reason()

@@ -1,16 +1,23 @@
 """chatforge's own fp32 CPU products (chatforge/accel/kernels.cpp), against F.linear.
 
-They are built on this machine the first time (about 40 s); everything skips, with the reason,
-where the CPU has no AVX-512 or the build fails.
+They are built on this machine the first time (about 40 s), for the widest instruction set it has
+(AVX-512 or AVX2; CHATFORGE_CPU_ISA=avx2 picks the AVX2 build on an AVX-512 CPU); everything skips,
+with the reason, where the CPU has neither or the build fails. The build this process does not load is
+checked once in a subprocess (slow: it builds the other one).
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from chatforge.accel import kernels
+from chatforge.accel import cpu, kernels
 from chatforge.accel.linear import fast_kernel, fast_linear
 
 # shapes with a K that is not a multiple of 16 or 64 (the masked tails), and O that is not a
@@ -52,10 +59,14 @@ def test_the_packed_product_takes_batched_three_dimensional_input(ops):
 def test_the_pack_is_the_weights_transpose_in_panels_of_16_outputs_padded_with_zeros(ops):
     w = torch.arange(20 * 3, dtype=torch.float32).reshape(20, 3)  # 20 outputs: a full panel and 4
     packed = ops.pack(w)
-    assert packed.shape == (2, 3, 16)
+    assert ops.panel_width() == 16 and packed.shape == (2, 3, 16)
     assert torch.equal(packed[0], w[:16].T)
     assert torch.equal(packed[1, :, :4], w[16:].T)
     assert torch.equal(packed[1, :, 4:], torch.zeros(3, 12))
+
+
+def test_the_build_loaded_is_the_one_this_cpu_and_chatforge_cpu_isa_pick(ops):
+    assert ops.isa() == kernels.isa() == cpu.kernels_isa() in ("avx512", "avx2")
 
 
 def test_a_wrong_call_is_a_clear_error_not_a_crash(ops):
@@ -118,12 +129,77 @@ def test_they_are_not_built_when_switched_off(monkeypatch):
 
 
 def test_the_reason_they_cannot_run_names_what_torch_reports_for_this_cpu(monkeypatch):
-    from chatforge.accel import cpu
-
+    monkeypatch.delenv("CHATFORGE_CPU_ISA", raising=False)
     monkeypatch.setattr(cpu, "capability", lambda: "SVE256")
     monkeypatch.setattr(cpu.platform, "machine", lambda: "aarch64")
-    assert kernels.unsupported_reason() == ("they need AVX-512; this aarch64 offers SVE256 "
+    assert kernels.unsupported_reason() == ("they need AVX2 or AVX-512; this aarch64 offers SVE256 "
                                             "(torch.backends.cpu.get_cpu_capability())")
-    monkeypatch.setattr(cpu, "capability", lambda: "AVX512")
+    for offered, build in (("AVX512", "avx512"), ("AVX2", "avx2")):
+        monkeypatch.setattr(cpu, "capability", lambda offered=offered: offered)
+        assert cpu.kernels_isa() == build and kernels.unsupported_reason() is None
     monkeypatch.setattr(cpu.sys, "platform", "darwin")
     assert kernels.unsupported_reason() == "they are built with GCC's flags on Linux; this is darwin"
+
+
+def test_chatforge_cpu_isa_picks_a_narrower_build_never_a_wider_one(monkeypatch):
+    monkeypatch.setattr(cpu, "capability", lambda: "AVX512")
+    monkeypatch.setenv("CHATFORGE_CPU_ISA", "AVX2")
+    assert cpu.kernels_isa() == "avx2" and kernels.unsupported_reason() is None
+    monkeypatch.setattr(cpu, "capability", lambda: "AVX2")
+    monkeypatch.setenv("CHATFORGE_CPU_ISA", "avx512")
+    assert kernels.unsupported_reason() == "CHATFORGE_CPU_ISA=avx512 asks for more than this CPU offers (AVX2)"
+    monkeypatch.setenv("CHATFORGE_CPU_ISA", "neon")
+    assert kernels.unsupported_reason() == "CHATFORGE_CPU_ISA=neon is not one of avx512, avx2"
+
+
+_OTHER_BUILD = """
+import json, torch
+import torch.nn.functional as F
+from chatforge.accel import kernels
+from chatforge.generate.engine import Engine
+from chatforge.generate.params import SamplingParams
+from chatforge.model import GPT, GPTConfig
+assert kernels.load(), kernels.unsupported_reason()
+ops, worst = torch.ops.chatforge_cpu, 0.0
+torch.manual_seed(0)
+for features, outputs in [(768, 2304), (100, 7), (17, 33), (5, 1)]:
+    w, b = torch.randn(outputs, features), torch.randn(outputs)
+    for rows in (1, 2, 7, 16, 17, 32):
+        x = torch.randn(rows, features)
+        got = ops.linear(x, w, b) if rows == 1 else ops.packed_linear(x, ops.pack(w), outputs, b)
+        worst = max(worst, ((got - F.linear(x, w, b)).abs() / (1e-3 + 1e-4 * F.linear(x, w, b).abs())).max().item())
+class Letters:
+    special_ids = {}
+    def token_bytes(self, token_id):
+        return bytes([97 + token_id % 26])
+model = GPT(GPTConfig(vocab_size=300, context_length=48, n_layer=3, n_head=6, n_embd=42)).eval()
+with torch.no_grad():
+    model.wte.weight.mul_(30)
+prompts, params = [[1, 2, 3], [7], [5, 5, 9, 30], [60, 2]], SamplingParams(max_tokens=12, temperature=0)
+tokens = {}
+for fused in (True, False):
+    engine = Engine(model, Letters(), max_batch_size=4, stop_token_ids=[], fused=fused)
+    assert engine.fused == fused, engine.fused_reason
+    tokens[fused] = [c.outputs[0].token_ids for c in engine.generate(prompts, params)]
+    tokens[fused].append([c.outputs[0].token_ids for c in engine.generate(prompts[:1], params)][0])
+print(json.dumps({"isa": ops.isa(), "worst": worst, "same_tokens": tokens[True] == tokens[False]}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_the_build_this_process_does_not_load_computes_the_same_products_and_tokens(isa):
+    """In a subprocess under CHATFORGE_CPU_ISA (one process holds one build): the products at 1-32 rows
+    against F.linear, and a fused engine's greedy tokens at 4 rows and 1 against the eager engine's.
+    This process's own build is what the other tests check; a build this CPU cannot run skips."""
+    if isa == cpu.kernels_isa():
+        pytest.skip(f"the {isa} build is this process's: the other tests check it")
+    env = {**os.environ, "CHATFORGE_CPU_ISA": isa}
+    reason = subprocess.run([sys.executable, "-c", "from chatforge.accel import kernels; "
+                             "print(kernels.unsupported_reason())"], env=env, capture_output=True, text=True)
+    if reason.stdout.strip() != "None":
+        pytest.skip(f"the {isa} build cannot run here: {reason.stdout.strip() or reason.stderr[-300:]}")
+    out = subprocess.run([sys.executable, "-c", _OTHER_BUILD], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["isa"] == isa and got["worst"] <= 1.0 and got["same_tokens"]

@@ -1,8 +1,9 @@
 // chatforge's fp32 CPU products for decode: one row (gemv) and several rows (a panel-packed gemm),
 // both prefetching the weight stream 4 KB ahead of the loads; and on them DecodeStep, a whole decode
-// step of the GPT in one call. Built on the user's machine by
-// chatforge/accel/kernels.py (torch.utils.cpp_extension) where the CPU has AVX-512; measured against
-// MKL, the kernel torch calls, in chatforge/accel/kernels.py's docstring.
+// step of the GPT in one call. One source, compiled once per instruction set by chatforge/accel/kernels.py
+// (torch.utils.cpp_extension): with -mavx512f -mfma (16 floats a vector) and with -mavx2 -mfma (8); every
+// vector operation below goes through `Vec`, the only place the two differ. Measured against the products
+// torch calls in chatforge/accel/kernels.py's docstring.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -12,45 +13,160 @@
 #include <cstring>
 
 namespace {
+#if defined(__AVX512F__) && defined(__FMA__)
+// One AVX-512 register of 16 floats; a tail of n < 16 lanes through a mask register.
+struct Vec {
+  using R = __m512;
+  using M = __mmask16;
+  static constexpr int64_t W = 16;
+  static constexpr const char* kName = "avx512";
+  static R zero() { return _mm512_setzero_ps(); }
+  static R set1(float a) { return _mm512_set1_ps(a); }
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static M mask(int64_t n) { return (M)((1u << n) - 1); }  // the first n lanes, 0 <= n <= W
+  static R load(M m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }  // zeros past the mask
+  static void store(M m, float* p, R v) { _mm512_mask_storeu_ps(p, m, v); }
+  static R keep(M m, R v) { return _mm512_maskz_mov_ps(m, v); }  // zeros past the mask
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R div(R a, R b) { return _mm512_div_ps(a, b); }
+  static R min(R a, R b) { return _mm512_min_ps(a, b); }
+  static R max(R a, R b) { return _mm512_max_ps(a, b); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }    // a b + c
+  static R fnma(R a, R b, R c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
+  static float sum(R v) { return _mm512_reduce_add_ps(v); }
+  static R round(R v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static R scale2(R p, R n) { return _mm512_scalef_ps(p, n); }  // p 2^n for integral n
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+// One AVX2 register of 8 floats; a tail of n < 8 lanes through an integer lane mask (vmaskmovps).
+struct Vec {
+  using R = __m256;
+  using M = __m256i;
+  static constexpr int64_t W = 8;
+  static constexpr const char* kName = "avx2";
+  static R zero() { return _mm256_setzero_ps(); }
+  static R set1(float a) { return _mm256_set1_ps(a); }
+  static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static M mask(int64_t n) {  // the first n lanes, 0 <= n <= W: a window into 8 ones then 8 zeros
+    alignas(64) static const int32_t lanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    return _mm256_loadu_si256((const __m256i*)(lanes + 8 - n));
+  }
+  static R load(M m, const float* p) { return _mm256_maskload_ps(p, m); }  // zeros past the mask, no fault
+  static void store(M m, float* p, R v) { _mm256_maskstore_ps(p, m, v); }
+  static R keep(M m, R v) { return _mm256_and_ps(_mm256_castsi256_ps(m), v); }
+  static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R div(R a, R b) { return _mm256_div_ps(a, b); }
+  static R min(R a, R b) { return _mm256_min_ps(a, b); }
+  static R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R fnma(R a, R b, R c) { return _mm256_fnmadd_ps(a, b, c); }
+  static float sum(R v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+  static R round(R v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static R scale2(R p, R n) {  // p 2^n for integral n in [-126, 127]: n written into a float's exponent
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
+};
+#else
+#error "chatforge's CPU kernels are built with -mavx512f -mfma or -mavx2 -mfma (see chatforge/accel/kernels.py)"
+#endif
+using Reg = Vec::R;  // one vector register
+
 // How far ahead of the loads the weight stream is prefetched, and where to: 4 KB (2, 4, 8 and 16 KB
 // measured; 4-8 KB best, 6-7% faster than none for GPT-2 small's 49 one-row products), into L2
 // (_MM_HINT_T1: another 10-11% over prefetching into L1, paired; L1's few fill buffers cap how
-// many lines can be on their way there).
+// many lines can be on their way there). Measured on the AVX-512 Xeon.
 constexpr int64_t kAhead = 1024;
 
-inline __mmask16 tail_mask(int64_t n) { return (__mmask16)((1u << n) - 1); }
+// One row of x times the weight, a group of output rows at a time, 64 floats (four cache lines) of
+// the weight a k step in 64 / W accumulators (4 of AVX-512, 8 of AVX2) to hide the FMA latency:
+// AVX-512 one output row at a time, a single sequential stream per thread (on the Xeon); AVX2 8 rows at
+// a time, 8 streams of 8 floats a step with one accumulator each (on the EPYC: 1.27x one stream, paired
+// in one build, 49 products at 2 threads; 10 or 12 rows the same, 16 slower, 6 rows of 2 accumulators
+// 1.1x).
+constexpr int kAcc = 64 / Vec::W;
+constexpr int kGemvRows = Vec::W == 16 ? 1 : 8;
 
-// One row: a single sequential stream per thread, four accumulators to hide the FMA latency.
-void gemv_rows(const float* W, const float* X, const float* B, float* Y, int64_t K, int64_t begin, int64_t end) {
-  const int64_t K64 = K & ~int64_t(63);
-  const __mmask16 tail = tail_mask(K & 15);
-  for (int64_t o = begin; o < end; ++o) {
-    const float* w = W + o * K;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k < K64; k += 64) {
-      const char* ahead = (const char*)(w + k + kAhead);
-      _mm_prefetch(ahead, _MM_HINT_T1);
-      _mm_prefetch(ahead + 64, _MM_HINT_T1);
-      _mm_prefetch(ahead + 128, _MM_HINT_T1);
-      _mm_prefetch(ahead + 192, _MM_HINT_T1);
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(X + k), a0);
-      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(X + k + 16), a1);
-      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(X + k + 32), a2);
-      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 48), _mm512_loadu_ps(X + k + 48), a3);
+// Whether the one-row-at-a-time product prefetches its stream kAhead floats ahead into L2: on by
+// default, what the Xeon wants (above); chatforge/accel/kernels.py turns it off on AMD, where the
+// hardware prefetcher alone streams faster (EPYC, one row at a time: 1.09-1.12x without). The groups of
+// 8 rows never prefetch, and the product with panels always does (without: 0.85-0.95x on the EPYC).
+bool g_gemv_prefetch = true;
+
+bool gemv_prefetch(bool on) {
+  const bool before = g_gemv_prefetch;
+  g_gemv_prefetch = on;
+  return before;
+}
+
+// a[0] + ... + a[N-1] pairwise: (a0 + a1) + (a2 + a3), ...
+template <int N>
+inline Reg tree_sum(const Reg* a) {
+  if constexpr (N == 1) return a[0];
+  else return Vec::add(tree_sum<N / 2>(a), tree_sum<N / 2>(a + N / 2));
+}
+
+// outputs o..o+ROWS-1: ROWS streams, kAcc / ROWS accumulators each (at least one)
+template <int ROWS>
+void gemv_group(const float* W, const float* X, const float* B, float* Y, int64_t K, int64_t o, bool prefetch) {
+  constexpr int acc = std::max(1, kAcc / ROWS);
+  constexpr int64_t step = acc * Vec::W;
+  const int64_t K_steps = K - K % step;
+  const float* w = W + o * K;
+  Reg a[ROWS][acc];
+  for (int r = 0; r < ROWS; ++r)
+    for (int i = 0; i < acc; ++i) a[r][i] = Vec::zero();
+  int64_t k = 0;
+  for (; k < K_steps; k += step) {
+    if (ROWS == 1 && prefetch)
+      for (int64_t line = 0; line < step * 4; line += 64) _mm_prefetch((const char*)(w + k + kAhead) + line, _MM_HINT_T1);
+    for (int i = 0; i < acc; ++i) {
+      const Reg x = Vec::load(X + k + i * Vec::W);
+      for (int r = 0; r < ROWS; ++r) a[r][i] = Vec::fma(Vec::load(w + r * K + k + i * Vec::W), x, a[r][i]);
     }
-    for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(X + k), a0);
-    if (tail) a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w + k), _mm512_maskz_loadu_ps(tail, X + k), a1);
-    const float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    Y[o] = B ? s + B[o] : s;
+  }
+  for (; k + Vec::W <= K; k += Vec::W) {
+    const Reg x = Vec::load(X + k);
+    for (int r = 0; r < ROWS; ++r) a[r][0] = Vec::fma(Vec::load(w + r * K + k), x, a[r][0]);
+  }
+  if (K % Vec::W) {
+    const auto m = Vec::mask(K % Vec::W);
+    const Reg x = Vec::load(m, X + k);
+    constexpr int last = acc > 1 ? 1 : 0;
+    for (int r = 0; r < ROWS; ++r) a[r][last] = Vec::fma(Vec::load(m, w + r * K + k), x, a[r][last]);
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    const float s = Vec::sum(tree_sum<acc>(a[r]));
+    Y[o + r] = B ? s + B[o + r] : s;
   }
 }
 
+void gemv_rows(const float* W, const float* X, const float* B, float* Y, int64_t K, int64_t begin, int64_t end) {
+  const bool prefetch = g_gemv_prefetch;
+  int64_t o = begin;
+  for (; o + kGemvRows <= end; o += kGemvRows) gemv_group<kGemvRows>(W, X, B, Y, K, o, prefetch);
+  for (; o < end; ++o) gemv_group<1>(W, X, B, Y, K, o, prefetch);
+}
 
-constexpr int64_t kPanel = 16;  // output columns per packed panel: one AVX-512 vector
+// Output columns per packed panel: 16 in both builds, one AVX-512 vector or two AVX2 vectors. A tile
+// multiplies up to kTileRows rows of x by one panel, in kTileRows x kPanelVecs accumulators with the
+// panel's vectors and a broadcast of x beside them in registers: AVX-512 (32 registers) 16 rows, AVX2
+// (16 registers) 6. (On AVX2, tiles of one vector of 8 columns and up to 12 rows, over each half of the
+// panel, were 0-30% slower than 6-row tiles of both halves at 2-12 rows on the EPYC, paired in one build.)
+constexpr int kPanelVecs = Vec::W == 16 ? 1 : 2;
+constexpr int64_t kPanel = kPanelVecs * Vec::W;
+constexpr int kTileRows = Vec::W == 16 ? 16 : 6;
 
 // W [O, K] -> panels of kPanel columns, each [K][kPanel] (zero-padded past O): the layout in
-// which one k step of a tile reads one whole vector, and a panel is one sequential stream.
+// which one k step of a tile reads kPanelVecs whole vectors, and a panel is one sequential stream.
 torch::Tensor pack(const torch::Tensor& weight) {
   TORCH_CHECK(weight.dtype() == torch::kFloat && weight.dim() == 2, "chatforge_cpu::pack takes a 2-D fp32 weight");
   const auto wc = weight.contiguous();
@@ -69,47 +185,110 @@ torch::Tensor pack(const torch::Tensor& weight) {
   return packed;
 }
 
+int64_t panel_width() { return kPanel; }
+std::string isa() { return Vec::kName; }
+
 // x [M, K] -> xt [K, M]: a k step of a tile then broadcasts its rows' values from one cache line
 void transpose(const float* x, int64_t M, int64_t K, float* xt) {
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xt[k * M + m] = x[m * K + k];
 }
 
-// R rows (m..m+R-1) of x times one panel: R accumulators, x broadcast one element at a time from
-// xt [K, M]; the first tile of a panel prefetches its weight stream 4 KB ahead into L2
+// What a tile prefetches into L2 while it computes: its own panel 4 KB ahead of its loads (`own`, a
+// line a k step), and/or a share of the next panel (`next`, a line every `every` k steps).
+struct Fetch {
+  const char* own = nullptr;
+  const char* next = nullptr;
+  int64_t every = 1;
+};
+
+// Whether the tiles of a panel spread the prefetch of the next panel between them (AVX2), or only the
+// first tile prefetches its own panel (AVX-512, as measured there). Where a panel takes several tiles,
+// the first streams it from memory and the later ones compute from cache, so without spreading the
+// memory is idle while they run; spread, the whole product streams at the pace of its arithmetic. On the
+// EPYC (AVX2, GPT-2 small's products, one thread, paired in one build): 1.24-1.37x at 8-12 rows, 1.09-
+// 1.14x at 16-24, 1.08x at 32. A panel of one tile keeps its own prefetch (spread, one panel ahead, was
+// 0.92x at 2 rows).
+constexpr bool kSpread = Vec::W == 8;
+
+// R rows (m..m+R-1) of x times the panel of outputs o..o+kPanel-1: R x kPanelVecs accumulators, x
+// broadcast one element at a time from xt [K, M]
 template <int R>
 void panel_tile(const float* P, const float* XT, const float* B, float* Y, int64_t K, int64_t M, int64_t O,
-                int64_t o, int64_t m, bool prefetch) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+                int64_t o, int64_t m, Fetch fetch) {
+  Reg acc[R][kPanelVecs];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kPanelVecs; ++v) acc[r][v] = Vec::zero();
+  int64_t due = 0;
   for (int64_t k = 0; k < K; ++k) {
     const float* w = P + k * kPanel;
-    if (prefetch) _mm_prefetch((const char*)(w + kAhead), _MM_HINT_T1);
-    const __m512 w0 = _mm512_loadu_ps(w);
+    if (fetch.own) _mm_prefetch(fetch.own + k * kPanel * sizeof(float), _MM_HINT_T1);
+    if (fetch.next && k == due) {
+      _mm_prefetch(fetch.next, _MM_HINT_T1);
+      fetch.next += 64;
+      due += fetch.every;
+    }
+    Reg wv[kPanelVecs];
+    for (int v = 0; v < kPanelVecs; ++v) wv[v] = Vec::load(w + v * Vec::W);
     const float* x = XT + k * M + m;
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r]), w0, acc[r]);
+    for (int r = 0; r < R; ++r) {
+      const Reg xr = Vec::set1(x[r]);
+      for (int v = 0; v < kPanelVecs; ++v) acc[r][v] = Vec::fma(xr, wv[v], acc[r][v]);
+    }
   }
-  const __mmask16 cols = tail_mask(std::min<int64_t>(kPanel, O - o));
-  const __m512 b = B ? _mm512_maskz_loadu_ps(cols, B + o) : _mm512_setzero_ps();
-  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(Y + (m + r) * O + o, cols, _mm512_add_ps(acc[r], b));
+  for (int v = 0; v < kPanelVecs; ++v) {
+    const int64_t col = o + v * Vec::W, cols = std::clamp<int64_t>(O - col, 0, Vec::W);
+    if (cols == 0) break;
+    const auto mask = Vec::mask(cols);
+    const Reg b = B ? Vec::load(mask, B + col) : Vec::zero();
+    for (int r = 0; r < R; ++r) Vec::store(mask, Y + (m + r) * O + col, Vec::add(acc[r][v], b));
+  }
 }
 
+// panel_tile<rows> for a run-time rows <= R
 template <int R>
 void panel_rest(const float* P, const float* XT, const float* B, float* Y, int64_t K, int64_t M, int64_t O, int64_t o,
-                int64_t m, int64_t rows, bool first) {
+                int64_t m, int64_t rows, Fetch fetch) {
   if constexpr (R > 0) {
-    if (rows == R) return panel_tile<R>(P, XT, B, Y, K, M, O, o, m, first);
-    panel_rest<R - 1>(P, XT, B, Y, K, M, O, o, m, rows, first);
+    if (rows == R) return panel_tile<R>(P, XT, B, Y, K, M, O, o, m, fetch);
+    panel_rest<R - 1>(P, XT, B, Y, K, M, O, o, m, rows, fetch);
   }
 }
 
-// rows per tile: 16 accumulators, so 16 rows share one read of the panel
-constexpr int kTileRows = 16;
+// What tile t of `tiles` over a panel prefetches: spread (kSpread, several tiles) its share of the next
+// panel (none after a thread's last panel) and, in the first panel a thread computes, the first tile its
+// own panel too; otherwise the first tile its own panel.
+Fetch tile_fetch(const float* P, const float* next, bool first_panel, int64_t K, int64_t t, int64_t tiles) {
+  const bool spread = kSpread && tiles > 1;
+  Fetch f;
+  if (t == 0 && (first_panel || !spread)) f.own = (const char*)(P + kAhead);
+  if (spread && next) {
+    f.next = (const char*)next + t * ((K + tiles - 1) / tiles) * kPanel * sizeof(float);
+    f.every = tiles;
+  }
+  return f;
+}
 
-void panel_rows(const float* P, const float* XT, const float* B, float* Y, int64_t K, int64_t O, int64_t M, int64_t o) {
-  int64_t m = 0;
-  for (; m + kTileRows <= M; m += kTileRows) panel_tile<kTileRows>(P, XT, B, Y, K, M, O, o, m, m == 0);
-  if (m < M) panel_rest<kTileRows - 1>(P, XT, B, Y, K, M, O, o, m, M - m, m == 0);
+// All M rows times the panel at output o (`next`: the panel this thread computes after it, or null), in
+// as few tiles as kTileRows allows, of equal size (17 rows: 9 and 8, not 16 and 1), since a tile's
+// accumulators hide the FMA latency only when there are enough of them. Each reads the panel once: the
+// first from memory, the others from cache.
+void panel_rows(const float* P, const float* XT, const float* B, float* Y, int64_t K, int64_t O, int64_t M, int64_t o,
+                const float* next, bool first_panel) {
+  const int64_t tiles = (M + kTileRows - 1) / kTileRows;
+  for (int64_t t = 0, m = 0; t < tiles; ++t) {
+    const int64_t rows = (M - m + tiles - t - 1) / (tiles - t);
+    panel_rest<kTileRows>(P, XT, B, Y, K, M, O, o, m, rows, tile_fetch(P, next, first_panel, K, t, tiles));
+    m += rows;
+  }
+}
+
+// panels [begin, end) of a packed weight P (one thread's share)
+void panel_range(const float* P, const float* XT, const float* B, float* Y, int64_t K, int64_t O, int64_t M,
+                 int64_t begin, int64_t end) {
+  for (int64_t p = begin; p < end; ++p)
+    panel_rows(P + p * K * kPanel, XT, B, Y, K, O, M, p * kPanel, p + 1 < end ? P + (p + 1) * K * kPanel : nullptr,
+               p == begin);
 }
 
 // What both products share: x made contiguous, the bias checked, and y [..., O] allocated.
@@ -151,7 +330,7 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
   transpose(t.X, M, K, xt.data_ptr<float>());
   const float* XT = xt.data_ptr<float>();
   at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) panel_rows(P + p * K * kPanel, XT, t.B, t.Y, K, O, M, p * kPanel);
+    panel_range(P, XT, t.B, t.Y, K, O, M, begin, end);
   });
   return t.y;
 }
@@ -177,70 +356,70 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const 
 // Its products are the kernels above (the gemv for one row, the packed product for more), so a step costs
 // what its weight stream costs: there is no graph, guard or op dispatch between them.
 
-// exp(x) for 16 floats: x = n ln2 + r, exp(r) by Cephes' expf polynomial, 2^n by scalef
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
+// exp(x) for a vector: x = n ln2 + r, exp(r) by Cephes' expf polynomial, then 2^n
+inline Reg vexp(Reg x) {
+  x = Vec::min(Vec::max(x, Vec::set1(-87.0f)), Vec::set1(88.0f));
+  const Reg n = Vec::round(Vec::mul(x, Vec::set1(1.44269504088896341f)));
+  Reg r = Vec::fnma(n, Vec::set1(0.693359375f), x);
+  r = Vec::fnma(n, Vec::set1(-2.12194440e-4f), r);
+  Reg p = Vec::set1(1.9875691500e-4f);
+  p = Vec::fma(p, r, Vec::set1(1.3981999507e-3f));
+  p = Vec::fma(p, r, Vec::set1(8.3334519073e-3f));
+  p = Vec::fma(p, r, Vec::set1(4.1665795894e-2f));
+  p = Vec::fma(p, r, Vec::set1(1.6666665459e-1f));
+  p = Vec::fma(p, r, Vec::set1(5.0000001201e-1f));
+  p = Vec::fma(p, Vec::mul(r, r), Vec::add(r, Vec::set1(1.0f)));
+  return Vec::scale2(p, n);
 }
 
-inline __mmask16 chunk_mask(int64_t i, int64_t n) { return tail_mask(std::min<int64_t>(16, n - i)); }
+// the lanes of the chunk at i of n values
+inline Vec::M chunk_mask(int64_t i, int64_t n) { return Vec::mask(std::min<int64_t>(Vec::W, n - i)); }
 
 // GPT-2's GELU (tanh approximation) in place, as x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
 void gelu_tanh(float* x, int64_t n) {
-  const __m512 c = _mm512_set1_ps(-2.0f * 0.7978845608028654f), a = _mm512_set1_ps(0.044715f);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = chunk_mask(i, n);
-    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
-    const __m512 u = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(a, v), _mm512_mul_ps(v, v), v));
-    _mm512_mask_storeu_ps(x + i, m, _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(u))));
+  const Reg c = Vec::set1(-2.0f * 0.7978845608028654f), a = Vec::set1(0.044715f);
+  for (int64_t i = 0; i < n; i += Vec::W) {
+    const auto m = chunk_mask(i, n);
+    const Reg v = Vec::load(m, x + i);
+    const Reg u = Vec::mul(c, Vec::fma(Vec::mul(a, v), Vec::mul(v, v), v));
+    Vec::store(m, x + i, Vec::div(v, Vec::add(Vec::set1(1.0f), vexp(u))));
   }
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = chunk_mask(i, n);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+  Reg acc = Vec::zero();
+  for (int64_t i = 0; i < n; i += Vec::W) {
+    const auto m = chunk_mask(i, n);
+    acc = Vec::fma(Vec::load(m, a + i), Vec::load(m, b + i), acc);
   }
-  return _mm512_reduce_add_ps(acc);
+  return Vec::sum(acc);
 }
 
 // y += a * x
 inline void axpy(float* y, float a, const float* x, int64_t n) {
-  const __m512 va = _mm512_set1_ps(a);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = chunk_mask(i, n);
-    _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
+  const Reg va = Vec::set1(a);
+  for (int64_t i = 0; i < n; i += Vec::W) {
+    const auto m = chunk_mask(i, n);
+    Vec::store(m, y + i, Vec::fma(va, Vec::load(m, x + i), Vec::load(m, y + i)));
   }
 }
 
 // y = (x - mean) / sqrt(var + eps) * w + b over n values (two passes, as torch's kernel)
 void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t n, float eps) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(chunk_mask(i, n), x + i));
-  const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(acc) / n);
-  acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = chunk_mask(i, n);
-    const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, x + i), mean);
-    acc = _mm512_fmadd_ps(d, d, acc);
+  Reg acc = Vec::zero();
+  for (int64_t i = 0; i < n; i += Vec::W) acc = Vec::add(acc, Vec::load(chunk_mask(i, n), x + i));
+  const Reg mean = Vec::set1(Vec::sum(acc) / n);
+  acc = Vec::zero();
+  for (int64_t i = 0; i < n; i += Vec::W) {
+    const auto m = chunk_mask(i, n);
+    const Reg d = Vec::keep(m, Vec::sub(Vec::load(m, x + i), mean));
+    acc = Vec::fma(d, d, acc);
   }
-  const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / n + eps));
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = chunk_mask(i, n);
-    const __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), mean), rstd);
-    _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(m, w + i), _mm512_maskz_loadu_ps(m, b + i)));
+  const Reg rstd = Vec::set1(1.0f / std::sqrt(Vec::sum(acc) / n + eps));
+  for (int64_t i = 0; i < n; i += Vec::W) {
+    const auto m = chunk_mask(i, n);
+    const Reg d = Vec::mul(Vec::sub(Vec::load(m, x + i), mean), rstd);
+    Vec::store(m, y + i, Vec::fma(d, Vec::load(m, w + i), Vec::load(m, b + i)));
   }
 }
 
@@ -309,7 +488,7 @@ struct DecodeStep : torch::CustomClassHolder {
     const float* P = packs[pack_index].data_ptr<float>();
     transpose(x, R, K, xt);
     at::parallel_for(0, packs[pack_index].size(0), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) panel_rows(P + p * K * kPanel, xt, b, out, K, O, R, p * kPanel);
+      panel_range(P, xt, b, out, K, O, R, begin, end);
       finish(begin * kPanel, std::min(end * kPanel, O));
     });
   }
@@ -337,11 +516,11 @@ struct DecodeStep : torch::CustomClassHolder {
           top = std::max(top, s[j]);
         }
         float total = 0;
-        for (int64_t j = 0; j < S; j += 16) {
-          const __mmask16 m = chunk_mask(j, S);
-          const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), _mm512_set1_ps(top)));
-          _mm512_mask_storeu_ps(s + j, m, e);
-          total += _mm512_mask_reduce_add_ps(m, e);
+        for (int64_t j = 0; j < S; j += Vec::W) {
+          const auto m = chunk_mask(j, S);
+          const Reg e = Vec::keep(m, vexp(Vec::sub(Vec::load(m, s + j), Vec::set1(top))));
+          Vec::store(m, s + j, e);
+          total += Vec::sum(e);
         }
         float* out = y + r * C + hd * D;
         std::fill(out, out + D, 0.0f);
@@ -420,6 +599,9 @@ TORCH_LIBRARY(chatforge_cpu, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("pack(Tensor weight) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor packed, int outputs, Tensor? bias) -> Tensor");
+  m.def("panel_width", &panel_width);  // the pack's columns a panel: 16 in both builds
+  m.def("isa", &isa);                  // which build this is: "avx512" or "avx2"
+  m.def("gemv_prefetch", &gemv_prefetch);  // set whether the one-row product prefetches; returns what it was
   m.class_<DecodeStep>("DecodeStep")
       .def(torch::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, int64_t, double>())
       .def("forward", &DecodeStep::forward);

@@ -28,23 +28,32 @@ where there is no C++ compiler (a warning says why), or where CHATFORGE_CPU_KERN
 
 from __future__ import annotations
 
-import functools
 import warnings
 from pathlib import Path
 
 import torch
 
-from chatforge.accel.cpu import kernels_unsupported_reason
+from chatforge.accel.cpu import kernels_isa, kernels_unsupported_reason, vendor
 
-SOURCE = Path(__file__).with_name("kernels.cpp")
-SOURCES = [str(SOURCE), str(SOURCE.with_name("kernels_int8.cpp"))]  # + the weight-only int8 products (accel/int8.py)
+SOURCES = [Path(__file__).with_name("kernels.cpp"),
+           Path(__file__).with_name("kernels_int8.cpp")]  # + the weight-only int8 products (accel/int8.py)
+# One build per instruction set, each under its own name so torch's extension cache keeps both. Not
+# -march=native: the cached build must run on any CPU with that instruction set.
+ISA_FLAGS = {"avx512": ["-mavx512f", "-mfma"], "avx2": ["-mavx2", "-mfma"]}
 MAX_ROWS = 32  # where accel.linear uses them: past it MKL's packed gemm is faster
 _STATE = {"active": False}
+# the build this process loaded, and whether it built: one at most, since both register chatforge_cpu's ops
+_LOADED: dict[str, bool] = {}
 
 
 def unsupported_reason() -> str | None:
     """Why the kernels cannot be built here, or None when they can."""
     return kernels_unsupported_reason()
+
+
+def isa() -> str | None:
+    """The build this process loaded ("avx512", "avx2"), else the one it would load, else None."""
+    return next(iter(_LOADED), None) or kernels_isa()
 
 
 def load() -> bool:
@@ -53,19 +62,30 @@ def load() -> bool:
     return _STATE["active"]
 
 
-@functools.cache
 def _build() -> bool:
+    chosen = kernels_isa()
+    if _LOADED:
+        loaded, ok = next(iter(_LOADED.items()))
+        if loaded != chosen:
+            warnings.warn(f"chatforge's {loaded} kernels are loaded in this process; the {chosen} build takes "
+                          "a new process", stacklevel=3)
+        return ok and loaded == chosen
+    _LOADED[chosen] = _compile(chosen)
+    return _LOADED[chosen]
+
+
+def _compile(chosen: str) -> bool:
     from torch.utils.cpp_extension import load as build
 
     try:
-        # -mavx512f rather than -march=native: the cached build must run on any AVX-512 machine
-        build("chatforge_cpu_kernels", SOURCES, extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp"],
-              is_python_module=False)
+        build(f"chatforge_cpu_kernels_{chosen}", [str(s) for s in SOURCES],
+              extra_cflags=["-O3", *ISA_FLAGS[chosen], "-fopenmp"], is_python_module=False)
     except Exception as e:  # noqa: BLE001 - no compiler, or a failed build: torch's products stay
-        warnings.warn(f"chatforge's CPU kernels were not built ({type(e).__name__}: {e}); decode uses MKL",
-                      stacklevel=3)
+        warnings.warn(f"chatforge's CPU kernels were not built ({type(e).__name__}: {e}); decode uses torch's "
+                      "products", stacklevel=4)
         return False
-    _register_fakes()
+    _register_fakes(torch.ops.chatforge_cpu.panel_width())
+    torch.ops.chatforge_cpu.gemv_prefetch(vendor() != "AuthenticAMD")  # measured: see kernels.cpp
     return True
 
 
@@ -75,13 +95,13 @@ def active() -> bool:
 
 
 def set_active(flag: bool) -> None:
-    """Use the loaded kernels, or MKL again (tests compare both); only after a successful load."""
-    if flag and not (_build.cache_info().currsize and _build()):
+    """Use the loaded kernels, or torch's products again (tests compare both); only after a successful load."""
+    if flag and not any(_LOADED.values()):
         raise RuntimeError("chatforge's CPU kernels are not loaded: call chatforge.accel.kernels.load()")
     _STATE["active"] = flag
 
 
-def _register_fakes() -> None:
+def _register_fakes(panel: int) -> None:
     # shapes for torch.compile's tracing
     @torch.library.register_fake("chatforge_cpu::linear")
     def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -97,4 +117,4 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("chatforge_cpu::pack")
     def _(weight: torch.Tensor) -> torch.Tensor:
-        return weight.new_empty(((weight.shape[0] + 15) // 16, weight.shape[1], 16))
+        return weight.new_empty(((weight.shape[0] + panel - 1) // panel, weight.shape[1], panel))

@@ -197,7 +197,7 @@ class Engine:
         """How this engine decodes, for a command's startup line."""
         if self.fused:
             rest = "torch.compile's graphs" if self.compiled else "torch's products"
-            return f"chatforge's fused CPU step for 1-{kernels.MAX_ROWS} rows, {rest} past that"
+            return f"chatforge's fused CPU step ({kernels.isa()}) for 1-{kernels.MAX_ROWS} rows, {rest} past that"
         how = "torch.compile's graphs" if self.compiled else "torch's products"
         return how + ("" if self.fused_reason == "not asked for" else f" (no fused step: {self.fused_reason})")
 

@@ -23,7 +23,7 @@ class ServeConfig:
     max_batch_size: int = setting(16, "Engine slots (sequences decoded together).")
     max_queue: int = setting(64, "Requests waiting for a slot before 429.")
     fused: bool = setting(True, "Decode 1-32 rows a step in chatforge's fused CPU step where its kernels build "
-                          "here (AVX-512 on Linux; built once, about 40 s); --no-fused: torch's products only.")
+                          "here (AVX-512 or AVX2 on Linux; built once, about 40 s); --no-fused: torch's products only.")
     compile: bool = setting(False, "Also torch.compile the decode forward (the steps the fused one leaves), "
                             "compiled before serving (minutes); on AVX2 CPUs slower than the eager engine.")
     quantize: str = setting("none", "int8: quantize an fp32 checkpoint's weights on load (weight-only, one scale per "
