@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from chatforge.accel import kernels
-from chatforge.accel.fused_step import FusedDecodeStep, _products, _weights, unsupported_reason
+from chatforge.accel.fused_step import FusedDecodeStep, _int8_scales, _products, _weights, unsupported_reason
+from chatforge.accel.quantize import Int8Linear, quantize_model
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
 from chatforge.model import GPT, GPTConfig
@@ -35,7 +36,7 @@ def model() -> GPT:
 
 def decode_step(model: GPT, packed: bool):
     packs = [torch.ops.chatforge_cpu.pack(w.detach()) for w in _products(model)] if packed else []
-    return torch.classes.chatforge_cpu.DecodeStep(_weights(model), packs, CONFIG.n_head, CONFIG.layer_norm_eps)
+    return torch.classes.chatforge_cpu.DecodeStep(_weights(model), packs, CONFIG.n_head, CONFIG.layer_norm_eps, [])
 
 
 def close(got: torch.Tensor, want: torch.Tensor) -> bool:
@@ -73,7 +74,7 @@ def test_rows_at_different_positions_each_attend_over_their_own_slots_only(ops, 
 
 def test_a_wrong_call_is_a_clear_error_not_a_crash(ops, model):
     step, cache = decode_step(model, packed=False), model.make_kv_cache(2)
-    weights = _weights(model)
+    weights, new_step = _weights(model), torch.classes.chatforge_cpu.DecodeStep
     calls = {
         "outside the vocabulary": lambda: step.forward([300], [0], cache.k, cache.v),
         "outside the context": lambda: step.forward([1], [48], cache.k, cache.v),
@@ -81,12 +82,12 @@ def test_a_wrong_call_is_a_clear_error_not_a_crash(ops, model):
         "2 tokens and 1 positions": lambda: step.forward([1, 2], [0], cache.k, cache.v),
         "the caches must be": lambda: step.forward([1], [0], cache.k[:2], cache.v[:2]),
         "rows >= 3": lambda: decode_step(model, packed=True).forward([1, 2, 3], [0] * 3, cache.k, cache.v),
-        "expected 5 + 12 weights a block": lambda: torch.classes.chatforge_cpu.DecodeStep(weights[:-1], [], 4, 1e-5),
-        "contiguous fp32": lambda: torch.classes.chatforge_cpu.DecodeStep([weights[0].double()] + weights[1:], [], 4,
-                                                                          1e-5),
-        "not divisible by 4 heads": lambda: torch.classes.chatforge_cpu.DecodeStep(weights, [], 4, 1e-5),
+        "expected 5 + 12 weights a block": lambda: new_step(weights[:-1], [], 4, 1e-5, []),
+        "contiguous fp32": lambda: torch.classes.chatforge_cpu.DecodeStep([weights[0].double()] + weights[1:], [], 6,
+                                                                          1e-5, []),
+        "not divisible by 4 heads": lambda: torch.classes.chatforge_cpu.DecodeStep(weights, [], 4, 1e-5, []),
         "pack 0 is not": lambda: torch.classes.chatforge_cpu.DecodeStep(
-            weights, [torch.ops.chatforge_cpu.pack(w.detach().T.contiguous()) for w in _products(model)], 6, 1e-5),
+            weights, [torch.ops.chatforge_cpu.pack(w.detach().T.contiguous()) for w in _products(model)], 6, 1e-5, []),
     }
     for message, call in calls.items():
         with pytest.raises(RuntimeError, match=re.escape(message)):
@@ -195,3 +196,58 @@ def test_a_fused_engine_decodes_up_to_32_rows_in_the_fused_step_and_more_in_the_
 def test_an_engine_not_asked_for_it_never_uses_it(ops, model):
     engine = Engine(model, ByteTokenizer(), max_batch_size=2, compile=True)
     assert not engine.fused and engine.fused_reason == "not asked for"
+
+
+# ---- a model in weight-only int8 -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def int8_model(model) -> GPT:
+    return quantize_model(model)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])  # the three tile shapes: 4 outputs x 1 row, 4 x 2, the many-row tile
+def test_an_int8_model_runs_in_the_fused_step_with_the_quantized_models_own_logits(active, int8_model, rows):
+    assert unsupported_reason(int8_model) is None
+    torch.manual_seed(rows)
+    ids = torch.randint(0, CONFIG.vocab_size, (rows, 20))
+    fused, cache = FusedDecodeStep(int8_model), int8_model.make_kv_cache(rows)
+    got = torch.stack([fused(ids[:, t].tolist(), [t] * rows, cache) for t in range(20)], 1)
+    with torch.no_grad():
+        want = int8_model(ids)  # Int8Embedding's dequantized rows, Int8Linear's products
+        reference = int8_model.make_kv_cache(rows)
+        int8_model(ids, kv_cache=reference)
+    assert close(got, want)
+    assert close(cache.k[:, :, :, :20], reference.k[:, :, :, :20])
+
+
+def test_a_fused_engine_decodes_an_int8_model_to_the_same_tokens_as_its_eager_path(active, int8_model):
+    prompts = [[5, 6, 7], [1], [9, 9, 9, 9, 9, 2]]
+    params = [SamplingParams(max_tokens=m, temperature=0, logprobs=1) for m in (9, 4, 6)]
+    fused = Engine(int8_model, ByteTokenizer(), max_batch_size=3, stop_token_ids=[], fused=True)
+    assert fused.fused, fused.fused_reason
+    eager = Engine(int8_model, ByteTokenizer(), max_batch_size=3, stop_token_ids=[])
+    got, want = fused.generate(prompts, params), eager.generate(prompts, params)
+    assert [c.outputs[0].token_ids for c in got] == [c.outputs[0].token_ids for c in want]
+    lp = [t.logprob for c in got for t in c.outputs[0].logprobs]
+    assert lp == pytest.approx([t.logprob for c in want for t in c.outputs[0].logprobs], abs=1e-4)
+
+
+def test_a_model_with_some_products_int8_and_some_not_is_declined(active, model):
+    model.h[1].mlp.c_fc = Int8Linear.from_linear(model.h[1].mlp.c_fc)
+    assert unsupported_reason(model) == "some of its products are int8 and some are not"
+
+
+def test_a_wrong_int8_step_is_a_clear_error(ops, int8_model):
+    weights, scales, fp32 = _weights(int8_model), _int8_scales(int8_model), GPT(CONFIG)
+    step = torch.classes.chatforge_cpu.DecodeStep
+    calls = {
+        "expected no int8 scales or 4 a block": lambda: step(weights, [], 6, 1e-5, scales[:-1]),
+        "int8 weights take no packs": lambda: step(
+            weights, [torch.ops.chatforge_cpu.pack(w.detach()) for w in _products(fp32)], 6, 1e-5, scales),
+        "weight 0 must be a contiguous int8": lambda: step(_weights(fp32), [], 6, 1e-5, scales),
+        "scale 1 must be 126": lambda: step(weights, [], 6, 1e-5, [scales[0], scales[1][:-1], *scales[2:]]),
+    }
+    for message, call in calls.items():
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            call()

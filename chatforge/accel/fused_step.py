@@ -11,6 +11,11 @@ It covers what it can compute exactly as `GPT` does: the GPT class itself (not a
 nn.Linear / nn.LayerNorm / nn.Embedding layers without hooks, contiguous fp32 CPU weights, and at
 most `kernels.MAX_ROWS` rows (past that MKL's packed gemm is faster than chatforge's). Anything
 else keeps the engine's other decode path (torch.compile's graph where compiled, else eager).
+
+A model in weight-only int8 (`accel.quantize.quantize_model`: every block's linear layers, the token
+embedding and the LM head int8) runs the same step on kernels_int8.cpp's products, with each token's
+embedding row dequantized as `Int8Embedding` does: the whole int8 forward with no Python between its
+products, which is what lets int8 decode keep its 4x smaller weight stream's lead.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch.nn.modules.module import (
 from chatforge import model as gpt
 from chatforge.accel import kernels
 from chatforge.accel.linear import optimizer_steps, packed_weight
+from chatforge.accel.quantize import Int8Embedding, Int8Linear
 from chatforge.model import GPT, KVCache
 
 
@@ -37,7 +43,10 @@ def unsupported_reason(model: nn.Module) -> str | None:
     if model.training and model.config.dropout > 0:
         return "the model is in training mode with dropout"
     plain = (GPT, nn.Linear, nn.LayerNorm, nn.Embedding, nn.Dropout, nn.ModuleList, gpt.Block,
-             gpt.CausalSelfAttention, gpt.MLP)
+             gpt.CausalSelfAttention, gpt.MLP, Int8Linear, Int8Embedding)
+    int8 = [isinstance(layer, (Int8Linear, Int8Embedding)) for layer in (model.wte, *_products(model, modules=True))]
+    if any(int8) and not all(int8):
+        return "some of its products are int8 and some are not"
     for name, module in model.named_modules():
         if type(module) not in plain:
             return f"{name or 'the model'} is a {type(module).__name__}"
@@ -45,29 +54,45 @@ def unsupported_reason(model: nn.Module) -> str | None:
             return f"{name or 'the model'} has a forward hook"
         if isinstance(module, nn.LayerNorm) and (module.weight is None or module.bias is None):
             return f"{name} has no affine weight and bias"
-    for name, p in model.named_parameters():
-        if p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous():
-            return f"{name} is not a contiguous fp32 CPU tensor"
+    for name, p in [*model.named_parameters(), *model.named_buffers()]:
+        dtype = torch.int8 if name.endswith("qweight") else torch.float32
+        if p.device.type != "cpu" or p.dtype != dtype or not p.is_contiguous():
+            return f"{name} is not a contiguous {'int8' if dtype == torch.int8 else 'fp32'} CPU tensor"
     return None
+
+
+def _is_int8(model: GPT) -> bool:
+    return isinstance(model.wte, Int8Embedding)
+
+
+def _matrix(layer: nn.Module) -> torch.Tensor:
+    """What a product or the embedding multiplies by: the int8 matrix of a quantized layer, else its weight."""
+    return layer.qweight if isinstance(layer, (Int8Linear, Int8Embedding)) else layer.weight
 
 
 def _weights(model: GPT) -> list[torch.Tensor]:
     """In the order of GPT's forward, as DecodeStep takes them (the parameters themselves, so a
     `.data` assignment shows in their pointers)."""
-    out = [model.wte.weight, model.wpe.weight]
+    out = [_matrix(model.wte), model.wpe.weight]
     for b in model.h:
-        out += [b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
-                b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.weight, b.mlp.c_fc.bias,
-                b.mlp.c_proj.weight, b.mlp.c_proj.bias]
-    return out + [model.ln_f.weight, model.ln_f.bias, model.lm_head.weight]
+        out += [b.ln_1.weight, b.ln_1.bias, _matrix(b.attn.c_attn), b.attn.c_attn.bias, _matrix(b.attn.c_proj),
+                b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, _matrix(b.mlp.c_fc), b.mlp.c_fc.bias,
+                _matrix(b.mlp.c_proj), b.mlp.c_proj.bias]
+    return out + [model.ln_f.weight, model.ln_f.bias, _matrix(model.lm_head)]
 
 
-def _products(model: GPT) -> list[torch.Tensor]:
-    """The weights DecodeStep multiplies by, in its order: four a block, then the LM head."""
-    out = []
-    for b in model.h:
-        out += [b.attn.c_attn.weight, b.attn.c_proj.weight, b.mlp.c_fc.weight, b.mlp.c_proj.weight]
-    return out + [model.lm_head.weight]  # the parameters themselves: their packs are kept per parameter
+def _products(model: GPT, modules: bool = False) -> list:
+    """The weights DecodeStep multiplies by, in its order: four a block, then the LM head (their
+    layers with `modules`)."""
+    layers = [layer for b in model.h for layer in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+    layers.append(model.lm_head)
+    # the parameters themselves: their packs are kept per parameter
+    return layers if modules else [layer.weight for layer in layers]
+
+
+def _int8_scales(model: GPT) -> list[torch.Tensor]:
+    """An int8 model's per-row scales in DecodeStep's order: wte's, four a block, the LM head's."""
+    return [model.wte.scale, *(layer.scale for layer in _products(model, modules=True))]
 
 
 # Parameters or submodules assigned anywhere (`model.wte = ...`, resize_token_embeddings): walking a
@@ -123,9 +148,13 @@ class FusedDecodeStep:
 
     def _step(self, many: bool):
         c = self.model.config
+        if _is_int8(self.model) and self._one_row is None:  # int8 needs no packs: one step for any rows
+            self._one_row = self._many_rows = torch.classes.chatforge_cpu.DecodeStep(
+                self._weights, [], c.n_head, c.layer_norm_eps, _int8_scales(self.model))
         if many and self._many_rows is None:
             packs = [packed_weight(w, "chatforge_packed") for w in _products(self.model)]
-            self._many_rows = torch.classes.chatforge_cpu.DecodeStep(self._weights, packs, c.n_head, c.layer_norm_eps)
+            self._many_rows = torch.classes.chatforge_cpu.DecodeStep(self._weights, packs, c.n_head,
+                                                                      c.layer_norm_eps, [])
         if not many and self._one_row is None:
-            self._one_row = torch.classes.chatforge_cpu.DecodeStep(self._weights, [], c.n_head, c.layer_norm_eps)
+            self._one_row = torch.classes.chatforge_cpu.DecodeStep(self._weights, [], c.n_head, c.layer_norm_eps, [])
         return self._many_rows if many else self._one_row

@@ -12,6 +12,14 @@
 #include <cmath>
 #include <cstring>
 
+// kernels_int8.cpp's products, for a DecodeStep whose weights are int8 (same extension)
+namespace chatforge_int8 {
+int64_t tile_outputs(int64_t rows);
+void product_range(const int8_t* Q, const float* X, const float* S, const float* B, float* Y, int64_t K, int64_t O,
+                   int64_t rows, int64_t begin, int64_t end);
+int64_t grain(int64_t K, int64_t rows);
+}  // namespace chatforge_int8
+
 namespace {
 #if defined(__AVX512F__) && defined(__FMA__)
 // One AVX-512 register of 16 floats; a tail of n < 16 lanes through a mask register.
@@ -429,26 +437,43 @@ enum class Then { Store, Add, Gelu };
 struct DecodeStep : torch::CustomClassHolder {
   // The weights in the order of GPT's forward: wte, wpe; per block ln_1 (w, b), c_attn (w, b),
   // attn.c_proj (w, b), ln_2 (w, b), c_fc (w, b), mlp.c_proj (w, b); ln_f (w, b); the LM head's weight.
-  // `packs`: the products' weights in `pack`'s layout, in the same order (5 a block, then the LM
-  // head's), for steps of more than one row; empty when only one-row steps are wanted.
-  std::vector<torch::Tensor> w, packs;
+  // `packs`: the products' weights in `pack`'s layout, in the same order (4 a block, then the LM
+  // head's), for fp32 steps of more than one row; empty when only one-row steps are wanted.
+  // `scales`: empty for fp32 weights; for a model in weight-only int8 (chatforge/accel/quantize.py),
+  // where wte and the products' weights are int8 (out, in), their per-row fp32 scales: wte's, 4 a
+  // block, the LM head's. Its products run kernels_int8.cpp's tiles for any number of rows (no packs).
+  std::vector<torch::Tensor> w, packs, scales;
   int64_t n_layer, n_head, C, V;
   float eps;
 
   static constexpr int kPerBlock = 12;
   static constexpr int kProducts[4] = {2, 4, 8, 10};  // c_attn, attn.c_proj, c_fc, mlp.c_proj in a block
 
-  DecodeStep(std::vector<torch::Tensor> weights, std::vector<torch::Tensor> packed, int64_t heads, double layer_norm_eps)
-      : w(std::move(weights)), packs(std::move(packed)), n_head(heads), eps(float(layer_norm_eps)) {
+  DecodeStep(std::vector<torch::Tensor> weights, std::vector<torch::Tensor> packed, int64_t heads, double layer_norm_eps,
+             std::vector<torch::Tensor> int8_scales)
+      : w(std::move(weights)), packs(std::move(packed)), scales(std::move(int8_scales)), n_head(heads),
+        eps(float(layer_norm_eps)) {
     TORCH_CHECK(w.size() >= 5 && (w.size() - 5) % kPerBlock == 0,
                 "chatforge_cpu::DecodeStep: expected 5 + 12 weights a block, got ", w.size());
-    for (const auto& t : w)
-      TORCH_CHECK(t.device().is_cpu() && t.dtype() == torch::kFloat && t.is_contiguous(),
-                  "chatforge_cpu::DecodeStep: every weight must be a contiguous fp32 CPU tensor");
     n_layer = (w.size() - 5) / kPerBlock;
     C = w[0].size(1);
     V = w.back().size(0);
     TORCH_CHECK(heads > 0 && C % heads == 0, "chatforge_cpu::DecodeStep: width ", C, " is not divisible by ", heads, " heads");
+    TORCH_CHECK(scales.empty() || int64_t(scales.size()) == 4 * n_layer + 2,
+                "chatforge_cpu::DecodeStep: expected no int8 scales or 4 a block and wte's and the LM head's, got ",
+                scales.size());
+    TORCH_CHECK(scales.empty() || packs.empty(), "chatforge_cpu::DecodeStep: int8 weights take no packs");
+    for (size_t i = 0; i < w.size(); ++i) {
+      const int64_t scale = scale_index(i);
+      const auto dtype = scale >= 0 ? torch::kChar : torch::kFloat;
+      TORCH_CHECK(w[i].device().is_cpu() && w[i].dtype() == dtype && w[i].is_contiguous() && w[i].dim() <= 2,
+                  "chatforge_cpu::DecodeStep: weight ", i, " must be a contiguous ", scale >= 0 ? "int8" : "fp32",
+                  " CPU tensor");
+      if (scale >= 0)
+        TORCH_CHECK(scales[scale].dtype() == torch::kFloat && scales[scale].is_contiguous() &&
+                        scales[scale].numel() == w[i].size(0),
+                    "chatforge_cpu::DecodeStep: scale ", scale, " must be ", w[i].size(0), " contiguous fp32 values");
+    }
     TORCH_CHECK(packs.empty() || int64_t(packs.size()) == 4 * n_layer + 1,
                 "chatforge_cpu::DecodeStep: expected 4 packs a block and the LM head's, got ", packs.size());
     for (size_t i = 0; i < packs.size(); ++i) {
@@ -461,6 +486,19 @@ struct DecodeStep : torch::CustomClassHolder {
   }
 
   const torch::Tensor& block(int64_t layer, int i) const { return w[2 + kPerBlock * layer + i]; }
+
+  // The index in `scales` of weight i's scales (wte, the products, the LM head), or -1 where weight i
+  // is fp32: every weight of an fp32 step, the rest of an int8 one.
+  int64_t scale_index(size_t i) const {
+    if (scales.empty()) return -1;
+    if (i == 0) return 0;
+    if (i + 1 == w.size()) return 4 * n_layer + 1;
+    if (i < 2 || i >= 2 + size_t(kPerBlock * n_layer)) return -1;
+    const int64_t in_block = (i - 2) % kPerBlock;
+    for (int p = 0; p < 4; ++p)
+      if (kProducts[p] == in_block) return 1 + 4 * int64_t((i - 2) / kPerBlock) + p;
+    return -1;
+  }
 
   // y [R, O] from x [R, K] through the weight w[index] (pack[pack_index] for several rows) and its bias
   void product(int64_t index, int64_t pack_index, const torch::Tensor* bias, const float* x, float* y, int64_t R,
@@ -477,6 +515,16 @@ struct DecodeStep : torch::CustomClassHolder {
           gelu_tanh(out + r * O + begin, end - begin);
       }
     };
+    if (!scales.empty()) {
+      const int8_t* Q = weight.data_ptr<int8_t>();
+      const float* S = scales[pack_index + 1].data_ptr<float>();
+      const int64_t ob = chatforge_int8::tile_outputs(R), tiles = (O + ob - 1) / ob;
+      at::parallel_for(0, tiles, chatforge_int8::grain(K, R), [&](int64_t begin, int64_t end) {
+        chatforge_int8::product_range(Q, x, S, b, out, K, O, R, begin * ob, std::min(end * ob, O));
+        finish(begin * ob, std::min(end * ob, O));
+      });
+      return;
+    }
     if (R == 1) {
       const float* W = weight.data_ptr<float>();
       at::parallel_for(0, O, 256, [&](int64_t begin, int64_t end) {
@@ -540,7 +588,8 @@ struct DecodeStep : torch::CustomClassHolder {
     const int64_t R = tokens.size();
     TORCH_CHECK(R >= 1 && int64_t(positions.size()) == R, "chatforge_cpu::DecodeStep: ", R, " tokens and ",
                 positions.size(), " positions");
-    TORCH_CHECK(R == 1 || !packs.empty(), "chatforge_cpu::DecodeStep: ", R, " rows need the packed weights");
+    TORCH_CHECK(R == 1 || !packs.empty() || !scales.empty(), "chatforge_cpu::DecodeStep: ", R,
+                " rows need the packed weights");
     TORCH_CHECK(k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
                     v_cache.is_contiguous() && k_cache.dtype() == torch::kFloat && v_cache.dtype() == torch::kFloat &&
                     k_cache.size(0) == n_layer && k_cache.size(1) >= R && k_cache.size(2) == n_head &&
@@ -563,7 +612,7 @@ struct DecodeStep : torch::CustomClassHolder {
     const int64_t S_max = *std::max_element(positions.begin(), positions.end()) + 1;
     // x: the residual stream; h: a LayerNorm's output, then attention's; scratch: a product before it
     // joins x; hidden: the MLP's; scores: each (row, head)'s attention weights
-    auto buffer = torch::empty({R * 14 * C + R * n_head * S_max}, w[0].options());
+    auto buffer = torch::empty({R * 14 * C + R * n_head * S_max}, w[1].options());
     float* x = buffer.data_ptr<float>();
     float* h = x + R * C;
     float* qkv = h + R * C;
@@ -572,9 +621,15 @@ struct DecodeStep : torch::CustomClassHolder {
     float* xt = scratch + R * C;  // a product's x transposed, for several rows
     float* scores = xt + R * 4 * C;
     for (int64_t r = 0; r < R; ++r) {
-      const float* te = w[0].data_ptr<float>() + tokens[r] * C;
       const float* pe = w[1].data_ptr<float>() + positions[r] * C;
-      for (int64_t i = 0; i < C; ++i) x[r * C + i] = te[i] + pe[i];
+      if (scales.empty()) {
+        const float* te = w[0].data_ptr<float>() + tokens[r] * C;
+        for (int64_t i = 0; i < C; ++i) x[r * C + i] = te[i] + pe[i];
+      } else {  // the token's int8 row, dequantized as Int8Embedding does
+        const int8_t* q = w[0].data_ptr<int8_t>() + tokens[r] * C;
+        const float s = scales[0].data_ptr<float>()[tokens[r]];
+        for (int64_t i = 0; i < C; ++i) x[r * C + i] = float(q[i]) * s + pe[i];
+      }
     }
     for (int64_t l = 0; l < n_layer; ++l) {
       const int64_t wi = 2 + kPerBlock * l, pi = 4 * l;
@@ -588,7 +643,7 @@ struct DecodeStep : torch::CustomClassHolder {
     }
     const int64_t fi = 2 + kPerBlock * n_layer;
     layer_norms(x, fi, h, R);
-    auto logits = torch::empty({R, V}, w[0].options());
+    auto logits = torch::empty({R, V}, w[1].options());
     product(fi + 2, 4 * n_layer, nullptr, h, logits.data_ptr<float>(), R, Then::Store, nullptr, xt);
     return logits;
   }
@@ -603,7 +658,8 @@ TORCH_LIBRARY(chatforge_cpu, m) {
   m.def("isa", &isa);                  // which build this is: "avx512" or "avx2"
   m.def("gemv_prefetch", &gemv_prefetch);  // set whether the one-row product prefetches; returns what it was
   m.class_<DecodeStep>("DecodeStep")
-      .def(torch::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, int64_t, double>())
+      .def(torch::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, int64_t, double,
+                       std::vector<torch::Tensor>>())
       .def("forward", &DecodeStep::forward);
 }
 TORCH_LIBRARY_IMPL(chatforge_cpu, CPU, m) {

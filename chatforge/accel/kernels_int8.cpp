@@ -189,6 +189,31 @@ constexpr int kManyOB = 3, kManyRB = 4;
 using Kernel = void (*)(const int8_t*, const float*, const float*, const float*, float*, int64_t, int64_t, int64_t,
                         int64_t, int64_t);
 
+}  // namespace
+
+// What kernels.cpp's DecodeStep calls for a model in int8 (hidden: each extension keeps its own).
+namespace chatforge_int8 {
+#define CHATFORGE_INT8_HIDDEN __attribute__((visibility("hidden")))
+
+// Outputs a tile covers for `rows` rows: a thread's share of the outputs starts at a multiple of it.
+CHATFORGE_INT8_HIDDEN int64_t tile_outputs(int64_t rows) { return rows <= 2 ? 4 : kManyOB; }
+
+// y[m][o] = scale[o] * sum_k x[m][k] q[o][k] + bias[o] for rows m < rows and outputs o in [begin, end)
+// (begin a multiple of tile_outputs(rows)); bias may be null.
+CHATFORGE_INT8_HIDDEN void product_range(const int8_t* Q, const float* X, const float* S, const float* B, float* Y,
+                                         int64_t K, int64_t O, int64_t rows, int64_t begin, int64_t end) {
+  const Kernel kernel = rows == 1 ? &outputs<4, 1> : rows == 2 ? &outputs<4, 2> : &outputs<kManyOB, kManyRB>;
+  kernel(Q, X, S, B, Y, K, O, rows, begin, end);
+}
+
+// Tiles a thread takes at least: ~16 KB of weights apiece.
+CHATFORGE_INT8_HIDDEN int64_t grain(int64_t K, int64_t rows) {
+  return std::max<int64_t>(1, 16384 / (K * tile_outputs(rows)));
+}
+}  // namespace chatforge_int8
+
+namespace {
+
 // x [..., K] (fp32) times the int8 weight [O, K] with per-output scales [O], plus bias [O] or none.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                        const std::optional<at::Tensor>& bias) {
@@ -217,12 +242,9 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   const float* S = sc.data_ptr<float>();
   const float* B = has_bias ? bc.data_ptr<float>() : nullptr;
   float* Y = y.data_ptr<float>();
-  const int ob = rows == 1 ? 4 : rows == 2 ? 4 : kManyOB;
-  const Kernel kernel = rows == 1 ? &outputs<4, 1> : rows == 2 ? &outputs<4, 2> : &outputs<kManyOB, kManyRB>;
-  // whole tiles of outputs to each thread, at least ~16 KB of weights apiece
-  const int64_t tiles = (O + ob - 1) / ob, grain = std::max<int64_t>(1, 16384 / (K * ob));
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    kernel(Q, X, S, B, Y, K, O, rows, begin * ob, std::min(end * ob, O));
+  const int64_t ob = chatforge_int8::tile_outputs(rows), tiles = (O + ob - 1) / ob;
+  at::parallel_for(0, tiles, chatforge_int8::grain(K, rows), [&](int64_t begin, int64_t end) {  // whole tiles a thread
+    chatforge_int8::product_range(Q, X, S, B, Y, K, O, rows, begin * ob, std::min(end * ob, O));
   });
   return y;
 }

@@ -11,7 +11,7 @@ embeddings, LayerNorms and biases stay fp32 (a few hundred KB; llama.cpp's q8_0 
 
 Every int8 product goes through `chatforge.accel.int8.int8_linear`, so faster int8 kernels there make
 these layers faster with no change here. A quantized model is for inference only: the engine runs it
-(the fused fp32 decode step declines it, so its eager path decodes), training refuses it
+(where the CPU kernels build, the fused decode step runs it on their int8 products), training refuses it
 (`checkpoint.check_not_quantized`).
 
 A quantized checkpoint is an ordinary checkpoint directory whose config.json carries
