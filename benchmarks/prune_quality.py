@@ -13,9 +13,15 @@ computes them (`chatforge.evaluate.evaluate` on RUN/tasks/eval.jsonl, judged by 
 Pruned checkpoints are written to RUN/prune/STAGE/<method>-<sparsity>/ (for a later LoRA recovery),
 the table's figures to RUN/prune/STAGE/results.json.
 
-After a short LoRA recovery: `--recover-steps N` is the hook. LoRA is not in this tree yet; when it is,
-`recover` fine-tunes adapters on the pruned model and evaluates it with the adapters unmerged (merging
-them back would fill the zeros).
+After a short LoRA recovery (`--recover-steps N`, e.g. 100): each pruned model fine-tuned with LoRA
+(`--recover-rank`, alpha 2r, targets c_attn, c_proj, c_fc, chat-token rows frozen) for N steps of the
+demo's own SFT (its conversations, replayed text, batch; `--recover-lr`, LoRA's 10x learning rate), then
+evaluated twice:
+- `+lora`: with its adapters, as `chatforge sft --lora-rank` saves it (model.safetensors holds W + B·A,
+  which equals the sparse base plus unmerged adapters: the zeros live on in the base, the adapters add
+  r·(in + out) dense numbers a layer);
+- `+lora masked`: merged, then pruned again with the base's own mask (B·A fills the zeros; a checkpoint
+  that must stay sparse keeps only the adapters' values at the surviving weights).
 
 Speed, measured, not assumed (`--rounds`, interleaved, medians): batch-1 decode tokens/s through the
 engine of the dense and the Wanda-50% model; the same on a random model of GPT-2 small's shape
@@ -28,9 +34,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -43,11 +49,15 @@ from torch.utils import benchmark as tbench
 from chatforge.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_json
 from chatforge.data.shards import TokenDataset
 from chatforge.data.world import World
+from chatforge.demo import PRESETS, sft_config
 from chatforge.evaluate import EvalConfig, evaluate
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
 from chatforge.model import GPT, GPTConfig, lm_loss
-from chatforge.prune import PruneConfig, Sparsity, calibration_tokens, prune_model, sparsity_summary
+from chatforge.prune import PruneConfig, Sparsity, calibration_tokens, prune_model, pruned_linears, sparsity_summary
+from chatforge.train.config import LoRASettings
+from chatforge.train.distributed import DistInfo
+from chatforge.train.sft import run_sft
 
 TWO_FOUR = Sparsity(0.5, 2, 4)
 GPT2_SMALL = GPTConfig(vocab_size=50257, context_length=1024, n_layer=12, n_head=12, n_embd=768)
@@ -72,12 +82,30 @@ def quality(ckpt: Checkpoint, run: Path, world: World, limit: int) -> dict[str, 
             "score": overall["score"], "accuracy": overall["accuracy"]}
 
 
-def recover(pruned_dir: Path, steps: int) -> dict[str, float]:
-    """The LoRA recovery column's hook: a short LoRA fine-tuning of the pruned model on the SFT data,
-    evaluated with the adapters unmerged (merged, they would fill the zeros back in). Not built here:
-    LoRA lands with `chatforge sft --lora-rank` (issue 25, point 1)."""
-    sys.exit(f"--recover-steps {steps}: LoRA recovery needs LoRA (`chatforge sft --lora-rank`), not in this tree "
-             f"yet; the pruned checkpoints are in {pruned_dir.parent}")
+def recover(pruned: Checkpoint, run: Path, world: World, args: argparse.Namespace) -> dict[str, dict]:
+    """A short LoRA fine-tuning of a pruned model on the demo's SFT data: the quality rows of the result
+    with its adapters (`+lora`) and merged then re-masked to the pruned model's zeros (`+lora masked`)."""
+    budget = PRESETS[(run / "preset.txt").read_text().strip()]
+    cfg = sft_config(run, run / "tasks", budget)
+    out = pruned.path / "recovered"
+    train = dataclasses.replace(cfg.train, max_steps=args.recover_steps, lr=args.recover_lr, progress=False,
+                                warmup_steps=max(1, args.recover_steps // 10), eval_every=10**6,
+                                save_every=args.recover_steps)
+    cfg = dataclasses.replace(cfg, init_from=str(pruned.path), out=str(out), train=train, lora_chat_tokens=False,
+                              lora=LoRASettings(rank=args.recover_rank, alpha=2.0 * args.recover_rank, dropout=0.05))
+    t0 = time.perf_counter()
+    run_sft(cfg, DistInfo(), overwrite=True)
+    seconds = time.perf_counter() - t0
+    tuned = load_checkpoint(out)
+    rows = {"+lora": quality(tuned, run, world, args.limit) | {"zeros": sparsity_summary(tuned.model)["pruned_layers"],
+                                                               "seconds": seconds}}
+    masks = {name: linear.weight == 0 for name, linear in pruned_linears(pruned.model)}
+    with torch.no_grad():
+        for name, linear in pruned_linears(tuned.model):
+            linear.weight.masked_fill_(masks[name], 0.0)
+    rows["+lora masked"] = quality(tuned, run, world, args.limit) | {
+        "zeros": sparsity_summary(tuned.model)["pruned_layers"], "seconds": seconds}
+    return rows
 
 
 def prune_all(ckpt: Checkpoint, run: Path, args: argparse.Namespace,
@@ -102,10 +130,12 @@ def prune_all(ckpt: Checkpoint, run: Path, args: argparse.Namespace,
             pruned = Checkpoint(out, model, ckpt.tokenizer, ckpt.generation_config)
             row = quality(pruned, run, world, args.limit)
             row |= {"zeros": sparsity_summary(model)["pruned_layers"], "seconds": seconds}
-            if args.recover_steps:
-                row |= {f"recovered_{k}": v for k, v in recover(out, args.recover_steps).items()}
             rows[f"{method} {label}"], models[f"{method} {label}"] = row, model
             print(f"  {method} {label}: {row}", flush=True)
+            if args.recover_steps:
+                for suffix, recovered in recover(pruned, run, world, args).items():
+                    rows[f"{method} {label} {suffix}"] = recovered
+                    print(f"  {method} {label} {suffix}: {recovered}", flush=True)
     return rows, models
 
 
@@ -183,7 +213,7 @@ def speed(dense: GPT, pruned: dict[str, GPT], args: argparse.Namespace) -> list[
 def table(rows: dict[str, dict]) -> str:
     """One line per model: zeros, each figure and its change from the dense model."""
     base = rows["dense"]
-    head = (f"{'model':<16} {'zeros':>6} {'val loss':>9} {'Δ':>7} {'chat loss':>9} {'Δ':>7} "
+    head = (f"{'model':<28} {'zeros':>6} {'val loss':>9} {'Δ':>7} {'chat loss':>9} {'Δ':>7} "
             f"{'score':>7} {'Δ':>7} {'accuracy':>8} {'Δ':>7} {'prune s':>7}")
     lines = [head, "-" * len(head)]
     for name, r in rows.items():
@@ -192,7 +222,7 @@ def table(rows: dict[str, dict]) -> str:
                                 ("accuracy", 8, ".1%")):
             delta = "" if name == "dense" or math.isnan(r[key]) else format(r[key] - base[key], "+" + fmt)
             cells.append(f"{format(r[key], fmt):>{width}} {delta:>7}")
-        lines.append(f"{name:<16} " + " ".join(cells) + f" {r['seconds']:>7.1f}")
+        lines.append(f"{name:<28} " + " ".join(cells) + f" {r['seconds']:>7.1f}")
     return "\n".join(lines)
 
 
@@ -205,7 +235,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128, help="Calibration sequences.")
     parser.add_argument("--seq-len", type=int, default=0, help="Tokens per calibration sequence (0: the context).")
     parser.add_argument("--limit", type=int, default=0, help="Evaluate only the first N held-out prompts (0: all).")
-    parser.add_argument("--recover-steps", type=int, default=0, help="LoRA recovery steps (needs LoRA; see recover).")
+    parser.add_argument("--recover-steps", type=int, default=0, help="LoRA recovery steps after each pruning.")
+    parser.add_argument("--recover-rank", type=int, default=8, help="LoRA rank of the recovery.")
+    parser.add_argument("--recover-lr", type=float, default=1e-2, help="Learning rate of the recovery.")
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--gpt2-shape", action=argparse.BooleanOptionalAction, default=True)

@@ -15,6 +15,8 @@ complete is skipped, so an interrupted demo continues where it stopped.
     ppo/        the SFT model optimized by PPO against the reward model (KL to the SFT model)
     dpo/        the SFT model optimized by DPO on the same preferences
     eval.json   base, SFT, PPO and DPO models on the held-out prompts, judged by the world's scorer
+    detection.json  the watermark and zero-shot detectors on the PPO model's answers
+    ppo-int8/, int8.json  the PPO model in weight-only int8, and its figures beside the fp32 model's
     timings.json  each stage's wall time
     report.md, report.html, report/   the run report (`chatforge report`): configs, curves, eval, samples
     chatforge.db  the web chat's conversations and feedback, once `chatforge demo` serves (serve_demo)
@@ -419,6 +421,27 @@ def detection(run_dir: Path, budget: Budget) -> dict:
     return figures
 
 
+def int8(run_dir: Path, tasks: Path, results: dict[str, EvalResult]) -> dict:
+    """The final model in weight-only int8 (`chatforge quantize`, chatforge/accel/measure.py): RUN/ppo-int8,
+    and its weights, checked score and held-out loss beside the fp32 model's, in int8.json for the report."""
+    from chatforge.accel.measure import measure_int8
+
+    out = run_dir / "int8.json"
+    made = (run_dir / "ppo" / "checkpoint" / "model.safetensors").stat().st_mtime
+    if out.exists() and out.stat().st_mtime > made:
+        click.echo(f"   reusing {out}")
+        return json.loads(out.read_text())
+    cfg = EvalConfig(prompts=[str(tasks / "eval.jsonl")], conversations=[str(tasks / "sft_val.jsonl")])
+    figures = measure_int8(run_dir / "ppo", run_dir / "ppo-int8", cfg,
+                           World.load(run_dir / "corpus" / "world.json"), fp32=results.get("ppo"))
+    atomic_write_text(out, strict_json(figures, indent=2))
+    fp32, q8 = figures["fp32"], figures["int8"]
+    click.echo(f"   weights {fp32['weights_bytes'] / 1e6:.2f} MB -> {q8['weights_bytes'] / 1e6:.2f} MB; checked score "
+               f"{fp32['score']:.3f} -> {q8['score']:.3f}; held-out loss {fp32['val_loss']:.3f} -> {q8['val_loss']:.3f}"
+               f" ({run_dir / 'ppo-int8'})")
+    return figures
+
+
 def step_ablation(run_dir: Path, budget: Budget) -> dict[str, EvalResult]:
     """The chain-of-thought ablation: the pipeline after pretraining once more, on demonstrations and
     rankings that answer the same prompts directly (TaskConfig.step_by_step=False), in RUN/no-steps.
@@ -502,6 +525,7 @@ def run_demo(run_dir: Path, preset: str = "full", overwrite: bool = False, seeds
     stage("dpo", timings)(dpo, run_dir, tasks, budget)
     results = stage("eval", timings)(evaluation, run_dir, tasks, ["pretrain", "sft", "ppo", "dpo"])
     stage("detect", timings)(detection, run_dir, budget)
+    stage("int8", timings)(int8, run_dir, tasks, results)
     if seeds:
         summary["seeds"] = stage("seeds", timings)(seed_comparison, run_dir, budget, seeds)
     if ablation:

@@ -437,7 +437,23 @@ def build_report(run_dir: Path, out_dir: Path, samples: int = 1) -> Report:
     seeds_section(report, run_dir)
     ablation_section(report, run_dir)
     detection_section(report, run_dir)
+    int8_section(report, run_dir)
     return report
+
+
+def int8_section(report: Report, run_dir: Path) -> None:
+    """RUN/int8.json (the demo's int8 stage, chatforge/accel/measure.py): the final model in weight-only
+    int8 beside its fp32 self on the same held-out prompts."""
+    path = run_dir / "int8.json"
+    if not path.is_file():
+        return
+    data = read_json_file(path)
+    rows = [[name, fmt(data[name]["weights_bytes"] / 1e6, "{:.2f}"), fmt(data[name]["score"], "{:.3f}"),
+             fmt(data[name]["accuracy"], "{:.1%}"), fmt(data[name]["val_loss"], "{:.3f}")] for name in ("fp32", "int8")]
+    report.add(Heading("The final model in int8 (int8.json)"),
+               Para(f"{data['method']} ({data['quantized']}): {data['weights_ratio']:.0%} of the weights' bytes; the "
+                    f"checked score on {data['prompts']} held-out prompts changes by {data['change']['score']:+.3f}."),
+               Table(["weights", "MB", "checked score", "accuracy", "held-out loss"], rows))
 
 
 def detection_section(report: Report, run_dir: Path) -> None:

@@ -84,6 +84,25 @@ def test_with_gradients_fast_linear_is_the_layers_own_product_bit_for_bit(monkey
     assert y.requires_grad and torch.equal(y, layer(x))
 
 
+class SubclassedWeight(torch.Tensor):
+    """A weight of another tensor type, as torchao's quantized layouts are: its products are its own."""
+
+
+def test_a_weight_that_is_a_tensor_subclass_keeps_its_own_product(monkeypatch):
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 80)
+    layer.weight = nn.Parameter(torch.Tensor._make_subclass(SubclassedWeight, layer.weight.detach()), False)
+    assert type(layer.weight) is SubclassedWeight
+
+    def no_fast_kernel(rows):
+        raise AssertionError("a fast kernel was chosen")
+
+    monkeypatch.setattr(accel_linear, "fast_kernel", no_fast_kernel)
+    x = torch.randn(1, 48)
+    with torch.no_grad():
+        assert torch.equal(fast_linear(layer, x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
 @pytest.fixture
 def model() -> GPT:
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ def test_fast_demo_trains_a_model_whose_validation_loss_falls_and_rerun_skips_fi
                                                                                               monkeypatch):
     summary = run_demo(tmp_path / "demo", preset="fast")
     stages = ("corpus", "tokenizer", "data", "pretrain", "probe", "tasks", "sft", "rm_data", "rm", "ppo", "dpo",
-              "eval", "detect", "report")
+              "eval", "detect", "int8", "report")
     assert list(summary["timings"]) == list(stages)  # every stage ran, in order, each timed
     assert summary["val_loss_after"] < summary["val_loss_before"] - 1.0
     # the figures the summary gives are the run's own: the pretraining metrics' last validation loss
@@ -40,6 +40,13 @@ def test_fast_demo_trains_a_model_whose_validation_loss_falls_and_rerun_skips_fi
     assert marked["human"]["documents"]["detected"] == 0.0 and marked["plain"]["documents"]["detected"] == 0.0
     assert set(detection["zero_shot"]) == {"perplexity_burstiness", "fast_detectgpt", "binoculars"}
     assert "| watermarked |" in (tmp_path / "demo" / "report.md").read_text()
+    # the int8 stage: the PPO model in int8, judged on the very prompts eval.json judged it on in fp32
+    q8 = json.loads((tmp_path / "demo" / "int8.json").read_text())
+    assert q8["fp32"]["score"] == summary["eval"]["ppo"]["overall"]["score"]
+    assert q8["int8"]["weights_bytes"] < 0.4 * q8["fp32"]["weights_bytes"]
+    assert abs(q8["change"]["val_loss"]) < 0.05 and abs(q8["change"]["score"]) < 0.05
+    assert json.loads((tmp_path / "demo" / "ppo-int8" / "config.json").read_text())["quantization"]["bits"] == 8
+    assert "## The final model in int8" in (tmp_path / "demo" / "report.md").read_text()
     assert_every_json_file_is_strict_json(tmp_path / "demo")
     for stage in ("rm", "ppo", "dpo"):
         assert (tmp_path / "demo" / stage / "checkpoint" / "model.safetensors").exists()

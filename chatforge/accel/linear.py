@@ -111,14 +111,19 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+_PLAIN = (torch.Tensor, nn.Parameter)  # a weight of any other type is a subclass with products of its own
+
+
 def fast_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`layer(x)`; for a plain nn.Linear on a few fp32 CPU rows under no_grad, the same product
-    through the kernel that is faster on this CPU (see above)."""
+    through the kernel that is faster on this CPU (see above). A weight that is a tensor subclass
+    (torchao's quantized layouts, say) keeps F.linear, which dispatches to the subclass's own product."""
     if not (
         not torch.is_grad_enabled()
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and layer.weight.dtype == torch.float32
+        and type(layer.weight) in _PLAIN
     ):
         return F.linear(x, layer.weight, layer.bias)
     if torch.compiler.is_compiling():

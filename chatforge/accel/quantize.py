@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from chatforge.accel import kernels
 from chatforge.accel.int8 import int8_linear
 from chatforge.checkpoint import (
     CONFIG_FILE,
@@ -279,8 +280,19 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu", qua
     if quantize not in (None, "none", *DTYPES):
         raise ConfigError(f"--quantize: {quantize!r} is not supported; expected one of {['none', *DTYPES]}")
     if quantization_of(path) is not None:
-        return load_quantized(path, device=device)
-    ckpt = load_checkpoint(path, device=device)
-    if quantize in DTYPES and not isinstance(ckpt.model, ScalarHeadModel):
-        quantize_model(ckpt.model.eval(), quantize)
+        ckpt = load_quantized(path, device=device)
+    else:
+        ckpt = load_checkpoint(path, device=device)
+        if quantize in DTYPES and not isinstance(ckpt.model, ScalarHeadModel):
+            quantize_model(ckpt.model.eval(), quantize)
+    if model_quantization(ckpt.model) is not None and torch.device(device).type == "cpu":
+        use_int8_kernels()
     return ckpt
+
+
+def use_int8_kernels() -> None:
+    """Build (once a machine, about 40 s) and use chatforge's CPU kernels, whose int8 products make an
+    int8 model fast on every path, fused step or not; where they cannot build (or CHATFORGE_CPU_KERNELS=0)
+    the reference computes the same products by dequantizing."""
+    if kernels.unsupported_reason() is None and not kernels.active():
+        kernels.load()
