@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chatforge.accel.quantize import load_for_inference, quantize_checkpoint, weight_bytes
+from chatforge.accel.quantize import load_quantized, quantize_checkpoint, weight_bytes
 from chatforge.checkpoint import load_checkpoint
 from chatforge.data.world import World
 from chatforge.evaluate import EvalConfig, EvalResult, evaluate
@@ -25,7 +25,7 @@ def measure_int8(checkpoint: Path, out: Path, cfg: EvalConfig, world: World,
     dense = load_checkpoint(checkpoint)
     if fp32 is None:
         fp32 = evaluate(cfg, dense, world, progress="eval fp32")
-    quantized = load_for_inference(out)
+    quantized = load_quantized(out)  # not load_for_inference: the scores need no kernels built (about 40 s)
     int8 = evaluate(cfg, quantized, world, progress="eval int8")
     rows = {name: {"weights_bytes": weight_bytes(ckpt.model), "score": result.overall["score"],
                    "accuracy": result.overall["accuracy"], "val_loss": result.overall["val_loss"]}
