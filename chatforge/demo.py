@@ -40,7 +40,7 @@ from chatforge.data.shards import prepare_shards, read_meta
 from chatforge.data.tasks import Labeler, Scorer, TaskConfig, write_tasks
 from chatforge.data.world import CorpusMix, World, write_corpus
 from chatforge.errors import ConfigError
-from chatforge.evaluate import EvalConfig, EvalResult, evaluate, format_table
+from chatforge.evaluate import EvalConfig, EvalResult, evaluate, format_table, measure_int8
 from chatforge.files import atomic_write, atomic_write_text, strict_json
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
@@ -422,10 +422,8 @@ def detection(run_dir: Path, budget: Budget) -> dict:
 
 
 def int8(run_dir: Path, tasks: Path, results: dict[str, EvalResult]) -> dict:
-    """The final model in weight-only int8 (`chatforge quantize`, chatforge/accel/measure.py): RUN/ppo-int8,
+    """The final model in weight-only int8 (`chatforge quantize`, `evaluate.measure_int8`): RUN/ppo-int8,
     and its weights, checked score and held-out loss beside the fp32 model's, in int8.json for the report."""
-    from chatforge.accel.measure import measure_int8
-
     out = run_dir / "int8.json"
     made = (run_dir / "ppo" / "checkpoint" / "model.safetensors").stat().st_mtime
     if out.exists() and out.stat().st_mtime > made:

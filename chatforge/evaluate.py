@@ -318,3 +318,26 @@ def _cell(value: float | None, fmt: str) -> str:
 
 def write_result(result: EvalResult, path: str | Path) -> Path:
     return atomic_write_text(path, strict_json(result.to_dict(), indent=2, default=float))
+
+
+def measure_int8(checkpoint: Path, out: Path, cfg: EvalConfig, world: World,
+                 fp32: EvalResult | None = None) -> dict:
+    """What weight-only int8 costs a trained chat model (the demo's `int8` stage): `checkpoint` quantized
+    to `out` as `chatforge quantize` does, and both judged on `cfg`'s held-out prompts and conversations
+    (`fp32`: the fp32 model's evaluation on them, when already made). Weight bytes, checked score,
+    accuracy and held-out loss of each, and int8's change in each."""
+    from chatforge.accel.quantize import load_quantized, quantize_checkpoint, weight_bytes
+
+    quantize_checkpoint(checkpoint, out)
+    dense = load_checkpoint(checkpoint)
+    if fp32 is None:
+        fp32 = evaluate(cfg, dense, world, progress="eval fp32")
+    quantized = load_quantized(out)  # not load_for_inference: the scores need no kernels built (about 40 s)
+    int8 = evaluate(cfg, quantized, world, progress="eval int8")
+    rows = {name: {"weights_bytes": weight_bytes(ckpt.model), "score": result.overall["score"],
+                   "accuracy": result.overall["accuracy"], "val_loss": result.overall["val_loss"]}
+            for name, ckpt, result in (("fp32", dense, fp32), ("int8", quantized, int8))}
+    change = {k: rows["int8"][k] - rows["fp32"][k] for k in ("score", "accuracy", "val_loss")}
+    return {"checkpoint": str(checkpoint), "quantized": str(out), "prompts": int(int8.overall["n"]),
+            "method": "int8 weight-only, per output channel, symmetric", **rows, "change": change,
+            "weights_ratio": rows["int8"]["weights_bytes"] / rows["fp32"]["weights_bytes"]}

@@ -442,7 +442,7 @@ def build_report(run_dir: Path, out_dir: Path, samples: int = 1) -> Report:
 
 
 def int8_section(report: Report, run_dir: Path) -> None:
-    """RUN/int8.json (the demo's int8 stage, chatforge/accel/measure.py): the final model in weight-only
+    """RUN/int8.json (the demo's int8 stage, `evaluate.measure_int8`): the final model in weight-only
     int8 beside its fp32 self on the same held-out prompts."""
     path = run_dir / "int8.json"
     if not path.is_file():
