@@ -140,8 +140,12 @@ def test_quantize_command_round_trip_and_loading_for_inference(small_tokenizer, 
     for name in ("tokenizer.json", "generation_config.json"):
         assert (tmp_path / "q8" / name).read_bytes() == (tmp_path / "fp32" / name).read_bytes()
 
+    kernels._STATE["active"] = False  # as a process starts (the autouse fixture restores it)
     loaded = load_for_inference(tmp_path / "q8").model
     assert loaded.lm_head.qweight is loaded.wte.qweight and not loaded.wte.qweight.is_meta
+    # loading an int8 model turns chatforge's kernels on wherever they build: its products run the int8
+    # kernel on every path (--no-fused and eval too), not the dequantizing reference
+    assert kernels.active() == (kernels.unsupported_reason() is None)
     on_load = load_for_inference(tmp_path / "fp32", quantize="int8").model
     ids = torch.tensor([small_tokenizer.encode("The capital of Veloria")])
     with torch.no_grad():
