@@ -1,4 +1,4 @@
-"""chatforge's own fp32 CPU kernels for decode, built on this machine where it has AVX-512.
+"""chatforge's own CPU kernels for decode (fp32 and int8 weights), built where the CPU has AVX-512 or AVX2.
 
 Decoding one token reads every weight once, so a one-row product is as fast as the weight stream
 from memory, and a product of a few dozen rows not much slower when its arithmetic hides under that
@@ -22,8 +22,10 @@ On those products `DecodeStep` (a torch custom class) runs the whole one-token f
 
 `load()` builds the extension once (about 40 s; torch's extension cache keeps it) and from then on
 `accel.linear` uses it in this process; `Engine(fused=True)` calls it (and then decodes through
-`DecodeStep`). Nothing is built where torch reports no AVX-512 (`cpu.kernels_unsupported_reason`),
-where there is no C++ compiler (a warning says why), or where CHATFORGE_CPU_KERNELS=0.
+`DecodeStep`). One source, built for the widest of AVX-512 and AVX2 + FMA the CPU has (`ISA_FLAGS`,
+`cpu.kernels_isa`; CHATFORGE_CPU_ISA picks one). Nothing is built where torch reports neither
+(`cpu.kernels_unsupported_reason`: ARM, say), where there is no C++ compiler (a warning says why), or
+where CHATFORGE_CPU_KERNELS=0.
 """
 
 from __future__ import annotations
