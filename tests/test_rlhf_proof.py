@@ -8,7 +8,10 @@ with the demo's settings for 30 iterations (the demo trains 40) for three seeds,
 as long, and DPO for 30 steps on 100 preference prompts. Measured on 2 cores of an Intel Xeon with
 AVX-512 (2026-12-06), alone: about 6 min 30 s; SFT 0.307; PPO 0.375, 0.366, 0.395 (+0.072 +- 0.015,
 the worst seed +0.059; KL 1.3-1.8); beta = 0 0.261 (the reward model's score 0.41 -> 1.10, KL 10.5);
-DPO 0.306. The full demo's comparison (`chatforge demo --seeds 0 --seeds 1 --seeds 2`, docs/rlhf.md)
+DPO 0.306. On 2 cores of an AMD EPYC (AVX2, 2026-12-07), alone: 10.5 min (pretraining 147 s, PPO 55 s a
+seed); SFT 0.306; PPO 0.349, 0.333, 0.389 (+0.051 +- 0.029, the worst seed +0.027; KL 1.4-2.1); beta = 0
+0.170 (KL 10.3); DPO 0.286: the same verdict on other products' rounding, by a thinner margin.
+The full demo's comparison (`chatforge demo --seeds 0 --seeds 1 --seeds 2`, docs/rlhf.md)
 gave SFT 0.419, PPO 0.466, 0.436, 0.471.
 """
 
