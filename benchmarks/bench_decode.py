@@ -65,6 +65,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from llama_peer import llama_decoder  # benchmarks/llama_peer.py
 from machine import cpu_model, cpu_ticks, load_average  # benchmarks/machine.py
 
 from chatforge.accel.linear import fast_linear
@@ -117,36 +118,6 @@ def make_engines(model: GPT, args: argparse.Namespace) -> tuple[Engine, Engine, 
                            f"the request {t3 - t2:.2f} s")
 
 
-def llama_cpp_decoder(model: GPT, threads: int, tmp: str) -> Callable[[list[int], int], list[int]] | None:
-    """Greedy decode through llama.cpp on `model`'s weights (f32 GGUF), or None without llama-cpp-python."""
-    try:
-        import llama_cpp
-        import numpy as np
-    except ImportError:
-        return None
-    from chatforge.data.world import World
-    from chatforge.gguf_export import export_gguf
-    from chatforge.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.train(texts=World.build(0).corpus(200_000), vocab_size=512)
-    path = export_gguf(model, tokenizer, f"{tmp}/model.gguf")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=model.config.context_length, n_batch=512,
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
-    vocab = llm.n_vocab()
-
-    def run(prompt: list[int], n: int) -> list[int]:
-        llm.reset()
-        llm.eval(prompt)
-        out = []
-        for _ in range(n):
-            out.append(int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,)).argmax()))
-            if len(out) < n:
-                llm.eval(out[-1:])
-        return out
-
-    return run
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens for the decode runs")
@@ -179,7 +150,7 @@ def main() -> None:
         peer = GPT2LMHeadModel.from_pretrained(tmp).eval()
     engine, eager, startup = make_engines(ours, args)
     gguf_dir = tempfile.TemporaryDirectory()
-    run_llama = None if args.no_llama_cpp else llama_cpp_decoder(ours, args.threads, gguf_dir.name)
+    run_llama = None if args.no_llama_cpp else llama_decoder(ours, args.threads, gguf_dir.name)
 
     g = torch.Generator().manual_seed(args.seed + 1)
     prompts = torch.randint(0, CONFIG.vocab_size, (args.batch, args.prompt), generator=g).tolist()

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from bench_decode import CONFIG, StubTokenizer, bandwidth, timed  # benchmarks/bench_decode.py
+from llama_peer import llama_decoder  # benchmarks/llama_peer.py
 from machine import cpu_model, cpu_ticks, load_average  # benchmarks/machine.py
 from torch import nn
 
@@ -135,37 +136,6 @@ def model_bytes(model: nn.Module) -> int:
     return sum(seen.values())
 
 
-def llama_q8_decoder(model: GPT, threads: int, tmp: str) -> Callable[[list[int], int], list[int]] | None:
-    """Greedy decode through llama.cpp on `model`'s weights as a q8_0 GGUF, or None without llama-cpp-python."""
-    try:
-        import llama_cpp
-        import numpy as np
-    except ImportError:
-        return None
-    from chatforge.data.world import World
-    from chatforge.gguf_export import export_gguf
-    from chatforge.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.train(texts=World.build(0).corpus(200_000), vocab_size=512)
-    path = export_gguf(model, tokenizer, f"{tmp}/model-q8_0.gguf", dtype="q8_0")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=model.config.context_length, n_batch=512,
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
-    vocab = llm.n_vocab()
-
-    def run(prompt: list[int], n: int) -> list[int]:
-        llm.reset()
-        llm.eval(prompt)
-        out = []
-        for _ in range(n):
-            out.append(int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,)).argmax()))
-            if len(out) < n:
-                llm.eval(out[-1:])
-        return out
-
-    run.size = path.stat().st_size  # type: ignore[attr-defined]  # its weights (the head a copy) + the vocabulary
-    return run
-
-
 def engine_runner(model: nn.Module) -> Callable[[list[int], int], list[int]]:
     """Greedy decode of one prompt through the default engine (fused where it runs)."""
     engine = Engine(model, StubTokenizer(), max_batch_size=1, stop_token_ids=[], fused=True)
@@ -195,7 +165,7 @@ def build_contenders(model: GPT, args: argparse.Namespace, tmp: str) -> tuple[di
         if name is not None:
             models[f"torchao int4 ({name.split(', ')[-1].rstrip(')')})"] = torchao_model(model, int4_configs()[name]())
     runs = {k: engine_runner(m) for k, m in models.items()}
-    llama = None if args.no_llama_cpp else llama_q8_decoder(model, args.threads, tmp)
+    llama = None if args.no_llama_cpp else llama_decoder(model, args.threads, tmp, dtype="q8_0")
     if llama is not None:
         runs["llama.cpp q8_0"] = llama
     return runs, models, failures

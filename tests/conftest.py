@@ -21,10 +21,9 @@ def _restore_cpu_kernels():
     kernels._STATE.update(before)
 
 
-@pytest.fixture(scope="session")
-def ops():
-    """chatforge's CPU kernels (torch.ops.chatforge_cpu), built here once (about 40 s); a test that
-    needs them skips, with the reason, where the CPU has neither AVX-512 nor AVX2 or the build fails."""
+def built_kernels():
+    """chatforge's CPU kernels (torch.ops.chatforge_cpu), built here once a process (about 40 s); the
+    calling test skips, with the reason, where the CPU has neither AVX-512 nor AVX2 or the build fails."""
     from chatforge.accel import kernels
 
     reason = kernels.unsupported_reason()
@@ -33,6 +32,12 @@ def ops():
     if not kernels._build():
         pytest.skip("chatforge's CPU kernels did not build here (see the warning)")
     return torch.ops.chatforge_cpu
+
+
+@pytest.fixture(scope="session")
+def ops():
+    """The kernels (`built_kernels`), for the tests that need them."""
+    return built_kernels()
 
 
 @pytest.fixture

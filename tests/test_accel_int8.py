@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import built_kernels  # tests/ is on sys.path (pytest prepends it)
 
 from chatforge.accel import cpu, int8, kernels
 
@@ -24,12 +25,7 @@ ROWS = [1, 2, 3, 4, 5, 7, 13, 16, 32, 33]
 
 def _build(isa: str):
     if isa == "native":
-        reason = kernels.unsupported_reason()
-        if reason is not None:
-            pytest.skip(f"chatforge's CPU kernels cannot be built here: {reason}")
-        if not kernels._build():
-            pytest.skip("chatforge's CPU kernels did not build here (see the warning)")
-        return torch.ops.chatforge_cpu
+        return built_kernels()
     if isa == "avx2":
         if cpu.capability() not in ("AVX2", "AVX512"):
             pytest.skip(f"this CPU runs no AVX2 code: {cpu.capability()}")

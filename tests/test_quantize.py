@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from test_cli import run_cli  # tests/ is on sys.path (pytest prepends it)
 from torch import nn
 
 from chatforge.accel import kernels
@@ -24,21 +25,12 @@ from chatforge.accel.quantize import (
     weight_bytes,
 )
 from chatforge.checkpoint import load_checkpoint, save_checkpoint
-from chatforge.cli import main
 from chatforge.errors import CheckpointError, ConfigError
 from chatforge.generate.engine import Engine
 from chatforge.generate.params import SamplingParams
 from chatforge.model import GPT, GPTConfig, ScalarHeadModel
 
 VOCAB = 304  # the small tokenizer's 300 ids and 4 unused
-
-
-def run_cli(*args):
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def make_model(n_embd: int = 32, seed: int = 0, vocab: int = VOCAB) -> GPT:
