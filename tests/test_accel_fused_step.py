@@ -135,6 +135,10 @@ class Lora(nn.Linear):
     pass
 
 
+class SubclassedWeight(torch.Tensor):
+    """A weight of another tensor type, as torchao's quantized layouts are."""
+
+
 class ByteTokenizer:
     special_ids: dict[str, int] = {}
 
@@ -148,6 +152,8 @@ class ByteTokenizer:
     (lambda m: setattr(m.h[0].attn, "c_proj", Lora(42, 42)) or m, "h.0.attn.c_proj is a Lora"),
     (lambda m: m.to(torch.bfloat16), "wte.weight is not a contiguous fp32 CPU tensor"),
     (lambda m: GPT(GPTConfig(**{**CONFIG.to_dict(), "dropout": 0.1})).train(), "training mode with dropout"),
+    (lambda m: setattr(m.h[1].mlp.c_fc, "weight", nn.Parameter(torch.Tensor._make_subclass(
+        SubclassedWeight, m.h[1].mlp.c_fc.weight.detach()), False)) or m, "h.1.mlp.c_fc.weight is a SubclassedWeight"),
 ])
 def test_it_declines_what_it_would_not_compute_as_the_model_does(active, model, change, reason):
     assert unsupported_reason(model) is None

@@ -58,6 +58,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
         dtype = torch.int8 if name.endswith("qweight") else torch.float32
         if p.device.type != "cpu" or p.dtype != dtype or not p.is_contiguous():
             return f"{name} is not a contiguous {'int8' if dtype == torch.int8 else 'fp32'} CPU tensor"
+        if type(p) not in (torch.Tensor, nn.Parameter, nn.Buffer):  # torchao's layouts: their data is not plain
+            return f"{name} is a {type(p).__name__}, a tensor subclass"
     return None
 
 
